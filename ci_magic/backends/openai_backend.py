@@ -1,0 +1,367 @@
+"""The openai backend: OpenAI's (or Azure OpenAI's) Responses API with the code_interpreter tool.
+
+Containers and container files map one to one onto the Containers API. A turn is one streamed
+``responses.create`` whose SSE events ``ResponsesTranslator`` turns into our typed events.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from ci_magic.backends.base import ContainerFile, ContainerInfo, MemoryLimit, TurnRequest
+from ci_magic.errors import BackendError, ConfigurationError, StreamError
+from ci_magic.events import (
+    CallStarted,
+    CallStatus,
+    CodeDelta,
+    CodeDone,
+    Completed,
+    Event,
+    Failed,
+    FileCited,
+    Image,
+    Logs,
+    Notice,
+    TextDelta,
+    TextDone,
+    TurnStarted,
+    Usage,
+)
+
+__all__ = ["NO_KEY_MESSAGE", "OpenAIBackend", "ResponsesTranslator", "api_error", "make_client"]
+
+NO_KEY_MESSAGE = (
+    "No OpenAI API key is configured, so the openai backend cannot run. To use OpenAI, set "
+    "OPENAI_API_KEY (and OPENAI_BASE_URL for a compatible gateway) in the environment the kernel "
+    "starts from; for Azure OpenAI set AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY and, for the "
+    "versioned API, OPENAI_API_VERSION. To keep everything on this machine instead, use the local "
+    'backend: %config CodeInterpreter.backend = "local" and point it at any OpenAI-compatible chat '
+    'server with %config CodeInterpreter.model_base_url = "http://localhost:11434/v1" (or '
+    "CI_MAGIC_MODEL_BASE_URL), then restart with %ci_reset."
+)
+
+EXPIRED_STATUSES = ("expired", "deleted")
+
+
+def make_client(*, max_retries: int, timeout: float, headers: dict[str, str]) -> openai.AsyncOpenAI:
+    """An async client from the standard OpenAI / Azure OpenAI environment variables."""
+    azure_endpoint = os.environ.get("AZURE_OPENAI_ENDPOINT")
+    azure_key = os.environ.get("AZURE_OPENAI_API_KEY")
+    common: dict[str, Any] = {"max_retries": max_retries, "timeout": timeout, "default_headers": headers}
+    if os.environ.get("OPENAI_API_KEY"):
+        return openai.AsyncOpenAI(**common)
+    if azure_endpoint and azure_key:
+        version = os.environ.get("OPENAI_API_VERSION")
+        if version:
+            return openai.AsyncAzureOpenAI(
+                azure_endpoint=azure_endpoint, api_key=azure_key, api_version=version, **common
+            )
+        # Azure's v1 routes take the plain OpenAI client.
+        return openai.AsyncOpenAI(
+            base_url=f"{azure_endpoint.rstrip('/')}/openai/v1/", api_key=azure_key, **common
+        )
+    raise ConfigurationError(NO_KEY_MESSAGE)
+
+
+def api_error(error: BaseException, *, doing: str) -> BackendError:
+    """Our one-paragraph error for an SDK exception, keeping the API's own message."""
+    if isinstance(error, openai.APIStatusError):
+        message = _api_message(error)
+        hint = {
+            401: " Check OPENAI_API_KEY (or AZURE_OPENAI_API_KEY) in the kernel's environment.",
+            403: " The key is not allowed to do this; check its project and permissions.",
+            404: " Check the model name (%config CodeInterpreter.model = ...) and the base URL.",
+            429: " The rate limit or quota was hit and the retries ran out; wait, or raise "
+            "%config CodeInterpreter.max_retries.",
+        }.get(error.status_code, "")
+        if error.status_code >= 500:
+            hint = " The service failed after the configured retries; try the cell again."
+        return BackendError(
+            f"OpenAI answered {error.status_code} while {doing}: {message}.{hint}",
+            status_code=error.status_code,
+        )
+    if isinstance(error, openai.APITimeoutError):
+        return BackendError(
+            f"The request timed out while {doing}. Try again, or raise CodeInterpreter.request_timeout."
+        )
+    if isinstance(error, openai.APIConnectionError):
+        url = getattr(getattr(error, "request", None), "url", "the API")
+        return BackendError(
+            f"Could not connect to {url} while {doing}; check the network and OPENAI_BASE_URL."
+        )
+    return BackendError(f"{type(error).__name__} while {doing}: {error}")
+
+
+def _api_message(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"]).rstrip(".")
+    return str(error.message).rstrip(".")
+
+
+def _container_info(obj: Any) -> ContainerInfo:
+    expires = getattr(obj, "expires_after", None)
+    return ContainerInfo(
+        id=obj.id,
+        name=getattr(obj, "name", "") or "",
+        status=getattr(obj, "status", "") or "",
+        created_at=int(getattr(obj, "created_at", 0) or 0),
+        last_active_at=getattr(obj, "last_active_at", None),
+        expires_after_minutes=getattr(expires, "minutes", None) if expires else None,
+        memory_limit=getattr(obj, "memory_limit", None),
+    )
+
+
+def _container_file(obj: Any, container_id: str) -> ContainerFile:
+    return ContainerFile(
+        id=obj.id,
+        container_id=getattr(obj, "container_id", None) or container_id,
+        path=obj.path,
+        bytes=obj.bytes,
+        created_at=int(obj.created_at or 0),
+        source=obj.source or "",
+    )
+
+
+def _decode_data_url(url: str) -> tuple[bytes, str] | None:
+    if not url.startswith("data:") or "," not in url:
+        return None
+    header, payload = url.split(",", 1)
+    mime = header[5:].split(";", 1)[0] or "image/png"
+    if ";base64" not in header:
+        return None
+    return base64.b64decode(payload), mime
+
+
+class ResponsesTranslator:
+    """Responses API stream events (SDK objects) -> our events. Pure: no I/O, one per turn."""
+
+    def __init__(self) -> None:
+        self.response_id: str | None = None
+        self.container_id: str | None = None
+        self.finished = False
+
+    def translate(self, event: Any) -> list[Event]:
+        kind = event.type
+        if kind == "response.code_interpreter_call_code.delta":
+            return [CodeDelta(event.item_id, event.delta)]
+        if kind == "response.output_text.delta":
+            return [TextDelta(event.delta)]
+        if kind == "response.created":
+            self.response_id = event.response.id
+            return [TurnStarted(response_id=event.response.id, model=event.response.model)]
+        if kind == "response.output_item.added" and event.item.type == "code_interpreter_call":
+            self.container_id = event.item.container_id or self.container_id
+            return [CallStarted(event.item.id, event.item.container_id), CallStatus(event.item.id, "writing")]
+        if kind == "response.code_interpreter_call_code.done":
+            return [CodeDone(event.item_id, event.code)]
+        if kind == "response.code_interpreter_call.interpreting":
+            return [CallStatus(event.item_id, "running")]
+        if kind == "response.output_item.done" and event.item.type == "code_interpreter_call":
+            return self._call_done(event.item)
+        if kind == "response.output_text.annotation.added":
+            return self._annotation(event.annotation)
+        if kind == "response.output_text.done":
+            return [TextDone(event.text)]
+        if kind == "response.completed":
+            self.finished = True
+            return [Completed(event.response.id, self.container_id, _usage(event.response.usage))]
+        if kind in ("response.failed", "response.incomplete"):
+            self.finished = True
+            return [
+                Failed(
+                    _response_problem(event.response), kind="limit" if kind.endswith("incomplete") else "api"
+                )
+            ]
+        if kind == "error":
+            self.finished = True
+            return [Failed(f"OpenAI reported an error mid-stream: {event.message}", kind="api")]
+        return []
+
+    def _call_done(self, item: Any) -> list[Event]:
+        events: list[Event] = []
+        if item.code is not None:
+            events.append(CodeDone(item.id, item.code))
+        for output in item.outputs or []:
+            if output.type == "logs":
+                events.append(Logs(item.id, output.logs))
+            elif output.type == "image":
+                decoded = _decode_data_url(output.url)
+                if decoded is not None:
+                    events.append(Image(item.id, decoded[0], decoded[1]))
+        events.append(CallStatus(item.id, "completed" if item.status == "completed" else "failed"))
+        return events
+
+    def _annotation(self, annotation: Any) -> list[Event]:
+        data = annotation if isinstance(annotation, dict) else annotation.model_dump()
+        if data.get("type") != "container_file_citation":
+            return []
+        return [
+            FileCited(
+                container_id=data["container_id"],
+                file_id=data["file_id"],
+                filename=data["filename"],
+                start_index=int(data.get("start_index") or 0),
+                end_index=int(data.get("end_index") or 0),
+            )
+        ]
+
+
+def _usage(usage: Any) -> Usage:
+    if usage is None:
+        return Usage()
+    return Usage(usage.input_tokens or 0, usage.output_tokens or 0, usage.total_tokens or 0)
+
+
+def _response_problem(response: Any) -> str:
+    error = getattr(response, "error", None)
+    if error is not None:
+        return f"The response failed: {error.message} ({error.code})."
+    details = getattr(response, "incomplete_details", None)
+    reason = getattr(details, "reason", None) or "unknown reason"
+    return f"The response stopped early ({reason}); what arrived is shown above."
+
+
+def _input_text(request: TurnRequest) -> str:
+    parts = [f"Note: {note}" for note in request.conversation.notes]
+    if request.context:
+        parts.append(request.context)
+    parts.append(request.prompt)
+    return "\n\n".join(parts)
+
+
+EXEC_PROMPT = (
+    "Run the following Python code exactly as written with the code interpreter, without changing it, "
+    "then reply with one short sentence.\n\n```python\n{code}\n```"
+)
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, client: openai.AsyncOpenAI) -> None:
+        self.client = client
+
+    async def create_container(
+        self, *, name: str, memory_limit: MemoryLimit, expires_after_minutes: int
+    ) -> ContainerInfo:
+        if not 1 <= expires_after_minutes <= 20:
+            raise ConfigurationError(
+                f"OpenAI containers expire after 1 to 20 idle minutes; expires_after_minutes is "
+                f"{expires_after_minutes}. Set %config CodeInterpreter.expires_after_minutes = 20."
+            )
+        try:
+            container = await self.client.containers.create(
+                name=name,
+                expires_after={"anchor": "last_active_at", "minutes": expires_after_minutes},
+                memory_limit=memory_limit,
+            )
+        except openai.OpenAIError as error:
+            raise api_error(error, doing="creating a container") from error
+        return _container_info(container)
+
+    async def get_container(self, container_id: str) -> ContainerInfo | None:
+        try:
+            container = await self.client.containers.retrieve(container_id)
+        except openai.NotFoundError:
+            return None
+        except openai.OpenAIError as error:
+            raise api_error(error, doing="checking the container") from error
+        return _container_info(container)
+
+    async def delete_container(self, container_id: str) -> None:
+        try:
+            await self.client.containers.delete(container_id)
+        except openai.NotFoundError:
+            return
+        except openai.OpenAIError as error:
+            raise api_error(error, doing="deleting the container") from error
+
+    async def upload_file(self, container_id: str, filename: str, source: Path | bytes) -> ContainerFile:
+        data = source.read_bytes() if isinstance(source, Path) else source
+        try:
+            created = await self.client.containers.files.create(container_id, file=(filename, data))
+        except openai.OpenAIError as error:
+            raise api_error(error, doing=f"uploading {filename}") from error
+        return _container_file(created, container_id)
+
+    async def list_files(self, container_id: str) -> list[ContainerFile]:
+        try:
+            return [
+                _container_file(item, container_id)
+                async for item in self.client.containers.files.list(container_id, limit=100)
+            ]
+        except openai.OpenAIError as error:
+            raise api_error(error, doing="listing the container's files") from error
+
+    async def download_file(self, container_id: str, file_id: str) -> bytes:
+        try:
+            response = await self.client.containers.files.content.retrieve(file_id, container_id=container_id)
+        except openai.OpenAIError as error:
+            raise api_error(error, doing=f"downloading {file_id}") from error
+        return response.content
+
+    async def delete_file(self, container_id: str, file_id: str) -> None:
+        try:
+            await self.client.containers.files.delete(file_id, container_id=container_id)
+        except openai.NotFoundError:
+            return
+        except openai.OpenAIError as error:
+            raise api_error(error, doing=f"deleting {file_id}") from error
+
+    async def stream(self, request: TurnRequest) -> AsyncIterator[Event]:
+        params: dict[str, Any] = {
+            "model": request.model,
+            "instructions": request.instructions,
+            "tools": [{"type": "code_interpreter", "container": request.container_id}],
+            "include": ["code_interpreter_call.outputs"],
+            "stream": True,
+        }
+        if request.exec_code is not None:
+            params["input"] = EXEC_PROMPT.format(code=request.exec_code)
+            params["tool_choice"] = {"type": "code_interpreter"}
+            yield Notice("On the openai backend, %%ci_exec asks the model to run the code verbatim.")
+        else:
+            params["input"] = _input_text(request)
+        if request.conversation.previous_response_id:
+            params["previous_response_id"] = request.conversation.previous_response_id
+        if request.extra_headers:
+            params["extra_headers"] = request.extra_headers
+
+        translator = ResponsesTranslator()
+        try:
+            stream = await self.client.responses.create(**params)
+        except openai.OpenAIError as error:
+            raise api_error(error, doing="starting the response") from error
+        try:
+            async for raw in stream:
+                for event in translator.translate(raw):
+                    if isinstance(event, Completed):
+                        request.conversation.previous_response_id = event.response_id
+                        request.conversation.notes.clear()
+                    yield event
+        except (openai.OpenAIError, Exception) as error:
+            if isinstance(error, openai.APIStatusError):
+                raise api_error(error, doing="streaming the response") from error
+            raise StreamError(
+                f"The response stream broke mid-way ({type(error).__name__}: {error}). What arrived is shown "
+                "above; the container and the conversation are intact, so run the cell again."
+            ) from error
+        finally:
+            await stream.close()
+        if not translator.finished:
+            raise StreamError(
+                "The response stream ended before the response completed. What arrived is shown above; the "
+                "container and the conversation are intact, so run the cell again."
+            )
+
+    async def aclose(self) -> None:
+        await self.client.close()

@@ -1,0 +1,210 @@
+"""The typed events every backend emits and every consumer (renderer, Result builder) reads.
+
+Backends translate what they speak (OpenAI Responses SSE, Chat Completions tool-call deltas,
+Jupyter kernel messages) into these frozen dataclasses. Nothing downstream knows which backend
+produced them.
+
+A turn looks like::
+
+    TurnStarted
+    ( CallStarted  CodeDelta*  CodeDone  CallStatus(running)
+      (Logs | Image | RichOutput | ExecutionError)*  CallStatus(completed|failed) )*
+    TextDelta*  FileCited*  TextDone?
+    Notice* (anywhere)
+    Completed | Failed
+
+Several calls and text segments may alternate; ``call_id`` ties code and outputs together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "CallStarted",
+    "CallStatus",
+    "CallStatusName",
+    "CodeDelta",
+    "CodeDone",
+    "Completed",
+    "Event",
+    "ExecutionError",
+    "Failed",
+    "FileCited",
+    "Image",
+    "Logs",
+    "Notice",
+    "RichOutput",
+    "TextDelta",
+    "TextDone",
+    "TurnStarted",
+    "Usage",
+]
+
+CallStatusName = Literal["writing", "running", "interpreting", "completed", "failed", "incomplete"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.total_tokens + other.total_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    """The model accepted the request (response id when the backend has one)."""
+
+    response_id: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    """A new code interpreter call begins; its code streams next."""
+
+    call_id: str
+    container_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CodeDelta:
+    call_id: str
+    delta: str
+
+
+@dataclass(frozen=True)
+class CodeDone:
+    """The complete code of a call (authoritative: replaces the concatenated deltas)."""
+
+    call_id: str
+    code: str
+
+
+@dataclass(frozen=True)
+class CallStatus:
+    call_id: str
+    status: CallStatusName
+
+
+@dataclass(frozen=True)
+class Logs:
+    """Text the code printed (stdout/stderr or OpenAI's ``logs`` output)."""
+
+    call_id: str
+    text: str
+    stream: Literal["stdout", "stderr", "logs"] = "logs"
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image the code displayed (``plt.show()``), already decoded from its data URL."""
+
+    call_id: str
+    data: bytes
+    mime: str = "image/png"
+
+
+@dataclass(frozen=True)
+class RichOutput:
+    """Any other display output: a mime bundle (``text/html``, ``text/plain``...).
+
+    ``display_id`` and ``update`` carry Jupyter's ``update_display_data`` semantics so live
+    updates inside the sandbox are not lost.
+    """
+
+    call_id: str
+    bundle: dict[str, object]
+    display_id: str | None = None
+    update: bool = False
+
+
+@dataclass(frozen=True)
+class ExecutionError:
+    """The user's (model's) code raised: data, not an exception of ours."""
+
+    call_id: str
+    name: str
+    value: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    delta: str
+
+
+@dataclass(frozen=True)
+class TextDone:
+    """The complete text of one assistant message segment."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class FileCited:
+    """The model cited (or produced) a container file.
+
+    ``start_index == end_index == 0`` marks OpenAI's zero-length citations of ``plt.show()``
+    images, which are already shown through an ``Image`` event.
+    """
+
+    container_id: str
+    file_id: str
+    filename: str
+    start_index: int = 0
+    end_index: int = 0
+
+    @property
+    def zero_length(self) -> bool:
+        return self.start_index == self.end_index == 0
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A one-line message to the user (container recreated, step cap reached...)."""
+
+    text: str
+    level: Literal["info", "warning"] = "info"
+
+
+@dataclass(frozen=True)
+class Completed:
+    response_id: str | None = None
+    container_id: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The turn ended without completing (API error, broken stream, interrupt, step cap)."""
+
+    message: str
+    kind: Literal["api", "stream", "interrupted", "sandbox", "limit", "config"] = "api"
+
+
+Event = (
+    TurnStarted
+    | CallStarted
+    | CodeDelta
+    | CodeDone
+    | CallStatus
+    | Logs
+    | Image
+    | RichOutput
+    | ExecutionError
+    | TextDelta
+    | TextDone
+    | FileCited
+    | Notice
+    | Completed
+    | Failed
+)
