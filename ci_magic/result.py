@@ -137,8 +137,8 @@ class ResultBuilder:
     def __init__(self, prompt: str) -> None:
         self.result = Result(prompt=prompt)
         self._calls: dict[str, CallRecord] = {}
-        self._text_parts: list[str] = []
-        self._segment_start = 0
+        self._segments: list[str] = []  # finished assistant text segments
+        self._current: list[str] = []  # deltas of the segment being streamed
 
     def call(self, call_id: str) -> CallRecord:
         record = self._calls.get(call_id)
@@ -166,12 +166,13 @@ class ResultBuilder:
             case Logs() | Image() | RichOutput() | ExecutionError():
                 self.call(event.call_id).outputs.append(event)
             case TextDelta(delta=delta):
-                self._text_parts.append(delta)
+                self._current.append(delta)
+                self._update_text()
             case TextDone(text=text):
-                # Authoritative text of the segment replaces its deltas.
-                del self._text_parts[self._segment_start :]
-                self._text_parts.append(text)
-                self._segment_start = len(self._text_parts)
+                # The segment's authoritative text replaces its deltas.
+                self._current.clear()
+                self._segments.append(text)
+                self._update_text()
             case FileCited():
                 result.citations.append(event)
             case Notice():
@@ -182,4 +183,8 @@ class ResultBuilder:
                 result.usage = usage
             case Failed():
                 result.error = event
-        result.text = "".join(self._text_parts)
+
+    def _update_text(self) -> None:
+        parts = [*self._segments, "".join(self._current)] if self._current else self._segments
+        # Segments are separate messages (before and after a tool call): keep them paragraphs apart.
+        self.result.text = "\n\n".join(p.strip("\n") for p in parts if p)

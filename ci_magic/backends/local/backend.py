@@ -1,0 +1,123 @@
+"""LocalBackend: the Backend protocol on local sandboxes, with any Chat Completions model.
+
+Containers and files go straight to :class:`SandboxManager`. A turn either runs the user's code
+verbatim (``%%ci_exec``, no model involved) or hands the prompt to the model loop
+(``model_loop.ChatModelLoop``), giving it the sandbox as its code runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ci_magic.backends.base import ContainerFile, ContainerInfo, MemoryLimit, TurnRequest
+from ci_magic.backends.local.sandbox import SandboxManager
+from ci_magic.errors import ConfigurationError
+from ci_magic.events import CallStarted, CallStatus, CodeDone, Completed, Event, TurnStarted
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+__all__ = ["NO_MODEL_MESSAGE", "LocalBackend"]
+
+NO_MODEL_MESSAGE = (
+    "The local backend needs a model server for prompts, and none is configured. Point it at any "
+    "OpenAI-compatible Chat Completions server, e.g. "
+    '`%config CodeInterpreter.model_base_url = "http://localhost:11434/v1"` (Ollama) and '
+    '`%config CodeInterpreter.model = "qwen2.5-coder"`, or set the environment variables '
+    "CI_MAGIC_MODEL_BASE_URL and CI_MAGIC_MODEL (plus CI_MAGIC_MODEL_API_KEY if the server wants a "
+    "key) before loading the extension. %%ci_exec runs code in the local sandbox without a model."
+)
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(
+        self,
+        sandbox: SandboxManager,
+        *,
+        model_client: AsyncOpenAI | None,
+        model: str,
+        max_steps: int = 12,
+    ) -> None:
+        self.sandbox = sandbox
+        self.model_client = model_client
+        self.model = model
+        self.max_steps = max_steps
+
+    async def create_container(
+        self, *, name: str, memory_limit: MemoryLimit, expires_after_minutes: int
+    ) -> ContainerInfo:
+        return await self.sandbox.create(
+            name=name, memory_limit=memory_limit, expires_after_minutes=expires_after_minutes
+        )
+
+    async def get_container(self, container_id: str) -> ContainerInfo | None:
+        return await self.sandbox.get(container_id)
+
+    async def delete_container(self, container_id: str) -> None:
+        await self.sandbox.delete(container_id)
+
+    async def upload_file(self, container_id: str, filename: str, source: Path | bytes) -> ContainerFile:
+        return await self.sandbox.upload(container_id, filename, source)
+
+    async def list_files(self, container_id: str) -> list[ContainerFile]:
+        return await self.sandbox.list_files(container_id)
+
+    async def download_file(self, container_id: str, file_id: str) -> bytes:
+        return await self.sandbox.download(container_id, file_id)
+
+    async def delete_file(self, container_id: str, file_id: str) -> None:
+        await self.sandbox.delete_file(container_id, file_id)
+
+    def stream(self, request: TurnRequest) -> AsyncIterator[Event]:
+        if request.exec_code is not None:
+            return self._run_code(request, request.exec_code)
+        return self._run_model(request)
+
+    async def _run_code(self, request: TurnRequest, code: str) -> AsyncIterator[Event]:
+        """%%ci_exec: the code as one call, exactly as the model loop would run it."""
+        call_id = _call_id()
+        container_id = request.container_id
+        yield TurnStarted()
+        for notice in self.sandbox.take_notices():
+            yield notice
+        yield CallStarted(call_id=call_id, container_id=container_id)
+        yield CodeDone(call_id=call_id, code=code)
+        yield CallStatus(call_id=call_id, status="running")
+        events = self.sandbox.execute(container_id, code, call_id=call_id)
+        async with contextlib.aclosing(events):  # Ctrl-C: stop the sandbox code at once
+            async for event in events:
+                yield event
+        yield Completed(container_id=container_id)
+
+    async def _run_model(self, request: TurnRequest) -> AsyncIterator[Event]:
+        if self.model_client is None:
+            raise ConfigurationError(NO_MODEL_MESSAGE)
+        # Imported here: the model loop is optional for code-only use and pulls in the OpenAI SDK.
+        from ci_magic.backends.local.model_loop import ChatModelLoop
+
+        loop = ChatModelLoop(self.model_client, model=self.model or request.model, max_steps=self.max_steps)
+        container_id = request.container_id
+
+        def run(code: str, call_id: str) -> AsyncIterator[Event]:
+            return self.sandbox.execute(container_id, code, call_id=call_id)
+
+        notices = self.sandbox.take_notices()
+        async for event in loop.run(request, run):
+            yield event
+            # After the loop's first event (TurnStarted), so the turn's shape stays intact.
+            for notice in notices:
+                yield notice
+            notices = []
+
+    async def aclose(self) -> None:
+        await self.sandbox.aclose()
+
+
+def _call_id() -> str:
+    return "ci_" + secrets.token_hex(12)

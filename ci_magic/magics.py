@@ -1,0 +1,171 @@
+"""The IPython magics: parse arguments, look up variables, delegate to ``CodeInterpreter``."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from ci_magic.interpreter import CodeInterpreter
+from ci_magic.result import Result
+
+__all__ = ["CIMagics", "split_options"]
+
+# Options of %ci that take a value: the words after them belong to the option, not the prompt.
+VALUED_OPTIONS = {"--model", "-m", "-o", "--output", "-v", "--vars"}
+
+
+def split_options(line: str) -> tuple[str, str]:
+    """Split ``%ci --new -o r what's the mean?`` into options and a free-text prompt.
+
+    Prompts are prose (apostrophes, quotes, dashes), so they are never shell-split.
+    """
+    words = line.split()
+    taken: list[str] = []
+    index = 0
+    while index < len(words) and words[index].startswith("-") and words[index] != "-":
+        taken.append(words[index])
+        if words[index] in VALUED_OPTIONS and index + 1 < len(words):
+            taken.append(words[index + 1])
+            index += 1
+        index += 1
+    prompt_start = 0
+    for word in taken:
+        prompt_start = line.index(word, prompt_start) + len(word)
+    return " ".join(shlex.quote(w) for w in taken), line[prompt_start:].strip()
+
+
+@magics_class
+class CIMagics(Magics):
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.interpreter = CodeInterpreter(shell=shell)
+        shell.configurables.append(self.interpreter)
+
+    # -- %%ci ----------------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("--model", "-m", help="Model for this cell (default: CodeInterpreter.model).")
+    @argument("--new", action="store_true", help="Start a fresh conversation (the container and files stay).")
+    @argument("--insert", action="store_true", help="Put the code that ran into a new cell below.")
+    @argument("-o", "--output", metavar="NAME", help="Also bind the Result to NAME (it is always in _ci).")
+    @argument("--quiet", "-q", action="store_true", help="Show only the final outputs, not the live stream.")
+    @argument(
+        "-v",
+        "--vars",
+        metavar="A,B",
+        help="Variables to send as files, besides data-like names in the prompt.",
+    )
+    @line_cell_magic
+    def ci(self, line: str, cell: str | None = None) -> None:
+        """Ask the code interpreter: the model writes Python, runs it in the sandbox, shows the results.
+
+        Cell form: options on the first line, the prompt below. Line form: ``%ci [options] prompt``.
+        DataFrames, arrays and other data-like variables named in the prompt are sent as files to
+        /mnt/data with a schema card; generated files are saved in CodeInterpreter.output_dir.
+        The Result (code, outputs, text, files, usage) is bound to ``_ci``.
+        """
+        options_text, line_prompt = split_options(line)
+        args = parse_argstring(self.ci, options_text)
+        prompt = cell if cell is not None else line_prompt
+        if cell is not None and line_prompt:
+            prompt = f"{line_prompt}\n{cell}"
+        names = [n.strip() for n in (args.vars or "").split(",") if n.strip()]
+        result = self.interpreter.run_prompt(
+            prompt,
+            namespace=self.shell.user_ns,
+            names=names,
+            new=args.new,
+            model=args.model,
+            quiet=args.quiet,
+        )
+        self._finish(result, output=args.output, insert=args.insert)
+
+    @magic_arguments()
+    @argument("-o", "--output", metavar="NAME", help="Also bind the Result to NAME (it is always in _ci).")
+    @argument("--quiet", "-q", action="store_true", help="Show only the final outputs.")
+    @cell_magic
+    def ci_exec(self, line: str, cell: str) -> None:
+        """Run the cell's Python code verbatim in the session's container.
+
+        On the local backend no model is involved; on the openai backend the model is asked to run
+        the code unchanged with forced tool use.
+        """
+        args = parse_argstring(self.ci_exec, line)
+        result = self.interpreter.exec(cell, quiet=args.quiet)
+        self._finish(result, output=args.output, insert=False)
+
+    def _finish(self, result: Result, *, output: str | None, insert: bool) -> None:
+        self.shell.user_ns["_ci"] = result
+        if output:
+            if not output.isidentifier():
+                raise UsageError(f"-o needs a Python identifier, not {output!r}.")
+            self.shell.user_ns[output] = result
+        if insert and result.code:
+            self.shell.set_next_input(result.code, replace=False)
+        self.interpreter.raise_for_failure(result)
+
+    # -- session -------------------------------------------------------------------------------
+
+    @magic_arguments()
+    @line_magic
+    def ci_status(self, line: str) -> None:
+        """Show the backend, model, container (id, status, expiry), files and tokens used this session."""
+        parse_argstring(self.ci_status, line)
+        self.interpreter.show_status()
+
+    @magic_arguments()
+    @line_magic
+    def ci_reset(self, line: str) -> None:
+        """Start over: delete the container, forget the conversation (pushed variables are re-sent)."""
+        parse_argstring(self.ci_reset, line)
+        self.interpreter.reset()
+        print("ci-magic: the next cell starts a new container and a fresh conversation.")
+
+    # -- files ---------------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("names", nargs="+", help="Variables (or paths to files) to send to /mnt/data.")
+    @argument("--as", dest="as_name", metavar="FILENAME", help="File name in the container (one name only).")
+    @argument("--format", "-f", dest="fmt", help="File format: parquet, csv, json, npy, txt, png...")
+    @argument(
+        "--pickle",
+        action="store_true",
+        help="Allow pickling objects of other types (the sandbox may lack the class).",
+    )
+    @line_magic
+    def ci_push(self, line: str) -> None:
+        """Send notebook variables or files to the sandbox's /mnt/data (unchanged ones are not re-sent)."""
+        args = parse_argstring(self.ci_push, line)
+        self.interpreter.push_names(
+            args.names,
+            namespace=self.shell.user_ns,
+            as_name=args.as_name,
+            fmt=args.fmt,
+            allow_pickle=args.pickle,
+        )
+
+    @magic_arguments()
+    @argument("filename", nargs="?", help="A file in /mnt/data (see %%ci_files).")
+    @argument("-o", "--output", metavar="NAME", help="Variable to bind (default: the file's stem).")
+    @argument("--all", action="store_true", help="Pull every file the model made.")
+    @line_magic
+    def ci_pull(self, line: str) -> Any:
+        """Bring a container file back as a Python object: csv/parquet/xlsx -> DataFrame, npy -> ndarray,
+        json -> object, txt -> str, png -> image; anything else -> bytes. Never unpickles."""
+        args = parse_argstring(self.ci_pull, line)
+        if args.all == bool(args.filename):
+            raise UsageError("Give one file name (%ci_pull clean.csv) or --all, not both or neither.")
+        return self.interpreter.pull_into(
+            self.shell.user_ns, filename=args.filename, output=args.output, pull_all=args.all
+        )
+
+    @magic_arguments()
+    @line_magic
+    def ci_files(self, line: str) -> None:
+        """List the container's files: name, size, source (notebook / model), created."""
+        parse_argstring(self.ci_files, line)
+        self.interpreter.show_files()

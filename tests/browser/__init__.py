@@ -1,0 +1,1 @@
+"""Helpers for the tests that look at ci-magic the way a person does: JupyterLab in headless Chromium."""

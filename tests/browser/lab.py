@@ -1,0 +1,257 @@
+"""Driving JupyterLab in headless Chromium the way a person does, and reading what the page shows.
+
+Cells are run by clicking them and pressing Shift+Enter, notebooks saved with Ctrl+S; what the
+tests assert on is the rendered DOM (text, images, tables, links) plus screenshots. The app object
+(``window.jupyterapp``, exposed by ``--LabApp.expose_app_in_browser``) is only asked *when* things
+are ready: the kernel is idle, the notebook is saved.
+
+Chromium comes from Debian (``/usr/bin/chromium`` + ``/usr/bin/chromedriver``) and Selenium is told
+both paths, so Selenium Manager never downloads a browser or a driver.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "CHROMEDRIVER",
+    "CHROMIUM",
+    "CellView",
+    "LabPage",
+    "browser_missing",
+    "make_driver",
+    "wait_for",
+]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--hide-scrollbars",
+)
+T = TypeVar("T")
+
+# One round trip reads everything a test looks at in one cell (the page may change between calls).
+_READ_CELL = """
+const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[arguments[0]];
+if (!cell) return null;
+const outputs = [...cell.querySelectorAll('.jp-OutputArea-output')];
+const prompt = cell.querySelector('.jp-InputPrompt');
+return {
+  prompt: prompt ? prompt.innerText.trim() : '',
+  outputs: outputs.map(o => o.innerText),
+  code: [...cell.querySelectorAll('.jp-OutputArea-output pre')].map(p => p.innerText),
+  images: [...cell.querySelectorAll('.jp-OutputArea-output img')].map(i => ({
+    src: i.getAttribute('src') || '', width: i.naturalWidth, shown: i.complete && i.naturalWidth > 0
+      && i.getBoundingClientRect().width > 0})),
+  tables: [...cell.querySelectorAll('.jp-OutputArea-output table')].map(t => ({
+    rows: t.querySelectorAll('tr').length,
+    header: [...t.querySelectorAll('th')].map(h => h.innerText.trim())})),
+  links: [...cell.querySelectorAll('.jp-OutputArea-output a')].map(a => ({
+    text: a.innerText.trim(), href: a.getAttribute('href') || ''})),
+  listItems: [...cell.querySelectorAll('.jp-OutputArea-output li')].map(li => li.innerText.trim()),
+  scripts: cell.querySelectorAll('.jp-OutputArea-output script').length,
+  svgs: [...cell.querySelectorAll('.jp-OutputArea-output svg')].map(s => s.outerHTML.slice(0, 200)),
+  iframes: [...cell.querySelectorAll('.jp-OutputArea-output iframe')].map(f => ({
+    sandbox: f.getAttribute('sandbox'), hasSrcdoc: f.hasAttribute('srcdoc')})),
+  handlers: [...cell.querySelectorAll('.jp-OutputArea-output *')].flatMap(
+    e => [...e.attributes].filter(a => a.name.startsWith('on')).map(a => e.tagName + '[' + a.name + ']')),
+};
+"""
+
+_KERNEL_STATUS = """
+const app = window.jupyterapp;
+const widget = app && app.shell.currentWidget;
+const kernel = widget && widget.sessionContext && widget.sessionContext.session
+  && widget.sessionContext.session.kernel;
+return kernel ? kernel.status : null;
+"""
+
+_DIRTY = """
+const widget = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+return widget && widget.context ? widget.context.model.dirty : null;
+"""
+
+# Time for two animation frames plus a task: long if rendering or the main thread is stuck.
+_FRAME_LATENCY = """
+const done = arguments[arguments.length - 1];
+const start = performance.now();
+requestAnimationFrame(() => requestAnimationFrame(
+  () => setTimeout(() => done(performance.now() - start), 0)));
+"""
+
+
+def browser_missing() -> str | None:
+    """Why the browser test cannot run here (a laptop without the Debian packages), or None."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).exists():
+            return f"{path} is missing (apt-get install chromium chromium-driver)"
+    for module, extra in (("selenium", "selenium"), ("jupyterlab", "jupyterlab")):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{extra} is not installed (pip install -e '.[browser]')"
+    return None
+
+
+def make_driver(profile: Path, *, width: int = 1100, height: int = 2400) -> Any:
+    """Headless Chromium with a fresh profile; a tall window so a whole %%ci cell fits a screenshot."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.add_argument(f"--window-size={width},{height}")
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_script_timeout(10)
+    return driver
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.2) -> T:
+    """Poll ``check`` until it returns something truthy; the error names ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class CellView:
+    """What one notebook cell shows right now."""
+
+    prompt: str
+    outputs: list[str]
+    code: list[str]
+    images: list[dict[str, Any]]
+    tables: list[dict[str, Any]]
+    links: list[dict[str, str]]
+    list_items: list[str]
+    scripts: int
+    svgs: list[str]
+    iframes: list[dict[str, Any]]
+    handlers: list[str]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.outputs)
+
+    @property
+    def status(self) -> str:
+        """ci-magic's status line (``ci · ...``), or '' before it appears."""
+        return next((o.strip() for o in self.outputs if o.strip().startswith("ci ·")), "")
+
+    @property
+    def code_chars(self) -> int:
+        return sum(len(c) for c in self.code)
+
+    @property
+    def executed(self) -> bool:
+        """The prompt shows an execution count: ``[3]:`` (``[*]:`` while running, ``[ ]:`` before)."""
+        return re.fullmatch(r"\[\d+\]:", self.prompt) is not None
+
+
+class LabPage:
+    """One JupyterLab tab; screenshots go to ``artifacts``."""
+
+    def __init__(self, driver: Any, artifacts: Path) -> None:
+        self.driver = driver
+        self.artifacts = artifacts
+        artifacts.mkdir(parents=True, exist_ok=True)
+
+    def open_notebook(self, url: str, *, timeout: float = 60) -> None:
+        """Load the notebook page and wait until its kernel is idle and the cells are drawn."""
+        self.driver.get(url)
+        wait_for("the notebook's kernel to be idle", lambda: self.kernel_status() == "idle", timeout)
+        wait_for("the notebook's cells", lambda: self.cell_count() > 0, timeout)
+        # The file browser takes a third of the width; a person reading output would close it too.
+        self.driver.execute_script("window.jupyterapp.shell.collapseLeft();")
+
+    def kernel_status(self) -> str | None:
+        return self.driver.execute_script(_KERNEL_STATUS)
+
+    def cell_count(self) -> int:
+        script = "return document.querySelectorAll('.jp-Notebook .jp-Cell').length"
+        return int(self.driver.execute_script(script))
+
+    def cell_element(self, index: int) -> Any:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")[index]
+
+    def read_cell(self, index: int) -> CellView:
+        raw = self.driver.execute_script(_READ_CELL, index)
+        if raw is None:
+            raise AssertionError(f"the notebook has no cell {index} (it has {self.cell_count()})")
+        raw["list_items"] = raw.pop("listItems")
+        return CellView(**raw)
+
+    def run_cell(self, index: int) -> None:
+        """Click the cell's prompt (selects it in command mode) and press Shift+Enter."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        cell = self.cell_element(index)
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", cell)
+        cell.find_element(By.CSS_SELECTOR, ".jp-InputPrompt").click()
+        ActionChains(self.driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+
+    def run_cell_and_wait(self, index: int, *, timeout: float = 60) -> CellView:
+        self.run_cell(index)
+        return self.wait_until_executed(index, timeout=timeout)
+
+    def wait_until_executed(self, index: int, *, timeout: float = 60) -> CellView:
+        def finished() -> CellView | None:
+            view = self.read_cell(index)
+            return view if view.executed and self.kernel_status() == "idle" else None
+
+        return wait_for(f"cell {index} to finish running", finished, timeout)
+
+    def save(self, *, timeout: float = 20) -> None:
+        """Ctrl+S, then wait until the document is no longer dirty."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        ActionChains(self.driver).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
+        wait_for("the notebook to be saved", lambda: self.driver.execute_script(_DIRTY) is False, timeout)
+
+    def reload(self, *, timeout: float = 60) -> None:
+        self.driver.refresh()
+        wait_for("the notebook's kernel after reload", lambda: self.kernel_status() == "idle", timeout)
+        wait_for("the notebook's cells after reload", lambda: self.cell_count() > 0, timeout)
+        self.driver.execute_script("window.jupyterapp.shell.collapseLeft();")
+
+    def frame_latency_ms(self) -> float:
+        """Milliseconds until the page has drawn two frames and run a task: high when it is stuck."""
+        return float(self.driver.execute_async_script(_FRAME_LATENCY))
+
+    def pwned(self) -> Any:
+        """``window.__pwned`` of JupyterLab's page: anything but None means injected script ran."""
+        return self.driver.execute_script("return window.__pwned === undefined ? null : window.__pwned;")
+
+    def screenshot(self, name: str) -> Path:
+        path = self.artifacts / f"{name}.png"
+        self.driver.save_screenshot(str(path))
+        return path
+
+    def cell_screenshot(self, index: int, name: str) -> Path:
+        """Only the cell (input and outputs), scrolled to the top of the notebook view."""
+        cell = self.cell_element(index)
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", cell)
+        time.sleep(0.3)  # let the scroll settle before the pixels are taken
+        path = self.artifacts / f"{name}.png"
+        cell.screenshot(str(path))
+        return path

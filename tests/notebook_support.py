@@ -1,0 +1,111 @@
+"""Running real notebooks (nbclient + ipykernel) against the test servers, and reading their outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nbformat
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell, new_notebook
+
+__all__ = ["kernel_env", "output_text", "outputs_of", "run_cells", "texts_by_mime"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def kernel_env(**values: str | None) -> Iterator[None]:
+    """Environment for kernels started inside the block (they inherit this process's environment)."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def openai_env(base_url: str, **extra: str | None) -> dict[str, str | None]:
+    return {
+        "OPENAI_API_KEY": "test-key",
+        "OPENAI_BASE_URL": base_url,
+        "CI_MAGIC_BACKEND": None,
+        "AZURE_OPENAI_ENDPOINT": None,
+        "AZURE_OPENAI_API_KEY": None,
+        "PYTHONPATH": str(REPO),
+        **extra,
+    }
+
+
+def run_cells(
+    cells: Iterable[str],
+    workdir: Path,
+    *,
+    allow_errors: bool = True,
+    timeout: int = 120,
+    save_as: str | None = None,
+    before: Mapping[int, Callable[[nbformat.NotebookNode], None]] | None = None,
+) -> nbformat.NotebookNode:
+    """Execute ``cells`` in a fresh kernel with ``workdir`` as the notebook folder; returns the notebook.
+
+    ``before[i](notebook)`` runs in this process just before cell ``i`` (e.g. to expire a container).
+    """
+    notebook = new_notebook(cells=[new_code_cell(source) for source in cells])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    client = NotebookClient(
+        notebook,
+        timeout=timeout,
+        kernel_name="python3",
+        allow_errors=allow_errors,
+        resources={"metadata": {"path": str(workdir)}},
+    )
+    with client.setup_kernel():
+        for index, cell in enumerate(notebook.cells):
+            if before and index in before:
+                before[index](notebook)
+            client.execute_cell(cell, index)
+    if save_as:
+        nbformat.write(notebook, workdir / save_as)
+    return notebook
+
+
+def outputs_of(cell: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(cell.get("outputs", []))
+
+
+def texts_by_mime(cell: Mapping[str, Any], mime: str) -> list[str]:
+    """Every value of ``mime`` in the cell's display/execute_result outputs (final, updates applied)."""
+    found = []
+    for output in outputs_of(cell):
+        data = output.get("data", {})
+        if mime in data:
+            value = data[mime]
+            found.append(value if isinstance(value, str) else json.dumps(value))
+    return found
+
+
+def output_text(cell: Mapping[str, Any]) -> str:
+    """All human-readable text of a cell: streams, errors, text/plain, text/markdown, text/html."""
+    parts: list[str] = []
+    for output in outputs_of(cell):
+        if output.get("output_type") == "stream":
+            parts.append(output.get("text", ""))
+        elif output.get("output_type") == "error":
+            parts.append(f"{output.get('ename')}: {output.get('evalue')}\n" + "\n".join(output.get("traceback", [])))
+        for mime in ("text/plain", "text/markdown", "text/html"):
+            value = output.get("data", {}).get(mime)
+            if value:
+                parts.append(value if isinstance(value, str) else "".join(value))
+    return "\n".join(parts)

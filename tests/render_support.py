@@ -1,0 +1,244 @@
+"""Helpers for the renderer's tests and benchmark: a recording frontend, a fake clock, and the
+genuine OpenAI recording turned into events by a tiny local translation (the real translator
+lives in the openai backend; this one only needs what the recording holds)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ci_magic.events import (
+    CallStarted,
+    CallStatus,
+    CodeDelta,
+    CodeDone,
+    Completed,
+    Event,
+    FileCited,
+    Image,
+    Logs,
+    RichOutput,
+    TextDelta,
+    TextDone,
+    TurnStarted,
+    Usage,
+)
+from ci_magic.render.frontend import MimeBundle, SlotRole
+from ci_magic.result import Result, ResultBuilder
+
+__all__ = [
+    "RECORDING",
+    "FakeClock",
+    "RecordingFrontend",
+    "chart_turn",
+    "chunked",
+    "openai_recording_events",
+    "play",
+    "png_bytes",
+    "translate",
+]
+
+RECORDING = Path("/work/shared/fixtures/openai/vercel__ai__openai-code-interpreter-tool.1.chunks.txt")
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class RecordedSlot:
+    frontend: RecordingFrontend
+    role: SlotRole
+    bundle: MimeBundle
+    updates: int = 0
+    final: bool = False
+    history: list[MimeBundle] = field(default_factory=list)
+
+    def update(self, bundle: MimeBundle, *, final: bool = False) -> None:
+        self.history.append(self.bundle)
+        self.bundle = bundle
+        self.updates += 1
+        self.final = self.final or final
+        self.frontend.messages.append(("update", self.frontend.clock() if self.frontend.clock else 0.0))
+
+
+@dataclass
+class RecordingFrontend:
+    """Records every display and update, like the messages a kernel would send."""
+
+    clock: FakeClock | None = None
+    slots: list[RecordedSlot] = field(default_factory=list)
+    messages: list[tuple[str, float]] = field(default_factory=list)
+
+    def open(self, bundle: MimeBundle, *, role: SlotRole = "output", final: bool = False) -> RecordedSlot:
+        slot = RecordedSlot(self, role, bundle, final=final)
+        self.slots.append(slot)
+        self.messages.append(("display", self.clock() if self.clock else 0.0))
+        return slot
+
+    def bundles(self) -> list[MimeBundle]:
+        return [slot.bundle for slot in self.slots]
+
+    def all_text(self, mime: str) -> str:
+        return "\n".join(str(b.get(mime, "")) for b in self.bundles())
+
+
+def openai_recording_events(path: Path = RECORDING) -> Iterator[Event]:
+    """The Responses SSE payloads of the recording as ci-magic events."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            yield from translate(json.loads(line))
+
+
+def translate(payload: dict) -> Iterator[Event]:
+    kind = payload["type"]
+    if kind == "response.created":
+        yield TurnStarted(payload["response"]["id"], payload["response"]["model"])
+    elif kind == "response.output_item.added" and payload["item"]["type"] == "code_interpreter_call":
+        yield CallStarted(payload["item"]["id"], payload["item"].get("container_id"))
+    elif kind == "response.code_interpreter_call.in_progress":
+        yield CallStatus(payload["item_id"], "writing")
+    elif kind == "response.code_interpreter_call_code.delta":
+        yield CodeDelta(payload["item_id"], payload["delta"])
+    elif kind == "response.code_interpreter_call_code.done":
+        yield CodeDone(payload["item_id"], payload["code"])
+    elif kind == "response.code_interpreter_call.interpreting":
+        yield CallStatus(payload["item_id"], "interpreting")
+    elif kind == "response.code_interpreter_call.completed":
+        yield CallStatus(payload["item_id"], "completed")
+    elif kind == "response.output_item.done" and payload["item"]["type"] == "code_interpreter_call":
+        item = payload["item"]
+        for output in item.get("outputs") or []:
+            if output["type"] == "logs":
+                yield Logs(item["id"], output["logs"])
+            elif output["type"] == "image":
+                header, _, data = output["url"].partition(",")
+                yield Image(item["id"], base64.b64decode(data), header[5:].split(";")[0])
+    elif kind == "response.output_text.delta":
+        yield TextDelta(payload["delta"])
+    elif kind == "response.output_text.annotation.added":
+        note = payload["annotation"]
+        if note["type"] == "container_file_citation":
+            yield FileCited(
+                note["container_id"],
+                note["file_id"],
+                note["filename"],
+                note["start_index"],
+                note["end_index"],
+            )
+    elif kind == "response.output_text.done":
+        yield TextDone(payload["text"])
+    elif kind == "response.completed":
+        response = payload["response"]
+        usage = response.get("usage") or {}
+        yield Completed(
+            response["id"],
+            None,
+            Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0), usage.get("total_tokens", 0)),
+        )
+
+
+# -- hand-written turns -------------------------------------------------------------------------------
+
+def png_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (30, 120, 200)) -> bytes:
+    from PIL import Image as PILImage
+
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def chunked(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+CHART_CODE = """import pandas as pd
+import matplotlib.pyplot as plt
+
+sales = pd.read_parquet("/mnt/data/sales.parquet")
+monthly = sales.groupby("month")["revenue"].sum()
+print("months:", len(monthly))
+monthly.plot(kind="bar", title="Revenue by month")
+plt.savefig("/mnt/data/chart.png")
+plt.show()
+monthly.to_frame().head()
+"""
+
+DATAFRAME_HTML = """<div>
+<style scoped>
+    .dataframe tbody tr th:only-of-type { vertical-align: middle; }
+</style>
+<table border="1" class="dataframe">
+  <thead><tr style="text-align: right;"><th></th><th>revenue</th></tr>
+    <tr><th>month</th><th></th></tr></thead>
+  <tbody>
+    <tr><th>2024-01</th><td>1200.5</td></tr>
+    <tr><th>2024-02</th><td>1344.0</td></tr>
+  </tbody>
+</table>
+</div>"""
+
+CHART_ANSWER = (
+    "Revenue grew **12%** from January to February (1,200.5 → 1,344.0).\n\n"
+    "The chart is saved as [chart.png](sandbox:/mnt/data/chart.png)."
+)
+
+
+def chart_turn(png: bytes, *, answer: str = CHART_ANSWER, call_id: str = "ci_chart_0001") -> list[Event]:
+    """A typical turn: code streams in small deltas, runs, prints, shows a chart and a table, answers."""
+    events: list[Event] = [TurnStarted("resp_chart", "gpt-5"), CallStarted(call_id, "cntr_1"),
+                           CallStatus(call_id, "writing")]
+    events += [CodeDelta(call_id, piece) for piece in chunked(CHART_CODE, 3)]
+    events += [
+        CodeDone(call_id, CHART_CODE),
+        CallStatus(call_id, "running"),
+        Logs(call_id, "months: 2\n", "stdout"),
+        Image(call_id, png),
+        RichOutput(call_id, {"text/html": DATAFRAME_HTML, "text/plain": "revenue\nmonth\n2024-01  1200.5"}),
+        CallStatus(call_id, "completed"),
+    ]
+    events += [TextDelta(piece) for piece in chunked(answer, 4)]
+    events += [
+        TextDone(answer),
+        FileCited("cntr_1", "cfile_show", "cfile_show.png", 0, 0),
+        FileCited("cntr_1", "cfile_chart", "chart.png", answer.find("sandbox:"), len(answer) - 1),
+        Completed("resp_chart", "cntr_1", Usage(1200, 300, 1500)),
+    ]
+    return events
+
+
+def play(
+    events: Iterable[Event],
+    view: object,
+    clock: FakeClock,
+    *,
+    step: float = 0.003,
+    prompt: str = "plot revenue by month",
+    on_event: Callable[[Event], None] | None = None,
+) -> Result:
+    """Feed events like the session does: one every ``step`` seconds, a tick every 100 ms."""
+    builder = ResultBuilder(prompt)
+    start = clock()
+    next_tick = start + 0.1
+    for event in events:
+        clock.advance(step)
+        builder.feed(event)
+        view.handle(event)  # type: ignore[attr-defined]
+        while clock() >= next_tick:
+            view.tick()  # type: ignore[attr-defined]
+            next_tick += 0.1
+        if on_event is not None:
+            on_event(event)
+    builder.result.wall_time = clock() - start
+    return builder.result

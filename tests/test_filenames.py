@@ -1,0 +1,149 @@
+"""A file name chosen by the model never writes outside the output folder."""
+
+from __future__ import annotations
+
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from ci_magic import filenames
+from ci_magic.errors import ContainerFileError
+from ci_magic.filenames import safe_relative_name, save_into, variable_name_for
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("/mnt/data/report.csv", "report.csv"),
+        ("report.csv", "report.csv"),
+        ("sandbox:/mnt/data/charts/q1.png", "charts/q1.png"),
+        ("/mnt/data/out//./clean.csv", "out/clean.csv"),
+        ("out\\clean.csv", "out/clean.csv"),
+        ("/mnt/data/données/été.csv", "données/été.csv"),
+        ("/mnt/data/📈 growth.png", "📈 growth.png"),
+        ("/mnt/data/.hidden", ".hidden"),
+    ],
+)
+def test_container_paths_become_relative_names(name: str, expected: str) -> None:
+    assert safe_relative_name(name) == expected
+
+
+def test_unicode_names_are_normalized_to_one_spelling() -> None:
+    decomposed = unicodedata.normalize("NFD", "café.csv")
+    assert decomposed != "café.csv"
+    assert safe_relative_name(decomposed) == "café.csv"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("../secrets.txt", "'..'"),
+        ("/mnt/data/../../etc/passwd", "'..'"),
+        ("out/../../escape.csv", "'..'"),
+        ("..\\..\\Windows\\win.ini", "'..'"),
+        ("/etc/passwd", "absolute path outside /mnt/data"),
+        ("C:\\Users\\me\\x.csv", "absolute path outside /mnt/data"),
+        ("a\x00b.csv", "U+0000"),
+        ("line\nbreak.csv", "U+000A"),
+        ("evil\u202egnp.exe", "U+202E"),
+        ("", "empty"),
+        ("   ", "empty"),
+        ("/mnt/data/", "empty"),
+        ("/mnt/data", "data folder itself"),
+        ("nul.txt", "reserved device name"),
+        ("out/CON", "reserved device name"),
+        ("x" * 300 + ".csv", "longer than 255 bytes"),
+    ],
+)
+def test_unsafe_names_are_refused_with_the_reason(name: str, reason: str) -> None:
+    with pytest.raises(ContainerFileError) as info:
+        safe_relative_name(name)
+    message = str(info.value)
+    assert reason in message
+    assert "Nothing was written" in message
+    assert "\n" not in message  # one paragraph
+
+
+def test_save_into_writes_sub_folders_and_replaces_atomically(tmp_path: Path) -> None:
+    first = save_into(tmp_path, "/mnt/data/out/clean.csv", b"a,b\n1,2\n")
+    assert first == tmp_path / "out" / "clean.csv"
+    assert first.read_bytes() == b"a,b\n1,2\n"
+    again = save_into(tmp_path, "out/clean.csv", b"a,b\n3,4\n")
+    assert again.read_bytes() == b"a,b\n3,4\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clean.csv"]  # no temp files left
+
+
+def test_save_into_refuses_traversal_and_writes_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "output"
+    with pytest.raises(ContainerFileError):
+        save_into(folder, "../escaped.txt", b"x")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.fixture(params=["dir_fd", "resolving"])
+def save_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both implementations: O_NOFOLLOW walking (POSIX) and the resolve-and-check fallback (Windows)."""
+    if request.param == "resolving":
+        monkeypatch.setattr(filenames, "_HAVE_DIR_FD", False)
+    elif not filenames._HAVE_DIR_FD:
+        pytest.skip("this platform has no dir_fd support")
+    return request.param
+
+
+def test_a_symlinked_folder_inside_the_output_folder_is_not_followed(tmp_path: Path, save_mode: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folder = tmp_path / "output"
+    folder.mkdir()
+    (folder / "charts").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ContainerFileError) as info:
+        save_into(folder, "/mnt/data/charts/plot.png", b"png")
+    assert "symlink" in str(info.value)
+    assert list(outside.iterdir()) == []
+
+
+def test_a_symlink_at_the_destination_is_replaced_not_written_through(tmp_path: Path, save_mode: str) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    folder = tmp_path / "output"
+    folder.mkdir()
+    (folder / "report.txt").symlink_to(victim)
+    saved = save_into(folder, "report.txt", b"from the model")
+    assert victim.read_bytes() == b"precious"
+    assert not saved.is_symlink()
+    assert saved.read_bytes() == b"from the model"
+
+
+def test_an_existing_folder_at_the_destination_is_refused(tmp_path: Path, save_mode: str) -> None:
+    (tmp_path / "result").mkdir()
+    with pytest.raises(ContainerFileError) as info:
+        save_into(tmp_path, "result", b"data")
+    assert "existing folder" in str(info.value)
+    assert (tmp_path / "result").is_dir()
+
+
+def test_the_output_folder_itself_may_be_a_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    save_into(link, "a.txt", b"ok")
+    assert (real / "a.txt").read_bytes() == b"ok"
+
+
+@pytest.mark.parametrize(
+    ("filename", "identifier"),
+    [
+        ("clean.csv", "clean"),
+        ("/mnt/data/out/sales report-2024.csv", "sales_report_2024"),
+        ("2024_totals.parquet", "f_2024_totals"),
+        ("class.json", "class_"),
+        ("données.csv", "données"),
+        (".env", "env"),
+        ("---.txt", "pulled"),
+    ],
+)
+def test_pulled_files_bind_to_an_identifier_from_their_stem(filename: str, identifier: str) -> None:
+    assert variable_name_for(filename) == identifier
+    assert identifier.isidentifier()

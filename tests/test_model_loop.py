@@ -1,0 +1,584 @@
+"""A local model writes code, the sandbox runs it, the model reads the output and answers.
+
+Everything here goes through real HTTP: the scripted chat server streams OpenAI-shaped SSE chunks
+and ``openai.AsyncOpenAI`` reads them. Only the sandbox is a stand-in (``FakeSandbox``) that records
+the code it was given and answers with canned events, so each story controls what the code "printed".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from ci_magic.backends.base import Conversation, TurnRequest
+from ci_magic.backends.local.model_loop import TOOL_INSTRUCTIONS, ChatModelLoop
+from ci_magic.errors import BackendError, ConfigurationError, SandboxError, StreamError
+from ci_magic.events import (
+    CallStarted,
+    CallStatus,
+    CodeDelta,
+    CodeDone,
+    Completed,
+    Event,
+    ExecutionError,
+    Failed,
+    FileCited,
+    Image,
+    Logs,
+    Notice,
+    TextDelta,
+    TextDone,
+    TurnStarted,
+    Usage,
+)
+from tests.servers.chat_server import QUICKSTART_PROMPT, ChatServer, Cut, Fault, Reply, ToolCall, quickstart
+
+REPO = Path(__file__).resolve().parents[1]
+Answer = Callable[[str, str], Sequence[Event | Exception]]
+StartServer = Callable[..., ChatServer]  # the chat_server fixture
+
+
+class FakeSandbox:
+    """Stands in for the kernel: records each code it runs and answers with ``answer(code, call_id)``."""
+
+    def __init__(self, answer: Answer | None = None) -> None:
+        self.answer = answer or (lambda code, call_id: [Logs(call_id, "ok\n", "stdout")])
+        self.ran: list[str] = []
+
+    async def execute(self, code: str, call_id: str) -> AsyncIterator[Event]:
+        self.ran.append(code)
+        yield CallStatus(call_id, "running")
+        failed = False
+        for item in self.answer(code, call_id):
+            if isinstance(item, Exception):
+                raise item
+            failed = failed or isinstance(item, ExecutionError)
+            yield item
+        yield CallStatus(call_id, "failed" if failed else "completed")
+
+
+def quickstart_sandbox(code: str, call_id: str) -> list[Event]:
+    """What the quickstart's three steps print in a real kernel."""
+    if "step: plot" in code:
+        return [Image(call_id, b"\x89PNG fake")]
+    if "step: save" in code:
+        saved = FileCited("ctr_1", "f_1", "squares.csv")
+        return [Logs(call_id, "saved 100 rows to squares.csv\n", "stdout"), saved]
+    return [Logs(call_id, "      n  square\n99  100   10000\n", "stdout")]
+
+
+def make_request(prompt: str, conversation: Conversation | None = None, **fields: Any) -> TurnRequest:
+    options: dict[str, Any] = {"model": "scripted-model", "instructions": "You are a careful data analyst."}
+    options.update(fields)
+    return TurnRequest(
+        prompt=prompt, container_id="ctr_1", conversation=conversation or Conversation(), **options
+    )
+
+
+def run_turn(
+    server: ChatServer | str,
+    request: TurnRequest,
+    sandbox: FakeSandbox,
+    *,
+    max_retries: int = 0,
+    api_key: str = "sk-test",
+    stop_when: Callable[[Event], bool] | None = None,
+    **loop_options: Any,
+) -> tuple[list[Event], BaseException | None]:
+    """Run one turn through a real AsyncOpenAI client; return its events and the error it raised."""
+    base_url = server if isinstance(server, str) else server.base_url
+
+    async def go() -> tuple[list[Event], BaseException | None]:
+        events: list[Event] = []
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries) as client:
+            options = {"model": "scripted-model", **loop_options}
+            turn = ChatModelLoop(client, **options).run(request, sandbox.execute)
+            try:
+                async for event in turn:
+                    events.append(event)
+                    if stop_when is not None and stop_when(event):
+                        await turn.aclose()  # what the bridge does when the user interrupts the cell
+                        break
+            except Exception as err:
+                return events, err
+        return events, None
+
+    return asyncio.run(go())
+
+
+def of_type(events: list[Event], kind: type) -> list[Any]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def roles(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["role"] for m in messages]
+
+
+# -- the quickstart story ---------------------------------------------------------------------------
+
+
+def test_quickstart_turn_streams_code_runs_it_and_links_the_csv(chat_server: StartServer) -> None:
+    server = chat_server(quickstart)
+    sandbox = FakeSandbox(quickstart_sandbox)
+    conversation = Conversation()
+    request = make_request(QUICKSTART_PROMPT, conversation, extra_headers={"X-Team": "analytics"})
+
+    events, error = run_turn(server, request, sandbox)
+
+    assert error is None
+    assert isinstance(events[0], TurnStarted) and events[0].model == "scripted-model"
+    assert isinstance(events[-1], Completed) and events[-1].response_id is None
+    assert events[-1].container_id == "ctr_1"
+    # Usage is summed over the four model steps, exactly as the server reported it.
+    reported = [
+        Usage(u["prompt_tokens"], u["completion_tokens"], u["total_tokens"]) for u in server.usage_sent
+    ]
+    assert len(reported) == 4
+    assert events[-1].usage == sum(reported, Usage())
+
+    # Each call's code streams in many small deltas that add up to the code that ran.
+    done = of_type(events, CodeDone)
+    assert [d.code for d in done] == sandbox.ran
+    assert [code.splitlines()[0] for code in sandbox.ran] == ["# step: table", "# step: plot", "# step: save"]
+    for call in done:
+        deltas = [e.delta for e in events if isinstance(e, CodeDelta) and e.call_id == call.call_id]
+        assert len(deltas) > 5
+        assert "".join(deltas) == call.code
+        started = events.index(next(e for e in of_type(events, CallStarted) if e.call_id == call.call_id))
+        assert started < events.index(call)
+    assert of_type(events, TextDone)[-1].text.endswith("(sandbox:/mnt/data/squares.csv)")
+
+    # The model was told what each step printed before choosing the next one.
+    chat = server.chat_requests
+    assert [r.messages[-1]["content"] for r in chat[1:]] == [
+        "stdout:\n      n  square\n99  100   10000",
+        "1 image(s) displayed to the user.",
+        "stdout:\nsaved 100 rows to squares.csv\nNew files: sandbox:/mnt/data/squares.csv",
+    ]
+    first = chat[0].body
+    assert first["stream"] is True and first["stream_options"] == {"include_usage": True}
+    assert [t["function"]["name"] for t in first["tools"]] == ["python"]
+    assert chat[0].headers["x-team"] == "analytics"
+    assert first["messages"][0] == {
+        "role": "system",
+        "content": f"You are a careful data analyst.\n\n{TOOL_INSTRUCTIONS}",
+    }
+    assert "persistent Jupyter kernel" in TOOL_INSTRUCTIONS
+    assert "The working directory is /mnt/data" in TOOL_INSTRUCTIONS
+    assert "sandbox:/mnt/data/<name>" in TOOL_INSTRUCTIONS
+
+    # The whole turn is now history, ready for the next cell.
+    assert roles(conversation.messages) == ["user", *["assistant", "tool"] * 3, "assistant"]
+    assert conversation.messages[0]["content"] == QUICKSTART_PROMPT
+
+
+def test_a_kernel_that_lost_the_table_makes_the_model_rebuild_it(chat_server: StartServer) -> None:
+    server = chat_server(quickstart)
+    plots = []
+
+    def answer(code: str, call_id: str) -> list[Event]:
+        if "step: plot" in code and not plots:
+            plots.append(code)
+            lost = "name 'df' is not defined"
+            return [ExecutionError(call_id, "NameError", lost, "\x1b[0;31mNameError\x1b[0m")]
+        return quickstart_sandbox(code, call_id)
+
+    sandbox = FakeSandbox(answer)
+    events, error = run_turn(server, make_request(QUICKSTART_PROMPT), sandbox)
+
+    assert error is None and isinstance(events[-1], Completed)
+    steps = [code.splitlines()[0] for code in sandbox.ran]
+    assert steps == ["# step: table", "# step: plot", "# step: table", "# step: plot", "# step: save"]
+    # The model saw the error without terminal colour codes.
+    error_reply = server.chat_requests[2].messages[-1]["content"]
+    assert error_reply == "error: NameError: name 'df' is not defined\nNameError"
+
+
+# -- the model fixes its own code -------------------------------------------------------------------
+
+
+def test_the_model_reads_its_traceback_and_fixes_the_code(chat_server: StartServer) -> None:
+    def model(messages: list[dict[str, Any]]) -> Reply:
+        tools = [m for m in messages if m["role"] == "tool"]
+        if not tools:
+            return Reply.calls("print(totl)")
+        if "NameError" in tools[-1]["content"]:
+            return Reply.calls("total = 3\nprint(total)", text="Typo, fixing it.")
+        return Reply(text=f"The total is {tools[-1]['content'].split()[-1]}.")
+
+    server = chat_server(model)
+
+    def answer(code: str, call_id: str) -> list[Event]:
+        if "totl" in code:
+            traceback = "Traceback (most recent call last):\n  Cell In[1], line 1\n\x1b[1;31mNameError\x1b[0m"
+            return [ExecutionError(call_id, "NameError", "name 'totl' is not defined", traceback)]
+        return [Logs(call_id, "3\n", "stdout")]
+
+    sandbox = FakeSandbox(answer)
+    events, error = run_turn(server, make_request("What is the total?"), sandbox)
+
+    assert error is None
+    assert sandbox.ran == ["print(totl)", "total = 3\nprint(total)"]
+    assert of_type(events, TextDone)[-1].text == "The total is 3."
+    told = server.chat_requests[1].messages[-1]["content"]
+    assert told.startswith("error: NameError: name 'totl' is not defined\nTraceback (most recent call last):")
+    assert "\x1b" not in told
+    assert of_type(events, CallStatus)[1] == CallStatus(of_type(events, CodeDone)[0].call_id, "failed")
+
+
+def test_a_sandbox_failure_goes_to_the_model_once_and_ends_the_turn_the_second_time(
+    chat_server: StartServer,
+) -> None:
+    server = chat_server(lambda messages: Reply.calls("import time; time.sleep(999)"))
+    timeout = SandboxError("the code ran longer than 120 s and was stopped")
+    sandbox = FakeSandbox(lambda code, call_id: [timeout])
+    conversation = Conversation()
+
+    events, error = run_turn(server, make_request("Wait forever", conversation), sandbox)
+
+    assert isinstance(error, SandboxError)
+    assert len(sandbox.ran) == 2
+    assert "ran longer than 120 s" in server.chat_requests[1].messages[-1]["content"]
+    assert any(isinstance(e, Notice) and "sandbox failed" in e.text for e in events)
+    # Only the step that was answered is history: no tool call is left without its reply.
+    assert roles(conversation.messages) == ["user", "assistant", "tool"]
+
+
+# -- shapes of tool calls ---------------------------------------------------------------------------
+
+
+def test_escapes_and_emoji_in_code_stream_exactly(chat_server: StartServer) -> None:
+    code = 'label = "naïve 🐍\\tdone"\nprint(label, "\\u00e9", {"k": [1, 2]})\n# 中文 \U0001d518\n'
+    server = chat_server([Reply.calls(code), "Done."], ensure_ascii=True, seed=7)
+    sandbox = FakeSandbox()
+
+    events, error = run_turn(server, make_request("Print a label"), sandbox)
+
+    assert error is None
+    assert sandbox.ran == [code]
+    assert "".join(e.delta for e in of_type(events, CodeDelta)) == code
+    assert len(of_type(events, CodeDelta)) > 10
+
+
+def test_two_tool_calls_in_one_message_run_in_order(chat_server: StartServer) -> None:
+    server = chat_server([Reply.calls("a = 1", "print(a + 1)", text="Two steps."), "a + 1 is 2."])
+    sandbox = FakeSandbox()
+    conversation = Conversation()
+
+    events, error = run_turn(server, make_request("Add one", conversation), sandbox)
+
+    assert error is None
+    assert sandbox.ran == ["a = 1", "print(a + 1)"]
+    first, second = of_type(events, CallStarted)
+    assert first.call_id != second.call_id
+    assistant = conversation.messages[1]
+    assert assistant["content"] == "Two steps."
+    assert [c["id"] for c in assistant["tool_calls"]] == [first.call_id, second.call_id]
+    assert [m.get("tool_call_id") for m in conversation.messages[2:4]] == [first.call_id, second.call_id]
+    # The intro text closes before the code starts, so text and code alternate on screen.
+    assert events.index(of_type(events, TextDone)[0]) < events.index(first)
+
+
+def test_plain_code_as_arguments_runs_and_is_stored_as_json(chat_server: StartServer) -> None:
+    server = chat_server([Reply(tool_calls=(ToolCall(arguments="print('hi')"),)), "It printed hi.", "Sure."])
+    sandbox = FakeSandbox()
+    conversation = Conversation()
+
+    _, error = run_turn(server, make_request("Say hi", conversation), sandbox)
+
+    assert error is None
+    assert sandbox.ran == ["print('hi')"]
+    stored = conversation.messages[1]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(stored) == {"code": "print('hi')"}
+    # Servers re-parse history arguments; the next turn is accepted.
+    _, error = run_turn(server, make_request("Again?", conversation), sandbox)
+    assert error is None
+
+
+def test_malformed_arguments_are_explained_to_the_model_not_run(chat_server: StartServer) -> None:
+    broken = ToolCall(arguments='{"code": "print(1)')
+    server = chat_server([Reply(tool_calls=(broken,)), Reply.calls("print(1)"), "It printed 1."])
+    sandbox = FakeSandbox()
+
+    events, error = run_turn(server, make_request("Print one"), sandbox)
+
+    assert error is None
+    assert sandbox.ran == ["print(1)"]
+    assert "not valid JSON" in server.chat_requests[1].messages[-1]["content"]
+    first_call = of_type(events, CallStarted)[0].call_id
+    assert CallStatus(first_call, "failed") in events
+
+
+def test_a_call_to_an_unknown_tool_is_refused(chat_server: StartServer) -> None:
+    server = chat_server([Reply(tool_calls=(ToolCall("ls -la", name="bash"),)), "Sorry, no shell."])
+    sandbox = FakeSandbox()
+
+    events, error = run_turn(server, make_request("List files"), sandbox)
+
+    assert error is None and sandbox.ran == []
+    assert of_type(events, CallStarted) == []
+    assert "no tool named 'bash'" in server.chat_requests[1].messages[-1]["content"]
+    assert any("unknown tool 'bash'" in n.text for n in of_type(events, Notice))
+
+
+def test_long_output_is_cut_to_the_budget_keeping_head_and_tail(chat_server: StartServer) -> None:
+    server = chat_server([Reply.calls("for i in range(10**4): print(i)"), "Lots of numbers."])
+    printed = "".join(f"{i}\n" for i in range(10**4))
+    sandbox = FakeSandbox(lambda code, call_id: [Logs(call_id, printed, "stdout")])
+
+    _, error = run_turn(server, make_request("Count"), sandbox, output_budget=1000)
+
+    assert error is None
+    told = server.chat_requests[1].messages[-1]["content"]
+    assert len(told) <= 1000
+    assert told.startswith("stdout:\n0\n1\n2\n")
+    assert told.endswith("9998\n9999")
+    assert "characters cut to fit the output budget" in told
+
+
+# -- where a turn ends ------------------------------------------------------------------------------
+
+
+def test_the_step_cap_stops_a_model_that_never_answers(chat_server: StartServer) -> None:
+    server = chat_server(lambda messages: Reply.calls("print('again')"))
+    sandbox = FakeSandbox()
+    conversation = Conversation()
+
+    events, error = run_turn(server, make_request("Loop", conversation), sandbox, max_steps=3)
+
+    assert error is None
+    assert len(server.chat_requests) == 3 and len(sandbox.ran) == 3
+    failed = events[-1]
+    assert isinstance(failed, Failed) and failed.kind == "limit"
+    assert "3 model steps" in failed.message
+    assert "%config CodeInterpreter.max_steps = 20" in failed.message
+    assert roles(conversation.messages) == ["user", *["assistant", "tool"] * 3]
+
+
+def test_a_conversation_continues_in_the_next_cell(chat_server: StartServer) -> None:
+    server = chat_server([Reply.calls("x = 41"), "Set x.", Reply.calls("print(x + 1)"), "x + 1 is 42."])
+    conversation = Conversation()
+    sandbox = FakeSandbox()
+
+    run_turn(server, make_request("Set x to 41", conversation), sandbox)
+    conversation.notes.append("The container was recreated; in-memory state is lost.")
+    request = make_request("Now add one", conversation, context="## df.parquet\n2 columns")
+    _, error = run_turn(server, request, sandbox)
+
+    assert error is None
+    second_cell = server.chat_requests[2].messages
+    assert roles(second_cell) == ["system", "user", "assistant", "tool", "assistant", "user"]
+    assert second_cell[1]["content"] == "Set x to 41"
+    assert second_cell[-1]["content"] == (
+        "Note: The container was recreated; in-memory state is lost.\n\n"
+        "## df.parquet\n2 columns\n\n"
+        "Now add one"
+    )
+    assert conversation.notes == []
+    assert len(conversation.messages) == 8
+
+
+def test_a_new_conversation_starts_fresh(chat_server: StartServer) -> None:
+    server = chat_server(["Hello.", "Hello again."])
+    conversation = Conversation()
+    run_turn(server, make_request("Hi", conversation), FakeSandbox())
+
+    conversation.reset()  # what %%ci --new does
+    run_turn(server, make_request("Hi again", conversation), FakeSandbox())
+
+    assert roles(server.chat_requests[1].messages) == ["system", "user"]
+    assert roles(conversation.messages) == ["user", "assistant"]
+
+
+def test_an_interrupted_turn_keeps_only_whole_steps(chat_server: StartServer) -> None:
+    server = chat_server([Reply.calls("a = 1"), Reply.calls("b = 2"), "Done.", "Next."])
+    conversation = Conversation()
+    sandbox = FakeSandbox()
+
+    def second_call_running(event: Event) -> bool:
+        return isinstance(event, CallStatus) and event.status == "running" and len(sandbox.ran) == 2
+
+    request = make_request("Two cells", conversation)
+    events, error = run_turn(server, request, sandbox, stop_when=second_call_running)
+
+    assert error is None and not isinstance(events[-1], Completed)
+    assert roles(conversation.messages) == ["user", "assistant", "tool"]
+    # The server accepts that history: the next cell works.
+    _, error = run_turn(server, make_request("Go on", conversation), sandbox)
+    assert error is None
+
+
+# -- errors from the model server -------------------------------------------------------------------
+
+
+def test_a_wrong_api_key_is_reported_in_the_servers_words(chat_server: StartServer) -> None:
+    server = chat_server(["never sent"], api_key="sk-right-key")
+    conversation = Conversation()
+
+    events, error = run_turn(server, make_request("Hi", conversation), FakeSandbox(), api_key="sk-wrong-key")
+
+    assert isinstance(error, BackendError) and error.status_code == 401
+    assert "Incorrect API key provided: sk-***ey." in error.message
+    assert "CodeInterpreter.model_api_key" in error.message
+    assert server.base_url in error.message
+    assert events == [] and conversation.messages == []
+
+
+def test_an_unknown_model_is_reported_with_what_to_check(chat_server: StartServer) -> None:
+    server = chat_server(["never sent"], models=["qwen2.5-coder"])
+
+    _, error = run_turn(server, make_request("Hi", model="llama-9000"), FakeSandbox())
+
+    assert isinstance(error, BackendError) and error.status_code == 404
+    assert "The model `llama-9000` does not exist" in error.message
+    assert "'llama-9000'" in error.message and "/models" in error.message
+
+
+def test_a_server_error_is_retried_by_the_sdk(chat_server: StartServer) -> None:
+    server = chat_server([Fault(500), "Recovered."])
+
+    events, error = run_turn(server, make_request("Hi"), FakeSandbox(), max_retries=2)
+
+    assert error is None
+    assert len(server.chat_requests) == 2
+    assert of_type(events, TextDone)[-1].text == "Recovered."
+
+
+def test_a_server_error_that_persists_names_the_status_and_message(chat_server: StartServer) -> None:
+    server = chat_server([Fault(503, "The engine is currently overloaded.")])
+
+    _, error = run_turn(server, make_request("Hi"), FakeSandbox())
+
+    assert isinstance(error, BackendError) and error.status_code == 503
+    assert "HTTP 503: The engine is currently overloaded." in error.message
+
+
+def test_an_unreachable_server_says_where_and_how_to_configure() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again at once: nothing listens there
+
+    _, error = run_turn(f"http://127.0.0.1:{port}/v1", make_request("Hi"), FakeSandbox())
+
+    assert isinstance(error, BackendError) and not isinstance(error, StreamError)
+    assert f"Could not reach the model server at http://127.0.0.1:{port}/v1" in error.message
+    assert "CodeInterpreter.model_base_url" in error.message
+
+
+@pytest.mark.parametrize("clean", [False, True], ids=["connection-dropped", "body-ended-early"])
+def test_a_stream_cut_midway_keeps_what_arrived(chat_server: StartServer, clean: bool) -> None:
+    reply = Reply(text="The first words arrive, then the line goes quiet and never finishes the answer")
+    server = chat_server([Cut(reply, after_chunks=4, clean=clean)])
+    conversation = Conversation()
+
+    events, error = run_turn(server, make_request("Talk", conversation), FakeSandbox())
+
+    assert isinstance(error, StreamError)
+    assert "".join(e.delta for e in of_type(events, TextDelta)) == "The first words "
+    assert conversation.messages == []
+
+
+def test_code_cut_off_midway_is_marked_incomplete_and_never_runs(chat_server: StartServer) -> None:
+    code = "import pandas as pd\nframe = pd.DataFrame({'a': range(10)})\nprint(frame)"
+    server = chat_server([Cut(Reply.calls(code), after_chunks=8)])
+    sandbox = FakeSandbox()
+
+    events, error = run_turn(server, make_request("Make a frame"), sandbox)
+
+    assert isinstance(error, StreamError)
+    call = of_type(events, CallStarted)[0].call_id
+    shown = "".join(e.delta for e in of_type(events, CodeDelta))
+    assert shown and code.startswith(shown) and shown != code
+    assert events[-1] == CallStatus(call, "incomplete")
+    assert sandbox.ran == [] and of_type(events, CodeDone) == []
+
+
+# -- choosing the model -----------------------------------------------------------------------------
+
+
+def test_with_no_model_configured_the_servers_only_model_is_used(chat_server: StartServer) -> None:
+    server = chat_server(["Hi from qwen."], models=["qwen2.5-coder"])
+
+    events, error = run_turn(server, make_request("Hi", model=""), FakeSandbox(), model="")
+
+    assert error is None
+    assert server.chat_requests[0].body["model"] == "qwen2.5-coder"
+    assert isinstance(events[0], TurnStarted) and events[0].model == "qwen2.5-coder"
+
+
+def test_with_no_model_configured_and_several_served_the_user_must_choose(
+    chat_server: StartServer,
+) -> None:
+    server = chat_server(["never sent"], models=["qwen2.5-coder", "llama3.1"])
+
+    _, error = run_turn(server, make_request("Hi", model=""), FakeSandbox(), model="")
+
+    assert isinstance(error, ConfigurationError)
+    assert "qwen2.5-coder, llama3.1" in error.message and "CodeInterpreter.model" in error.message
+
+
+def test_a_step_cap_below_one_is_a_configuration_error() -> None:
+    client = openai.AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="x")
+    with pytest.raises(ConfigurationError, match="max_steps must be at least 1"):
+        ChatModelLoop(client, model="m", max_steps=0)
+
+
+# -- the scripted server itself ---------------------------------------------------------------------
+
+
+def test_the_server_answers_non_streaming_requests_and_lists_models(chat_server: StartServer) -> None:
+    server = chat_server([Reply.calls("print(1)", text="Running it.")])
+    with openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as client:
+        completion = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "go"}])
+        models = [m.id for m in client.models.list()]
+    message = completion.choices[0].message
+    assert completion.id.startswith("chatcmpl-") and completion.object == "chat.completion"
+    assert message.content == "Running it."
+    assert json.loads(message.tool_calls[0].function.arguments) == {"code": "print(1)"}
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert completion.usage is not None and completion.usage.total_tokens > 0
+    assert models == ["scripted-model"]
+
+
+def test_the_server_rejects_an_unanswered_tool_call_like_openai(chat_server: StartServer) -> None:
+    server = chat_server(["never sent"])
+    dangling = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "python", "arguments": "{}"}}
+        ],
+    }
+    with (
+        openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0) as client,
+        pytest.raises(openai.BadRequestError, match="did not have response messages: call_1"),
+    ):
+        messages = [{"role": "user", "content": "go"}, dangling, {"role": "user", "content": "?"}]
+        client.chat.completions.create(model="m", messages=messages)
+
+
+def test_the_cli_serves_the_quickstart_scenario() -> None:
+    command = [sys.executable, "-m", "tests.servers.chat_server", "--port", "0", "--scenario", "quickstart"]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline().strip()
+            assert line.startswith("READY http://127.0.0.1:")
+            with openai.OpenAI(base_url=line.removeprefix("READY "), api_key="x", max_retries=0) as client:
+                first = client.chat.completions.create(
+                    model="any", messages=[{"role": "user", "content": QUICKSTART_PROMPT}]
+                )
+            code = json.loads(first.choices[0].message.tool_calls[0].function.arguments)["code"]
+            assert code.startswith("# step: table") and "pd.DataFrame" in code
+        finally:
+            process.terminate()
+        assert process.wait(timeout=10) == 0

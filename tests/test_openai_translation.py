@@ -1,0 +1,70 @@
+"""The openai backend reads genuine OpenAI streams: every call's code, outputs, text and citations."""
+
+from __future__ import annotations
+
+import pytest
+from openai._models import construct_type
+from openai.types.responses import ResponseStreamEvent
+
+from ci_magic.backends.openai_backend import ResponsesTranslator
+from ci_magic.events import CallStarted, CodeDelta, Completed, FileCited, Image, Logs, TextDelta
+from ci_magic.result import ResultBuilder
+from tests.servers.recordings import (
+    PYDANTIC_IMAGE_STREAM,
+    VERCEL_CHUNKS,
+    fixtures_available,
+    load_stream,
+    resolve_recording,
+)
+
+pytestmark = pytest.mark.skipif(
+    not fixtures_available(), reason="../shared/fixtures/openai/ (the genuine OpenAI recordings) is absent"
+)
+
+
+def translate(name: str) -> tuple[list, ResultBuilder]:
+    raw = [construct_type(type_=ResponseStreamEvent, value=e.json) for e in load_stream(resolve_recording(name))]
+    translator = ResponsesTranslator()
+    builder = ResultBuilder("recorded prompt")
+    events = []
+    for item in raw:
+        for event in translator.translate(item):
+            builder.feed(event)
+            events.append(event)
+    assert translator.finished
+    return events, builder
+
+
+def recorded_calls(name: str) -> list[dict]:
+    completed = [e.json for e in load_stream(resolve_recording(name)) if e.json["type"] == "response.completed"]
+    return [item for item in completed[0]["response"]["output"] if item["type"] == "code_interpreter_call"]
+
+
+def test_three_calls_with_logs_and_a_csv_citation() -> None:
+    events, builder = translate(VERCEL_CHUNKS)
+    result = builder.result
+    expected = recorded_calls(VERCEL_CHUNKS)
+    assert [c.code for c in result.calls] == [item["code"] for item in expected]
+    assert [c.logs for c in result.calls] == ["".join(o["logs"] for o in item["outputs"]) for item in expected]
+    assert all(c.status == "completed" for c in result.calls)
+    assert "sandbox:/mnt/data/roll2dice_sums_10000.csv" in result.text
+    assert [c.filename for c in result.citations] == ["roll2dice_sums_10000.csv"]
+    assert result.response_id.startswith("resp_") and result.usage.total_tokens > 0
+    # Deltas are streamed one by one (the renderer throttles, not the translator).
+    assert sum(isinstance(e, CodeDelta) for e in events) == 149
+    assert sum(isinstance(e, TextDelta) for e in events) == 209
+    assert isinstance(events[-1], Completed)
+
+
+def test_image_output_and_zero_length_citation() -> None:
+    events, builder = translate(PYDANTIC_IMAGE_STREAM)
+    result = builder.result
+    images = [e for e in events if isinstance(e, Image)]
+    assert len(images) == 1 and images[0].data.startswith(b"\x89PNG")
+    cites = [e for e in events if isinstance(e, FileCited)]
+    assert [c.zero_length for c in cites] == [True, False]
+    assert cites[0].filename.startswith("cfile_") and cites[0].filename.endswith(".png")
+    assert [c.code for c in result.calls] == [item["code"] for item in recorded_calls(PYDANTIC_IMAGE_STREAM)]
+    assert any(isinstance(e, Logs) for e in events)
+    started = [e for e in events if isinstance(e, CallStarted)]
+    assert started[0].container_id and started[0].container_id.startswith("cntr_")

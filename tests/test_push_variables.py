@@ -1,0 +1,571 @@
+"""Notebook variables become container files the model can load in one line, and only when they changed."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ci_magic.errors import BackendError, VariableError
+from ci_magic.variables import codecs, transfer
+from ci_magic.variables.codecs import prepare
+from ci_magic.variables.discover import (
+    always_push_items,
+    prompt_variables,
+    push_items,
+    resolve_variables,
+)
+from ci_magic.variables.progress import TextProgress
+from ci_magic.variables.registry import PushedFile, PushItem, PushRegistry
+from ci_magic.variables.transfer import push, reupload_all
+from tests.fakes import FakeBackend
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+@pytest.fixture(params=[False, True], ids=["path-keyed", "openai-prefixed"])
+def backend(request: pytest.FixtureRequest) -> FakeBackend:
+    """Both ways a backend names uploads: exactly /mnt/data/<name>, or OpenAI's /mnt/data/<hash>-<name>."""
+    return FakeBackend(hash_prefix=request.param)
+
+
+@pytest.fixture
+def container(backend: FakeBackend) -> str:
+    return asyncio.run(backend.create_container()).id
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[PushRegistry]:
+    reg = PushRegistry(tmp_path / "spool")
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def encodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the variables serialized during the test."""
+    seen: list[str] = []
+    original = codecs.Prepared.encode
+
+    def counting(self: codecs.Prepared) -> codecs.EncodedValue:
+        seen.append(self.name)
+        return original(self)
+
+    monkeypatch.setattr(codecs.Prepared, "encode", counting)
+    return seen
+
+
+def sales() -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {
+            "region": pd.Categorical(["north", "south", "north", "east"]),
+            "revenue": [120.5, 98.0, 143.25, 77.0],
+            "units": pd.array([3, None, 5, 2], dtype="Int64"),
+            "day": pd.date_range("2024-03-01", periods=4, tz="UTC"),
+            "note": ["ok", "late", None, "ok"],
+        },
+        index=pd.Index([101, 102, 103, 104], name="order_id"),
+    )
+    return frame
+
+
+def send(
+    backend: FakeBackend, container: str, registry: PushRegistry, **values: Any
+) -> list[transfer.PushOutcome]:
+    return asyncio.run(push(backend, container, registry, [PushItem(k, v) for k, v in values.items()]))
+
+
+def load_like_the_model(entry: PushedFile, data: bytes, tmp_path: Path) -> Any:
+    """Run the card's loader line against a local copy of the container file."""
+    local = tmp_path / "container" / entry.filename
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_bytes(data)
+    namespace: dict[str, Any] = {}
+    exec(entry.reader.replace("{path}", repr(str(local))), namespace)
+    return namespace[entry.name if entry.name.isidentifier() else entry.filename.split(".")[0]]
+
+
+# ---- what each type becomes --------------------------------------------------------------------
+
+
+def test_a_dataframe_arrives_as_parquet_with_dtypes_and_index(backend, container, registry, tmp_path) -> None:
+    df = sales()
+    [outcome] = send(backend, container, registry, df=df)
+    assert outcome.status == "uploaded"
+    assert outcome.filename == "df.parquet"
+    assert outcome.path.endswith("df.parquet")
+    loaded = load_like_the_model(registry.get("df"), backend.content(container, "df.parquet"), tmp_path)
+    pd.testing.assert_frame_equal(loaded, df)
+
+
+def test_every_supported_type_gets_a_file_named_after_the_variable(
+    backend, container, registry, tmp_path
+) -> None:
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([1, 2, 3])
+    ax.set_title("trend")
+    source = tmp_path / "budget.xlsx"
+    pd.DataFrame({"item": ["rent", "food"], "cost": [1200, 300]}).to_excel(source, index=False)
+    values = {
+        "s": pd.Series([1.5, 2.5], name="price"),
+        "arr": np.arange(12, dtype=np.int32).reshape(3, 4),
+        "cfg": {"threshold": 0.5, "labels": ["a", "b"], "n": np.int64(3)},
+        "ids": [1, 2, 3],
+        "limit": 42,
+        "readme": "Quarterly numbers.\nSecond line.",
+        "blob": b"\x00\x01binary",
+        "img": Image.new("RGB", (8, 4), "red"),
+        "fig": fig,
+        "budget": source,
+    }
+    outcomes = send(backend, container, registry, **values)
+    plt.close(fig)
+    assert [o.filename for o in outcomes] == [
+        "s.parquet",
+        "arr.npy",
+        "cfg.json",
+        "ids.json",
+        "limit.json",
+        "readme.txt",
+        "blob.bin",
+        "img.png",
+        "fig.png",
+        "budget.xlsx",
+    ]
+    loaded = {
+        name: load_like_the_model(
+            registry.get(name), backend.content(container, registry.get(name).filename), tmp_path
+        )
+        for name in values
+    }
+    pd.testing.assert_series_equal(loaded["s"], values["s"])
+    np.testing.assert_array_equal(loaded["arr"], values["arr"])
+    assert loaded["arr"].dtype == np.int32
+    assert loaded["cfg"] == {"threshold": 0.5, "labels": ["a", "b"], "n": 3}
+    assert loaded["ids"] == [1, 2, 3] and loaded["limit"] == 42
+    assert loaded["readme"] == values["readme"]
+    assert loaded["blob"] == values["blob"]
+    assert loaded["img"].size == (8, 4) and loaded["img"].getpixel((0, 0)) == (255, 0, 0)
+    assert loaded["fig"].format == "PNG"
+    assert backend.content(container, "budget.xlsx") == source.read_bytes()  # a path goes as is
+    assert set(loaded["budget"]) == {"Sheet1"}
+
+
+def test_csv_on_request_keeps_a_meaningful_index(backend, container, registry, tmp_path) -> None:
+    df = sales()[["revenue"]]
+    [outcome] = asyncio.run(push(backend, container, registry, [PushItem("df", df, fmt="csv")]))
+    assert outcome.filename == "df.csv"
+    loaded = load_like_the_model(registry.get("df"), backend.content(container, "df.csv"), tmp_path)
+    pd.testing.assert_frame_equal(loaded, df)
+
+
+def test_a_frame_parquet_cannot_hold_goes_as_csv_and_says_why(backend, container, registry) -> None:
+    mixed = pd.DataFrame({"code": [1, "A7", 3.5]})
+    [outcome] = send(backend, container, registry, mixed=mixed)
+    assert outcome.filename == "mixed.csv"
+    assert "Parquet cannot hold" in outcome.note
+    assert "note: Parquet cannot hold" in registry.cards()
+    with pytest.raises(VariableError, match="cannot be written as parquet"):
+        asyncio.run(push(backend, container, registry, [PushItem("mixed", mixed, fmt="parquet")]))
+
+
+def test_an_unsupported_type_names_what_is_supported_and_sends_nothing(backend, container, registry) -> None:
+    with pytest.raises(VariableError) as info:
+        send(backend, container, registry, df=sales(), tags={"a", "b"})
+    message = str(info.value)
+    assert "`tags` is a set" in message
+    assert "pandas DataFrame" in message and "--pickle" in message
+    assert backend.count("upload") == 0 and len(registry) == 0
+
+
+def test_pickle_is_opt_in(backend, container, registry) -> None:
+    with pytest.raises(VariableError, match="numpy array of Python objects"):
+        send(backend, container, registry, ragged=np.array([[1], [1, 2]], dtype=object))
+    item = PushItem("tags", {"a", "b"}, allow_pickle=True)
+    [outcome] = asyncio.run(push(backend, container, registry, [item]))
+    assert outcome.filename == "tags.pkl"
+    assert pickle.loads(backend.content(container, "tags.pkl")) == {"a", "b"}
+    assert "pickle.load" in registry.get("tags").loader
+    [named] = asyncio.run(push(backend, container, registry, [PushItem("df", sales(), filename="model.pkl",
+                                                                        allow_pickle=True)]))
+    assert named.filename == "model.pkl"
+    pd.testing.assert_frame_equal(pickle.loads(backend.content(container, "model.pkl")), sales())
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (PushItem("df", sales(), fmt="xml"), "Use one of: parquet, csv, tsv, feather, json, xlsx"),
+        (PushItem("df", sales(), filename="../up.parquet"), "not a usable container file name"),
+        (PushItem("df", sales(), filename="sales.csv", fmt="parquet"), "disagree"),
+        (PushItem("df", sales(), filename="sales.txt"), "does not say which"),
+        (PushItem("df", sales(), fmt="pickle"), "needs --pickle too"),
+        (PushItem("cfg", {"when": pd.Timestamp("2024-01-01")}), "not JSON-serializable"),
+        (PushItem("grid", np.ones((2, 2, 2)), fmt="csv"), "only 1-D/2-D numeric"),
+    ],
+)
+def test_bad_flags_and_values_are_one_paragraph_errors(backend, container, registry, item, message) -> None:
+    with pytest.raises(VariableError) as info:
+        asyncio.run(push(backend, container, registry, [item]))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert backend.count("upload") == 0
+
+
+def test_as_sets_the_container_name(backend, container, registry) -> None:
+    [outcome] = asyncio.run(
+        push(backend, container, registry, [PushItem("df", sales(), filename="q1/sales")])
+    )
+    assert outcome.filename == "q1/sales.parquet"
+    [outcome] = asyncio.run(push(backend, container, registry, [PushItem("t", "hello", filename="notes.md")]))
+    assert outcome.filename == "notes.md"
+
+
+# ---- dedupe and replacement ------------------------------------------------------------------
+
+
+def test_an_unchanged_variable_is_neither_serialized_nor_uploaded_again(
+    backend, container, registry, encodes
+) -> None:
+    df = sales()
+    send(backend, container, registry, df=df)
+    [again] = send(backend, container, registry, df=df.copy())  # equal content, another object
+    assert again.status == "unchanged"
+    assert backend.count("upload") == 1
+    assert encodes == ["df"]
+
+
+def test_a_changed_variable_replaces_its_old_file(backend, container, registry) -> None:
+    df = sales()
+    [first] = send(backend, container, registry, df=df)
+    df.loc[102, "revenue"] = 99.5
+    [second] = send(backend, container, registry, df=df)
+    assert second.status == "replaced"
+    assert ("delete", container, first.file_id) in backend.calls
+    names = [f.name for f in asyncio.run(backend.list_files(container))]
+    assert len([n for n in names if n.endswith("df.parquet")]) == 1
+    assert pd.read_parquet(io.BytesIO(backend.content(container, "df.parquet"))).loc[102, "revenue"] == 99.5
+
+
+def test_in_place_edits_of_arrays_are_noticed(backend, container, registry) -> None:
+    arr = np.zeros(1000)
+    send(backend, container, registry, arr=arr)
+    arr[500] = 1.0
+    [again] = send(backend, container, registry, arr=arr)
+    assert again.status == "replaced"
+
+
+def test_another_format_replaces_the_old_file(backend, container, registry) -> None:
+    df = sales()
+    [first] = send(backend, container, registry, df=df)
+    [second] = asyncio.run(push(backend, container, registry, [PushItem("df", df, fmt="csv")]))
+    assert second.status == "replaced" and second.filename == "df.csv"
+    assert first.file_id not in {f.id for f in asyncio.run(backend.list_files(container))}
+    assert [e.filename for e in registry] == ["df.csv"]
+
+
+def test_a_file_the_model_deleted_is_uploaded_again_without_reserializing(
+    backend, container, registry, encodes
+) -> None:
+    df = sales()
+    [first] = send(backend, container, registry, df=df)
+    backend.remove_path(container, first.path)
+    [again] = send(backend, container, registry, df=df)
+    assert again.status == "uploaded"
+    assert backend.count("upload") == 2
+    assert encodes == ["df"]  # the spooled bytes went up again
+    pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(backend.content(container, "df.parquet"))), df)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda df: df.__setitem__("region", df["region"].cat.rename_categories(str.upper)),
+        lambda df: df.__setitem__("note", df["note"].str.upper()),
+        lambda df: df.__setitem__("day", df["day"] + pd.Timedelta(seconds=1)),
+        lambda df: df.__setitem__("units", df["units"].fillna(0)),
+        lambda df: setattr(df, "columns", [*df.columns[:-1], "other"]),
+        lambda df: setattr(df, "index", df.index + 1),
+        lambda df: df.__setitem__("obj", [{"a": 1}, None, 2, "x"]),
+    ],
+    ids=["categories", "strings", "tz-datetimes", "nullable-ints", "column-names", "index", "object-column"],
+)
+def test_fingerprints_see_every_kind_of_change(edit) -> None:
+    df = sales()
+    df["obj"] = [{"a": 1}, None, 2, "y"]
+    before = prepare(df, "df", allow_pickle=True).fingerprint
+    assert prepare(df.copy(), "df", allow_pickle=True).fingerprint == before
+    edit(df)
+    assert prepare(df, "df", allow_pickle=True).fingerprint != before
+
+
+def test_fingerprints_cover_multiindex_frames() -> None:
+    df = sales().reset_index().set_index(["region", "order_id"])
+    before = prepare(df, "df").fingerprint
+    swapped = df.swaplevel()
+    assert prepare(swapped, "df").fingerprint != before
+    assert prepare(df.copy(), "df").fingerprint == before
+
+
+# ---- container changes and always_push --------------------------------------------------------
+
+
+def test_pushed_files_come_back_in_a_new_container(backend, container, registry, tmp_path, encodes) -> None:
+    source = tmp_path / "rates.csv"
+    source.write_text("currency,rate\nEUR,1.1\n")
+    asyncio.run(
+        push(
+            backend,
+            container,
+            registry,
+            [
+                PushItem("df", sales()),
+                PushItem("arr", np.arange(5)),
+                *push_items([str(source)], {}, cwd=tmp_path),
+            ],
+        )
+    )
+    backend.expire(container)
+    fresh = asyncio.run(backend.create_container()).id
+    outcomes = asyncio.run(reupload_all(backend, fresh, registry))
+    assert [o.status for o in outcomes] == ["reuploaded"] * 3
+    # Variables come back from the spool, not re-encoded; the file is re-read from disk.
+    assert encodes == ["df", "arr", "rates.csv", "rates.csv"]
+    assert np.load(io.BytesIO(backend.content(fresh, "arr.npy"))).tolist() == [0, 1, 2, 3, 4]
+    cards = registry.cards(fresh)
+    for o in outcomes:
+        assert o.path in cards
+    assert registry.cards(container) == ""
+
+
+def test_reupload_reads_the_current_file_and_drops_vanished_ones(
+    backend, container, registry, tmp_path
+) -> None:
+    keep, gone = tmp_path / "keep.txt", tmp_path / "gone.txt"
+    keep.write_text("v1")
+    gone.write_text("bye")
+    asyncio.run(push(backend, container, registry, push_items([str(keep), str(gone)], {}, cwd=tmp_path)))
+    keep.write_text("v2 is longer")
+    gone.unlink()
+    fresh = asyncio.run(backend.create_container()).id
+    outcomes = {o.name: o for o in asyncio.run(reupload_all(backend, fresh, registry))}
+    assert outcomes["keep.txt"].status == "reuploaded"
+    assert backend.content(fresh, "keep.txt") == b"v2 is longer"
+    assert outcomes["gone.txt"].status == "missing" and "no longer exists" in outcomes["gone.txt"].note
+    assert "gone.txt" not in registry.cards()
+
+
+def test_always_push_folders_keep_their_layout_and_skip_hidden_files(
+    backend, container, registry, tmp_path
+) -> None:
+    folder = tmp_path / "refdata"
+    (folder / "fx").mkdir(parents=True)
+    (folder / "regions.csv").write_text("code,name\nN,North\n")
+    (folder / "fx" / "rates.json").write_text('{"EUR": 1.1}')
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref")
+    (folder / ".DS_Store").write_bytes(b"junk")
+    items = always_push_items([folder])
+    assert [i.name for i in items] == ["refdata/regions.csv", "refdata/fx/rates.json"]
+    outcomes = asyncio.run(push(backend, container, registry, items))
+    assert {o.filename for o in outcomes} == {"refdata/regions.csv", "refdata/fx/rates.json"}
+    assert all(e.origin == "always_push" for e in registry)
+    card = registry.cards()
+    assert "code (str), name (str)" in card  # the CSV was peeked at for its columns
+    with pytest.raises(VariableError, match="not an existing file or folder"):
+        always_push_items([tmp_path / "nope"])
+
+
+# ---- limits, failures, concurrency, progress --------------------------------------------------
+
+
+def test_the_size_cap_is_checked_before_anything_is_uploaded(backend, container, registry) -> None:
+    big = np.zeros(200_000)  # 1,600,128 bytes as .npy
+    with pytest.raises(VariableError) as info:
+        asyncio.run(
+            push(
+                backend,
+                container,
+                registry,
+                [PushItem("small", [1, 2]), PushItem("big", big)],
+                size_cap=2**20,
+            )
+        )
+    message = str(info.value)
+    assert "`big` is 1.5 MB as big.npy, over the 1.0 MB upload limit" in message
+    assert backend.count("upload") == 0 and len(registry) == 0
+
+
+def test_a_failed_upload_keeps_the_others_and_is_retried_next_time(backend, container, registry) -> None:
+    backend.fail_uploads.add("b.json")
+    with pytest.raises(BackendError):
+        send(backend, container, registry, a=[1], b=[2], c=[3])
+    assert sorted(e.name for e in registry) == ["a", "c"]
+    assert "b.json" not in registry.cards()
+    backend.fail_uploads.clear()
+    outcomes = send(backend, container, registry, a=[1], b=[2], c=[3])
+    assert [o.status for o in outcomes] == ["unchanged", "uploaded", "unchanged"]
+
+
+def test_uploads_run_concurrently_within_the_bound(container, registry) -> None:
+    slow = FakeBackend(upload_delay=0.05)
+    cid = asyncio.run(slow.create_container()).id
+    items = [PushItem(f"v{i}", [i]) for i in range(9)]
+    asyncio.run(push(slow, cid, registry, items, concurrency=3))
+    assert slow.peak_uploads == 3
+
+
+def test_two_variables_cannot_claim_one_file_name(backend, container, registry) -> None:
+    items = [PushItem("a", [1], filename="same.json"), PushItem("b", [2], filename="same.json")]
+    with pytest.raises(VariableError, match=r"would both become /mnt/data/same\.json"):
+        asyncio.run(push(backend, container, registry, items))
+
+
+def test_large_pushes_show_progress_and_small_ones_stay_quiet(backend, container, registry) -> None:
+    stream = io.StringIO()
+    asyncio.run(push(backend, container, registry, [PushItem("tiny", [1])], progress=TextProgress(stream)))
+    assert stream.getvalue() == ""
+    asyncio.run(
+        push(
+            backend,
+            container,
+            registry,
+            [PushItem("big", np.random.default_rng(0).random(1_000_000))],
+            progress=TextProgress(stream),
+        )
+    )
+    lines = stream.getvalue().split("\r")
+    assert lines[1].startswith("[........................] 0 B/7.6 MB uploading big.npy (")
+    final = lines[-1].rstrip()
+    assert final.startswith("pushed big.npy: 7.6 MB in ") and final.endswith(" s")
+
+
+# ---- the schema card ---------------------------------------------------------------------------
+
+
+def test_the_card_tells_the_model_enough_to_skip_exploring(backend, container, registry) -> None:
+    wide = pd.DataFrame(np.arange(3 * 60).reshape(3, 60), columns=[f"c{i}" for i in range(60)])
+    send(backend, container, registry, df=sales(), wide=wide)
+    card = registry.get("df").card
+    path = registry.get("df").path
+    assert card.startswith(f"- {path}: pandas DataFrame, 4 rows x 5 columns")
+    assert f"load: import pandas as pd; df = pd.read_parquet('{path}')" in card
+    day = str(sales()["day"].dtype)  # datetime64[us, UTC] on pandas 3, [ns, UTC] before
+    assert f"region (category), revenue (float64), units (Int64), day ({day}), note (str)" in card
+    assert "index order_id (int64, unique): 101, 102, 103, …" in card
+    assert "sample (3 of 4 rows):" in card and "143.25" in card
+    wide_card = registry.get("wide").card
+    assert "c39 (int64), … 20 more" in wide_card
+    assert len(wide_card) < 2500  # bounded: cards go with every prompt
+    assert registry.cards().startswith("Files from the notebook in /mnt/data:\n- ")
+
+
+def test_cards_describe_arrays_json_and_text(backend, container, registry) -> None:
+    send(
+        backend,
+        container,
+        registry,
+        arr=np.arange(20.0).reshape(4, 5),
+        cfg={"k": 1, "mode": "fast"},
+        readme="Title\nbody",
+    )
+    cards = registry.cards()
+    assert "numpy array float64, shape (4, 5)" in cards
+    assert "JSON object with 2 keys" in cards and "keys: 'k', 'mode'" in cards
+    assert "text, 10 characters, 2 lines" in cards and "starts: 'Title'" in cards
+
+
+# ---- which names a prompt or a %ci_push line means ---------------------------------------------
+
+
+def namespace(tmp_path: Path) -> dict[str, Any]:
+    data_file = tmp_path / "orders.csv"
+    data_file.write_text("a\n1\n")
+    return {
+        "df": sales(),
+        "arr": np.arange(3),
+        "price": np.arange(3),
+        "cfg": {"a": 1},
+        "np": np,
+        "_": sales(),
+        "orders_path": data_file,
+        "missing_path": tmp_path / "missing.csv",
+        "sales_df": sales(),
+    }
+
+
+def test_a_prompt_pushes_the_data_like_names_it_mentions(tmp_path: Path) -> None:
+    ns = namespace(tmp_path)
+    prompt = "Plot `df.price` by region vs arr and cfg, use np, _ and orders_path, missing_path; df again"
+    assert prompt_variables(prompt, ns) == ["df", "arr", "orders_path"]
+
+
+def test_an_unknown_variable_suggests_close_names(tmp_path: Path) -> None:
+    with pytest.raises(VariableError) as info:
+        resolve_variables(["sales_dff"], namespace(tmp_path))
+    assert "There is no variable `sales_dff`" in str(info.value)
+    assert "Did you mean `sales_df`" in str(info.value)
+
+
+def test_ci_push_arguments_name_variables_files_or_folders(tmp_path: Path) -> None:
+    ns = namespace(tmp_path)
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "x.txt").write_text("x")
+    items = push_items(["df", "orders.csv", "inputs"], ns, cwd=tmp_path)
+    assert [(i.name, i.origin) for i in items] == [
+        ("df", "variable"),
+        ("orders.csv", "path"),
+        ("inputs/x.txt", "path"),
+    ]
+    with pytest.raises(VariableError, match="Did you mean `sales_df`"):
+        push_items(["sales_dfx"], ns, cwd=tmp_path)
+    with pytest.raises(VariableError, match="neither a variable in the notebook nor an existing file"):
+        push_items(["data/none.csv"], ns, cwd=tmp_path)
+    with pytest.raises(VariableError, match="--as names one file"):
+        push_items(["df", "arr"], ns, filename="x.parquet", cwd=tmp_path)
+    with pytest.raises(VariableError, match="Nothing to push"):
+        push_items([], ns)
+
+
+def test_pushed_json_is_plain_json(backend, container, registry) -> None:
+    send(backend, container, registry, cfg={"name": "Zoë", "values": [1.5, None]})
+    assert json.loads(backend.content(container, "cfg.json")) == {"name": "Zoë", "values": [1.5, None]}
+
+
+def test_the_widget_bar_fills_and_turns_green(capsys: pytest.CaptureFixture[str]) -> None:
+    from ci_magic.variables.progress import WidgetProgress
+
+    bar = WidgetProgress()
+    bar.update(3 * 2**20, 12 * 2**20, "uploading df.parquet (0.5 s)")
+    assert bar._bar.value == 250
+    assert bar._label.value == "3.0 MB/12.0 MB uploading df.parquet (0.5 s)"
+    bar.close("pushed df.parquet: 12.0 MB in 1.1 s")
+    assert (bar._bar.value, bar._bar.bar_style) == (1000, "success")
+    failed = WidgetProgress()
+    failed.update(1, 10, "uploading x")
+    failed.close("pushed failed", ok=False)
+    assert failed._bar.bar_style == "danger"
+
+
+def test_polars_frames_go_as_parquet_the_container_reads_with_pandas(backend, container, registry, tmp_path) -> None:
+    pl = pytest.importorskip("polars")
+    frame = pl.DataFrame({"city": ["Oslo", "Lima", None], "temp": [4.5, 19.0, 11.0]})
+    assert prompt_variables("average temp in frame", {"frame": frame}) == ["frame"]
+    [outcome] = send(backend, container, registry, frame=frame)
+    assert outcome.filename == "frame.parquet"
+    loaded = load_like_the_model(registry.get("frame"), backend.content(container, "frame.parquet"), tmp_path)
+    pd.testing.assert_frame_equal(loaded, frame.to_pandas())
+    assert "polars DataFrame (loads as pandas), 3 rows x 2 columns" in registry.get("frame").card
+    assert send(backend, container, registry, frame=frame.clone())[0].status == "unchanged"
+    assert send(backend, container, registry, frame=frame.with_columns(pl.col("temp") + 1))[0].status == "replaced"

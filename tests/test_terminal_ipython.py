@@ -1,0 +1,149 @@
+"""A person runs %%ci in terminal IPython (a real pseudo-terminal) and reads the result as plain text.
+
+IPython runs under pexpect with ``TERM=dumb``, so its own prompt draws no escape sequences and any
+ANSI, HTML or JSON in the output would be ours. The model is the scripted quickstart on the
+in-process OpenAI-compatible server, slowed so there is a stream to interrupt.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from tests.servers.openai_server import OpenAIServer
+
+pytestmark = pytest.mark.slow
+
+QUICKSTART = ["%%ci", "Load the numbers 1..100, plot their squares and save the table as squares.csv"]
+PROMPT = re.compile(r"In \[(\d+)\]: ")
+TIMEOUT = 60
+
+
+class Terminal:
+    """``ipython`` in a 120×50 pseudo-terminal; ``run`` types a cell and returns what it printed."""
+
+    def __init__(self, child: pexpect.spawn) -> None:
+        self.child = child
+        self.expect_prompt()
+
+    def expect_prompt(self, timeout: float = TIMEOUT) -> str:
+        self.child.expect(PROMPT, timeout=timeout)
+        return str(self.child.before)
+
+    def type_cell(self, lines: list[str]) -> None:
+        # A blank line ends a multi-line cell (cell magics are never complete on their own).
+        for line in lines:
+            self.child.send(line + "\r")
+        if len(lines) > 1:
+            self.child.send("\r")
+
+    def run(self, lines: list[str], timeout: float = TIMEOUT) -> str:
+        self.type_cell(lines)
+        return output_of(self.expect_prompt(timeout))
+
+
+def output_of(raw: str) -> str:
+    """What the cell printed, as the terminal shows it: the echoed input line dropped, ``\\r`` applied."""
+    _echo, _, printed = raw.partition("\n")
+    return screen(printed)
+
+
+def screen(raw: str) -> str:
+    """Apply carriage returns the way a terminal does: later text overwrites the line from column 0."""
+    lines = []
+    for line in raw.replace("\r\n", "\n").split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown.rstrip())
+    return "\n".join(lines).strip("\n")
+
+
+@pytest.fixture
+def slow_server(openai_server: OpenAIServer) -> OpenAIServer:
+    openai_server.event_delay = 0.02
+    return openai_server
+
+
+@pytest.fixture
+def terminal(slow_server: OpenAIServer, tmp_path: Path) -> Iterator[Terminal]:
+    env = {
+        **os.environ,
+        "TERM": "dumb",
+        "OPENAI_API_KEY": "test",
+        "OPENAI_BASE_URL": slow_server.url,
+        "IPYTHONDIR": str(tmp_path / "ipython"),  # no user profile or startup files
+    }
+    for name in ("CI_MAGIC_BACKEND", "CI_MAGIC_OUTPUT_DIR", "CI_MAGIC_MODEL", "AZURE_OPENAI_API_KEY",
+                 "AZURE_OPENAI_ENDPOINT", "NO_COLOR", "FORCE_COLOR"):
+        env.pop(name, None)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "IPython", "--no-banner", "--HistoryManager.hist_file=:memory:"],
+        cwd=str(tmp_path), env=env, encoding="utf-8", codec_errors="replace", dimensions=(50, 120),
+        timeout=TIMEOUT,
+    )
+    try:
+        term = Terminal(child)
+        loaded = term.run(["%load_ext ci_magic"])
+        assert loaded == "", f"%load_ext printed: {loaded!r}"
+        yield term
+    finally:
+        child.close(force=True)
+
+
+def assert_plain_text(text: str) -> None:
+    assert "\x1b" not in text, f"ANSI escape sequences in the output: {text!r}"
+    for html in ("<div", "<pre", "<span", "<table", "style=", "</"):
+        assert html not in text, f"raw HTML ({html}) in the output:\n{text}"
+    for dump in ('{"', '"type":', "'text/html'", "image/png':", "<IPython.core.display"):
+        assert dump not in text, f"a data dump ({dump}) in the output:\n{text}"
+
+
+def test_quickstart_cell_reads_as_plain_text(terminal: Terminal, tmp_path: Path) -> None:
+    text = terminal.run(QUICKSTART)
+    assert_plain_text(text)
+    lines = text.splitlines()
+    assert 'df["square"] = df["n"] ** 2' in lines, f"the first call's code, line by line:\n{text}"
+    assert "plt.show()" in lines
+    assert "saved 100 rows to /mnt/data/squares.csv" in lines, "the second call's log"
+    assert any(re.fullmatch(r"4\s+5\s+25", line) for line in lines), "df.head() as printed in the sandbox"
+    assert "I built a table of the numbers 1..100 and their squares, plotted the squares, and saved the " \
+        "table." in lines, "the answer"
+    assert "- Rows: 100 (n from 1 to 100)" in lines
+    status = [line for line in lines if line.startswith("ci: ")]
+    assert len(status) == 1, f"one status line left on screen (the live one is redrawn in place): {status}"
+    assert re.fullmatch(r"ci: done in \d+\.\d s · 2 calls · [\d,]+ tokens \([\d,]+ in, [\d,]+ out\)", status[0])
+
+
+def test_images_and_files_are_reported_by_their_saved_path(terminal: Terminal, tmp_path: Path) -> None:
+    text = terminal.run(QUICKSTART)
+    shown_paths = re.findall(r"(ci_outputs/\S+\.(?:png|csv))", text)
+    pngs = [p for p in shown_paths if p.endswith(".png")]
+    assert pngs, f"the chart is reported by the path it was saved to:\n{text}"
+    assert "ci_outputs/squares.csv" in shown_paths, text
+    for relative in shown_paths:
+        assert (tmp_path / relative).is_file(), f"{relative} is printed but not on disk"
+    assert (tmp_path / pngs[0]).read_bytes().startswith(b"\x89PNG")
+
+
+def test_ctrl_c_while_streaming_returns_to_the_prompt_with_one_line(terminal: Terminal) -> None:
+    terminal.type_cell(QUICKSTART)
+    terminal.child.expect_exact("import pandas as pd", timeout=TIMEOUT)  # the code is streaming in
+    terminal.child.sendintr()
+    after = screen(terminal.expect_prompt(timeout=15))
+    assert_plain_text(after)
+    assert "Traceback" not in after and "KeyboardInterrupt" not in after, after
+    messages = [line for line in after.splitlines() if "nterrupted" in line]
+    assert len(messages) == 1, f"one line says the cell was interrupted:\n{after}"
+    message_at = after.splitlines().index(messages[0])
+    assert after.splitlines()[message_at + 1:] == [""] * len(after.splitlines()[message_at + 1:]), (
+        f"the message is the last thing printed and fits one line:\n{after}"
+    )
+    assert terminal.run(["6 * 7"]) == "Out[3]: 42", "the shell is usable again"
