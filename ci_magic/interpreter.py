@@ -34,6 +34,7 @@ from ci_magic.errors import (
 )
 from ci_magic.events import Notice
 from ci_magic.render.files import human_size
+from ci_magic.render.frontend import Frontend, detect_frontend
 from ci_magic.render.tables import rows_bundle
 from ci_magic.result import Result
 from ci_magic.session import SilentView, TurnOptions, View
@@ -67,9 +68,11 @@ class Interrupted(CIError):
 class CodeInterpreter(Settings):
     """A code interpreter session: one container, one conversation, one push registry."""
 
-    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+    def __init__(self, shell: Any = None, *, frontend: Frontend | None = None, **kwargs: Any) -> None:
+        """``frontend``: where turns are shown (default: the notebook, or the terminal outside one)."""
         super().__init__(parent=shell, **kwargs)
         self.shell = shell
+        self.frontend = frontend
         self.session_id = _session_id()
         self._session: Any = None  # ci_magic.session.Session, built on first use
         self._backend_stale = False
@@ -393,10 +396,10 @@ class CodeInterpreter(Settings):
         return session.container
 
     def _make_view(self, *, quiet: bool) -> View:
-        from ci_magic.render.frontend import detect_frontend
         from ci_magic.render.live import TurnView
 
-        return TurnView(detect_frontend(), quiet=quiet, max_updates_per_second=self.max_updates_per_second)
+        frontend = self.frontend or detect_frontend()
+        return TurnView(frontend, quiet=quiet, max_updates_per_second=self.max_updates_per_second)
 
     # -- session management --------------------------------------------------------------------
 

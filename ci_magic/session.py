@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 from ci_magic.backends.base import Backend, ContainerFile, ContainerInfo, Conversation, TurnRequest
 from ci_magic.errors import BackendError, CIError, ContainerFileError, StreamError
-from ci_magic.events import Event, Failed, FileCited, Image, Notice, Usage
+from ci_magic.events import CallStarted, CallStatus, Event, Failed, FileCited, Image, Notice, Usage
 from ci_magic.filenames import safe_relative_name, save_into
 from ci_magic.result import Result, ResultBuilder, SavedFile
 
@@ -83,13 +84,19 @@ class Session:
         self.conversation = Conversation()
         self.usage = Usage()
         self.turns = 0
+        self._seen_files: set[str] = set()  # container file ids already known: not "new" in a turn
         self.last_result: Result | None = None
 
     # -- container lifecycle -------------------------------------------------------------------
 
-    async def ensure_container(self) -> tuple[ContainerInfo, list[Notice]]:
-        """The session's usable container, created or replaced as needed, with notices to show."""
+    async def ensure_container(self, *, verify: bool = True) -> tuple[ContainerInfo, list[Notice]]:
+        """The session's usable container, created or replaced as needed, with notices to show.
+
+        ``verify=False`` returns the current container unchecked (the turn checks it concurrently).
+        """
         notices: list[Notice] = []
+        if self.container is not None and not verify:
+            return self.container, notices
         if self.container is not None:
             current = await self.backend.get_container(self.container.id)
             if current is not None and current.usable:
@@ -101,6 +108,7 @@ class Session:
             )
             if self.turns:
                 self.conversation.notes.append(RECREATED_NOTE)
+        self._seen_files.clear()
         self.container = await self.backend.create_container(
             name=f"ci-magic-{self.session_id}",
             memory_limit=self.memory_limit,  # type: ignore[arg-type]
@@ -142,22 +150,7 @@ class Session:
             self.conversation.reset()
         ticker = asyncio.ensure_future(_tick_every(view, 0.1))
         try:
-            container, notices = await self.ensure_container()
-            for notice in notices:
-                _emit(notice, builder, view)
-            before = {f.id for f in await self.backend.list_files(container.id)}
-            request = TurnRequest(
-                prompt=prompt,
-                container_id=container.id,
-                model=options.model,
-                instructions=options.instructions,
-                conversation=self.conversation,
-                context=await context(container) if context is not None else "",
-                exec_code=options.exec_code,
-                extra_headers=dict(options.extra_headers or {}),
-            )
-            await self._stream(request, builder, view)
-            builder.result.files = await self._collect_files(container, builder.result, before)
+            await self._run_in_container(prompt, options, view, builder, context)
         except asyncio.CancelledError:
             _emit(
                 Failed(
@@ -182,43 +175,82 @@ class Session:
         view.finish(result, link_base=link_base)
         return result
 
-    async def _stream(self, request: TurnRequest, builder: ResultBuilder, view: View) -> None:
+    async def _run_in_container(
+        self,
+        prompt: str,
+        options: TurnOptions,
+        view: View,
+        builder: ResultBuilder,
+        context: Callable[[ContainerInfo], Awaitable[str]] | None,
+    ) -> None:
+        """Stream the turn in the session's container, checking that container concurrently.
+
+        The check ("is it still running?") runs beside the model request, so it costs no latency.
+        If the request fails before anything streamed and the check finds the container gone or
+        expired, a new container is made (files re-sent, the model told) and the turn runs again.
+        """
+        for attempt in (1, 2):
+            container, notices = await self.ensure_container(verify=attempt == 2)
+            for notice in notices:
+                _emit(notice, builder, view)
+            check = (
+                None
+                if notices or attempt == 2
+                else asyncio.ensure_future(self.backend.get_container(container.id))
+            )
+            downloads = _Downloads(
+                self.backend, container.id, self._seen_files, self.output_dir, self.download_concurrency
+            )
+            streamed: list[Event] = []
+            try:
+                request = TurnRequest(
+                    prompt=prompt,
+                    container_id=container.id,
+                    model=options.model,
+                    instructions=options.instructions,
+                    conversation=self.conversation,
+                    context=await context(container) if context is not None else "",
+                    exec_code=options.exec_code,
+                    extra_headers=dict(options.extra_headers or {}),
+                )
+                await self._stream(request, builder, view, downloads, streamed)
+                builder.result.files = await self._collect_files(container, builder.result, downloads)
+            except BackendError:
+                if check is None or streamed or await _container_still_usable(check):
+                    raise
+                continue  # the container went away between cells: verify, replace, run again
+            finally:
+                downloads.cancel()
+                if check is not None and not check.done():
+                    check.cancel()
+            if check is not None and check.done() and not check.cancelled() and check.exception() is None:
+                self.container = check.result() or self.container
+            return
+
+    async def _stream(
+        self,
+        request: TurnRequest,
+        builder: ResultBuilder,
+        view: View,
+        downloads: _Downloads,
+        streamed: list[Event],
+    ) -> None:
         async for event in self.backend.stream(request):
+            if not streamed:
+                streamed.append(event)
             builder.feed(event)
             view.handle(event)
+            downloads.observe(event)
 
     async def _collect_files(
-        self, container: ContainerInfo, result: Result, before: set[str]
+        self, container: ContainerInfo, result: Result, downloads: _Downloads
     ) -> list[SavedFile]:
-        """Download every cited file and every new file the model wrote without citing it."""
-        listing = {f.id: f for f in await self.backend.list_files(container.id)}
-        wanted: dict[str, tuple[str, str, bool]] = {}  # file_id -> (container id, name, cited)
-        for cite in result.citations:
-            if cite.zero_length or cite.file_id in wanted:
-                continue  # plt.show() images: already shown from the call's outputs
-            known = listing.get(cite.file_id)
-            name = known.name if known is not None else cite.filename
-            wanted[cite.file_id] = (cite.container_id, name, True)
-        for file in listing.values():
-            if file.id in before or file.id in wanted or file.source == "user":
-                continue
-            if _is_show_image(file, result.citations):
-                continue
-            wanted[file.id] = (container.id, file.name, False)
-        limit = asyncio.Semaphore(self.download_concurrency)
-
-        async def fetch(file_id: str, container_id: str, name: str, cited: bool) -> SavedFile | Notice:
-            async with limit:
-                try:
-                    safe = safe_relative_name(name)
-                    data = await self.backend.download_file(container_id, file_id)
-                    path = save_into(self.output_dir, safe, data)
-                except (CIError, OSError) as error:
-                    return Notice(f"Could not save {name}: {error}", level="warning")
-            return SavedFile(safe, path, f"/mnt/data/{safe}", file_id, len(data), cited)
-
-        outcomes = await asyncio.gather(*(fetch(fid, *spec) for fid, spec in wanted.items()))
-        saved = [o for o in outcomes if isinstance(o, SavedFile)]
+        """Every cited file plus every new file the model wrote without citing it, saved locally."""
+        listing = await downloads.final_listing()
+        self._seen_files.update(f.id for f in listing)
+        outcomes = await downloads.finished()
+        shown_images = {c.file_id for c in result.citations if c.zero_length}
+        saved = [o for o in outcomes if isinstance(o, SavedFile) and o.file_id not in shown_images]
         result.notices.extend(o for o in outcomes if isinstance(o, Notice))
         saved.extend(self._save_figures(result))
         return saved
@@ -257,14 +289,96 @@ class Session:
         }
 
 
+async def _container_still_usable(check: asyncio.Future[ContainerInfo | None]) -> bool:
+    try:
+        current = await check
+    except CIError:
+        return True  # cannot tell: report the turn's own error
+    return current is not None and current.usable
+
+
+class _Downloads:
+    """Fetches a turn's files into the output folder while the turn is still streaming.
+
+    Cited files start downloading when cited. Files only change while code runs, so the
+    container is listed as soon as a call finishes; new files found there (the model wrote them
+    without citing them) start downloading at once, and the listing is redone only if another
+    call starts afterwards. At most ``concurrency`` downloads run at once.
+    """
+
+    def __init__(
+        self, backend: Backend, container_id: str, seen: set[str], output_dir: Path, concurrency: int
+    ) -> None:
+        self.backend = backend
+        self.container_id = container_id
+        self.seen = seen
+        self.output_dir = output_dir
+        self.limit = asyncio.Semaphore(concurrency)
+        self.tasks: dict[str, asyncio.Task[SavedFile | Notice]] = {}
+        self.cited: set[str] = set()
+        self.listing: asyncio.Task[list[ContainerFile]] | None = None
+
+    def observe(self, event: Event) -> None:
+        if isinstance(event, FileCited) and not event.zero_length:
+            self.cited.add(event.file_id)
+            self.start(event.file_id, event.container_id, event.filename)
+        elif isinstance(event, CallStarted):
+            self._cancel_listing()
+        elif isinstance(event, CallStatus) and event.status in ("completed", "failed", "incomplete"):
+            self._cancel_listing()
+            self.listing = asyncio.ensure_future(self._list_and_fetch())
+
+    async def final_listing(self) -> list[ContainerFile]:
+        if self.listing is None:
+            self.listing = asyncio.ensure_future(self._list_and_fetch())
+        return await self.listing
+
+    async def _list_and_fetch(self) -> list[ContainerFile]:
+        listing = await self.backend.list_files(self.container_id)
+        for file in listing:
+            if file.id not in self.seen and file.source != "user" and not _is_show_image(file):
+                self.start(file.id, self.container_id, file.name)
+        return listing
+
+    def start(self, file_id: str, container_id: str, name: str) -> None:
+        if file_id not in self.tasks:
+            self.tasks[file_id] = asyncio.ensure_future(self._fetch(file_id, container_id, name))
+
+    async def _fetch(self, file_id: str, container_id: str, name: str) -> SavedFile | Notice:
+        async with self.limit:
+            try:
+                safe = safe_relative_name(name)
+                data = await self.backend.download_file(container_id, file_id)
+                path = save_into(self.output_dir, safe, data)
+            except (CIError, OSError) as error:
+                return Notice(f"Could not save {name}: {error}", level="warning")
+        return SavedFile(safe, path, f"/mnt/data/{safe}", file_id, len(data), cited=False)
+
+    async def finished(self) -> list[SavedFile | Notice]:
+        outcomes = await asyncio.gather(*self.tasks.values())
+        return [
+            dataclasses.replace(o, cited=True) if isinstance(o, SavedFile) and o.file_id in self.cited else o
+            for o in outcomes
+        ]
+
+    def _cancel_listing(self) -> None:
+        if self.listing is not None and not self.listing.done():
+            self.listing.cancel()
+        self.listing = None
+
+    def cancel(self) -> None:
+        self._cancel_listing()
+        for task in self.tasks.values():
+            task.cancel()
+
+
 def _short(call_id: str) -> str:
     return call_id[-8:] if len(call_id) > 8 else call_id
 
 
-def _is_show_image(file: ContainerFile, citations: list[FileCited]) -> bool:
-    return any(c.zero_length and c.file_id == file.id for c in citations) or (
-        file.name.startswith("cfile_") and file.name.endswith(".png")
-    )
+def _is_show_image(file: ContainerFile) -> bool:
+    """OpenAI stores each plt.show() image as /mnt/data/cfile_<id>.png; it is shown from the outputs."""
+    return file.name.startswith("cfile_") and file.name.endswith(".png")
 
 
 def _emit(event: Event, builder: ResultBuilder, view: View) -> None:

@@ -262,6 +262,27 @@ def test_an_idle_container_expires_but_its_files_can_still_be_fetched(
         runner.run(backend.aclose())
 
 
+def test_a_restarted_notebook_finds_its_containers_and_files_again(
+    runner: asyncio.Runner, tmp_path: Path
+) -> None:
+    first = LocalBackend(SandboxManager(tmp_path, pool_size=0), model_client=None, model="")
+    info = runner.run(first.create_container(name="kept", memory_limit="1g", expires_after_minutes=20))
+    run_code(runner, first, info.id, "open('model.pkl', 'w').write('weights')\nlearned = True")
+    runner.run(first.aclose())  # the notebook's kernel restarts: our kernels go, the folder stays
+
+    second = LocalBackend(SandboxManager(tmp_path, pool_size=0), model_client=None, model="")
+    try:
+        again = runner.run(second.get_container(info.id))
+        assert again is not None and again.usable and again.name == "kept"
+        (saved,) = runner.run(second.list_files(info.id))
+        assert (saved.name, saved.source) == ("model.pkl", "assistant")
+        assert runner.run(second.sandbox.get_file(info.id, saved.id)) == saved
+        out = run_code(runner, second, info.id, "print('learned' in dir(), open('model.pkl').read())")
+        assert out == "False weights\n"  # a fresh kernel, the same files
+    finally:
+        runner.run(second.aclose())
+
+
 def test_reduced_isolation_is_announced_in_the_first_turn_only(
     runner: asyncio.Runner, tmp_path: Path
 ) -> None:

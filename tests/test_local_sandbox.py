@@ -323,6 +323,23 @@ def test_writes_outside_mnt_data_never_reach_the_host(isolated: Sandbox) -> None
     assert (isolated.data_dir(cid) / token).read_text() == "x"
 
 
+def test_everyday_tools_still_work_inside_the_sandbox(isolated: Sandbox) -> None:
+    cid = isolated.create()
+    events = isolated.execute(
+        cid,
+        """
+        import multiprocessing, socket, subprocess
+        with multiprocessing.Pool(2) as pool:
+            print(pool.map(abs, [-1, -2]))
+        server = socket.create_server(("127.0.0.1", 0))  # the sandbox's own loopback
+        socket.create_connection(server.getsockname()).close()
+        print(subprocess.run(["echo", "subprocess"], capture_output=True, text=True).stdout.strip())
+        """,
+        timeout=30,
+    )
+    assert stdout(events) == "[1, 2]\nsubprocess\n"
+
+
 def test_without_namespaces_isolation_is_reduced_and_said_so_once(
     runner: asyncio.Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -440,6 +457,42 @@ def test_the_memory_tier_sets_how_much_the_code_may_allocate(sandbox: Sandbox) -
     assert stdout(sandbox.execute(large, two_gib)) == "2 GiB\n"
     with pytest.raises(ConfigurationError, match="1g, 4g, 16g, 64g"):
         sandbox.create(memory_limit="3g")
+
+
+def test_a_runaway_file_write_stops_at_the_file_size_limit(sandbox: Sandbox, container: str) -> None:
+    events = sandbox.execute(
+        container,
+        """
+        with open("huge.bin", "wb") as f:
+            f.seek(9 * 2**30)  # sparse: past the 8 GiB limit without touching the disk
+            try:
+                f.write(b"x")
+                f.flush()
+            except OSError as err:
+                print(err.strerror)
+        """,
+    )
+    assert stdout(events) == "File too large\n"
+
+
+def test_a_sandbox_python_without_ipykernel_is_refused_with_advice(
+    runner: asyncio.Runner, tmp_path: Path
+) -> None:
+    system = "/usr/bin/python3"
+    lacks = (
+        subprocess.run([system, "-c", "import ipykernel"], capture_output=True, check=False)
+        if os.path.exists(system)
+        else None
+    )
+    if lacks is None or lacks.returncode == 0:
+        pytest.skip(f"needs {system} without ipykernel")
+    manager = SandboxManager(tmp_path, python=system, pool_size=0)
+    with pytest.raises(ConfigurationError, match="has no ipykernel") as raised:
+        runner.run(manager.create(name="x"))
+    assert "pip install ipykernel pandas numpy matplotlib" in str(raised.value)
+    manager = SandboxManager(tmp_path, python=str(tmp_path / "no-such-python"), pool_size=0)
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        runner.run(manager.create(name="x"))
 
 
 def test_a_fork_bomb_stays_inside_its_process_limit(sandbox: Sandbox) -> None:

@@ -352,18 +352,23 @@ def test_pushed_files_come_back_in_a_new_container(backend, container, registry,
 def test_reupload_reads_the_current_file_and_drops_vanished_ones(
     backend, container, registry, tmp_path
 ) -> None:
-    keep, gone = tmp_path / "keep.txt", tmp_path / "gone.txt"
+    keep, gone, grown = tmp_path / "keep.txt", tmp_path / "gone.txt", tmp_path / "grown.txt"
     keep.write_text("v1")
     gone.write_text("bye")
-    asyncio.run(push(backend, container, registry, push_items([str(keep), str(gone)], {}, cwd=tmp_path)))
+    grown.write_text("small")
+    paths = [str(keep), str(gone), str(grown)]
+    asyncio.run(push(backend, container, registry, push_items(paths, {}, cwd=tmp_path), size_cap=100))
     keep.write_text("v2 is longer")
     gone.unlink()
+    grown.write_text("x" * 500)
     fresh = asyncio.run(backend.create_container()).id
-    outcomes = {o.name: o for o in asyncio.run(reupload_all(backend, fresh, registry))}
+    outcomes = {o.name: o for o in asyncio.run(reupload_all(backend, fresh, registry, size_cap=100))}
     assert outcomes["keep.txt"].status == "reuploaded"
     assert backend.content(fresh, "keep.txt") == b"v2 is longer"
     assert outcomes["gone.txt"].status == "missing" and "no longer exists" in outcomes["gone.txt"].note
-    assert "gone.txt" not in registry.cards()
+    assert outcomes["grown.txt"].status == "skipped"
+    assert "over the 100 B upload limit" in outcomes["grown.txt"].note
+    assert "gone.txt" not in registry.cards() and "grown.txt" not in registry.cards()
 
 
 def test_always_push_folders_keep_their_layout_and_skip_hidden_files(
@@ -543,19 +548,15 @@ def test_pushed_json_is_plain_json(backend, container, registry) -> None:
     assert json.loads(backend.content(container, "cfg.json")) == {"name": "Zoë", "values": [1.5, None]}
 
 
-def test_the_widget_bar_fills_and_turns_green(capsys: pytest.CaptureFixture[str]) -> None:
-    from ci_magic.variables.progress import WidgetProgress
+def test_the_progress_bar_is_a_widget_in_jupyter_and_text_elsewhere() -> None:
+    from ci_magic.variables.progress import TextProgress, WidgetProgress, default_progress
 
+    assert isinstance(default_progress(), TextProgress)  # no kernel here
     bar = WidgetProgress()
     bar.update(3 * 2**20, 12 * 2**20, "uploading df.parquet (0.5 s)")
     assert bar._bar.value == 250
     assert bar._label.value == "3.0 MB/12.0 MB uploading df.parquet (0.5 s)"
     bar.close("pushed df.parquet: 12.0 MB in 1.1 s")
-    assert (bar._bar.value, bar._bar.bar_style) == (1000, "success")
-    failed = WidgetProgress()
-    failed.update(1, 10, "uploading x")
-    failed.close("pushed failed", ok=False)
-    assert failed._bar.bar_style == "danger"
 
 
 def test_polars_frames_go_as_parquet_the_container_reads_with_pandas(backend, container, registry, tmp_path) -> None:
@@ -569,3 +570,79 @@ def test_polars_frames_go_as_parquet_the_container_reads_with_pandas(backend, co
     assert "polars DataFrame (loads as pandas), 3 rows x 2 columns" in registry.get("frame").card
     assert send(backend, container, registry, frame=frame.clone())[0].status == "unchanged"
     assert send(backend, container, registry, frame=frame.with_columns(pl.col("temp") + 1))[0].status == "replaced"
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times a pandas object's buffers were hashed."""
+    from ci_magic.variables import fingerprint
+
+    calls: list[int] = []
+    original = fingerprint.frame_parts
+
+    def counting(frame: Any) -> Any:
+        calls.append(1)
+        return original(frame)
+
+    monkeypatch.setattr(fingerprint, "frame_parts", counting)
+    return calls
+
+
+def test_an_untouched_frame_is_recognized_without_hashing_it_again(backend, container, registry, hashed) -> None:
+    df = sales()
+    send(backend, container, registry, df=df)
+    assert len(hashed) == 1
+    assert [o.status for o in send(backend, container, registry, df=df)] == ["unchanged"]
+    assert len(hashed) == 1  # copy-on-write proved it unchanged: same object, same buffers
+    df.loc[101, "revenue"] = 1.0
+    assert [o.status for o in send(backend, container, registry, df=df)] == ["replaced"]
+    assert len(hashed) == 2
+
+
+def test_frames_the_snapshot_cannot_vouch_for_are_hashed_every_time(
+    backend, container, registry, hashed, monkeypatch
+) -> None:
+    from ci_magic.variables import snapshot
+
+    with_objects = pd.DataFrame({"tags": [["a"], ["b"]]})  # mutable cells: only hashing can tell
+    send(backend, container, registry, obj=with_objects)
+    with_objects.loc[0, "tags"].append("c")
+    assert [o.status for o in send(backend, container, registry, obj=with_objects)] == ["replaced"]
+    monkeypatch.setattr(snapshot, "SNAPSHOT_MAX_BYTES", 10)  # too big to keep a second reference to
+    df = sales()
+    send(backend, container, registry, df=df)
+    send(backend, container, registry, df=df)
+    assert len(hashed) == 2 + 2
+
+
+def test_the_snapshot_lets_go_when_the_frame_is_replaced_or_deleted(backend, container, registry) -> None:
+    import gc
+
+    df = sales()
+    send(backend, container, registry, df=df)
+    first = registry.get("df").snapshot
+    assert first is not None and first._held
+    df = sales().head(2)  # the notebook rebinds the name; the old frame is garbage now
+    gc.collect()
+    assert first._held == []
+    send(backend, container, registry, df=df)
+    second = registry.get("df").snapshot
+    send(backend, container, registry, df=df.copy())  # equal content, another object: new snapshot
+    assert second._held == [] and registry.get("df").snapshot is not second
+    registry.close()
+    assert registry.get("df") is None
+
+
+def test_replacing_a_file_the_backend_no_longer_has_is_not_an_error(container, registry) -> None:
+    class Forgetful(FakeBackend):
+        async def delete_file(self, container_id: str, file_id: str) -> None:
+            from ci_magic.errors import ContainerFileError
+
+            raise ContainerFileError(f"Container {container_id} has no file with id {file_id!r}.")
+
+    backend = Forgetful()
+    cid = asyncio.run(backend.create_container()).id
+    asyncio.run(push(backend, cid, registry, [PushItem("cfg", {"v": 1})]))
+    [again] = asyncio.run(push(backend, cid, registry, [PushItem("cfg", {"v": 2})]))
+    assert again.status == "replaced"
+    assert json.loads(backend.content(cid, "cfg.json")) == {"v": 2}

@@ -28,6 +28,7 @@ from typing import Any
 from ci_magic.errors import ContainerFileError, VariableError
 from ci_magic.filenames import safe_relative_name, variable_name_for
 from ci_magic.variables import fingerprint as fp
+from ci_magic.variables.snapshot import FrameSnapshot
 
 __all__ = [
     "DATA_LIKE_KINDS",
@@ -213,6 +214,7 @@ class Prepared:
     fingerprint: str
     requested: bool = False  # the user chose the format (--format or --as with an extension)
     payload: bytes | None = field(default=None, repr=False)  # rendered while fingerprinting
+    snapshot: FrameSnapshot | None = field(default=None, repr=False)  # cheap "unchanged" proof next time
 
     def encode(self) -> EncodedValue:
         """Serialize with pandas/pyarrow/numpy writers (``VariableError`` if the format cannot hold it)."""
@@ -233,9 +235,19 @@ class Prepared:
 
 
 def prepare(
-    value: Any, name: str, *, fmt: str | None = None, filename: str | None = None, allow_pickle: bool = False
+    value: Any,
+    name: str,
+    *,
+    fmt: str | None = None,
+    filename: str | None = None,
+    allow_pickle: bool = False,
+    snapshot: FrameSnapshot | None = None,
 ) -> Prepared:
-    """Classify and fingerprint ``value`` as notebook variable ``name`` (raises ``VariableError``)."""
+    """Classify and fingerprint ``value`` as notebook variable ``name`` (raises ``VariableError``).
+
+    ``snapshot`` (from the previous push of this variable) skips hashing a pandas object that
+    provably did not change; the result carries a fresh snapshot when one can be taken.
+    """
     kind = kind_of(value)
     fmt = _normalize_format(fmt)
     if fmt is None and filename and _normalize_format(_extension(filename)) == "pickle":
@@ -244,6 +256,7 @@ def prepare(
     if kind == "file" and fmt != "pickle":
         return _prepare_file(value, name, fmt, filename)
     payload: bytes | None = None
+    taken: FrameSnapshot | None = None
     if kind is None or fmt == "pickle" or (kind == "ndarray" and value.dtype.hasobject and fmt != "json"):
         if not allow_pickle:
             raise _unsupported(name, value, kind)
@@ -253,7 +266,11 @@ def prepare(
     else:
         fmt = _choose_format(name, kind, fmt, filename)
         if kind in ("dataframe", "series"):
-            digest = fp.digest(*fp.frame_parts(value))
+            if snapshot is not None and snapshot.matches(value):
+                digest, taken = snapshot.digest, snapshot
+            else:
+                digest = fp.digest(*fp.frame_parts(value))
+                taken = FrameSnapshot.take(value, digest)
         elif kind == "polars":
             digest = fp.digest(*fp.arrow_table_parts(value.to_arrow()))
         elif kind == "ndarray":
@@ -269,7 +286,7 @@ def prepare(
     # The target name and format (and whether the user insisted on it) are part of the identity:
     # "--as" or "--format" changes force a push.
     identity = f"{digest}:{fmt}{'!' if requested else ''}:{target}"
-    return Prepared(value, name, kind, fmt, target, identity, requested, payload)
+    return Prepared(value, name, kind, fmt, target, identity, requested, payload, taken)
 
 
 def encode(

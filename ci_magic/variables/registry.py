@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ci_magic.variables.schema import render_card
+from ci_magic.variables.snapshot import FrameSnapshot
 
 __all__ = ["Origin", "PushItem", "PushRegistry", "PushedFile"]
 
@@ -55,6 +56,7 @@ class PushedFile:
     spool: Path | None = None  # our copy of the bytes, for re-uploads
     source_path: Path | None = None  # files pushed by path: re-read from here
     pushed_at: float = field(default_factory=time.time)
+    snapshot: FrameSnapshot | None = field(default=None, repr=False, compare=False)
 
     @property
     def path(self) -> str:
@@ -113,13 +115,18 @@ class PushRegistry:
             del self._entries[old.name]
             if old.spool is not None and old.spool != entry.spool:
                 old.spool.unlink(missing_ok=True)
+            if old.snapshot is not None and old.snapshot is not entry.snapshot:
+                old.snapshot.release()
         self._entries[entry.name] = entry
         return displaced
 
     def remove(self, name: str) -> PushedFile | None:
         entry = self._entries.pop(name, None)
-        if entry is not None and entry.spool is not None:
-            entry.spool.unlink(missing_ok=True)
+        if entry is not None:
+            if entry.spool is not None:
+                entry.spool.unlink(missing_ok=True)
+            if entry.snapshot is not None:
+                entry.snapshot.release()
         return entry
 
     def detach(self, name: str) -> None:
@@ -148,6 +155,9 @@ class PushRegistry:
             self.remove(name)
 
     def close(self) -> None:
+        for entry in self._entries.values():
+            if entry.snapshot is not None:
+                entry.snapshot.release()
         self._entries.clear()
         if self._cleanup is not None:
             self._cleanup()

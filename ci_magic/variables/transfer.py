@@ -2,8 +2,9 @@
 
 Push is all-or-nothing up to the upload: every item is classified, fingerprinted, encoded and
 checked against the size cap before the first byte leaves, so a bad variable or an oversized frame
-changes nothing in the container. Unchanged variables (same fingerprint, file still there) cost a
-fingerprint and one listing call; changed ones replace their old container file.
+changes nothing in the container. An unchanged variable (same fingerprint, file still there) costs
+a fingerprint, or for a pandas object under copy-on-write an O(columns) snapshot check, plus one
+listing call for the batch; a changed one replaces its old container file.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ __all__ = [
 DEFAULT_SIZE_CAP = 512 * 1024 * 1024  # what OpenAI's container file upload accepts
 DEFAULT_CONCURRENCY = 4
 
-PushStatus = Literal["uploaded", "replaced", "unchanged", "reuploaded", "missing"]
+PushStatus = Literal["uploaded", "replaced", "unchanged", "reuploaded", "missing", "skipped"]
 T = TypeVar("T")
 
 
@@ -53,7 +54,7 @@ class PushOutcome:
     size: int
     file_id: str | None
     seconds: float
-    note: str = ""  # e.g. "sent as CSV: Parquet cannot hold ..." or why a re-upload was skipped
+    note: str = ""  # e.g. "Parquet cannot hold ...; sent as CSV", or why a re-upload was skipped
 
 
 @dataclass(frozen=True)
@@ -146,17 +147,27 @@ def _check_batch(items: Sequence[PushItem]) -> list[PushItem]:
     return list(by_name.values())
 
 
-def _prepare_all(items: Sequence[PushItem]) -> list[Prepared]:
-    prepared = [
-        prepare(i.value, i.name, fmt=i.fmt, filename=i.filename, allow_pickle=i.allow_pickle) for i in items
-    ]
+def _prepare_all(items: Sequence[PushItem], registry: PushRegistry) -> list[Prepared]:
+    prepared = []
+    for i in items:
+        previous = registry.get(i.name)
+        snapshot = previous.snapshot if previous is not None else None
+        prepared.append(
+            prepare(
+                i.value,
+                i.name,
+                fmt=i.fmt,
+                filename=i.filename,
+                allow_pickle=i.allow_pickle,
+                snapshot=snapshot,
+            )
+        )
     seen: dict[str, str] = {}
     for p in prepared:
         if p.filename in seen:
             raise VariableError(
                 f"`{seen[p.filename]}` and `{p.name}` would both become /mnt/data/{p.filename}. "
-                "Give one of them "
-                "another name with --as."
+                "Give one of them another name with --as."
             )
         seen[p.filename] = p.name
     return prepared
@@ -231,10 +242,13 @@ class _Reporter:
 
 
 async def _delete_quietly(backend: Backend, container_id: str, file_id: str) -> None:
+    """Delete a file we are replacing; one that is already gone (the model removed it) is fine."""
     try:
         await backend.delete_file(container_id, file_id)
+    except ContainerFileError:  # the local sandbox: "has no file with id"
+        return
     except BackendError as exc:
-        if exc.status_code != 404:  # already gone is what we wanted
+        if exc.status_code != 404:
             raise
 
 
@@ -270,7 +284,30 @@ async def push(
     items = _check_batch(list(items))
     if not items:
         return []
-    prepared = await asyncio.to_thread(_prepare_all, items)
+    prepared = await asyncio.to_thread(_prepare_all, items, registry)
+    try:
+        return await _push_prepared(
+            backend, container_id, registry, items, prepared, size_cap, progress, concurrency, verify
+        )
+    finally:
+        # A snapshot keeps a shallow copy of the frame alive: free the ones no entry adopted.
+        kept = {id(e.snapshot) for e in registry if e.snapshot is not None}
+        for prep in prepared:
+            if prep.snapshot is not None and id(prep.snapshot) not in kept:
+                prep.snapshot.release()
+
+
+async def _push_prepared(
+    backend: Backend,
+    container_id: str,
+    registry: PushRegistry,
+    items: Sequence[PushItem],
+    prepared: Sequence[Prepared],
+    size_cap: int,
+    progress: Progress | None,
+    concurrency: int,
+    verify: bool,
+) -> list[PushOutcome]:
     jobs = [_Job(item, prep, registry.get(item.name)) for item, prep in zip(items, prepared, strict=True)]
 
     unchanged = [
@@ -292,6 +329,8 @@ async def push(
         prev = job.previous
         same = prev is not None and prev.fingerprint == job.prepared.fingerprint
         if same and prev is not None and prev.in_container(container_id):
+            if job.prepared.snapshot is not prev.snapshot:
+                registry.put(replace(prev, snapshot=job.prepared.snapshot))
             outcomes[job.item.name] = PushOutcome(
                 job.item.name, prev.filename, prev.path, "unchanged", prev.size, prev.file_id, 0.0
             )
@@ -361,6 +400,7 @@ async def _send(
         container_path=created.path,
         spool=spool,
         source_path=job.prepared.value if job.prepared.kind == "file" else None,
+        snapshot=job.prepared.snapshot,
     )
     registry.put(entry)
     return PushOutcome(
@@ -387,29 +427,43 @@ async def reupload_all(
     """Restore every registered file in a new container (after expiry or ``%ci_reset``).
 
     Variables come back from the spooled bytes; files pushed by path are re-read from disk (their
-    current version). A file whose source is gone is dropped from the registry and reported as
-    ``missing`` (its card stops being sent).
+    current version). A file whose source is gone (``missing``) or no longer fits the size cap
+    (``skipped``) is dropped from the registry, so its card stops being sent; the others still go.
+    After an upload error, calling it again retries what is not in the container yet.
     """
     entries = [e for e in registry if not e.in_container(new_container_id)]
     outcomes: dict[str, PushOutcome] = {}
     jobs: list[_Job] = []
+
+    def drop(entry: PushedFile, status: PushStatus, why: str) -> None:
+        registry.remove(entry.name)
+        outcomes[entry.name] = PushOutcome(entry.name, entry.filename, "", status, entry.size, None, 0.0, why)
+
     for entry in entries:
         registry.detach(entry.name)
         if entry.source_path is not None and entry.source_path.is_file():
             item = PushItem(entry.name, entry.source_path, entry.origin, filename=entry.filename)
-            jobs.append(_Job(item, prepare(entry.source_path, entry.name, filename=entry.filename), None))
+            try:
+                job = _Job(item, prepare(entry.source_path, entry.name, filename=entry.filename), None)
+                job.encode()
+                _check_size(job, size_cap)
+            except VariableError as exc:
+                drop(entry, "skipped", exc.message)
+                continue
+            jobs.append(job)
         elif entry.spool is not None and entry.spool.exists():
-            prep = Prepared(None, entry.name, entry.kind, entry.fmt, entry.filename, entry.fingerprint)
+            prep = Prepared(
+                None,
+                entry.name,
+                entry.kind,
+                entry.fmt,
+                entry.filename,
+                entry.fingerprint,
+                snapshot=entry.snapshot,
+            )
             jobs.append(_Job(PushItem(entry.name, None, entry.origin), prep, entry).reuse(entry))
         else:
-            registry.remove(entry.name)
-            gone = entry.source_path or entry.spool
-            outcomes[entry.name] = PushOutcome(
-                entry.name, entry.filename, "", "missing", entry.size, None, 0.0, f"{gone} no longer exists"
-            )
-    await asyncio.to_thread(_encode_missing, jobs)
-    for job in jobs:
-        _check_size(job, size_cap)
+            drop(entry, "missing", f"{entry.source_path or entry.spool} no longer exists")
     with _Reporter(
         progress, [j.filename for j in jobs], sum(j.size for j in jobs), "re-uploaded"
     ) as reporter:

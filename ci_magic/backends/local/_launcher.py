@@ -255,7 +255,7 @@ def drop_capabilities(bounding=True):
     check(libc().capset(ctypes.byref(header), data), "capset")
 
 
-def set_limits(limits):
+def set_limits(limits, strict):
     import resource
 
     for name, value in limits.items():
@@ -264,7 +264,12 @@ def set_limits(limits):
             continue  # e.g. RLIMIT_NPROC does not exist everywhere
         hard = resource.getrlimit(number)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(number, (value, value))
+        try:
+            resource.setrlimit(number, (value, value))
+        except (ValueError, OSError):
+            if strict:
+                raise
+            # Without namespaces (macOS) some limits cannot be set; isolation is reduced anyway.
 
 
 def become_kernel(config):
@@ -280,7 +285,7 @@ def become_kernel(config):
         drop_capabilities()
     if sys.platform.startswith("linux"):
         prctl(PR_SET_NO_NEW_PRIVS, 1)
-    set_limits(config["rlimits"])
+    set_limits(config["rlimits"], strict=config.get("pid_namespace"))
     os.chdir(config["cwd"])
     os.umask(0o022)
     if config.get("probe"):

@@ -43,6 +43,7 @@ __all__ = [
     "LaunchPaths",
     "Limits",
     "PythonInfo",
+    "build_font_cache",
     "detect_isolation",
     "limits_for_tier",
     "mount_plan",
@@ -55,6 +56,7 @@ IsolationMode = Literal["bwrap", "unshare", "none"]
 ISOLATION_CHOICES = ("auto", "bwrap", "unshare", "none")
 
 DATA_INSIDE = "/mnt/data"
+RUNTIME_PREFIX = "cim-"  # host folders of running kernels: /tmp/cim-XXXX/{k,r,owner}
 RUNTIME_INSIDE = "/run/ci-magic"
 HOME_INSIDE = "/home/sandbox"
 
@@ -178,6 +180,30 @@ def probe_python(python: str) -> PythonInfo:
     )
 
 
+def build_font_cache(python: PythonInfo, folder: Path) -> None:
+    """Have the sandbox interpreter write matplotlib's font list into ``folder``, once.
+
+    It runs on the host like :func:`probe_python` (the user's own interpreter, nothing from a
+    sandbox), so every sandbox can start from a list no sandbox could have tampered with.
+    """
+    if any(folder.glob("fontlist-*.json")):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    # Built aside and renamed into place: a kernel starting meanwhile never copies half a file.
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=folder))
+    env = {**_base_env(), "MPLCONFIGDIR": str(work), "HOME": str(work)}
+    try:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(
+                [python.executable, "-c", "import matplotlib.font_manager"],
+                env=env, capture_output=True, timeout=300, check=False,
+            )  # fmt: skip
+        for built in work.glob("fontlist-*.json"):
+            os.replace(built, folder / built.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _visible(paths: Sequence[str]) -> tuple[str, ...]:
     """Each path and its symlink-free form, minus what the system folders or a parent already show."""
     found: set[str] = set()
@@ -215,13 +241,30 @@ class LaunchPaths:
     def create(cls, data_dir: Path) -> LaunchPaths:
         # Unix socket paths are limited to ~107 bytes, so the sockets live in a short temp path
         # rather than next to the data (whose root may be deep in the user's home).
-        base = Path(tempfile.mkdtemp(prefix="cim-", dir=_short_tmp()))
+        base = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX, dir=_short_tmp()))
         (base / "k").mkdir()
         (base / "r").mkdir()
+        (base / "owner").write_text(str(os.getpid()))
         return cls(data_dir=data_dir, runtime_dir=base / "k", mount_dir=base / "r")
 
     def remove(self) -> None:
         shutil.rmtree(self.runtime_dir.parent, ignore_errors=True)
+
+    @staticmethod
+    def remove_stale() -> int:
+        """Remove runtime folders whose owning process is gone (a session that was killed)."""
+        removed = 0
+        for base in Path(_short_tmp()).glob(f"{RUNTIME_PREFIX}*"):
+            try:
+                if base.stat().st_uid != os.getuid():
+                    continue
+                os.kill(int((base / "owner").read_text()), 0)
+            except ProcessLookupError:
+                shutil.rmtree(base, ignore_errors=True)
+                removed += 1
+            except (OSError, ValueError):
+                continue  # still starting, or not ours to judge
+        return removed
 
 
 def _short_tmp() -> str:
@@ -247,6 +290,7 @@ def mount_plan(python: PythonInfo, paths: LaunchPaths, limits: Limits) -> list[t
     ops += [
         ("proc", "/proc"),
         ("dev", "/dev"),
+        ("tmpfs", "/dev/shm", limits.tmpfs_bytes),  # multiprocessing's semaphores live here
         ("tmpfs", "/tmp", limits.tmpfs_bytes),
         ("tmpfs", HOME_INSIDE, limits.tmpfs_bytes),
     ]
@@ -301,13 +345,13 @@ class Isolation:
     def warning(self) -> str | None:
         if self.namespaced:
             return None
-        why = f" ({self.reason})" if self.reason else ""
+        why = self.reason or "user namespaces are not available here"
         return (
-            "Local sandbox isolation is reduced: user namespaces are not available here"
-            f"{why}, so sandbox code runs as you, can read your files and reach the network; only "
-            "resource limits and a clean environment apply, and /mnt/data paths do not exist (the "
-            "working directory is the container's data folder). On Linux install bubblewrap or "
-            "enable unprivileged user namespaces; for untrusted work use the openai backend."
+            f"Local sandbox isolation is reduced ({why}): sandbox code runs as you, can read your "
+            "files and reach the network; only resource limits and a clean environment apply, and "
+            "/mnt/data paths do not exist (the working directory is the container's data folder). "
+            "On Linux install bubblewrap or enable unprivileged user namespaces; for untrusted work "
+            "use the openai backend."
         )
 
     def sandbox_user(self, container_id: str) -> tuple[int, int] | None:
@@ -341,7 +385,6 @@ class Isolation:
             LOGNAME="sandbox",
             MPLCONFIGDIR=f"{runtime}/matplotlib",
             PYTHONDONTWRITEBYTECODE="1",  # no __pycache__ among the container's files
-            PYDEVD_DISABLE_FILE_VALIDATION="1",
             # One BLAS/OpenMP thread and two malloc arenas: each extra thread reserves memory
             # that counts against the limit while doing little on a laptop.
             OPENBLAS_NUM_THREADS="1",

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -105,6 +106,7 @@ class KernelSetup:
     limits: Limits
     user: tuple[int, int] | None = None  # uid/gid the kernel runs as (root hosts only)
     startup_timeout: float = 60.0
+    font_cache: Path | None = None  # matplotlib's font list, built once outside the sandbox
 
 
 class LocalKernel:
@@ -154,9 +156,11 @@ class LocalKernel:
         }
         connection_file = paths.runtime_dir / "kernel.json"
         connection_file.write_text(json.dumps(connection))
-        (paths.runtime_dir / "matplotlib").mkdir()
+        mpl_dir = paths.runtime_dir / "matplotlib"
+        mpl_dir.mkdir()
+        seeded = _seed_font_cache(setup.font_cache, mpl_dir)
         if setup.user:
-            for path in (paths.runtime_dir, connection_file, paths.runtime_dir / "matplotlib"):
+            for path in (paths.runtime_dir, connection_file, mpl_dir, *seeded):
                 os.chown(path, *setup.user)
         read_fd, write_fd = os.pipe()
         argv = isolation.command(
@@ -281,6 +285,22 @@ class LocalKernel:
             status = f"signal {-code}" if code < 0 else f"exit {code}"
         self._reason = _describe_status(status)
         return self._reason
+
+
+def _seed_font_cache(source: Path | None, target: Path) -> list[Path]:
+    """Copy matplotlib's font list into the kernel's private config folder.
+
+    Without it every new kernel rebuilds the list on its first plot (seconds on a desktop with
+    many fonts, announced on stderr); the list is small, and a copy keeps sandboxes from writing
+    to a shared file.
+    """
+    if source is None or not source.is_dir():
+        return []
+    copied = []
+    for font_list in source.glob("fontlist-*.json"):
+        shutil.copyfile(font_list, target / font_list.name)
+        copied.append(target / font_list.name)
+    return copied
 
 
 def _describe_status(status: str) -> str:

@@ -37,7 +37,9 @@ import zmq.asyncio
 from ci_magic.backends.base import ContainerFile, ContainerInfo
 from ci_magic.backends.local.isolation import (
     Isolation,
+    LaunchPaths,
     PythonInfo,
+    build_font_cache,
     detect_isolation,
     limits_for_tier,
     probe_python,
@@ -175,6 +177,8 @@ class SandboxManager:
         self._loaded = False
         self._pool: list[_PoolEntry] = []
         self._pool_tier = "1g"
+        self._font_cache = self.root / ".matplotlib"
+        self._font_cache_task: asyncio.Task[None] | None = None
         self._fill_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._sweep_task: asyncio.Task[None] | None = None
@@ -210,6 +214,11 @@ class SandboxManager:
                         )
                     )
                 self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+                await asyncio.to_thread(LaunchPaths.remove_stale)
+                if "matplotlib" not in python.missing:
+                    self._font_cache_task = asyncio.create_task(
+                        asyncio.to_thread(build_font_cache, python, self._font_cache)
+                    )
                 self._context = new_context()
                 self._setup = (python, isolation)
         return self._setup
@@ -307,6 +316,7 @@ class SandboxManager:
         return container
 
     async def _usable(self, container_id: str) -> _Container:
+        await self._ready()  # a container from an earlier session may be the first thing we touch
         container = await self._lookup(container_id)
         if container is None:
             raise SandboxError(
@@ -396,6 +406,12 @@ class SandboxManager:
         container = await self._known(container_id)
         await asyncio.to_thread(self._sync_files, container)
         return [_as_file(container.id, path, rec) for path, rec in sorted(container.files.items())]
+
+    async def get_file(self, container_id: str, file_id: str) -> ContainerFile:
+        """One file's metadata (OpenAI's "retrieve container file")."""
+        container = await self._known(container_id)
+        relative = await self._path_of(container, file_id)
+        return _as_file(container.id, relative, container.files[relative])
 
     async def download(self, container_id: str, file_id: str) -> bytes:
         container = await self._known(container_id)
@@ -517,7 +533,7 @@ class SandboxManager:
     async def aclose(self) -> None:
         """Kill every kernel and the pool; the containers' files stay until they expire."""
         self._closed = True
-        for task in (self._fill_task, self._sweep_task):
+        for task in (self._fill_task, self._sweep_task, self._font_cache_task):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -563,6 +579,7 @@ class SandboxManager:
             data_dir=self._data_dir(cid),
             limits=limits_for_tier(memory_limit),
             user=isolation.sandbox_user(cid),
+            font_cache=self._font_cache,
         )
         return LocalKernel(setup, context=self._context)
 
