@@ -16,7 +16,9 @@ cells = [
         "(`CI_MAGIC_MODEL_BASE_URL`). See the README for configuration."
     ),
     new_code_cell("%load_ext ci_magic\n%ci_status"),
-    new_markdown_cell("## Ask for an analysis\nThe code streams in live; the chart, the table and the file stay in the cell."),
+    new_markdown_cell(
+        "## Ask for an analysis\nThe code streams in live; the chart, the table and the file stay in the cell."
+    ),
     new_code_cell("%%ci\nLoad the numbers 1..100, plot their squares and save the table as squares.csv"),
     new_markdown_cell(
         "## Bring the file back\n`%ci_pull` downloads a container file into the output folder and binds it as a "
@@ -41,12 +43,17 @@ cells = [
     ),
     new_code_cell("%%ci\nSummarize sales_df and plot revenue by month"),
     new_code_cell("%ci_files"),
-    new_markdown_cell("## Run code directly\n`%%ci_exec` runs the cell's code verbatim in the same container."),
+    new_markdown_cell(
+        "## Run code directly\n`%%ci_exec` runs the cell's code verbatim in the same container."
+    ),
     new_code_cell("%%ci_exec\nimport os\nprint(sorted(os.listdir('/mnt/data')))"),
     new_code_cell("%ci_status"),
 ]
 
-notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+notebook = new_notebook(
+    cells=cells,
+    metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+)
 path = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 nbformat.write(notebook, path)
 print(f"wrote {path}")

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -367,12 +368,12 @@ def test_without_namespaces_isolation_is_reduced_and_said_so_once(
 
 
 UNPRIVILEGED_SCRIPT = """
-import asyncio, json, socket, sys, tempfile
+import asyncio, json, os, sys
 from pathlib import Path
 from ci_magic.backends.local.sandbox import SandboxManager
 
 async def main(port, canary):
-    manager = SandboxManager(Path(tempfile.mkdtemp()), pool_size=0)
+    manager = SandboxManager(Path(os.environ["HOME"]) / "containers", pool_size=0)
     info = await manager.create(name="unprivileged")
     code = (
         "import os, socket\\n"
@@ -390,8 +391,17 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
 """
 
 
+@pytest.fixture
+def nobody_home() -> Iterator[Path]:
+    """A home folder nobody can reach (pytest's own tmp_path sits below a root-only folder)."""
+    home = Path(tempfile.mkdtemp(prefix="ci-magic-nobody-"))
+    os.chown(home, 65534, 65534)
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
 def test_an_unprivileged_user_gets_the_same_isolation(
-    tmp_path: Path, host_server: tuple[int, list[socket.socket]]
+    nobody_home: Path, host_server: tuple[int, list[socket.socket]]
 ) -> None:
     """As root, re-run the network and home checks as ``nobody`` (a user namespace, not a uid switch).
 
@@ -407,23 +417,21 @@ def test_an_unprivileged_user_gets_the_same_isolation(
     # start an interpreter nobody cannot really read; sh's exec happens as plain nobody.
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     as_nobody += ["/bin/sh", "-c", 'exec "$0" "$@"']
-    home = tmp_path / "home"
-    home.mkdir()
-    canary = home / "canary.txt"
+    canary = nobody_home / "canary.txt"
     canary.write_text("private")
-    os.chown(home, 65534, 65534)
-    tmp_path.chmod(0o755)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(home)}
+    os.chown(canary, 65534, 65534)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(nobody_home), "TMPDIR": str(nobody_home)}
+    can_run = "import sys, ci_magic.backends.local.sandbox; print(open(sys.argv[1]).read())"
     check = subprocess.run(
-        [*as_nobody, python, "-c", "import ci_magic.backends.local.sandbox"],
-        env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [*as_nobody, python, "-c", can_run, str(canary)], env=env, capture_output=True, text=True, check=False
+    )
     if check.returncode != 0:
         why = check.stderr.strip().splitlines()[-1:]
         pytest.skip(
             f"nobody cannot run {python} with ci_magic importable ({why}); "
             "set CI_MAGIC_UNPRIVILEGED_PYTHON to an interpreter nobody can read"
         )
+    assert check.stdout == "private\n"  # outside the sandbox, nobody sees its own home
     port, accepted = host_server
     done = subprocess.run(
         [*as_nobody, python, "-c", UNPRIVILEGED_SCRIPT, str(port), str(canary)],

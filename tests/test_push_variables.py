@@ -646,3 +646,15 @@ def test_replacing_a_file_the_backend_no_longer_has_is_not_an_error(container, r
     [again] = asyncio.run(push(backend, cid, registry, [PushItem("cfg", {"v": 2})]))
     assert again.status == "replaced"
     assert json.loads(backend.content(cid, "cfg.json")) == {"v": 2}
+
+
+def test_the_private_spool_exists_only_while_needed(backend, container) -> None:
+    registry = PushRegistry()
+    send(backend, container, registry, cfg={"v": 1})
+    spool = registry.get("cfg").spool
+    assert spool is not None and spool.read_bytes() == b'{"v": 1}'
+    send(backend, container, registry, cfg={"v": 2})
+    assert not spool.exists()  # the replaced bytes are gone
+    folder = registry.spool_dir
+    registry.close()
+    assert not folder.exists()

@@ -1,7 +1,8 @@
 """Notebook values <-> container files.
 
 ``prepare`` classifies a value and fingerprints it without serializing (so an unchanged variable
-costs a hash, not an encode); ``Prepared.encode`` writes it with pandas/pyarrow/numpy writers.
+costs a hash or a snapshot check, never an encode); ``Prepared.encode`` writes it with
+pandas/pyarrow/numpy writers.
 ``decode`` turns a downloaded file back into an object by its extension. Nothing here unpickles.
 
 Parquet settings were measured on a 1,000,000 x 10 mixed frame (2 cores, `bench_variables.py
@@ -41,6 +42,7 @@ __all__ = [
     "file_reader",
     "is_data_like",
     "kind_of",
+    "loader_line",
     "prepare",
 ]
 
@@ -84,28 +86,12 @@ _ALIASES = {
 }
 _PARQUET_OPTIONS: dict[str, Any] = {"compression": "lz4", "write_statistics": False}
 
-_TEXT_EXTS = {
-    "txt",
-    "md",
-    "log",
-    "py",
-    "sql",
-    "rst",
-    "tex",
-    "yaml",
-    "yml",
-    "toml",
-    "ini",
-    "cfg",
-    "html",
-    "htm",
-    "xml",
-    "svg",
-    "js",
-    "css",
-    "sh",
-    "r",
-}
+# fmt: off
+_TEXT_EXTS = frozenset({
+    "txt", "md", "log", "py", "sql", "rst", "tex", "yaml", "yml", "toml", "ini", "cfg", "html", "htm", "xml",
+    "svg", "js", "css", "sh", "r",
+})
+# fmt: on
 _IMAGE_MIME = {
     "png": "image/png",
     "jpg": "image/jpeg",
@@ -199,7 +185,12 @@ class EncodedValue:
         return self.loader_for(f"/mnt/data/{self.filename}")
 
     def loader_for(self, container_path: str) -> str:
-        return self.reader.replace("{path}", repr(container_path))
+        return loader_line(self.reader, container_path)
+
+
+def loader_line(reader: str, container_path: str) -> str:
+    """A loader template (``{path}`` placeholder) for the file at ``container_path``."""
+    return reader.replace("{path}", repr(container_path))
 
 
 @dataclass
@@ -497,7 +488,7 @@ def _encode_frame(p: Prepared) -> EncodedValue:
     series = p.kind == "series"
     frame = p.value.to_frame(name=p.value.name if p.value.name is not None else p.name) if series else p.value
     with_index = not _default_index(frame.index)
-    fmt, note = p.fmt, ""
+    fmt = p.fmt
     try:
         if fmt in ("parquet", "feather"):
             import pyarrow as pa
@@ -505,17 +496,14 @@ def _encode_frame(p: Prepared) -> EncodedValue:
             try:
                 table = pa.Table.from_pandas(frame, preserve_index=None)
             except (pa.ArrowException, ValueError, TypeError) as exc:
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
                 if p.requested:
                     raise VariableError(
-                        f"`{p.name}` cannot be written as {fmt} ({type(exc).__name__}: {exc}). "
-                        "Use --format csv, "
-                        "or fix the column (e.g. `df[col] = df[col].astype(str)` for mixed types)."
+                        f"`{p.name}` cannot be written as {fmt} ({why}). Use --format csv, or fix the "
+                        "column (e.g. `df[col] = df[col].astype(str)` for mixed types)."
                     ) from exc
-                fmt, note = (
-                    "csv",
-                    f"Parquet cannot hold this frame ({exc}); sent as CSV, so dtypes are not kept",
-                )
-                return _encode_frame_text(p, frame, fmt, with_index, series, note)
+                note = f"Parquet cannot hold this frame ({why}); sent as CSV, so dtypes are not kept"
+                return _encode_frame_text(p, frame, "csv", with_index, series, note)
             if fmt == "parquet":
                 data = _parquet_bytes(table)
             else:
@@ -534,7 +522,7 @@ def _encode_frame(p: Prepared) -> EncodedValue:
             records = frame.reset_index() if with_index else frame
             data = records.to_json(orient="records", date_format="iso", force_ascii=False).encode("utf-8")
             return p.encoded(data, _frame_reader(p.name, fmt, False, series))
-        return _encode_frame_text(p, frame, fmt, with_index, series, note)
+        return _encode_frame_text(p, frame, fmt, with_index, series, "")
     except ImportError as exc:
         raise VariableError(
             f"Writing `{p.name}` as {fmt} needs a package that is not installed ({exc.name}). Install it "
@@ -542,7 +530,7 @@ def _encode_frame(p: Prepared) -> EncodedValue:
         ) from exc
     except (ValueError, TypeError) as exc:
         raise VariableError(
-            f"`{p.name}` cannot be written as {fmt} ({type(exc).__name__}: {exc}). "
+            f"`{p.name}` cannot be written as {fmt} ({type(exc).__name__}: {str(exc)[:200]}). "
             "Try --format parquet or csv."
         ) from exc
 
@@ -696,6 +684,10 @@ def _pandas(reader: str, **kwargs: Any) -> Callable[[bytes], Any]:
     return read
 
 
+def _read_json_lines(data: bytes) -> list[Any]:
+    return [json.loads(line) for line in data.decode("utf-8-sig").splitlines() if line.strip()]
+
+
 def _numpy_load(data: bytes) -> Any:
     import numpy as np
 
@@ -715,16 +707,8 @@ _DECODERS: dict[str, tuple[str, str, Callable[[bytes], Any]]] = {
     "npy": ("NumPy .npy (pickles refused)", "ndarray", _numpy_load),
     "npz": ("NumPy .npz (pickles refused)", "arrays", _read_npz),
     "json": ("JSON", "json", lambda data: json.loads(data.decode("utf-8-sig"))),
-    "jsonl": (
-        "JSON lines",
-        "json",
-        lambda data: [json.loads(line) for line in data.decode("utf-8-sig").splitlines() if line.strip()],
-    ),
-    "ndjson": (
-        "JSON lines",
-        "json",
-        lambda data: [json.loads(line) for line in data.decode("utf-8-sig").splitlines() if line.strip()],
-    ),
+    "jsonl": ("JSON lines", "json", _read_json_lines),
+    "ndjson": ("JSON lines", "json", _read_json_lines),
 }
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ci_magic.variables.codecs import loader_line
 from ci_magic.variables.schema import render_card
 from ci_magic.variables.snapshot import FrameSnapshot
 
@@ -64,7 +65,7 @@ class PushedFile:
 
     @property
     def loader(self) -> str:
-        return self.reader.replace("{path}", repr(self.path))
+        return loader_line(self.reader, self.path)
 
     @property
     def card(self) -> str:
@@ -78,15 +79,20 @@ class PushRegistry:
     """Pushed files keyed by name (variable name, or file name for paths); one per session."""
 
     def __init__(self, spool_dir: Path | None = None) -> None:
+        """``spool_dir``: where pushed bytes are kept for re-uploads (default: a private temporary
+        folder, made on the first push and removed with the registry)."""
         self._entries: dict[str, PushedFile] = {}
-        if spool_dir is None:
-            spool_dir = Path(tempfile.mkdtemp(prefix="ci-magic-push-"))
-            # The spool is private scratch space: removed when the registry goes away.
-            self._cleanup = weakref.finalize(self, shutil.rmtree, spool_dir, ignore_errors=True)
+        self._spool_dir = spool_dir
+        self._cleanup: weakref.finalize | None = None
+
+    @property
+    def spool_dir(self) -> Path:
+        if self._spool_dir is None:
+            self._spool_dir = Path(tempfile.mkdtemp(prefix="ci-magic-push-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._spool_dir, ignore_errors=True)
         else:
-            spool_dir.mkdir(parents=True, exist_ok=True)
-            self._cleanup = None
-        self.spool_dir = spool_dir
+            self._spool_dir.mkdir(parents=True, exist_ok=True)
+        return self._spool_dir
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -7,8 +7,8 @@ from an earlier session is used again. The files outlive all of that.
 
 Files carry stable ids (``cfile_<hex>``) and a ``source``: ``user`` for uploads, ``assistant``
 for files the code wrote (discovered by scanning). Reading the folder back never follows a
-symlink: the sandbox can create any symlink it likes in /mnt/data, and the host must not read
-through it. Idle expiry is enforced lazily on every access and by a cheap periodic sweep.
+symlink (:mod:`.datadir`): the sandbox can create any symlink it likes in /mnt/data, and the host
+must not read through it. Idle expiry is enforced lazily on every access and by a cheap periodic sweep.
 
 A warm pool of already-started kernels (each with its own empty data folder) makes ``create``
 return a container that answers immediately.
@@ -18,23 +18,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
 import re
 import secrets
-import shutil
-import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import zmq.asyncio
 
 from ci_magic.backends.base import ContainerFile, ContainerInfo
+from ci_magic.backends.local.datadir import (
+    DATA_PREFIX,
+    container_path,
+    delete_file,
+    read_file,
+    remove_tree,
+    scan,
+    write_file,
+)
 from ci_magic.backends.local.isolation import (
     Isolation,
     LaunchPaths,
@@ -55,14 +61,9 @@ log = logging.getLogger(__name__)
 CONTAINER_ID = re.compile(r"^cntr_[0-9a-f]{32}$")
 META = "container.json"
 DATA = "data"
-DATA_PREFIX = "/mnt/data/"
 SWEEP_SECONDS = 30.0
 STALE_POOL_SECONDS = 24 * 3600  # folders of pool kernels a crashed session left behind
 EXPIRED_KEEP_SECONDS = 7 * 24 * 3600  # expired containers' files stay this long, then go
-MAX_SCAN_ENTRIES = 20_000
-MAX_SCAN_DEPTH = 32
-UPLOAD_TEMP = re.compile(r"^\.ci-magic-[0-9a-f]{16}\.upload$")  # an upload still being written
-OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def default_root() -> Path:
@@ -300,7 +301,7 @@ class SandboxManager:
             return
         await self._stop_kernel(container)
         self._containers.pop(container.id, None)
-        await asyncio.to_thread(_remove_tree, self._folder(container.id))
+        await asyncio.to_thread(remove_tree, self._folder(container.id))
 
     async def _lookup(self, container_id: str) -> _Container | None:
         if not CONTAINER_ID.match(container_id or ""):
@@ -387,7 +388,7 @@ class SandboxManager:
 
     async def upload(self, container_id: str, filename: str, source: Path | bytes) -> ContainerFile:
         container = await self._usable(container_id)
-        relative = _container_path(filename)
+        relative = container_path(filename)
         if isinstance(source, (bytes, bytearray, memoryview)):
             payload: bytes | Path = bytes(source)
         else:
@@ -395,7 +396,7 @@ class SandboxManager:
             if not payload.is_file():
                 raise ContainerFileError(f"Cannot upload {str(source)!r}: it is not a readable file.")
         user = self._sandbox_user(container.id)
-        size = await asyncio.to_thread(_write_file, self._data_dir(container.id), relative, payload, user)
+        size = await asyncio.to_thread(write_file, self._data_dir(container.id), relative, payload, user)
         record = _FileRecord(id=_new_id("cfile_"), created_at=int(self._clock()), source="user", bytes=size)
         container.files[relative] = record
         container.touch(self._clock())
@@ -417,7 +418,7 @@ class SandboxManager:
         container = await self._known(container_id)
         relative = await self._path_of(container, file_id)
         try:
-            return await asyncio.to_thread(_read_file, self._data_dir(container.id), relative)
+            return await asyncio.to_thread(read_file, self._data_dir(container.id), relative)
         except FileNotFoundError:
             container.files.pop(relative, None)
             self._save(container)
@@ -428,7 +429,7 @@ class SandboxManager:
     async def delete_file(self, container_id: str, file_id: str) -> None:
         container = await self._known(container_id)
         relative = await self._path_of(container, file_id)
-        await asyncio.to_thread(_delete_file, self._data_dir(container.id), relative)
+        await asyncio.to_thread(delete_file, self._data_dir(container.id), relative)
         container.files.pop(relative, None)
         container.touch(self._clock())
         self._save(container)
@@ -450,7 +451,7 @@ class SandboxManager:
 
     def _sync_files(self, container: _Container) -> None:
         """Bring the file table up to date with the folder: new files are the assistant's."""
-        found = dict(_scan(self._data_dir(container.id)))
+        found = dict(scan(self._data_dir(container.id)))
         changed = False
         for path in list(container.files):
             if path not in found:
@@ -515,7 +516,7 @@ class SandboxManager:
         with contextlib.suppress(BaseException):
             await entry.starting
         await entry.kernel.kill()
-        await asyncio.to_thread(_remove_tree, self._folder(entry.id))
+        await asyncio.to_thread(remove_tree, self._folder(entry.id))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -620,12 +621,12 @@ class SandboxManager:
                 continue
             if container is None:
                 if age > STALE_POOL_SECONDS:
-                    _remove_tree(folder)
+                    remove_tree(folder)
                 continue
             if container.status == "running" and now >= container.expires_at:
                 container.status = "expired"
             if container.status == "expired" and now - container.expires_at > EXPIRED_KEEP_SECONDS:
-                _remove_tree(folder)
+                remove_tree(folder)
                 continue
             self._containers[container.id] = container
 
@@ -655,152 +656,3 @@ def _as_file(cid: str, relative: str, record: _FileRecord) -> ContainerFile:
         created_at=record.created_at,
         source=record.source,
     )
-
-
-def _container_path(filename: str) -> str:
-    """``filename`` as a clean path below /mnt/data, or a ContainerFileError saying why not."""
-    name = filename[len(DATA_PREFIX) :] if filename.startswith(DATA_PREFIX) else filename
-    parts = PurePosixPath(name).parts if name else ()
-    bad = (
-        not parts
-        or "\x00" in name
-        or "\\" in name
-        or name.startswith("/")
-        or any(part in (".", "..") for part in name.split("/"))
-    )
-    if bad:
-        raise ContainerFileError(
-            f"The file name {filename!r} would not land inside /mnt/data: use a relative name such as "
-            "'sales.csv' or 'inputs/sales.csv', without '..', a leading '/' or backslashes."
-        )
-    return "/".join(parts)
-
-
-@contextlib.contextmanager
-def _open_dirs(
-    data_dir: Path, parts: tuple[str, ...], *, create: bool = False, user: tuple[int, int] | None = None
-) -> Iterator[int]:
-    """A descriptor of data_dir/parts..., refusing symlinks at every step (no TOCTOU window)."""
-    fd = os.open(data_dir, OPEN_DIR)
-    try:
-        for part in parts:
-            try:
-                next_fd = os.open(part, OPEN_DIR, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                os.mkdir(part, 0o755, dir_fd=fd)
-                next_fd = os.open(part, OPEN_DIR, dir_fd=fd)
-                if user:
-                    os.fchown(next_fd, *user)
-            except OSError as err:
-                if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise ContainerFileError(
-                        f"/mnt/data/{'/'.join(parts)} goes through {part!r}, which is a symlink or a file, "
-                        "not a folder; ci-magic does not follow links created in the sandbox."
-                    ) from None
-                raise
-            os.close(fd)
-            fd = next_fd
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _write_file(data_dir: Path, relative: str, payload: bytes | Path, user: tuple[int, int] | None) -> int:
-    *folders, name = relative.split("/")
-    with _open_dirs(data_dir, tuple(folders), create=True, user=user) as dir_fd:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                raise ContainerFileError(f"/mnt/data/{relative} is a folder; choose another file name.")
-        tmp = f".ci-magic-{secrets.token_hex(8)}.upload"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if isinstance(payload, Path):
-                    with payload.open("rb") as src:
-                        shutil.copyfileobj(src, out, 1 << 20)
-                else:
-                    out.write(payload)
-                if user:
-                    os.fchown(out.fileno(), *user)
-                size = out.tell()
-            # rename replaces a symlink itself, never what it points to.
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
-    return size
-
-
-def _read_file(data_dir: Path, relative: str) -> bytes:
-    *folders, name = relative.split("/")
-    with _open_dirs(data_dir, tuple(folders)) as dir_fd:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise ContainerFileError(
-                    f"/mnt/data/{relative} is a symlink; ci-magic does not read through links created "
-                    "in the sandbox."
-                ) from None
-            raise
-        with os.fdopen(fd, "rb") as src:
-            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
-                raise ContainerFileError(f"/mnt/data/{relative} is not a regular file.")
-            return src.read()
-
-
-def _delete_file(data_dir: Path, relative: str) -> None:
-    *folders, name = relative.split("/")
-    with _open_dirs(data_dir, tuple(folders)) as dir_fd, contextlib.suppress(FileNotFoundError):
-        os.unlink(name, dir_fd=dir_fd)
-
-
-def _scan(data_dir: Path) -> Iterator[tuple[str, tuple[int, float]]]:
-    """Regular files below data_dir as (relative path, (size, mtime)); symlinks are skipped."""
-    count = 0
-
-    def walk(dir_fd: int, prefix: str, depth: int) -> Iterator[tuple[str, tuple[int, float]]]:
-        nonlocal count
-        with os.scandir(dir_fd) as entries:
-            listed = list(entries)
-        for entry in listed:
-            count += 1
-            if count > MAX_SCAN_ENTRIES:
-                return
-            if entry.is_symlink() or UPLOAD_TEMP.match(entry.name):
-                continue
-            if entry.is_file(follow_symlinks=False):
-                info = entry.stat(follow_symlinks=False)
-                yield prefix + entry.name, (info.st_size, info.st_mtime)
-            elif entry.is_dir(follow_symlinks=False) and depth < MAX_SCAN_DEPTH:
-                try:
-                    child = os.open(entry.name, OPEN_DIR, dir_fd=dir_fd)
-                except OSError:
-                    continue  # replaced by a symlink meanwhile, or unreadable
-                try:
-                    yield from walk(child, f"{prefix}{entry.name}/", depth + 1)
-                finally:
-                    os.close(child)
-
-    try:
-        top = os.open(data_dir, OPEN_DIR)
-    except FileNotFoundError:
-        return
-    try:
-        yield from walk(top, "", 0)
-    finally:
-        os.close(top)
-
-
-def _remove_tree(path: Path) -> None:
-    def retry(function, target, _exc) -> None:  # shutil's onerror signature
-        # Code in the sandbox may have left read-only folders behind.
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(target), 0o700)
-            function(target)
-
-    if path.exists():
-        shutil.rmtree(path, onerror=retry)

@@ -1,0 +1,87 @@
+"""With no OpenAI key, %%ci runs in the local sandbox, driven by an OpenAI-compatible chat model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.notebook_support import kernel_env, output_text, run_cells, texts_by_mime
+from tests.servers.chat_server import quickstart
+
+pytestmark = pytest.mark.slow
+
+
+def local_env(model_base_url: str | None) -> dict[str, str | None]:
+    return {
+        "OPENAI_API_KEY": None,
+        "AZURE_OPENAI_API_KEY": None,
+        "CI_MAGIC_BACKEND": None,  # local is the default without a key
+        "CI_MAGIC_MODEL_BASE_URL": model_base_url,
+        "CI_MAGIC_MODEL": None,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+
+
+def errors_of(cell) -> list:
+    return [o for o in cell.outputs if o.output_type == "error"]
+
+
+def test_prompt_streams_code_runs_it_locally_and_files_come_back(chat_server, tmp_path: Path) -> None:
+    server = chat_server(quickstart)
+    cells = [
+        "%load_ext ci_magic",
+        "%%ci\nLoad the numbers 1..100, plot their squares and save the table as squares.csv",
+        "squares = %ci_pull squares.csv\nprint(type(squares).__name__, squares.shape, int(squares.iloc[-1, -1]))",
+        "%%ci_exec\nimport os\nprint(os.getcwd(), sorted(os.listdir('.')))",
+        "%ci_status",
+    ]
+    with kernel_env(**local_env(server.base_url)):
+        notebook = run_cells(cells, tmp_path, timeout=180)
+    ci_cell = notebook.cells[1]
+    assert not errors_of(ci_cell), output_text(ci_cell)
+    text = output_text(ci_cell)
+    assert "** 2" in text or "**2" in text, "the model's code is shown"
+    assert texts_by_mime(ci_cell, "image/png"), "the chart from the sandbox kernel is inline"
+    assert any("squares.csv" in md for md in texts_by_mime(ci_cell, "text/markdown"))
+    saved = pd.read_csv(tmp_path / "ci_outputs" / "squares.csv")
+    assert saved.shape[0] == 100
+    assert "DataFrame (100, 2) 10000" in output_text(notebook.cells[2])
+    exec_text = output_text(notebook.cells[3])
+    assert not errors_of(notebook.cells[3]), exec_text
+    assert "/mnt/data" in exec_text and "squares.csv" in exec_text
+    status = output_text(notebook.cells[4])
+    assert "local" in status and "cntr_" in status
+    chat_requests = server.chat_requests
+    assert chat_requests and chat_requests[0].body["tools"][0]["function"]["name"] == "python"
+
+
+def test_without_a_model_server_prompts_explain_and_exec_still_works(tmp_path: Path) -> None:
+    cells = ["%load_ext ci_magic", "%%ci\nHello", "%%ci_exec\nprint(6 * 7)"]
+    with kernel_env(**local_env(None)):
+        notebook = run_cells(cells, tmp_path, timeout=180)
+    errors = errors_of(notebook.cells[1])
+    assert len(errors) == 1
+    message = "\n".join(errors[0].traceback)
+    assert "model_base_url" in message and "CI_MAGIC_MODEL_BASE_URL" in message and "%%ci_exec" in message
+    assert "Traceback" not in message
+    assert not errors_of(notebook.cells[2]), output_text(notebook.cells[2])
+    assert "42" in output_text(notebook.cells[2])
+
+
+def test_dataframe_named_in_prompt_reaches_the_sandbox_with_its_schema_card(chat_server, tmp_path: Path) -> None:
+    server = chat_server(quickstart)
+    cells = [
+        "%load_ext ci_magic",
+        "import pandas as pd\nsales_df = pd.DataFrame({'region': ['n', 's', 'e'], 'revenue': [1.5, 2.5, 3.0]})",
+        "%%ci\nWhat is the total revenue in sales_df?",
+        "%%ci_exec\nimport pandas as pd\nprint(pd.read_parquet('/mnt/data/sales_df.parquet').revenue.sum())",
+    ]
+    with kernel_env(**local_env(server.base_url)):
+        notebook = run_cells(cells, tmp_path, timeout=180)
+    assert not errors_of(notebook.cells[2]), output_text(notebook.cells[2])
+    user_message = next(m for m in server.chat_requests[0].messages if m["role"] == "user")
+    content = user_message["content"] if isinstance(user_message["content"], str) else str(user_message["content"])
+    assert "/mnt/data/sales_df.parquet" in content and "revenue" in content and "float64" in content
+    assert "7.0" in output_text(notebook.cells[3])
