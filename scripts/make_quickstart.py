@@ -17,11 +17,13 @@ cells = [
     ),
     new_code_cell("%load_ext ci_magic\n%ci_status"),
     new_markdown_cell(
-        "## Ask for an analysis\nThe code streams in live; the chart, the table and the file stay in the cell."
+        "## Ask for an analysis\n"
+        "The code streams in live; the chart, the table and the file stay in the cell."
     ),
     new_code_cell("%%ci\nLoad the numbers 1..100, plot their squares and save the table as squares.csv"),
     new_markdown_cell(
-        "## Bring the file back\n`%ci_pull` downloads a container file into the output folder and binds it as a "
+        "## Bring the file back\n"
+        "`%ci_pull` downloads a container file into the output folder and binds it as a "
         "Python object: a CSV becomes a DataFrame."
     ),
     new_code_cell("squares = %ci_pull squares.csv\nsquares.tail()"),

@@ -20,7 +20,7 @@ from nbconvert import HTMLExporter
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.browser.processes import BackgroundProcess  # noqa: E402
+from tests.browser.processes import BackgroundProcess
 
 
 def main() -> int:

@@ -103,7 +103,9 @@ def output_text(cell: Mapping[str, Any]) -> str:
         if output.get("output_type") == "stream":
             parts.append(output.get("text", ""))
         elif output.get("output_type") == "error":
-            parts.append(f"{output.get('ename')}: {output.get('evalue')}\n" + "\n".join(output.get("traceback", [])))
+            parts.append(
+                f"{output.get('ename')}: {output.get('evalue')}\n" + "\n".join(output.get("traceback", []))
+            )
         for mime in ("text/plain", "text/markdown", "text/html"):
             value = output.get("data", {}).get(mime)
             if value:

@@ -34,7 +34,9 @@ def execute(client, code: str, *, timeout: float = 60, on_output=None) -> tuple[
     return reply["content"], outputs
 
 
-def test_interrupt_during_stream_keeps_kernel_container_and_conversation(openai_server, tmp_path: Path) -> None:
+def test_interrupt_during_stream_keeps_kernel_container_and_conversation(
+    openai_server, tmp_path: Path
+) -> None:
     with kernel_env(**openai_env(openai_server.url)):
         manager, client = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
     try:
@@ -43,7 +45,9 @@ def test_interrupt_during_stream_keeps_kernel_container_and_conversation(openai_
         reply, _ = execute(client, "%%ci\nWhat is in /mnt/data?")
         assert reply["status"] == "ok"
         _, printed = execute(client, "print(_ci.response_id)")
-        first_response_id = "".join(m["content"].get("text", "") for m in printed if m["msg_type"] == "stream").strip()
+        first_response_id = "".join(
+            m["content"].get("text", "") for m in printed if m["msg_type"] == "stream"
+        ).strip()
         assert first_response_id.startswith("resp_")
 
         openai_server.event_delay = 0.1  # ~230 events: the turn would take over 20 s

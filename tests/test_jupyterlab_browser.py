@@ -9,6 +9,8 @@ with ``CI_MAGIC_UPDATE_SCREENSHOT=1`` the finished quickstart cell is also copie
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -146,6 +148,8 @@ def visit_notebook(page: LabPage, lab: JupyterLab, visit: Visit) -> None:
         page.run_cell_and_wait(index, timeout=CELL_TIMEOUT)
     page.run_cell(visit.quickstart_index)
     watch_streaming(page, visit.quickstart_index, visit)
+    timeline = [dataclasses.asdict(sample) for sample in visit.samples]
+    (ARTIFACTS / "quickstart-timeline.json").write_text(json.dumps(timeline, indent=1, ensure_ascii=False))
     visit.quickstart = page.wait_until_executed(visit.quickstart_index, timeout=CELL_TIMEOUT)
     shot = page.cell_screenshot(visit.quickstart_index, "quickstart-output")
     if os.environ.get("CI_MAGIC_UPDATE_SCREENSHOT") == "1":

@@ -33,7 +33,8 @@ def test_prompt_streams_code_runs_it_locally_and_files_come_back(chat_server, tm
     cells = [
         "%load_ext ci_magic",
         "%%ci\nLoad the numbers 1..100, plot their squares and save the table as squares.csv",
-        "squares = %ci_pull squares.csv\nprint(type(squares).__name__, squares.shape, int(squares.iloc[-1, -1]))",
+        "squares = %ci_pull squares.csv\n"
+        "print(type(squares).__name__, squares.shape, int(squares.iloc[-1, -1]))",
         "%%ci_exec\nimport os\nprint(os.getcwd(), sorted(os.listdir('.')))",
         "%ci_status",
     ]
@@ -70,11 +71,14 @@ def test_without_a_model_server_prompts_explain_and_exec_still_works(tmp_path: P
     assert "42" in output_text(notebook.cells[2])
 
 
-def test_dataframe_named_in_prompt_reaches_the_sandbox_with_its_schema_card(chat_server, tmp_path: Path) -> None:
+def test_dataframe_named_in_prompt_reaches_the_sandbox_with_its_schema_card(
+    chat_server, tmp_path: Path
+) -> None:
     server = chat_server(quickstart)
     cells = [
         "%load_ext ci_magic",
-        "import pandas as pd\nsales_df = pd.DataFrame({'region': ['n', 's', 'e'], 'revenue': [1.5, 2.5, 3.0]})",
+        "import pandas as pd\n"
+        "sales_df = pd.DataFrame({'region': ['n', 's', 'e'], 'revenue': [1.5, 2.5, 3.0]})",
         "%%ci\nWhat is the total revenue in sales_df?",
         "%%ci_exec\nimport pandas as pd\nprint(pd.read_parquet('/mnt/data/sales_df.parquet').revenue.sum())",
     ]
@@ -82,6 +86,8 @@ def test_dataframe_named_in_prompt_reaches_the_sandbox_with_its_schema_card(chat
         notebook = run_cells(cells, tmp_path, timeout=180)
     assert not errors_of(notebook.cells[2]), output_text(notebook.cells[2])
     user_message = next(m for m in server.chat_requests[0].messages if m["role"] == "user")
-    content = user_message["content"] if isinstance(user_message["content"], str) else str(user_message["content"])
+    content = (
+        user_message["content"] if isinstance(user_message["content"], str) else str(user_message["content"])
+    )
     assert "/mnt/data/sales_df.parquet" in content and "revenue" in content and "float64" in content
     assert "7.0" in output_text(notebook.cells[3])

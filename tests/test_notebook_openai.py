@@ -24,7 +24,12 @@ def responses_requests(server) -> list:
 def test_quickstart_cell_shows_code_chart_table_file_and_answer(openai_server, tmp_path: Path) -> None:
     with kernel_env(**openai_env(openai_server.url)):
         notebook = run_cells(
-            ["%load_ext ci_magic", QUICKSTART_PROMPT, "print(_ci.container_id, len(_ci.calls))", "%ci_status"],
+            [
+                "%load_ext ci_magic",
+                QUICKSTART_PROMPT,
+                "print(_ci.container_id, len(_ci.calls))",
+                "%ci_status",
+            ],
             tmp_path,
             save_as="saved.ipynb",
         )
@@ -35,7 +40,9 @@ def test_quickstart_cell_shows_code_chart_table_file_and_answer(openai_server, t
     assert "plt.show()" in text  # the second call's code
     assert texts_by_mime(cell, "image/png"), "the chart is shown inline"
     assert any("squares.csv" in md for md in texts_by_mime(cell, "text/markdown")), "the answer as Markdown"
-    assert "sandbox:/mnt/data" not in "".join(texts_by_mime(cell, "text/markdown")), "links point at local copies"
+    assert "sandbox:/mnt/data" not in "".join(texts_by_mime(cell, "text/markdown")), (
+        "links point at local copies"
+    )
     assert (tmp_path / "ci_outputs" / "squares.csv").read_text().startswith("n,square")
     html = "\n".join(texts_by_mime(cell, "text/html"))
     assert "<table" in html and "square" in html and "100 rows" in html, "the csv is previewed as a table"
@@ -47,10 +54,17 @@ def test_quickstart_cell_shows_code_chart_table_file_and_answer(openai_server, t
 def test_second_cell_reuses_container_and_continues_conversation(openai_server, tmp_path: Path) -> None:
     with kernel_env(**openai_env(openai_server.url)):
         notebook = run_cells(
-            ["%load_ext ci_magic", QUICKSTART_PROMPT, "%%ci\nWhat is in /mnt/data now?", "%%ci --new\nStart over."],
+            [
+                "%load_ext ci_magic",
+                QUICKSTART_PROMPT,
+                "%%ci\nWhat is in /mnt/data now?",
+                "%%ci --new\nStart over.",
+            ],
             tmp_path,
         )
-    assert all(o.output_type != "error" for c in notebook.cells for o in c.outputs), output_text(notebook.cells[2])
+    assert all(o.output_type != "error" for c in notebook.cells for o in c.outputs), output_text(
+        notebook.cells[2]
+    )
     creates = [r for r in openai_server.requests if r.method == "POST" and r.path == "/v1/containers"]
     assert len(creates) == 1, "one container per kernel session"
     assert creates[0].json["name"].startswith("ci-magic-")
@@ -66,7 +80,9 @@ def test_second_cell_reuses_container_and_continues_conversation(openai_server, 
 
 @needs_recordings
 @pytest.mark.parametrize("recording", [VERCEL_CHUNKS, PYDANTIC_IMAGE_STREAM])
-def test_replayed_recording_renders_every_call_text_and_images(openai_server, tmp_path: Path, recording) -> None:
+def test_replayed_recording_renders_every_call_text_and_images(
+    openai_server, tmp_path: Path, recording
+) -> None:
     openai_server.responder = Replay(recording)
     with kernel_env(**openai_env(openai_server.url)):
         notebook = run_cells(["%load_ext ci_magic", "%%ci\nReplay the recording"], tmp_path)
@@ -78,15 +94,18 @@ def test_replayed_recording_renders_every_call_text_and_images(openai_server, tm
     for item in done:
         if item["type"] == "code_interpreter_call":
             for line in item["code"].replace("\r\n", "\n").strip().splitlines():
-                assert line.strip() in text.replace("&#x27;", "'").replace("&quot;", '"').replace("&lt;", "<").replace(
-                    "&gt;", ">"
-                ).replace("&amp;", "&"), f"code line missing: {line}"
+                assert line.strip() in text.replace("&#x27;", "'").replace("&quot;", '"').replace(
+                    "&lt;", "<"
+                ).replace("&gt;", ">").replace("&amp;", "&"), f"code line missing: {line}"
     final_text = next(e for e in events if e["type"] == "response.output_text.done")["text"]
     first_words = final_text.split("\n")[0][:40]
     assert any(first_words in md for md in texts_by_mime(cell, "text/markdown"))
     images = texts_by_mime(cell, "image/png")
     has_image_output = any(
-        o.get("type") == "image" for item in done if item["type"] == "code_interpreter_call" for o in item["outputs"] or []
+        o.get("type") == "image"
+        for item in done
+        if item["type"] == "code_interpreter_call"
+        for o in item["outputs"] or []
     )
     if has_image_output:
         assert len(set(images)) == len(images), "the plt.show() image is not shown twice"
@@ -107,7 +126,8 @@ def test_api_errors_show_the_api_message_without_traceback(openai_server, tmp_pa
     openai_server.require_model("gpt-5-mini")
     with kernel_env(**openai_env(openai_server.url)):
         notebook = run_cells(
-            ["%load_ext ci_magic", "%%ci --model no-such-model\nHello", "%%ci\nWhat is in /mnt/data?"], tmp_path
+            ["%load_ext ci_magic", "%%ci --model no-such-model\nHello", "%%ci\nWhat is in /mnt/data?"],
+            tmp_path,
         )
     failed = notebook.cells[1]
     errors = [o for o in failed.outputs if o.output_type == "error"]
@@ -131,8 +151,10 @@ def test_missing_key_explains_how_to_configure(tmp_path: Path) -> None:
 
 
 def test_stream_cut_midway_keeps_what_arrived_and_next_cell_works(openai_server, tmp_path: Path) -> None:
-    openai_server.responder = [[Call("x = 6 * 7\nprint('partial', x)"), Text("The answer is 42.")],
-                               [Call("print(x)"), Text("Still 42.")]]
+    openai_server.responder = [
+        [Call("x = 6 * 7\nprint('partial', x)"), Text("The answer is 42.")],
+        [Call("print(x)"), Text("Still 42.")],
+    ]
     openai_server.cut_stream_after(25)
     with kernel_env(**openai_env(openai_server.url)):
         notebook = run_cells(["%load_ext ci_magic", "%%ci\nCompute 6*7", "%%ci\nPrint x again"], tmp_path)

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def translate(name: str) -> tuple[list, ResultBuilder]:
-    raw = [construct_type(type_=ResponseStreamEvent, value=e.json) for e in load_stream(resolve_recording(name))]
+    raw = [
+        construct_type(type_=ResponseStreamEvent, value=e.json) for e in load_stream(resolve_recording(name))
+    ]
     translator = ResponsesTranslator()
     builder = ResultBuilder("recorded prompt")
     events = []
@@ -36,7 +38,9 @@ def translate(name: str) -> tuple[list, ResultBuilder]:
 
 
 def recorded_calls(name: str) -> list[dict]:
-    completed = [e.json for e in load_stream(resolve_recording(name)) if e.json["type"] == "response.completed"]
+    completed = [
+        e.json for e in load_stream(resolve_recording(name)) if e.json["type"] == "response.completed"
+    ]
     return [item for item in completed[0]["response"]["output"] if item["type"] == "code_interpreter_call"]
 
 
@@ -45,7 +49,9 @@ def test_three_calls_with_logs_and_a_csv_citation() -> None:
     result = builder.result
     expected = recorded_calls(VERCEL_CHUNKS)
     assert [c.code for c in result.calls] == [item["code"] for item in expected]
-    assert [c.logs for c in result.calls] == ["".join(o["logs"] for o in item["outputs"]) for item in expected]
+    assert [c.logs for c in result.calls] == [
+        "".join(o["logs"] for o in item["outputs"]) for item in expected
+    ]
     assert all(c.status == "completed" for c in result.calls)
     assert "sandbox:/mnt/data/roll2dice_sums_10000.csv" in result.text
     assert [c.filename for c in result.citations] == ["roll2dice_sums_10000.csv"]

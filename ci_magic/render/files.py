@@ -152,6 +152,7 @@ def _describe_json(value: object) -> str:
 
 # -- tables -----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Table:
     columns: list[str]

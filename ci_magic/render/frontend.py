@@ -58,6 +58,7 @@ def detect_frontend() -> Frontend:
 
 # -- Jupyter ---------------------------------------------------------------------------------------
 
+
 class _JupyterSlot:
     def __init__(self, handle: Any, bundle: MimeBundle) -> None:
         self._handle = handle
@@ -85,6 +86,7 @@ class JupyterFrontend:
 
 
 # -- terminal --------------------------------------------------------------------------------------
+
 
 class _TerminalSlot:
     def __init__(self, frontend: TerminalFrontend, role: SlotRole) -> None:

@@ -93,6 +93,7 @@ _CALL_LABELS: dict[str, str] = {
 
 # -- pieces: one display each ------------------------------------------------------------------------
 
+
 class _Piece:
     role: ClassVar[SlotRole] = "output"
 
@@ -163,7 +164,7 @@ class _Highlighter:
     def __call__(self, code: str) -> str:
         if not code.startswith(self.source):
             self._reset()  # the code was replaced (CodeDone differs): start over
-        rest = code[len(self.source):]
+        rest = code[len(self.source) :]
         boundary, quotes = self._last_boundary(rest)
         if boundary:
             self.html += highlight(rest[:boundary], _LEXER, _FORMATTER)
@@ -320,6 +321,7 @@ class _Fixed(_Piece):
 
 
 # -- the view ----------------------------------------------------------------------------------------
+
 
 class TurnView:
     """Turns one turn's events into displays on ``frontend``: live while streaming, final at the end."""
@@ -606,11 +608,14 @@ class TurnView:
             f"{b.code_html()}{b.items_html()}</div>"
             for b in blocks
         )
-        return _Fixed(-1, {
-            "text/html": f'<details><summary style="{_SMALL};cursor:pointer">code: {escape(what)}</summary>'
-            f"{inner}</details>",
-            "text/plain": f"code: {what} (hidden by --quiet; the result's .code has it)",
-        })
+        return _Fixed(
+            -1,
+            {
+                "text/html": f'<details><summary style="{_SMALL};cursor:pointer">'
+                f"code: {escape(what)}</summary>{inner}</details>",
+                "text/plain": f"code: {what} (hidden by --quiet; the result's .code has it)",
+            },
+        )
 
     def _shown_images(self) -> set[bytes]:
         digests: set[bytes] = set()
@@ -641,14 +646,20 @@ class TurnView:
             pieces.append(self._add(_Fixed, file_bundle(saved, link_base=link_base)))
         if already:
             links = [link_bundle(s, link_base=link_base, note="image shown above") for s in already]
-            pieces.append(self._add(_Fixed, {
-                "text/html": "".join(str(b["text/html"]) for b in links),
-                "text/plain": "\n".join(str(b["text/plain"]) for b in links),
-            }))
+            pieces.append(
+                self._add(
+                    _Fixed,
+                    {
+                        "text/html": "".join(str(b["text/html"]) for b in links),
+                        "text/plain": "\n".join(str(b["text/plain"]) for b in links),
+                    },
+                )
+            )
         return pieces
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+
 
 def _ignore(event: object) -> None:
     pass
@@ -723,4 +734,3 @@ def _describe_image(data: bytes, mime: str) -> str:
         width, height = struct.unpack(">II", data[16:24])
         return f"image: {kind} {width}×{height}, {human_size(len(data))}"
     return f"image: {kind}, {human_size(len(data))}"
-

@@ -59,6 +59,7 @@ def strip_ansi(text: str) -> str:
 
 # -- model Markdown ------------------------------------------------------------------------------
 
+
 @lru_cache(maxsize=1)
 def _markdown() -> Any:
     import mistune
@@ -121,19 +122,73 @@ def _neutralise_targets(line: str) -> str:
 
 _ALLOWED_TAGS = frozenset(
     {
-        "table", "thead", "tbody", "tfoot", "tr", "th", "td", "caption", "colgroup", "col",
-        "div", "span", "p", "br", "hr", "b", "i", "u", "em", "strong", "code", "pre", "small",
-        "sub", "sup", "ul", "ol", "li", "dl", "dt", "dd", "blockquote", "h1", "h2", "h3", "h4",
-        "h5", "h6",
+        "table",
+        "thead",
+        "tbody",
+        "tfoot",
+        "tr",
+        "th",
+        "td",
+        "caption",
+        "colgroup",
+        "col",
+        "div",
+        "span",
+        "p",
+        "br",
+        "hr",
+        "b",
+        "i",
+        "u",
+        "em",
+        "strong",
+        "code",
+        "pre",
+        "small",
+        "sub",
+        "sup",
+        "ul",
+        "ol",
+        "li",
+        "dl",
+        "dt",
+        "dd",
+        "blockquote",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
     }
 )
 _VOID_TAGS = frozenset({"br", "hr", "col"})
 # Dropped together with everything inside them.
 _DROP_TAGS = frozenset(
     {
-        "script", "style", "iframe", "frame", "frameset", "object", "embed", "applet", "svg",
-        "math", "template", "noscript", "textarea", "select", "title", "head", "audio", "video",
-        "canvas", "xmp", "noembed", "noframes", "plaintext",
+        "script",
+        "style",
+        "iframe",
+        "frame",
+        "frameset",
+        "object",
+        "embed",
+        "applet",
+        "svg",
+        "math",
+        "template",
+        "noscript",
+        "textarea",
+        "select",
+        "title",
+        "head",
+        "audio",
+        "video",
+        "canvas",
+        "xmp",
+        "noembed",
+        "noframes",
+        "plaintext",
     }
 )
 _ATTRIBUTE_RULES: dict[str, re.Pattern[str]] = {
@@ -222,7 +277,7 @@ def sandboxed_iframe(document: str, *, title: str, height: int = 420) -> str:
     """A generated HTML/SVG document inside an iframe that can neither script nor reach the origin."""
     doctype = _DOCTYPE.match(document)
     if doctype is not None:
-        document = document[: doctype.end()] + _CSP + document[doctype.end():]
+        document = document[: doctype.end()] + _CSP + document[doctype.end() :]
     else:
         document = _CSP + document
     return (
