@@ -135,16 +135,22 @@ def main() -> None:
     print(f"bare SDK loop (json + construct_type):          {bare * per_line:7.1f} us/event")
     print(f"+ translate + Result + TurnView + JSON encode:  {rendered * per_line:7.1f} us/event")
     print(f"ratio rendered/bare: {rendered / bare:.3f}  (target <= 1.15)")
-    print(f"  of which TurnView.handle: {handle * 1e6 / events:.2f} us/event; "
-          f"TurnView.finish (3 calls + answer, once): {finish * 1e3:.2f} ms")
-    print(f"messages at full speed (real clock, {rendered * 1e3:.1f} ms): {len(frontend.times)}, "
-          f"{frontend.encoded_bytes / 1e3:.0f} kB encoded")
+    print(
+        f"  of which TurnView.handle: {handle * 1e6 / events:.2f} us/event; "
+        f"TurnView.finish (3 calls + answer, once): {finish * 1e3:.2f} ms"
+    )
+    print(
+        f"messages at full speed (real clock, {rendered * 1e3:.1f} ms): {len(frontend.times)}, "
+        f"{frontend.encoded_bytes / 1e3:.0f} kB encoded"
+    )
 
     for rate in (15.0, 0.0):
         sent, elapsed, peak = paced(lines, 300.0, rate)
         label = f"budget {rate:g}/s" if rate else "no budget"
-        print(f"300 events/s for {elapsed:.2f} s, {label:>13}: {sent:4d} messages, "
-              f"{sent / elapsed:6.1f}/s on average, peak {peak} in any 1 s")
+        print(
+            f"300 events/s for {elapsed:.2f} s, {label:>13}: {sent:4d} messages, "
+            f"{sent / elapsed:6.1f}/s on average, peak {peak} in any 1 s"
+        )
 
 
 if __name__ == "__main__":

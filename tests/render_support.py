@@ -151,6 +151,7 @@ def translate(payload: dict) -> Iterator[Event]:
 
 # -- hand-written turns -------------------------------------------------------------------------------
 
+
 def png_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (30, 120, 200)) -> bytes:
     from PIL import Image as PILImage
 
@@ -197,8 +198,11 @@ CHART_ANSWER = (
 
 def chart_turn(png: bytes, *, answer: str = CHART_ANSWER, call_id: str = "ci_chart_0001") -> list[Event]:
     """A typical turn: code streams in small deltas, runs, prints, shows a chart and a table, answers."""
-    events: list[Event] = [TurnStarted("resp_chart", "gpt-5"), CallStarted(call_id, "cntr_1"),
-                           CallStatus(call_id, "writing")]
+    events: list[Event] = [
+        TurnStarted("resp_chart", "gpt-5"),
+        CallStarted(call_id, "cntr_1"),
+        CallStatus(call_id, "writing"),
+    ]
     events += [CodeDelta(call_id, piece) for piece in chunked(CHART_CODE, 3)]
     events += [
         CodeDone(call_id, CHART_CODE),

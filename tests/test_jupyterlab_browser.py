@@ -57,6 +57,9 @@ class Sample:
 @dataclass
 class Visit:
     notebook: Path
+    code_cells: list[int]
+    quickstart_index: int
+    hostile_index: int
     samples: list[Sample] = field(default_factory=list)
     streaming_shots: list[tuple[Path, int]] = field(default_factory=list)  # screenshot, code chars then
     quickstart: CellView | None = None
@@ -66,9 +69,7 @@ class Visit:
     reloaded_quickstart: CellView | None = None
     reloaded_hostile: CellView | None = None
     pwned_after_reload: Any = None
-    quickstart_index: int = -1
-    hostile_index: int = -1
-    code_cells: list[int] = field(default_factory=list)
+    trusted: dict[str, bool | None] = field(default_factory=dict)  # the hostile cell's trust, by moment
 
 
 def quickstart_notebook(path: Path) -> list[int]:
@@ -116,8 +117,7 @@ def visit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Visit]:
     state = tmp_path_factory.mktemp("lab-state")
     notebook = root / "quickstart.ipynb"
     code_cells = quickstart_notebook(notebook)
-    result = Visit(notebook, code_cells=code_cells)
-    result.quickstart_index, result.hostile_index = code_cells[-2], code_cells[-1]
+    result = Visit(notebook, code_cells, quickstart_index=code_cells[-2], hostile_index=code_cells[-1])
     model = ModelServer(ARTIFACTS, event_delay=EVENT_DELAY)
     lab = driver = None
     try:
@@ -159,6 +159,7 @@ def visit_notebook(page: LabPage, lab: JupyterLab, visit: Visit) -> None:
 
     visit.hostile = page.run_cell_and_wait(visit.hostile_index, timeout=CELL_TIMEOUT)
     visit.pwned_after_run = page.pwned()
+    visit.trusted["after running"] = page.cell_trusted(visit.hostile_index)
     page.cell_screenshot(visit.hostile_index, "hostile-output")
 
     page.save()
@@ -172,6 +173,7 @@ def visit_notebook(page: LabPage, lab: JupyterLab, visit: Visit) -> None:
         time.sleep(0.2)
         visit.reloaded_quickstart = page.read_cell(visit.quickstart_index)
     visit.pwned_after_reload = page.pwned()
+    visit.trusted["after reloading the saved notebook"] = page.cell_trusted(visit.hostile_index)
     page.screenshot("reloaded")
 
 
@@ -285,6 +287,7 @@ def test_scripts_from_the_model_or_its_files_never_run_in_jupyterlab(visit: Visi
         else (visit.reloaded_hostile, visit.pwned_after_reload)
     )
     assert view is not None
+    assert visit.trusted[moment] is True, "outputs are trusted, so JupyterLab would run scripts in their HTML"
     assert pwned is None, f"window.__pwned = {pwned!r} {moment}: injected script ran in JupyterLab's page"
     assert "Here is the page. <script>window.__pwned = 6</script>" in view.text, (
         "the model's raw HTML is shown as text: " + describe(view)

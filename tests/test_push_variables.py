@@ -197,8 +197,9 @@ def test_pickle_is_opt_in(backend, container, registry) -> None:
     assert outcome.filename == "tags.pkl"
     assert pickle.loads(backend.content(container, "tags.pkl")) == {"a", "b"}
     assert "pickle.load" in registry.get("tags").loader
-    [named] = asyncio.run(push(backend, container, registry, [PushItem("df", sales(), filename="model.pkl",
-                                                                        allow_pickle=True)]))
+    [named] = asyncio.run(
+        push(backend, container, registry, [PushItem("df", sales(), filename="model.pkl", allow_pickle=True)])
+    )
     assert named.filename == "model.pkl"
     pd.testing.assert_frame_equal(pickle.loads(backend.content(container, "model.pkl")), sales())
 
@@ -559,7 +560,9 @@ def test_the_progress_bar_is_a_widget_in_jupyter_and_text_elsewhere() -> None:
     bar.close("pushed df.parquet: 12.0 MB in 1.1 s")
 
 
-def test_polars_frames_go_as_parquet_the_container_reads_with_pandas(backend, container, registry, tmp_path) -> None:
+def test_polars_frames_go_as_parquet_the_container_reads_with_pandas(
+    backend, container, registry, tmp_path
+) -> None:
     pl = pytest.importorskip("polars")
     frame = pl.DataFrame({"city": ["Oslo", "Lima", None], "temp": [4.5, 19.0, 11.0]})
     assert prompt_variables("average temp in frame", {"frame": frame}) == ["frame"]
@@ -569,7 +572,10 @@ def test_polars_frames_go_as_parquet_the_container_reads_with_pandas(backend, co
     pd.testing.assert_frame_equal(loaded, frame.to_pandas())
     assert "polars DataFrame (loads as pandas), 3 rows x 2 columns" in registry.get("frame").card
     assert send(backend, container, registry, frame=frame.clone())[0].status == "unchanged"
-    assert send(backend, container, registry, frame=frame.with_columns(pl.col("temp") + 1))[0].status == "replaced"
+    assert (
+        send(backend, container, registry, frame=frame.with_columns(pl.col("temp") + 1))[0].status
+        == "replaced"
+    )
 
 
 @pytest.fixture
@@ -588,7 +594,9 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_an_untouched_frame_is_recognized_without_hashing_it_again(backend, container, registry, hashed) -> None:
+def test_an_untouched_frame_is_recognized_without_hashing_it_again(
+    backend, container, registry, hashed
+) -> None:
     df = sales()
     send(backend, container, registry, df=df)
     assert len(hashed) == 1

@@ -71,6 +71,7 @@ def max_messages_in_any_second(times: list[float]) -> int:
 
 # -- live updates are throttled --------------------------------------------------------------------
 
+
 def test_hundreds_of_deltas_at_full_speed_cost_a_bounded_number_of_display_updates() -> None:
     view, frontend, clock = live_view(rate=15)
     code = "".join(f"value_{i} = {i} * 2\n" for i in range(120))
@@ -122,7 +123,8 @@ def test_tick_shows_held_back_changes_when_the_stream_pauses() -> None:
     assert "y = 2" in block.bundle["text/plain"]
 
 
-LONG_CODE = '''import pandas as pd
+LONG_CODE = (
+    '''import pandas as pd
 
 
 def load(path):
@@ -140,7 +142,9 @@ FROM sales
 @lru_cache
 def total(frame):
     return frame["revenue"].sum()
-''' * 8
+'''
+    * 8
+)
 
 
 def test_long_code_streams_highlighted_exactly_as_if_highlighted_at_once() -> None:
@@ -161,6 +165,7 @@ def test_long_code_streams_highlighted_exactly_as_if_highlighted_at_once() -> No
 
 
 # -- the recorded OpenAI turn ----------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not RECORDING.exists(), reason=f"the genuine OpenAI recording is not here: {RECORDING}")
 def test_the_recorded_openai_turn_shows_each_call_its_logs_and_the_answer_linked_to_local_files(
@@ -194,6 +199,7 @@ def test_the_recorded_openai_turn_shows_each_call_its_logs_and_the_answer_linked
 
 
 # -- nothing the model or sandbox writes can run in the notebook -----------------------------------
+
 
 def test_html_in_the_models_answer_is_shown_as_text_not_run() -> None:
     view, frontend, clock = live_view()
@@ -274,6 +280,7 @@ def test_generated_html_and_svg_files_are_shown_only_in_sandboxed_iframes(tmp_pa
 
 # -- files -----------------------------------------------------------------------------------------
 
+
 def test_tables_are_previewed_with_their_shape_and_first_rows(tmp_path: Path) -> None:
     import pandas as pd
 
@@ -287,8 +294,9 @@ def test_tables_are_previewed_with_their_shape_and_first_rows(tmp_path: Path) ->
     frame.to_excel(out / "cities.xlsx", index=False)
     for name in ("cities.csv", "cities.tsv", "cities.parquet", "cities.feather", "cities.xlsx"):
         path = out / name
-        bundle = file_bundle(SavedFile(name, path, f"/mnt/data/{name}", "f", path.stat().st_size, True),
-                             link_base=tmp_path)
+        bundle = file_bundle(
+            SavedFile(name, path, f"/mnt/data/{name}", "f", path.stat().st_size, True), link_base=tmp_path
+        )
         assert "25 rows × 2 columns" in bundle["text/html"], name
         assert "&lt;b&gt;Oslo&lt;/b&gt;" in bundle["text/html"] and "<b>Oslo" not in bundle["text/html"], name
         assert "city 8" in bundle["text/html"] and "city 9" not in bundle["text/html"], "first 10 rows only"
@@ -334,12 +342,16 @@ def test_a_plt_show_image_is_shown_once_and_its_saved_copies_are_only_listed(tmp
 
 # -- logs and errors -------------------------------------------------------------------------------
 
+
 def test_long_logs_are_collapsible_and_short_ones_are_shown_plainly() -> None:
     view, frontend, clock = live_view()
     long_logs = "".join(f"epoch {i}: loss {1 / (i + 1):.3f}\n" for i in range(40))
     events = [
-        CallStarted("short"), CodeDone("short", "print('hi')"), Logs("short", "hi\n", "stdout"),
-        CallStarted("long"), CodeDone("long", "train()"),
+        CallStarted("short"),
+        CodeDone("short", "print('hi')"),
+        Logs("short", "hi\n", "stdout"),
+        CallStarted("long"),
+        CodeDone("long", "train()"),
         *[Logs("long", line + "\n", "stdout") for line in long_logs.splitlines()],
         Completed(),
     ]
@@ -353,11 +365,18 @@ def test_long_logs_are_collapsible_and_short_ones_are_shown_plainly() -> None:
 
 def test_a_failing_call_shows_its_error_without_terminal_colour_codes() -> None:
     view, frontend, clock = live_view()
-    trace = "\x1b[31mNameError\x1b[0m                 Traceback\nCell In[3], line 1\n----> 1 totl\n" \
-            "\x1b[31mNameError\x1b[0m: name 'totl' is not defined"
-    events = [CallStarted("c1"), CodeDone("c1", "totl"), CallStatus("c1", "running"),
-              ExecutionError("c1", "NameError", "name 'totl' is not defined", trace),
-              CallStatus("c1", "failed"), Completed()]
+    trace = (
+        "\x1b[31mNameError\x1b[0m                 Traceback\nCell In[3], line 1\n----> 1 totl\n"
+        "\x1b[31mNameError\x1b[0m: name 'totl' is not defined"
+    )
+    events = [
+        CallStarted("c1"),
+        CodeDone("c1", "totl"),
+        CallStatus("c1", "running"),
+        ExecutionError("c1", "NameError", "name 'totl' is not defined", trace),
+        CallStatus("c1", "failed"),
+        Completed(),
+    ]
     view.finish(play(events, view, clock))
     block = next(s.bundle for s in frontend.slots if s.role == "stream")
     assert "\x1b" not in json.dumps(block)
@@ -369,7 +388,8 @@ def test_a_failing_call_shows_its_error_without_terminal_colour_codes() -> None:
 def test_a_sandbox_display_update_replaces_the_earlier_output() -> None:
     view, frontend, clock = live_view()
     events = [
-        CallStarted("c1"), CodeDone("c1", "progress()"),
+        CallStarted("c1"),
+        CodeDone("c1", "progress()"),
         RichOutput("c1", {"text/html": "<b>step 1 of 3</b>", "text/plain": "step 1"}, display_id="p"),
         RichOutput("c1", {"text/html": "<b>step 3 of 3</b>", "text/plain": "step 3"}, "p", update=True),
         Completed(),
@@ -381,9 +401,12 @@ def test_a_sandbox_display_update_replaces_the_earlier_output() -> None:
 
 def test_a_failed_turn_says_why_in_one_line_and_shows_its_notices() -> None:
     view, frontend, clock = live_view()
-    events = [Notice("The container expired; a new one was created.", "warning"), CallStarted("c1"),
-              CodeDelta("c1", "x = "),
-              Failed("The stream broke after 2 events:\nconnection reset by peer.", "stream")]
+    events = [
+        Notice("The container expired; a new one was created.", "warning"),
+        CallStarted("c1"),
+        CodeDelta("c1", "x = "),
+        Failed("The stream broke after 2 events:\nconnection reset by peer.", "stream"),
+    ]
     result = play(events, view, clock)
     result.notices.append(Notice("Could not save big.bin: disk full", "warning"))
     view.finish(result)
@@ -399,6 +422,7 @@ def test_a_failed_turn_says_why_in_one_line_and_shows_its_notices() -> None:
 
 
 # -- quiet mode ------------------------------------------------------------------------------------
+
 
 def test_quiet_mode_shows_nothing_while_running_then_only_final_outputs(tmp_path: Path) -> None:
     view, frontend, clock = live_view(quiet=True)
@@ -417,6 +441,7 @@ def test_quiet_mode_shows_nothing_while_running_then_only_final_outputs(tmp_path
 
 
 # -- terminal IPython ------------------------------------------------------------------------------
+
 
 def test_in_a_terminal_the_turn_reads_as_plain_text_with_images_reported_by_path(tmp_path: Path) -> None:
     out = io.StringIO()

@@ -78,6 +78,12 @@ const widget = window.jupyterapp && window.jupyterapp.shell.currentWidget;
 return widget && widget.context ? widget.context.model.dirty : null;
 """
 
+_TRUSTED = """
+const widget = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+const cell = widget && widget.content && widget.content.widgets[arguments[0]];
+return cell ? cell.model.trusted : null;
+"""
+
 # Time for two animation frames plus a task: long if rendering or the main thread is stuck.
 _FRAME_LATENCY = """
 const done = arguments[arguments.length - 1];
@@ -237,6 +243,10 @@ class LabPage:
     def frame_latency_ms(self) -> float:
         """Milliseconds until the page has drawn two frames and run a task: high when it is stuck."""
         return float(self.driver.execute_async_script(_FRAME_LATENCY))
+
+    def cell_trusted(self, index: int) -> bool | None:
+        """Whether JupyterLab trusts the cell's outputs (trusted HTML may run its scripts)."""
+        return self.driver.execute_script(_TRUSTED, index)
 
     def pwned(self) -> Any:
         """``window.__pwned`` of JupyterLab's page: anything but None means injected script ran."""
