@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's tests
 from openai._models import construct_type  # the SDK's own per-event parsing
 from openai.types.responses import ResponseStreamEvent
 
+from ci_magic.backends.openai_backend import ResponsesTranslator
 from ci_magic.render.frontend import MimeBundle, SlotRole
 from ci_magic.render.live import TurnView
 from ci_magic.result import ResultBuilder
-from tests.render_support import RECORDING, FakeClock, translate
+from tests.render_support import RECORDING, FakeClock, recording_events
 
 
 class CountingFrontend:
@@ -61,10 +62,10 @@ def rendered_loop(lines: list[str]) -> tuple[int, CountingFrontend]:
     view = TurnView(frontend)
     builder = ResultBuilder("roll two dice")
     count = 0
+    translator = ResponsesTranslator()
     for line in lines:
-        payload = json.loads(line)
-        construct_type(type_=ResponseStreamEvent, value=payload)
-        for event in translate(payload):
+        payload = construct_type(type_=ResponseStreamEvent, value=json.loads(line))
+        for event in translator.translate(payload):
             builder.feed(event)
             view.handle(event)
             count += 1
@@ -74,7 +75,7 @@ def rendered_loop(lines: list[str]) -> tuple[int, CountingFrontend]:
 
 def view_costs(lines: list[str]) -> tuple[float, float]:
     """Seconds spent in TurnView.handle for all events, and in finish, on already-parsed events."""
-    events = [event for line in lines for event in translate(json.loads(line))]
+    events = recording_events(lines)
     builder = ResultBuilder("roll two dice")
     for event in events:
         builder.feed(event)
@@ -93,13 +94,12 @@ def paced(lines: list[str], events_per_second: float, rate: float) -> tuple[int,
     frontend = CountingFrontend(clock)
     view = TurnView(frontend, max_updates_per_second=rate, clock=clock)
     start, next_tick = clock(), clock() + 0.1
-    for line in lines:
-        for event in translate(json.loads(line)):
-            clock.advance(1 / events_per_second)
-            view.handle(event)
-            if clock() >= next_tick:
-                view.tick()
-                next_tick += 0.1
+    for event in recording_events(lines):
+        clock.advance(1 / events_per_second)
+        view.handle(event)
+        if clock() >= next_tick:
+            view.tick()
+            next_tick += 0.1
     elapsed = clock() - start
     times = frontend.times
     peak = max(sum(1 for t in times if s <= t < s + 1) for s in times)

@@ -163,15 +163,18 @@ class CodeInterpreter(Settings):
         notices += [Notice(f"{o.name}: {o.note}", level="warning") for o in outcomes if o.status == "missing"]
         if self.always_push:
             items = always_push_items(self.always_push)
-            await transfer.push(
-                session.backend,
-                container.id,
-                self.registry,
-                items,
-                size_cap=self.upload_size_cap,
-                progress=default_progress(),
-            )
+            await self._push_to(container, items)
         return notices
+
+    async def _push_to(self, container: ContainerInfo, items: list[PushItem]) -> list[transfer.PushOutcome]:
+        return await transfer.push(
+            self._session.backend,
+            container.id,
+            self.registry,
+            items,
+            size_cap=self.upload_size_cap,
+            progress=default_progress(),
+        )
 
     # -- turns ---------------------------------------------------------------------------------
 
@@ -239,14 +242,7 @@ class CodeInterpreter(Settings):
     async def _prepare_context(self, container: ContainerInfo, items: list[PushItem]) -> str:
         """Push what the prompt needs, then describe every notebook file in the container."""
         if items:
-            await transfer.push(
-                self._session.backend,
-                container.id,
-                self.registry,
-                items,
-                size_cap=self.upload_size_cap,
-                progress=default_progress(),
-            )
+            await self._push_to(container, items)
         return self.registry.cards(container.id)
 
     # -- variables and files -------------------------------------------------------------------
@@ -310,14 +306,7 @@ class CodeInterpreter(Settings):
             container, notices = await session.ensure_container()
             for notice in notices:
                 print(notice.text)
-            return await transfer.push(
-                session.backend,
-                container.id,
-                self.registry,
-                items,
-                size_cap=self.upload_size_cap,
-                progress=default_progress(),
-            )
+            return await self._push_to(container, items)
 
         return self._run(push())
 

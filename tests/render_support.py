@@ -4,13 +4,16 @@ lives in the openai backend; this one only needs what the recording holds)."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openai._models import construct_type
+from openai.types.responses import ResponseStreamEvent
+
+from ci_magic.backends.openai_backend import ResponsesTranslator
 from ci_magic.events import (
     CallStarted,
     CallStatus,
@@ -37,9 +40,10 @@ __all__ = [
     "chart_turn",
     "chunked",
     "openai_recording_events",
+    "parsed_payloads",
     "play",
     "png_bytes",
-    "translate",
+    "recording_events",
 ]
 
 RECORDING = Path("/work/shared/fixtures/openai/vercel__ai__openai-code-interpreter-tool.1.chunks.txt")
@@ -94,59 +98,21 @@ class RecordingFrontend:
         return "\n".join(str(b.get(mime, "")) for b in self.bundles())
 
 
-def openai_recording_events(path: Path = RECORDING) -> Iterator[Event]:
-    """The Responses SSE payloads of the recording as ci-magic events."""
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            yield from translate(json.loads(line))
+def openai_recording_events(path: Path = RECORDING) -> list[Event]:
+    """The recording's SSE payloads as the openai backend's translator turns them into events."""
+    return recording_events(path.read_text(encoding="utf-8").splitlines())
 
 
-def translate(payload: dict) -> Iterator[Event]:
-    kind = payload["type"]
-    if kind == "response.created":
-        yield TurnStarted(payload["response"]["id"], payload["response"]["model"])
-    elif kind == "response.output_item.added" and payload["item"]["type"] == "code_interpreter_call":
-        yield CallStarted(payload["item"]["id"], payload["item"].get("container_id"))
-    elif kind == "response.code_interpreter_call.in_progress":
-        yield CallStatus(payload["item_id"], "writing")
-    elif kind == "response.code_interpreter_call_code.delta":
-        yield CodeDelta(payload["item_id"], payload["delta"])
-    elif kind == "response.code_interpreter_call_code.done":
-        yield CodeDone(payload["item_id"], payload["code"])
-    elif kind == "response.code_interpreter_call.interpreting":
-        yield CallStatus(payload["item_id"], "interpreting")
-    elif kind == "response.code_interpreter_call.completed":
-        yield CallStatus(payload["item_id"], "completed")
-    elif kind == "response.output_item.done" and payload["item"]["type"] == "code_interpreter_call":
-        item = payload["item"]
-        for output in item.get("outputs") or []:
-            if output["type"] == "logs":
-                yield Logs(item["id"], output["logs"])
-            elif output["type"] == "image":
-                header, _, data = output["url"].partition(",")
-                yield Image(item["id"], base64.b64decode(data), header[5:].split(";")[0])
-    elif kind == "response.output_text.delta":
-        yield TextDelta(payload["delta"])
-    elif kind == "response.output_text.annotation.added":
-        note = payload["annotation"]
-        if note["type"] == "container_file_citation":
-            yield FileCited(
-                note["container_id"],
-                note["file_id"],
-                note["filename"],
-                note["start_index"],
-                note["end_index"],
-            )
-    elif kind == "response.output_text.done":
-        yield TextDone(payload["text"])
-    elif kind == "response.completed":
-        response = payload["response"]
-        usage = response.get("usage") or {}
-        yield Completed(
-            response["id"],
-            None,
-            Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0), usage.get("total_tokens", 0)),
-        )
+def recording_events(lines: list[str]) -> list[Event]:
+    translator = ResponsesTranslator()
+    return [event for payload in parsed_payloads(lines) for event in translator.translate(payload)]
+
+
+def parsed_payloads(lines: list[str]) -> list[object]:
+    """Each JSON line parsed into the SDK's typed event, as the SDK does while streaming."""
+    return [
+        construct_type(type_=ResponseStreamEvent, value=json.loads(line)) for line in lines if line.strip()
+    ]
 
 
 # -- hand-written turns -------------------------------------------------------------------------------
