@@ -235,8 +235,7 @@ class CodeInterpreter(Settings):
                 "run the cell again when ready."
             ) from None
         self.last_result = result
-        if result.error is not None and result.error.kind == "interrupted":
-            raise Interrupted(result.error.message)
+        self.raise_for_failure(result)
         return result
 
     async def _prepare_context(self, container: ContainerInfo, items: list[PushItem]) -> str:
@@ -414,7 +413,10 @@ class CodeInterpreter(Settings):
             run_sync(session.close(delete_container=self.delete_container_on_exit))
 
     def raise_for_failure(self, result: Result) -> None:
-        """Turn a failed turn into our one-paragraph error (what arrived stays on screen)."""
+        """Turn a failed turn into our one-paragraph error (what arrived stays on screen).
+
+        The error's ``result`` attribute keeps everything the turn produced before it failed.
+        """
         error = result.error
         if error is None:
             return
@@ -471,11 +473,10 @@ def _show(bundle: dict[str, str]) -> None:
 
 def _session_id() -> str:
     """The kernel session's id when running in a kernel (stable names for containers), else random."""
-    try:
-        from ipykernel.kernelapp import IPKernelApp
+    from IPython import get_ipython
 
-        if IPKernelApp.initialized():
-            return IPKernelApp.instance().kernel.session.session.replace("-", "")[:12]
-    except (ImportError, AttributeError):
-        pass
+    kernel = getattr(get_ipython(), "kernel", None)  # None in terminal IPython and plain Python
+    session = getattr(getattr(kernel, "session", None), "session", None)
+    if isinstance(session, str) and session:
+        return session.replace("-", "")[:12]
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"

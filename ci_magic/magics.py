@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from ci_magic.errors import CIError
 from ci_magic.interpreter import CodeInterpreter
 from ci_magic.result import Result
 
@@ -74,15 +76,18 @@ class CIMagics(Magics):
         if cell is not None and line_prompt:
             prompt = f"{line_prompt}\n{cell}"
         names = [n.strip() for n in (args.vars or "").split(",") if n.strip()]
-        result = self.interpreter.run_prompt(
-            prompt,
-            namespace=self.shell.user_ns,
-            names=names,
-            new=args.new,
-            model=args.model,
-            quiet=args.quiet,
+        self._run_turn(
+            lambda: self.interpreter.run_prompt(
+                prompt,
+                namespace=self.shell.user_ns,
+                names=names,
+                new=args.new,
+                model=args.model,
+                quiet=args.quiet,
+            ),
+            output=args.output,
+            insert=args.insert,
         )
-        self._finish(result, output=args.output, insert=args.insert)
 
     @magic_arguments()
     @argument("-o", "--output", metavar="NAME", help="Also bind the Result to NAME (it is always in _ci).")
@@ -95,18 +100,29 @@ class CIMagics(Magics):
         the code unchanged with forced tool use.
         """
         args = parse_argstring(self.ci_exec, line)
-        result = self.interpreter.exec(cell, quiet=args.quiet)
-        self._finish(result, output=args.output, insert=False)
+        self._run_turn(
+            lambda: self.interpreter.exec(cell, quiet=args.quiet), output=args.output, insert=False
+        )
 
-    def _finish(self, result: Result, *, output: str | None, insert: bool) -> None:
-        self.shell.user_ns["_ci"] = result
-        if output:
-            if not output.isidentifier():
-                raise UsageError(f"-o needs a Python identifier, not {output!r}.")
-            self.shell.user_ns[output] = result
+    def _run_turn(self, run: Callable[[], Result], *, output: str | None, insert: bool) -> None:
+        """Run a turn and bind its Result to ``_ci`` (and ``output``), also when it failed."""
+        if output is not None and not output.isidentifier():
+            raise UsageError(f"-o needs a Python identifier, not {output!r}.")
+        try:
+            result = run()
+        except CIError as error:
+            partial = getattr(error, "result", None)
+            if partial is not None:
+                self._bind(partial, output)
+            raise
+        self._bind(result, output)
         if insert and result.code:
             self.shell.set_next_input(result.code, replace=False)
-        self.interpreter.raise_for_failure(result)
+
+    def _bind(self, result: Result, output: str | None) -> None:
+        self.shell.user_ns["_ci"] = result
+        if output:
+            self.shell.user_ns[output] = result
 
     # -- session -------------------------------------------------------------------------------
 

@@ -399,7 +399,7 @@ def test_a_sandbox_display_update_replaces_the_earlier_output() -> None:
     assert [b["text/html"] for b in progress] == ["<b>step 3 of 3</b>"]
 
 
-def test_a_failed_turn_says_why_in_one_line_and_shows_its_notices() -> None:
+def test_a_failed_turn_marks_the_status_and_keeps_what_arrived_and_its_notices() -> None:
     view, frontend, clock = live_view()
     events = [
         Notice("The container expired; a new one was created.", "warning"),
@@ -410,10 +410,9 @@ def test_a_failed_turn_says_why_in_one_line_and_shows_its_notices() -> None:
     result = play(events, view, clock)
     result.notices.append(Notice("Could not save big.bin: disk full", "warning"))
     view.finish(result)
-    assert frontend.slots[0].bundle["text/plain"] == (
-        f"ci: failed after {result.wall_time:.1f} s: "
-        "The stream broke after 2 events: connection reset by peer."
-    )
+    # The why is the error the cell raises (said once, below); the status only marks the failure.
+    assert frontend.slots[0].bundle["text/plain"] == f"ci: failed after {result.wall_time:.1f} s"
+    assert "x = " in frontend.all_text("text/plain"), "the code that arrived stays on screen"
     notices = next(s.bundle for s in frontend.slots if "container expired" in str(s.bundle["text/plain"]))
     assert notices["text/plain"].splitlines() == [
         "warning: The container expired; a new one was created.",

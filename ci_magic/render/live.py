@@ -587,7 +587,8 @@ class TurnView:
         calls = len(self._blocks)
         if result.error is not None:
             verb = "interrupted" if result.error.kind == "interrupted" else "failed"
-            return f"{verb} after {elapsed:.1f} s: {' '.join(result.error.message.split())}"
+            # The message itself is the error the cell raises: said once, below the outputs.
+            return f"{verb} after {elapsed:.1f} s"
         parts = [f"done in {elapsed:.1f} s", f"{calls} call{'s' if calls != 1 else ''}"]
         usage = result.usage
         if usage.total_tokens:
