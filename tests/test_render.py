@@ -259,12 +259,16 @@ def test_a_dataframe_table_from_the_sandbox_is_kept_but_anything_active_is_remov
     assert "application/javascript" not in everything and "steal()</script>" not in everything
 
 
-def test_generated_html_and_svg_files_are_shown_only_in_sandboxed_iframes(tmp_path: Path) -> None:
+def test_generated_html_and_svg_files_cannot_script_the_notebook(tmp_path: Path) -> None:
     out = tmp_path / "out"
     report = save(out, "report.html", b"<!DOCTYPE html><h1>Q1</h1><script>parent.__pwned=1</script>")
     drawing = save(out, "shape.svg", b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>')
     huge = save(tmp_path / "out", "huge.html", b"<p>" + b"x" * 2_100_000 + b"</p>")
-    for saved in (report, drawing):
+    # SVG: only as an <img> (browsers run SVG images in static mode: no scripts, no loads).
+    svg_html = file_bundle(drawing, link_base=tmp_path)["text/html"]
+    assert re.search(r'<img src="data:image/svg\+xml;base64,[A-Za-z0-9+/=]+"', svg_html)
+    assert "<svg" not in svg_html and "onload" not in svg_html and 'href="out/shape.svg"' in svg_html
+    for saved in (report,):
         shown = file_bundle(saved, link_base=tmp_path)["text/html"]
         assert re.search(r'<iframe sandbox="" ', shown)
         assert "allow-scripts" not in shown and "allow-same-origin" not in shown
@@ -335,8 +339,9 @@ def test_a_plt_show_image_is_shown_once_and_its_saved_copies_are_only_listed(tmp
     view.finish(result, link_base=tmp_path)
     images = [b["image/png"] for b in frontend.bundles() if "image/png" in b]
     assert sorted(images) == sorted([base64.b64encode(chart).decode(), base64.b64encode(other).decode()])
-    listed = next(b for b in frontend.bundles() if "image shown above" in str(b["text/plain"]))
+    listed = next(b for b in frontend.bundles() if "image shown above" in str(b.get("text/html")))
     assert "figures/chart_0001-1.png" in listed["text/plain"] and "cfile_show.png" in listed["text/plain"]
+    assert "image saved: ci_outputs/figures/chart_0001-1.png" in listed["text/plain"], "terminals get the path"
     assert "[image: PNG 64×48" in frontend.all_text("text/plain")
 
 

@@ -119,6 +119,17 @@ def _image_bundle(saved: SavedFile, link: _Link, mime: str) -> dict[str, object]
 def _document_bundle(saved: SavedFile, link: _Link) -> dict[str, object]:
     if saved.size > IFRAME_MAX_BYTES:
         return link.bundle(f"too large to preview ({human_size(saved.size)}); open the file")
+    if saved.suffix == ".svg":
+        # An SVG loaded as an image runs in the browser's static mode (no scripts, no loads) and
+        # sizes itself, unlike a fixed-height frame.
+        data = base64.b64encode(saved.path.read_bytes()).decode("ascii")
+        alt = html.escape(saved.name)
+        image = f'<div><img src="data:image/svg+xml;base64,{data}" style="max-width:100%" alt="{alt}"></div>'
+        note = "<small>(SVG shown as an image: scripts disabled)</small>"
+        return {
+            "text/html": f"<div>{link.html} {note}{image}</div>",
+            "text/plain": f"image {link.plain}",
+        }
     document = saved.path.read_text(encoding="utf-8", errors="replace")
     frame = sandboxed_iframe(document, title=saved.name)
     return {

@@ -51,7 +51,7 @@ from ci_magic.events import (
     TextDone,
     TurnStarted,
 )
-from ci_magic.render.files import file_bundle, human_size, link_bundle
+from ci_magic.render.files import file_bundle, human_size, link_bundle, relative_path
 from ci_magic.render.frontend import Frontend, MimeBundle, Slot, SlotRole
 from ci_magic.render.safe_html import (
     DISPLAYED_MIMES,
@@ -652,7 +652,11 @@ class TurnView:
                     _Fixed,
                     {
                         "text/html": "".join(str(b["text/html"]) for b in links),
-                        "text/plain": "\n".join(str(b["text/plain"]) for b in links),
+                        # Plain-text frontends (terminal IPython) showed no picture: say where it is.
+                        "text/plain": "\n".join(
+                            f"image saved: {relative_path(s.path, link_base)} ({human_size(s.size)})"
+                            for s in already
+                        ),
                     },
                 )
             )

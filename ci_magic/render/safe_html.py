@@ -283,7 +283,8 @@ def sandboxed_iframe(document: str, *, title: str, height: int = 420) -> str:
     return (
         f'<iframe sandbox="" referrerpolicy="no-referrer" loading="lazy" title="{escape(title)}" '
         f'srcdoc="{escape(document)}" '
-        f'style="width:100%;height:{int(height)}px;border:1px solid #ccc;background:#fff"></iframe>'
+        f'style="width:100%;height:{int(height)}px;resize:vertical;border:1px solid #ccc;background:#fff">'
+        "</iframe>"
     )
 
 
