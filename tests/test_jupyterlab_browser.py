@@ -121,11 +121,20 @@ def visit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Visit]:
     model = ModelServer(ARTIFACTS, event_delay=EVENT_DELAY)
     lab = driver = None
     try:
-        lab = JupyterLab(root, state, logs=ARTIFACTS, kernel_env={
-            "OPENAI_API_KEY": "test", "OPENAI_BASE_URL": model.url, "CI_MAGIC_BACKEND": None,
-            "CI_MAGIC_OUTPUT_DIR": None, "CI_MAGIC_MODEL": None, "AZURE_OPENAI_API_KEY": None,
-            "AZURE_OPENAI_ENDPOINT": None,
-        })
+        lab = JupyterLab(
+            root,
+            state,
+            logs=ARTIFACTS,
+            kernel_env={
+                "OPENAI_API_KEY": "test",
+                "OPENAI_BASE_URL": model.url,
+                "CI_MAGIC_BACKEND": None,
+                "CI_MAGIC_OUTPUT_DIR": None,
+                "CI_MAGIC_MODEL": None,
+                "AZURE_OPENAI_API_KEY": None,
+                "AZURE_OPENAI_ENDPOINT": None,
+            },
+        )
         driver = make_driver(state / "chromium-profile")
         page = LabPage(driver, ARTIFACTS)
         try:
@@ -283,7 +292,8 @@ def test_quickstart_screenshot_is_written(visit: Visit) -> None:
 @pytest.mark.parametrize("moment", ["after running", "after reloading the saved notebook"])
 def test_scripts_from_the_model_or_its_files_never_run_in_jupyterlab(visit: Visit, moment: str) -> None:
     view, pwned = (
-        (visit.hostile, visit.pwned_after_run) if moment == "after running"
+        (visit.hostile, visit.pwned_after_run)
+        if moment == "after running"
         else (visit.reloaded_hostile, visit.pwned_after_reload)
     )
     assert view is not None
@@ -294,5 +304,7 @@ def test_scripts_from_the_model_or_its_files_never_run_in_jupyterlab(visit: Visi
     )
     assert view.scripts == 0 and view.handlers == [], (view.scripts, view.handlers)
     assert not any(a["href"].lower().startswith("javascript:") for a in view.links), view.links
-    assert len(view.iframes) == 2, f"evil.html and evil.svg previewed in frames: {view.iframes}"
+    assert len(view.iframes) == 1, f"evil.html previewed in a frame: {view.iframes}"
+    svg_images = [i for i in view.images if i["src"].startswith("data:image/svg+xml;base64,")]
+    assert len(svg_images) == 1 and svg_images[0]["shown"], f"evil.svg shown as a static image: {view.images}"
     assert all(f["sandbox"] == "" for f in view.iframes), f"frames allow nothing: {view.iframes}"

@@ -29,7 +29,8 @@ def test_a_prompt_naming_df_sends_it_with_a_card_and_the_result_comes_back_equal
     cells = [
         "%load_ext ci_magic",
         "import pandas as pd\n"
-        "df = pd.DataFrame({'region': ['north', 'south', 'east'] * 4, 'revenue': [float(i) for i in range(12)]})",
+        "df = pd.DataFrame({'region': ['north', 'south', 'east'] * 4,\n"
+        "                   'revenue': [float(i) for i in range(12)]})",
         "%%ci\nSummarize df and plot it",
         "summary = %ci_pull df_summary.csv -o summary\nprint(type(summary).__name__, summary.shape)",
         "%ci_files",
@@ -56,7 +57,8 @@ def test_a_prompt_naming_df_sends_it_with_a_card_and_the_result_comes_back_equal
 
 def test_bad_inputs_are_clear_errors_and_nothing_is_lost(openai_server, tmp_path: Path) -> None:
     cells = [
-        "%load_ext ci_magic\nimport pandas as pd\nsales_df = pd.DataFrame({'x': [1, 2, 3]})\nimport threading",
+        "%load_ext ci_magic\nimport threading\n"
+        "import pandas as pd\nsales_df = pd.DataFrame({'x': [1, 2, 3]})",
         "%ci_push sales_df",
         "%ci_push sales_dff",  # unknown variable: suggest the close name
         "lock = threading.Lock()\n%ci_push lock",  # unsupported type

@@ -341,7 +341,7 @@ def test_a_plt_show_image_is_shown_once_and_its_saved_copies_are_only_listed(tmp
     assert sorted(images) == sorted([base64.b64encode(chart).decode(), base64.b64encode(other).decode()])
     listed = next(b for b in frontend.bundles() if "image shown above" in str(b.get("text/html")))
     assert "figures/chart_0001-1.png" in listed["text/plain"] and "cfile_show.png" in listed["text/plain"]
-    assert "image saved: ci_outputs/figures/chart_0001-1.png" in listed["text/plain"], "terminals get the path"
+    assert "image saved: ci_outputs/figures/chart_0001-1.png" in listed["text/plain"], "terminal: the path"
     assert "[image: PNG 64×48" in frontend.all_text("text/plain")
 
 

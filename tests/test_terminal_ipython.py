@@ -63,7 +63,7 @@ def screen(raw: str) -> str:
     for line in raw.replace("\r\n", "\n").split("\n"):
         shown = ""
         for part in line.split("\r"):
-            shown = part + shown[len(part):]
+            shown = part + shown[len(part) :]
         lines.append(shown.rstrip())
     return "\n".join(lines).strip("\n")
 
@@ -83,13 +83,24 @@ def terminal(slow_server: OpenAIServer, tmp_path: Path) -> Iterator[Terminal]:
         "OPENAI_BASE_URL": slow_server.url,
         "IPYTHONDIR": str(tmp_path / "ipython"),  # no user profile or startup files
     }
-    for name in ("CI_MAGIC_BACKEND", "CI_MAGIC_OUTPUT_DIR", "CI_MAGIC_MODEL", "AZURE_OPENAI_API_KEY",
-                 "AZURE_OPENAI_ENDPOINT", "NO_COLOR", "FORCE_COLOR"):
+    for name in (
+        "CI_MAGIC_BACKEND",
+        "CI_MAGIC_OUTPUT_DIR",
+        "CI_MAGIC_MODEL",
+        "AZURE_OPENAI_API_KEY",
+        "AZURE_OPENAI_ENDPOINT",
+        "NO_COLOR",
+        "FORCE_COLOR",
+    ):
         env.pop(name, None)
     child = pexpect.spawn(
         sys.executable,
         ["-m", "IPython", "--no-banner", "--HistoryManager.hist_file=:memory:"],
-        cwd=str(tmp_path), env=env, encoding="utf-8", codec_errors="replace", dimensions=(50, 120),
+        cwd=str(tmp_path),
+        env=env,
+        encoding="utf-8",
+        codec_errors="replace",
+        dimensions=(50, 120),
         timeout=TIMEOUT,
     )
     try:
@@ -119,8 +130,10 @@ def test_quickstart_cell_reads_as_plain_text(terminal: Terminal, tmp_path: Path)
     assert "plt.show()" in lines
     assert "saved 100 rows to /mnt/data/squares.csv" in lines, "the second call's log"
     assert any(re.fullmatch(r"4\s+5\s+25", line) for line in lines), "df.head() as printed in the sandbox"
-    assert "I built a table of the numbers 1..100 and their squares, plotted the squares, and saved the " \
-        "table." in lines, "the answer"
+    assert (
+        "I built a table of the numbers 1..100 and their squares, plotted the squares, and saved the "
+        "table." in lines
+    ), "the answer"
     assert "- Rows: 100 (n from 1 to 100)" in lines
     status = [line for line in lines if line.startswith("ci: ")]
     assert len(status) == 1, f"one status line left on screen (the live one is redrawn in place): {status}"

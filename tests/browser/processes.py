@@ -42,8 +42,16 @@ class BackgroundProcess:
         self._seen = threading.Condition()
         self._log = log.open("w", encoding="utf-8")
         self.process = subprocess.Popen(
-            self.argv, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", start_new_session=True,
+            self.argv,
+            env=dict(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, name=f"output of {log.name}", daemon=True)
         self._reader.start()
@@ -108,7 +116,9 @@ class ModelServer:
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
         self._process = BackgroundProcess(
             [sys.executable, "-m", "tests.browser.scenario_server", "--event-delay", str(event_delay)],
-            env=env, cwd=REPO, log=logs / "model-server.log",
+            env=env,
+            cwd=REPO,
+            log=logs / "model-server.log",
         )
         try:
             self.url = self._process.wait_for_line(r"^READY (\S+)", timeout=30).group(1)
@@ -128,26 +138,44 @@ class JupyterLab:
     pop-ups) cannot change what the test sees.
     """
 
-    def __init__(self, root: Path, state: Path, *, kernel_env: Mapping[str, str | None], logs: Path,
-                 start_timeout: float = 90) -> None:
+    def __init__(
+        self,
+        root: Path,
+        state: Path,
+        *,
+        kernel_env: Mapping[str, str | None],
+        logs: Path,
+        start_timeout: float = 90,
+    ) -> None:
         self.root = root
         self.token = secrets.token_hex(16)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         settings = state / "user-settings"
         _write_quiet_settings(settings)
-        env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
-               "JUPYTER_CONFIG_DIR": str(state / "config"), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
+            "JUPYTER_CONFIG_DIR": str(state / "config"),
+            "PYTHONUNBUFFERED": "1",
+        }
         for name, value in kernel_env.items():
             if value is None:
                 env.pop(name, None)
             else:
                 env[name] = value
         argv = [
-            sys.executable, "-m", "jupyterlab", "--no-browser",
-            f"--IdentityProvider.token={self.token}", "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}",
-            f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={state / 'workspaces'}",
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            f"--IdentityProvider.token={self.token}",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--ServerApp.root_dir={root}",
+            f"--LabApp.user_settings_dir={settings}",
+            f"--LabApp.workspaces_dir={state / 'workspaces'}",
             # Galata's switch: window.jupyterapp lets the test ask the app when the kernel is idle.
             "--LabApp.expose_app_in_browser=True",
             "--ServerApp.terminals_enabled=False",
@@ -188,8 +216,9 @@ class JupyterLab:
 def _write_quiet_settings(folder: Path) -> None:
     """No news or update toasts over the notebook, and the light theme the README screenshot uses."""
     files = {
-        "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
-            '{"fetchNews": "false", "checkForUpdates": false}',
+        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": (
+            '{"fetchNews": "false", "checkForUpdates": false}'
+        ),
         "@jupyterlab/apputils-extension/themes.jupyterlab-settings": '{"theme": "JupyterLab Light"}',
     }
     for relative, text in files.items():

@@ -65,8 +65,10 @@ def browser_model(request: dict[str, Any]) -> Turn:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.browser.scenario_server",
-                                     description="The browser test's scripted model server (until SIGTERM).")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.browser.scenario_server",
+        description="The browser test's scripted model server (until SIGTERM).",
+    )
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--event-delay", type=float, default=0.0, help="seconds between streamed events")
     args = parser.parse_args(argv)
