@@ -97,3 +97,27 @@ def test_status_before_and_after_the_first_cell_and_reset(shell, capsys, openai_
     assert shell.user_ns["_ci"].container_id != container_id
     last = openai_server.requests_to("/v1/responses", "POST")[-1].json
     assert last.get("previous_response_id") is None, "the conversation starts afresh"
+
+
+def test_extra_headers_reach_every_model_request(shell, openai_server) -> None:
+    shell.run_line_magic("config", 'CodeInterpreter.extra_headers = {"x-model": "gpt-5-mini"}')
+    shell.run_line_magic("ci", "What is in /mnt/data?")
+    requests = openai_server.requests_to("/v1/responses", "POST") + openai_server.requests_to("/v1/containers")
+    assert requests and all(r.headers.get("x-model") == "gpt-5-mini" for r in requests)
+
+
+def test_azure_variables_make_an_azure_client(monkeypatch) -> None:
+    import openai
+
+    from ci_magic.backends.openai_backend import make_client
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://example-resource.openai.azure.com/")
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-key")
+    monkeypatch.setenv("OPENAI_API_VERSION", "2025-04-01-preview")
+    versioned = make_client(max_retries=1, timeout=5, headers={})
+    assert isinstance(versioned, openai.AsyncAzureOpenAI)
+    monkeypatch.delenv("OPENAI_API_VERSION")
+    v1 = make_client(max_retries=1, timeout=5, headers={})
+    assert str(v1.base_url) == "https://example-resource.openai.azure.com/openai/v1/"
+    assert v1.api_key == "azure-key"
