@@ -190,14 +190,12 @@ class Session:
         expired, a new container is made (files re-sent, the model told) and the turn runs again.
         """
         for attempt in (1, 2):
-            container, notices = await self.ensure_container(verify=attempt == 2)
+            # A container made just now, or one verified on the retry, needs no check.
+            unverified = attempt == 1 and self.container is not None
+            container, notices = await self.ensure_container(verify=not unverified)
             for notice in notices:
                 _emit(notice, builder, view)
-            check = (
-                None
-                if notices or attempt == 2
-                else asyncio.ensure_future(self.backend.get_container(container.id))
-            )
+            check = asyncio.ensure_future(self.backend.get_container(container.id)) if unverified else None
             downloads = _Downloads(
                 self.backend, container.id, self._seen_files, self.output_dir, self.download_concurrency
             )

@@ -328,7 +328,6 @@ class OpenAIBackend:
         if request.exec_code is not None:
             params["input"] = EXEC_PROMPT.format(code=request.exec_code)
             params["tool_choice"] = {"type": "code_interpreter"}
-            yield Notice("On the openai backend, %%ci_exec asks the model to run the code verbatim.")
         else:
             params["input"] = _input_text(request)
         if request.conversation.previous_response_id:
@@ -342,6 +341,8 @@ class OpenAIBackend:
         except openai.OpenAIError as error:
             raise api_error(error, doing="starting the response") from error
         try:
+            if request.exec_code is not None:
+                yield Notice("On the openai backend, %%ci_exec asks the model to run the code verbatim.")
             async for raw in stream:
                 for event in translator.translate(raw):
                     if isinstance(event, Completed):
