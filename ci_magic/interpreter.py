@@ -37,7 +37,7 @@ from ci_magic.render.files import human_size
 from ci_magic.render.frontend import Frontend, detect_frontend
 from ci_magic.render.tables import rows_bundle
 from ci_magic.result import Result
-from ci_magic.session import SilentView, TurnOptions, View
+from ci_magic.session import Session, SilentView, TurnOptions, View
 from ci_magic.variables import transfer
 from ci_magic.variables.discover import always_push_items, prompt_variables, push_items, resolve_variables
 from ci_magic.variables.progress import default_progress
@@ -58,6 +58,7 @@ BACKEND_TRAITS = (
     "request_timeout",
     "execution_timeout",
     "max_steps",
+    "extra_headers",
 )
 
 
@@ -74,7 +75,7 @@ class CodeInterpreter(Settings):
         self.shell = shell
         self.frontend = frontend
         self.session_id = _session_id()
-        self._session: Any = None  # ci_magic.session.Session, built on first use
+        self._session: Session | None = None  # built on first use
         self._backend_stale = False
         self.last_result: Result | None = None
         # Survives container expiry and backend changes: everything in it is re-sent to a new container.
@@ -124,9 +125,7 @@ class CodeInterpreter(Settings):
             sandbox, model_client=model_client, model=self.model or "", max_steps=self.max_steps
         )
 
-    def _get_session(self) -> Any:
-        from ci_magic.session import Session
-
+    def _get_session(self) -> Session:
         if self._session is not None and self._backend_stale:
             old, self._session = self._session, None
             run_sync(old.close(delete_container=self.delete_container_on_exit))

@@ -101,7 +101,8 @@ class LocalBackend:
         # Imported here: the model loop is optional for code-only use and pulls in the OpenAI SDK.
         from ci_magic.backends.local.model_loop import ChatModelLoop
 
-        loop = ChatModelLoop(self.model_client, model=self.model or request.model, max_steps=self.max_steps)
+        # The cell's --model wins over the configured one.
+        loop = ChatModelLoop(self.model_client, model=request.model or self.model, max_steps=self.max_steps)
         container_id = request.container_id
 
         def run(code: str, call_id: str) -> AsyncIterator[Event]:
