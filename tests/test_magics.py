@@ -102,7 +102,8 @@ def test_status_before_and_after_the_first_cell_and_reset(shell, capsys, openai_
 def test_extra_headers_reach_every_model_request(shell, openai_server) -> None:
     shell.run_line_magic("config", 'CodeInterpreter.extra_headers = {"x-model": "gpt-5-mini"}')
     shell.run_line_magic("ci", "What is in /mnt/data?")
-    requests = openai_server.requests_to("/v1/responses", "POST") + openai_server.requests_to("/v1/containers")
+    requests = openai_server.requests_to("/v1/responses", "POST")
+    requests += openai_server.requests_to("/v1/containers")
     assert requests and all(r.headers.get("x-model") == "gpt-5-mini" for r in requests)
 
 

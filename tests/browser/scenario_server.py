@@ -12,13 +12,11 @@ project's ``quickstart`` model.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-from tests.servers.openai_server import OpenAIServer
+from tests.servers.openai_server import OpenAIServer, serve_until_stopped
 from tests.servers.responses_stream import prompt_text
 from tests.servers.scripted import Call, Scripted, Text, Turn, quickstart
 
@@ -72,17 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--event-delay", type=float, default=0.0, help="seconds between streamed events")
     args = parser.parse_args(argv)
-    server = OpenAIServer(Scripted(browser_model), port=args.port, event_delay=args.event_delay)
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    server.start()
-    print(f"READY {server.url}", flush=True)
-    try:
-        stopped.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    serve_until_stopped(OpenAIServer(Scripted(browser_model), port=args.port, event_delay=args.event_delay))
 
 
 if __name__ == "__main__":

@@ -727,6 +727,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         event_delay=args.event_delay,
         exec_timeout=args.exec_timeout,
     )
+    serve_until_stopped(server)
+
+
+def serve_until_stopped(server: OpenAIServer) -> None:
+    """Start ``server``, print ``READY <url>`` for the parent process, serve until SIGTERM or Ctrl-C."""
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     server.start()
