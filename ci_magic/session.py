@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ci_magic.backends.base import Backend, ContainerFile, ContainerInfo, Conversation, TurnRequest
 from ci_magic.errors import BackendError, CIError, ContainerFileError, StreamError
-from ci_magic.events import CallStarted, CallStatus, Event, Failed, FileCited, Image, Notice, Usage
+from ci_magic.events import CallStarted, Event, Failed, FileCited, Image, Notice, TextDelta, Usage
 from ci_magic.filenames import safe_relative_name, save_into
 from ci_magic.result import Result, ResultBuilder, SavedFile
 
@@ -298,9 +298,9 @@ async def _container_still_usable(check: asyncio.Future[ContainerInfo | None]) -
 class _Downloads:
     """Fetches a turn's files into the output folder while the turn is still streaming.
 
-    Cited files start downloading when cited. Files only change while code runs, so the
-    container is listed as soon as a call finishes; new files found there (the model wrote them
-    without citing them) start downloading at once, and the listing is redone only if another
+    Cited files start downloading when cited. Files only change while code runs, so once the
+    model starts writing its answer after a call, the container is listed; new files found there
+    (written but not cited) start downloading at once, and the listing is redone only if another
     call starts afterwards. At most ``concurrency`` downloads run at once.
     """
 
@@ -322,8 +322,7 @@ class _Downloads:
             self.start(event.file_id, event.container_id, event.filename)
         elif isinstance(event, CallStarted):
             self._cancel_listing()
-        elif isinstance(event, CallStatus) and event.status in ("completed", "failed", "incomplete"):
-            self._cancel_listing()
+        elif isinstance(event, TextDelta) and self.listing is None:
             self.listing = asyncio.ensure_future(self._list_and_fetch())
 
     async def final_listing(self) -> list[ContainerFile]:
