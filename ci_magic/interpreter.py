@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import openai
 from traitlets import observe
 
 from ci_magic.backends.base import Backend, ContainerInfo
@@ -114,6 +113,8 @@ class CodeInterpreter(Settings):
         )
         model_client = None
         if self.model_base_url:
+            import openai  # the SDK takes ~0.5 s to import: only when a backend is built
+
             model_client = openai.AsyncOpenAI(
                 base_url=self.model_base_url,
                 api_key=self.model_api_key or "not-needed",
