@@ -245,7 +245,7 @@ class Session:
     ) -> list[SavedFile]:
         """Every cited file plus every new file the model wrote without citing it, saved locally."""
         listing = await downloads.final_listing()
-        self._seen_files.update(f.id for f in listing)
+        self._seen_files.update(f.id for f in listing or [])
         outcomes = await downloads.finished()
         shown_images = {c.file_id for c in result.citations if c.zero_length}
         saved = [o for o in outcomes if isinstance(o, SavedFile) and o.file_id not in shown_images]
@@ -315,17 +315,22 @@ class _Downloads:
         self.tasks: dict[str, asyncio.Task[SavedFile | Notice]] = {}
         self.cited: set[str] = set()
         self.listing: asyncio.Task[list[ContainerFile]] | None = None
+        self.code_ran = False  # no code, no new files: a chat-only turn skips the listing
 
     def observe(self, event: Event) -> None:
         if isinstance(event, FileCited) and not event.zero_length:
             self.cited.add(event.file_id)
             self.start(event.file_id, event.container_id, event.filename)
         elif isinstance(event, CallStarted):
+            self.code_ran = True
             self._cancel_listing()
-        elif isinstance(event, TextDelta) and self.listing is None:
+        elif isinstance(event, TextDelta) and self.code_ran and self.listing is None:
             self.listing = asyncio.ensure_future(self._list_and_fetch())
 
-    async def final_listing(self) -> list[ContainerFile]:
+    async def final_listing(self) -> list[ContainerFile] | None:
+        """The container's files after the turn's code ran (None: no code ran, nothing to list)."""
+        if not self.code_ran:
+            return None
         if self.listing is None:
             self.listing = asyncio.ensure_future(self._list_and_fetch())
         return await self.listing
