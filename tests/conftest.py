@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,3 +45,15 @@ def openai_server() -> Iterator[Any]:
 
 
 # ---- end of openai_server ----
+
+
+# ---- runner: one event loop per test module for async code driven from sync tests ----
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[asyncio.Runner]:
+    with asyncio.Runner() as loop_runner:
+        yield loop_runner
+
+
+# ---- end of runner ----

@@ -42,12 +42,6 @@ class Clock:
 
 
 @pytest.fixture(scope="module")
-def runner() -> Iterator[asyncio.Runner]:
-    with asyncio.Runner() as runner:
-        yield runner
-
-
-@pytest.fixture(scope="module")
 def backend(runner: asyncio.Runner, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBackend]:
     sandbox = SandboxManager(tmp_path_factory.mktemp("containers"), pool_size=1)
     backend = LocalBackend(sandbox, model_client=None, model="")

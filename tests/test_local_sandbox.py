@@ -68,12 +68,6 @@ def final_status(events: list[Event]) -> str:
 
 
 @pytest.fixture(scope="module")
-def runner() -> Iterator[asyncio.Runner]:
-    with asyncio.Runner() as runner:
-        yield runner
-
-
-@pytest.fixture(scope="module")
 def sandbox(runner: asyncio.Runner, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """The default sandbox (strongest isolation available), with a short default timeout."""
     manager = SandboxManager(tmp_path_factory.mktemp("containers"), pool_size=0, execution_timeout=3.0)
