@@ -95,9 +95,10 @@ class Settings(Configurable):
 
     request_timeout = Float(600.0, help="Seconds before a model request times out.").tag(config=True)
 
-    max_updates_per_second = Float(15.0, help="Upper bound on live display updates per second.").tag(
-        config=True
-    )
+    max_updates_per_second = Float(
+        12.0,
+        help="Upper bound on live display updates per second (each display's final redraw is extra).",
+    ).tag(config=True)
 
     auto_push = Bool(
         True, help="Push data-like variables (DataFrames, arrays, figures...) named in the prompt."

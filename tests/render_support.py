@@ -1,6 +1,5 @@
 """Helpers for the renderer's tests and benchmark: a recording frontend, a fake clock, and the
-genuine OpenAI recording turned into events by a tiny local translation (the real translator
-lives in the openai backend; this one only needs what the recording holds)."""
+genuine OpenAI recording turned into events by the openai backend's own translator."""
 
 from __future__ import annotations
 
@@ -9,9 +8,6 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from openai._models import construct_type
-from openai.types.responses import ResponseStreamEvent
 
 from ci_magic.backends.openai_backend import ResponsesTranslator
 from ci_magic.events import (
@@ -108,11 +104,9 @@ def recording_events(lines: list[str]) -> list[Event]:
     return [event for payload in parsed_payloads(lines) for event in translator.translate(payload)]
 
 
-def parsed_payloads(lines: list[str]) -> list[object]:
-    """Each JSON line parsed into the SDK's typed event, as the SDK does while streaming."""
-    return [
-        construct_type(type_=ResponseStreamEvent, value=json.loads(line)) for line in lines if line.strip()
-    ]
+def parsed_payloads(lines: list[str]) -> list[dict]:
+    """Each JSON line parsed, as the openai backend does with each SSE event's data."""
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 # -- hand-written turns -------------------------------------------------------------------------------

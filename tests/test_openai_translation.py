@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from openai._models import construct_type
-from openai.types.responses import ResponseStreamEvent
 
 from ci_magic.backends.openai_backend import ResponsesTranslator
 from ci_magic.events import CallStarted, CodeDelta, Completed, FileCited, Image, Logs, TextDelta
@@ -23,9 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def translate(name: str) -> tuple[list, ResultBuilder]:
-    raw = [
-        construct_type(type_=ResponseStreamEvent, value=e.json) for e in load_stream(resolve_recording(name))
-    ]
+    raw = [e.json for e in load_stream(resolve_recording(name))]
     translator = ResponsesTranslator()
     builder = ResultBuilder("recorded prompt")
     events = []

@@ -7,14 +7,17 @@ Containers and container files map one to one onto the Containers API. A turn is
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import openai
 
 from ci_magic.backends.base import ContainerFile, ContainerInfo, MemoryLimit, TurnRequest
+from ci_magic.backends.sse import aiter_events
 from ci_magic.errors import BackendError, ConfigurationError, StreamError
 from ci_magic.events import (
     CallStarted,
@@ -142,92 +145,113 @@ def _decode_data_url(url: str) -> tuple[bytes, str] | None:
 
 
 class ResponsesTranslator:
-    """Responses API stream events (SDK objects) -> our events. Pure: no I/O, one per turn."""
+    """Responses API stream payloads (the JSON of each SSE event) -> our events. Pure, one per turn.
+
+    Reads only the fields it needs, tolerantly (``.get``), as the SDK's models do: new event
+    types and new fields pass through unnoticed.
+    """
 
     def __init__(self) -> None:
         self.response_id: str | None = None
         self.container_id: str | None = None
         self.finished = False
 
-    def translate(self, event: Any) -> list[Event]:
-        kind = event.type
+    def translate(self, event: Mapping[str, Any]) -> list[Event]:
+        kind = event.get("type")
         if kind == "response.code_interpreter_call_code.delta":
-            return [CodeDelta(event.item_id, event.delta)]
+            return [CodeDelta(event["item_id"], event["delta"])]
         if kind == "response.output_text.delta":
-            return [TextDelta(event.delta)]
+            return [TextDelta(event["delta"])]
         if kind == "response.created":
-            self.response_id = event.response.id
-            return [TurnStarted(response_id=event.response.id, model=event.response.model)]
-        if kind == "response.output_item.added" and event.item.type == "code_interpreter_call":
-            self.container_id = event.item.container_id or self.container_id
-            return [CallStarted(event.item.id, event.item.container_id), CallStatus(event.item.id, "writing")]
+            response = event["response"]
+            self.response_id = response["id"]
+            return [TurnStarted(response_id=response["id"], model=response.get("model") or "")]
+        if kind == "response.output_item.added" and event["item"].get("type") == "code_interpreter_call":
+            item = event["item"]
+            self.container_id = item.get("container_id") or self.container_id
+            return [CallStarted(item["id"], item.get("container_id")), CallStatus(item["id"], "writing")]
         if kind == "response.code_interpreter_call_code.done":
-            return [CodeDone(event.item_id, event.code)]
+            return [CodeDone(event["item_id"], event["code"])]
         if kind == "response.code_interpreter_call.interpreting":
-            return [CallStatus(event.item_id, "running")]
-        if kind == "response.output_item.done" and event.item.type == "code_interpreter_call":
-            return self._call_done(event.item)
+            return [CallStatus(event["item_id"], "running")]
+        if kind == "response.output_item.done" and event["item"].get("type") == "code_interpreter_call":
+            return self._call_done(event["item"])
         if kind == "response.output_text.annotation.added":
-            return self._annotation(event.annotation)
+            return self._annotation(event["annotation"])
         if kind == "response.output_text.done":
-            return [TextDone(event.text)]
+            return [TextDone(event["text"])]
         if kind == "response.completed":
             self.finished = True
-            return [Completed(event.response.id, self.container_id, _usage(event.response.usage))]
+            response = event["response"]
+            return [Completed(response["id"], self.container_id, _usage(response.get("usage")))]
         if kind in ("response.failed", "response.incomplete"):
             self.finished = True
             return [
                 Failed(
-                    _response_problem(event.response), kind="limit" if kind.endswith("incomplete") else "api"
+                    _response_problem(event["response"]),
+                    kind="limit" if kind == "response.incomplete" else "api",
                 )
             ]
-        if kind == "error":
+        if kind == "error" or isinstance(event.get("error"), Mapping):
             self.finished = True
-            return [Failed(f"OpenAI reported an error mid-stream: {event.message}", kind="api")]
+            return [Failed(f"OpenAI reported an error mid-stream: {_error_message(event)}", kind="api")]
         return []
 
-    def _call_done(self, item: Any) -> list[Event]:
+    def _call_done(self, item: Mapping[str, Any]) -> list[Event]:
         events: list[Event] = []
-        if item.code is not None:
-            events.append(CodeDone(item.id, item.code))
-        for output in item.outputs or []:
-            if output.type == "logs":
-                events.append(Logs(item.id, output.logs))
-            elif output.type == "image":
-                decoded = _decode_data_url(output.url)
+        if item.get("code") is not None:
+            events.append(CodeDone(item["id"], item["code"]))
+        for output in item.get("outputs") or []:
+            if output.get("type") == "logs":
+                events.append(Logs(item["id"], output.get("logs") or ""))
+            elif output.get("type") == "image":
+                decoded = _decode_data_url(output.get("url") or "")
                 if decoded is not None:
-                    events.append(Image(item.id, decoded[0], decoded[1]))
-        events.append(CallStatus(item.id, "completed" if item.status == "completed" else "failed"))
+                    events.append(Image(item["id"], decoded[0], decoded[1]))
+        events.append(CallStatus(item["id"], "completed" if item.get("status") == "completed" else "failed"))
         return events
 
-    def _annotation(self, annotation: Any) -> list[Event]:
-        data = annotation if isinstance(annotation, dict) else annotation.model_dump()
-        if data.get("type") != "container_file_citation":
+    def _annotation(self, annotation: Mapping[str, Any]) -> list[Event]:
+        if annotation.get("type") != "container_file_citation":
             return []
         return [
             FileCited(
-                container_id=data["container_id"],
-                file_id=data["file_id"],
-                filename=data["filename"],
-                start_index=int(data.get("start_index") or 0),
-                end_index=int(data.get("end_index") or 0),
+                container_id=annotation["container_id"],
+                file_id=annotation["file_id"],
+                filename=annotation["filename"],
+                start_index=int(annotation.get("start_index") or 0),
+                end_index=int(annotation.get("end_index") or 0),
             )
         ]
 
 
-def _usage(usage: Any) -> Usage:
-    if usage is None:
+def _usage(usage: Mapping[str, Any] | None) -> Usage:
+    if not usage:
         return Usage()
-    return Usage(usage.input_tokens or 0, usage.output_tokens or 0, usage.total_tokens or 0)
+    return Usage(
+        usage.get("input_tokens") or 0, usage.get("output_tokens") or 0, usage.get("total_tokens") or 0
+    )
 
 
-def _response_problem(response: Any) -> str:
-    error = getattr(response, "error", None)
-    if error is not None:
-        return f"The response failed: {error.message} ({error.code})."
-    details = getattr(response, "incomplete_details", None)
-    reason = getattr(details, "reason", None) or "unknown reason"
+def _response_problem(response: Mapping[str, Any]) -> str:
+    error = response.get("error")
+    if error:
+        return f"The response failed: {error.get('message')} ({error.get('code')})."
+    reason = (response.get("incomplete_details") or {}).get("reason") or "unknown reason"
     return f"The response stopped early ({reason}); what arrived is shown above."
+
+
+def _error_message(event: Mapping[str, Any]) -> str:
+    """An ``error`` event's message: Responses sends it at the top level, some gateways nest it."""
+    nested = event.get("error")
+    source = nested if isinstance(nested, Mapping) else event
+    return str(source.get("message") or source.get("code") or "no details were given")
+
+
+def _stream_problem(error: Exception) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"an event was not valid JSON: {error}"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _input_text(request: TurnRequest) -> str:
@@ -336,28 +360,31 @@ class OpenAIBackend:
             params["extra_headers"] = request.extra_headers
 
         translator = ResponsesTranslator()
-        try:
-            stream = await self.client.responses.create(**params)
-        except openai.OpenAIError as error:
-            raise api_error(error, doing="starting the response") from error
-        try:
-            if request.exec_code is not None:
-                yield Notice("On the openai backend, %%ci_exec asks the model to run the code verbatim.")
-            async for raw in stream:
-                for event in translator.translate(raw):
-                    if isinstance(event, Completed):
-                        request.conversation.previous_response_id = event.response_id
-                        request.conversation.notes.clear()
-                    yield event
-        except (openai.OpenAIError, Exception) as error:
-            if isinstance(error, openai.APIStatusError):
-                raise api_error(error, doing="streaming the response") from error
-            raise StreamError(
-                f"The response stream broke mid-way ({type(error).__name__}: {error}). What arrived is shown "
-                "above; the container and the conversation are intact, so run the cell again."
-            ) from error
-        finally:
-            await stream.close()
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                # The raw streaming response: the SDK sends, authenticates, retries and raises HTTP
+                # errors; the events are decoded by ci_magic.backends.sse (which says why).
+                response = await stack.enter_async_context(
+                    self.client.responses.with_streaming_response.create(**params)
+                )
+            except openai.OpenAIError as error:
+                raise api_error(error, doing="starting the response") from error
+            try:
+                if request.exec_code is not None:
+                    yield Notice("On the openai backend, %%ci_exec asks the model to run the code verbatim.")
+                async for sse in aiter_events(response.iter_bytes()):
+                    if sse.data.startswith("[DONE]"):
+                        break
+                    for event in translator.translate(json.loads(sse.data)):
+                        if isinstance(event, Completed):
+                            request.conversation.previous_response_id = event.response_id
+                            request.conversation.notes.clear()
+                        yield event
+            except Exception as error:
+                raise StreamError(
+                    f"The response stream broke mid-way ({_stream_problem(error)}). What arrived is shown "
+                    "above; the container and the conversation are intact, so run the cell again."
+                ) from error
         if not translator.finished:
             raise StreamError(
                 "The response stream ended before the response completed. What arrived is shown above; the "

@@ -331,7 +331,7 @@ class TurnView:
         frontend: Frontend,
         *,
         quiet: bool = False,
-        max_updates_per_second: float = 15.0,
+        max_updates_per_second: float = 12.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._frontend = frontend
