@@ -128,3 +128,19 @@ def test_an_in_band_error_ends_the_cell_with_its_message_and_the_session_goes_on
     result = interpreter.run("x + 1 please")
     assert result.ok and result.calls[0].logs.strip() == "42", "the container kept x"
     interpreter.close()
+
+
+class SendsAMalformedEvent:
+    def events(self, ctx) -> Iterator[SSEEvent]:
+        yield from ResponseEvents(ctx).start()
+        yield SSEEvent("response.output_text.delta", json.dumps({"type": "response.output_text.delta"}))
+
+
+def test_a_malformed_event_says_what_was_missing(openai_server, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.url)
+    interpreter = CodeInterpreter(frontend=RecordingFrontend(), output_dir=str(tmp_path), backend="openai")
+    openai_server.responder = SendsAMalformedEvent()
+    with pytest.raises(CIError, match="broke mid-way \\(an event lacked its 'delta' field\\)"):
+        interpreter.run("go")
+    interpreter.close()

@@ -147,8 +147,8 @@ def _decode_data_url(url: str) -> tuple[bytes, str] | None:
 class ResponsesTranslator:
     """Responses API stream payloads (the JSON of each SSE event) -> our events. Pure, one per turn.
 
-    Reads only the fields it needs, tolerantly (``.get``), as the SDK's models do: new event
-    types and new fields pass through unnoticed.
+    Reads only the fields it needs; those the API may omit or null are read with ``.get``, and
+    new event types and fields pass through unnoticed, as with the SDK's models.
     """
 
     def __init__(self) -> None:
@@ -251,6 +251,8 @@ def _error_message(event: Mapping[str, Any]) -> str:
 def _stream_problem(error: Exception) -> str:
     if isinstance(error, json.JSONDecodeError):
         return f"an event was not valid JSON: {error}"
+    if isinstance(error, KeyError):
+        return f"an event lacked its {error} field"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
