@@ -397,11 +397,31 @@ class CodeInterpreter(Settings):
             run_sync(self._session.reset())
 
     def status(self) -> dict[str, Any]:
+        """Backend, model, the container as the backend reports it now, its files, usage and turns."""
         info: dict[str, Any] = {"backend": self.backend, "model": self.resolved_model() or "(server default)"}
-        if self._session is None:
+        session = self._session
+        if session is None:
             info.update(container_status="not created yet (created on the first cell)", turns=0)
             return info
-        info.update(self._session.status())
+        problem = files = None
+        container = session.container
+        if container is not None:
+            try:
+                container = self._run(session.refresh_container())
+                files = self._run(session.files()) if container is not None and container.usable else None
+            except BackendError as error:
+                problem = error.message
+        info.update(session.status())
+        if problem is not None:
+            info["container_status"] = f"unknown, the check failed: {problem}"
+        elif session.container is not None and (container is None or not container.usable):
+            state = "gone" if container is None else container.status
+            info["container_status"] = (
+                f"{state}: the next cell starts a new container and re-sends the files you pushed"
+            )
+            info["expires_at"] = None
+        if files is not None:
+            info["files"] = files
         return info
 
     def close(self) -> None:
@@ -440,8 +460,8 @@ class CodeInterpreter(Settings):
         expires = info.get("expires_at")
         if expires:
             rows.append(("expires", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires))))
-        if self._session is not None and self._session.container is not None:
-            files = self._run(self._session.files())
+        files = info.get("files")
+        if files is not None:
             names = ", ".join(f.name for f in files) or "none"
             rows.append(("files", f"{len(files)}: {names}"))
         usage = info.get("usage")

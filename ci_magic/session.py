@@ -268,6 +268,15 @@ class Session:
                 saved.append(SavedFile(name, path, "", "", len(image.data), False))
         return saved
 
+    async def refresh_container(self) -> ContainerInfo | None:
+        """The container as the backend sees it now (None: gone). Never replaces it: the next turn does."""
+        if self.container is None:
+            return None
+        current = await self.backend.get_container(self.container.id)
+        if current is not None:
+            self.container = current
+        return current
+
     async def files(self) -> list[ContainerFile]:
         if self.container is None:
             return []

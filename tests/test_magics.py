@@ -73,6 +73,22 @@ def test_a_cell_binds_ci_and_o_name_and_inserts_its_code(shell, capsys) -> None:
     assert 'df["square"] = df["n"] ** 2' in printed and "<div" not in printed, "plain text outside Jupyter"
 
 
+def test_status_checks_the_container_now_and_never_fails_on_a_dead_one(shell, capsys, openai_server) -> None:
+    shell.run_line_magic("config", "CodeInterpreter.max_retries = 0")
+    shell.run_line_magic("ci", "What is in /mnt/data?")
+    container_id = shell.user_ns["_ci"].container_id
+    openai_server.expire(container_id)
+    capsys.readouterr()
+    shell.run_line_magic("ci_status", "")
+    expired = capsys.readouterr().out
+    assert "expired: the next cell starts a new container" in expired and "\nfiles " not in expired
+    openai_server.fail_next("/v1/containers", 500)
+    shell.run_line_magic("ci_status", "")
+    assert "unknown, the check failed: OpenAI answered 500" in capsys.readouterr().out
+    shell.run_line_magic("ci", "And now?")
+    assert shell.user_ns["_ci"].ok and shell.user_ns["_ci"].container_id != container_id
+
+
 def test_a_bad_output_name_is_refused_before_anything_runs(shell, openai_server) -> None:
     with pytest.raises(UsageError, match="identifier"):
         shell.run_cell_magic("ci", "-o 2bad", "Hello")
