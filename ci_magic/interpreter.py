@@ -368,11 +368,12 @@ class CodeInterpreter(Settings):
         if not rows:
             print("The container has no files yet (it is created by the first %%ci or %ci_push).")
             return
-        _show(
-            rows_bundle(
-                "Files in /mnt/data", ["name", "size", "source", "created"], [r.cells() for r in rows]
-            )
-        )
+        headers, cells = ["name", "size", "source", "created"], [r.cells() for r in rows]
+        if any(r.path != f"/mnt/data/{r.name}" for r in rows):
+            # OpenAI stores uploads as /mnt/data/<32 hex>-<name>: code run by %%ci_exec needs that path.
+            headers.append("path in the container")
+            cells = [(*c, r.path) for c, r in zip(cells, rows, strict=True)]
+        _show(rows_bundle("Files in /mnt/data", headers, cells))
 
     def _existing_container(self, doing: str) -> ContainerInfo:
         session = self._session

@@ -3,6 +3,7 @@ every bad input is a one-paragraph error that loses nothing."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -40,7 +41,9 @@ def test_a_prompt_naming_df_sends_it_with_a_card_and_the_result_comes_back_equal
     ok(notebook.cells[2])
     request = openai_server.requests_to("/v1/responses", "POST")[0].json
     prompt = str(request["input"])
-    assert "/mnt/data/df.parquet" in prompt and "revenue" in prompt and "float64" in prompt
+    # OpenAI stores an upload as /mnt/data/<32 hex>-<name>: the card gives the model that real path.
+    assert re.search(r"/mnt/data/[0-9a-f]{32}-df\.parquet: pandas DataFrame", prompt), prompt
+    assert "revenue" in prompt and "float64" in prompt
     assert "pd.read_parquet" in prompt, "the card says how to load the file"
     uploads = [r for r in openai_server.requests if r.method == "POST" and r.path.endswith("/files")]
     assert len(uploads) == 1
@@ -53,6 +56,7 @@ def test_a_prompt_naming_df_sends_it_with_a_card_and_the_result_comes_back_equal
     assert "DataFrame (11, 3)" in ok(notebook.cells[3]), "describe() rows; the index column comes back too"
     files = ok(notebook.cells[4])
     assert "df.parquet" in files and "notebook" in files and "df_summary.csv" in files and "model" in files
+    assert re.search(r"path in the container.*/mnt/data/[0-9a-f]{32}-df\.parquet", files, re.DOTALL), files
 
 
 def test_bad_inputs_are_clear_errors_and_nothing_is_lost(openai_server, tmp_path: Path) -> None:

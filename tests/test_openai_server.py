@@ -373,11 +373,10 @@ def test_container_and_file_objects_have_the_recorded_shapes(openai_server, clie
             client.containers.files.with_raw_response.create(container["id"], file=handle).text
         )
     assert key_paths(uploaded) == key_paths(upload.body)
-    assert (uploaded["bytes"], uploaded["path"], uploaded["source"]) == (
-        len(content.body),
-        "/mnt/data/test-get-file.txt",
-        "user",
-    )
+    assert (uploaded["bytes"], uploaded["source"]) == (len(content.body), "user")
+    # OpenAI prefixes an upload's name with 32 hex digits; the record shows it, so do we.
+    upload_path = re.compile(r"/mnt/data/[0-9a-f]{32}-test-get-file\.txt")
+    assert upload_path.fullmatch(upload.body["path"]) and upload_path.fullmatch(uploaded["path"])
     fetched = json.loads(
         client.containers.files.with_raw_response.retrieve(uploaded["id"], container_id=container["id"]).text
     )
@@ -390,7 +389,9 @@ def test_container_and_file_objects_have_the_recorded_shapes(openai_server, clie
     assert raw.headers["content-type"] == content.headers["Content-Type"]
     ours = [p.split("=")[0] for p in raw.headers["content-disposition"].split("; ")]
     assert ours == [p.split("=")[0] for p in content.headers["Content-Disposition"].split("; ")]
-    assert raw.headers["content-disposition"].endswith("''test-get-file.txt")
+    stored_name = re.compile(r".*''[0-9a-f]{32}-test-get-file\.txt")
+    assert stored_name.fullmatch(raw.headers["content-disposition"])
+    assert stored_name.fullmatch(content.headers["Content-Disposition"])
 
     deleted = client.containers.files.with_raw_response.delete(uploaded["id"], container_id=container["id"])
     assert key_paths(json.loads(deleted.text or "{}")) == key_paths(delete_file.body)
@@ -428,11 +429,11 @@ def test_container_files_round_trip_through_the_sdk(openai_server, client, tmp_p
     listed = list(client.containers.files.list(container.id))
     content = client.containers.files.content.retrieve(uploaded.id, container_id=container.id).read()
 
-    assert [(f.id, f.path, f.bytes, f.source) for f in listed] == [
-        (uploaded.id, "/mnt/data/report.csv", 8, "user")
-    ]
+    assert [(f.id, f.path, f.bytes, f.source) for f in listed] == [(uploaded.id, uploaded.path, 8, "user")]
+    assert re.fullmatch(r"/mnt/data/[0-9a-f]{32}-report\.csv", uploaded.path)
     assert content == b"a,b\n1,2\n"
-    assert (openai_server.container_dir(container.id) / "report.csv").read_bytes() == content
+    on_disk = openai_server.container_dir(container.id) / uploaded.path.removeprefix("/mnt/data/")
+    assert on_disk.read_bytes() == content
     client.containers.files.delete(uploaded.id, container_id=container.id)
     assert list(client.containers.files.list(container.id)) == []
     with pytest.raises(openai.NotFoundError, match="not found"):
@@ -653,11 +654,11 @@ def test_quickstart_summarises_a_pushed_parquet_file(openai_server, client, tmp_
     path = tmp_path / "sales.parquet"
     pd.DataFrame({"units": [3, 5, 8], "region": ["n", "s", "e"]}).to_parquet(path)
     container = client.containers.create(name="data")
-    client.containers.files.create(container.id, file=path)
+    uploaded = client.containers.files.create(container.id, file=path)
 
     response = client.responses.create(
         model="gpt-5",
-        input="Describe /mnt/data/sales.parquet please",
+        input=f"Describe {uploaded.path} please",
         tools=code_tool(container.id),
         include=OUTPUTS,
     )

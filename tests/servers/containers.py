@@ -340,6 +340,16 @@ def content_type(name: str) -> str:
     return f"{guessed}; charset=utf-8" if guessed.startswith("text/") else guessed
 
 
+def upload_path(filename: str) -> str:
+    """Where OpenAI keeps an uploaded file: ``<32 hex>-<name>``, as in the genuine
+    CanUploadGetAndDeleteContainerFile record (``test-get-file.txt`` became
+    ``/mnt/data/946e6dc94ac6aca10fa2bda7a127cba8-test-get-file.txt``). A sub-folder in the
+    upload name is kept (unrecorded: whether OpenAI keeps it is unknown)."""
+    folder, _, base = _safe_relative(filename).rpartition("/")
+    prefixed = f"{secrets.token_hex(16)}-{base}"
+    return f"{folder}/{prefixed}" if folder else prefixed
+
+
 def _safe_relative(filename: str) -> str:
     """A path under /mnt/data from an upload name or a /mnt/data path; never escapes the folder."""
     relative = filename.removeprefix(DATA_DIR + "/").replace("\\", "/")

@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from tests.servers.containers import ApiError, Clock, Container, ContainerStore, new_id
+from tests.servers.containers import ApiError, Clock, Container, ContainerStore, new_id, upload_path
 from tests.servers.http_base import QuietHTTPServer
 from tests.servers.replay import Replay
 from tests.servers.responses_stream import Responder, SSEEvent, TurnContext, dumps
@@ -624,7 +624,7 @@ class _Handler(BaseHTTPRequestHandler):
                 400, "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
             )
         filename, _content_type, data = upload.files["file"]
-        self._send_json(store.add_file(container, filename or "upload", data).to_json())
+        self._send_json(store.add_file(container, upload_path(filename or "upload"), data).to_json())
 
     def _list_files(self, cid: str) -> None:
         store = self.owner.store

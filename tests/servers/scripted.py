@@ -36,6 +36,7 @@ __all__ = [
 _LINK = re.compile(r"sandbox:(/mnt/data/[^\s)\]\"'>]+)")
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 _PARQUET = re.compile(r"/mnt/data/([\w.-]+?)\.parquet\b")
+_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{32}-")
 
 
 @dataclass(frozen=True)
@@ -206,11 +207,12 @@ for name in sorted(os.listdir("/mnt/data")):
 """
 
 
-def _dataset_turn(name: str) -> Turn:
+def _dataset_turn(stem: str) -> Turn:
+    name = _UPLOAD_PREFIX.sub("", stem)  # df, not the <32 hex>-df OpenAI stores the upload as
     var = re.sub(r"\W", "_", name)
     load = (
         "import pandas as pd\n\n"
-        f'{var} = pd.read_parquet("/mnt/data/{name}.parquet")\n'
+        f'{var} = pd.read_parquet("/mnt/data/{stem}.parquet")\n'
         f"print({var}.shape)\n"
         f"print({var}.describe())\n"
     )
