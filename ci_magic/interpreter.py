@@ -409,7 +409,7 @@ class CodeInterpreter(Settings):
         if container is not None:
             try:
                 container = self._run(session.refresh_container())
-                files = self._run(session.files()) if container is not None and container.usable else None
+                files = self.files() if container is not None and container.usable else None
             except BackendError as error:
                 problem = error.message
         info.update(session.status())

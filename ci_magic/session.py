@@ -277,11 +277,6 @@ class Session:
             self.container = current
         return current
 
-    async def files(self) -> list[ContainerFile]:
-        if self.container is None:
-            return []
-        return await self.backend.list_files(self.container.id)
-
     def status(self) -> dict[str, Any]:
         container = self.container
         return {
