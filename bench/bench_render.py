@@ -151,7 +151,7 @@ def main() -> None:
         f"{frontend.encoded_bytes / 1e3:.0f} kB encoded"
     )
 
-    for rate in (15.0, 0.0):
+    for rate in (12.0, 0.0):
         sent, elapsed, peak = paced(lines, 300.0, rate)
         label = f"budget {rate:g}/s" if rate else "no budget"
         print(
