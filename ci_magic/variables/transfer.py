@@ -134,6 +134,23 @@ async def _bounded(limit: int, thunks: Sequence[Callable[[], Awaitable[T]]]) -> 
     return await asyncio.gather(*(run(t) for t in thunks), return_exceptions=True)
 
 
+async def _send_all(
+    backend: Backend,
+    container_id: str,
+    registry: PushRegistry,
+    jobs: Sequence[_Job],
+    progress: Progress | None,
+    verb: str,
+    concurrency: int,
+) -> list[PushOutcome | BaseException]:
+    """Upload ``jobs`` at most ``concurrency`` at a time, with one progress display for all."""
+    with _Reporter(progress, [j.filename for j in jobs], sum(j.size for j in jobs), verb) as reporter:
+        return await _bounded(
+            concurrency,
+            [lambda job=job: _send(backend, container_id, registry, job, reporter) for job in jobs],
+        )
+
+
 def _raise_first(results: Iterable[object]) -> None:
     for result in results:
         if isinstance(result, BaseException):
@@ -343,13 +360,7 @@ async def _push_prepared(
     for job in to_send:
         _check_size(job, size_cap)
 
-    with _Reporter(
-        progress, [j.filename for j in to_send], sum(j.size for j in to_send), "pushed"
-    ) as reporter:
-        results = await _bounded(
-            concurrency,
-            [lambda job=job: _send(backend, container_id, registry, job, reporter) for job in to_send],
-        )
+    results = await _send_all(backend, container_id, registry, to_send, progress, "pushed", concurrency)
     for job, result in zip(to_send, results, strict=True):
         if isinstance(result, PushOutcome):
             outcomes[job.item.name] = result
@@ -464,13 +475,7 @@ async def reupload_all(
             jobs.append(_Job(PushItem(entry.name, None, entry.origin), prep, entry).reuse(entry))
         else:
             drop(entry, "missing", f"{entry.source_path or entry.spool} no longer exists")
-    with _Reporter(
-        progress, [j.filename for j in jobs], sum(j.size for j in jobs), "re-uploaded"
-    ) as reporter:
-        results = await _bounded(
-            concurrency,
-            [lambda job=job: _send(backend, new_container_id, registry, job, reporter) for job in jobs],
-        )
+    results = await _send_all(backend, new_container_id, registry, jobs, progress, "re-uploaded", concurrency)
     for job, result in zip(jobs, results, strict=True):
         if isinstance(result, PushOutcome):
             outcomes[job.item.name] = replace(result, status="reuploaded")
