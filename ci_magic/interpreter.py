@@ -21,6 +21,7 @@ from typing import Any
 from traitlets import observe
 
 from ci_magic.backends.base import Backend, ContainerInfo
+from ci_magic.backends.factory import build_backend
 from ci_magic.bridge import run_sync
 from ci_magic.config import Settings
 from ci_magic.errors import (
@@ -96,35 +97,7 @@ class CodeInterpreter(Settings):
         return DEFAULT_OPENAI_MODEL if self.backend == "openai" else ""
 
     def _make_backend(self) -> Backend:
-        if self.backend == "openai":
-            from ci_magic.backends.openai_backend import OpenAIBackend, make_client
-
-            client = make_client(
-                max_retries=self.max_retries, timeout=self.request_timeout, headers=dict(self.extra_headers)
-            )
-            return OpenAIBackend(client)
-        from ci_magic.backends.local.backend import LocalBackend
-        from ci_magic.backends.local.sandbox import SandboxManager
-
-        sandbox = SandboxManager(
-            python=self.sandbox_python or None,
-            pool_size=self.pool_size,
-            execution_timeout=self.execution_timeout,
-        )
-        model_client = None
-        if self.model_base_url:
-            import openai  # the SDK takes ~0.5 s to import: only when a backend is built
-
-            model_client = openai.AsyncOpenAI(
-                base_url=self.model_base_url,
-                api_key=self.model_api_key or "not-needed",
-                max_retries=self.max_retries,
-                timeout=self.request_timeout,
-                default_headers=dict(self.extra_headers),
-            )
-        return LocalBackend(
-            sandbox, model_client=model_client, model=self.model or "", max_steps=self.max_steps
-        )
+        return build_backend(self)
 
     def _get_session(self) -> Session:
         if self._session is not None and self._backend_stale:
