@@ -13,11 +13,9 @@ dies (out of memory, segfault, ``os._exit``) reported and restarted with /mnt/da
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -27,15 +25,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 
+from ci_magic.backends.kernel_messages import events_from_message, idle_after
 from ci_magic.backends.local.isolation import Isolation, LaunchPaths, Limits, PythonInfo
 from ci_magic.errors import SandboxError
-from ci_magic.events import CallStatus, Event, ExecutionError, Image, Logs, Notice, RichOutput
+from ci_magic.events import CallStatus, Event, ExecutionError, Notice
 
 __all__ = [
     "Kernel",
@@ -53,7 +52,6 @@ KERNEL_ARGS = ("--HistoryManager.enabled=False", "--InteractiveShell.colors=noco
 CHANNEL_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 INTERRUPT_GRACE = 3.0  # seconds an interrupted execution gets to stop before the kernel is killed
 POLL = 0.25  # how often a silent execution checks that the kernel is still alive
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 SIGNAL_HINTS = {
     signal.SIGKILL: "was killed by SIGKILL (usually a sign it ran out of memory)",
     signal.SIGSEGV: "crashed with a segmentation fault (SIGSEGV)",
@@ -314,37 +312,6 @@ def _describe_status(status: str) -> str:
     return "stopped for an unknown reason"
 
 
-def events_from_message(msg: dict[str, Any], call_id: str) -> list[Event]:
-    """One iopub message as events (status, execute_input and clear_output carry none)."""
-    kind = msg["header"]["msg_type"]
-    content = msg.get("content", {})
-    if kind == "stream":
-        stream = "stderr" if content.get("name") == "stderr" else "stdout"
-        return [Logs(call_id=call_id, text=content.get("text", ""), stream=stream)]
-    if kind in ("display_data", "execute_result", "update_display_data"):
-        data = dict(content.get("data") or {})
-        if not data:
-            return []
-        display_id = (content.get("transient") or {}).get("display_id")
-        update = kind == "update_display_data"
-        png = data.get("image/png")
-        if isinstance(png, str) and display_id is None:
-            # A plain figure: the image itself; its text/plain is only "<Figure size ...>".
-            return [Image(call_id=call_id, data=base64.b64decode(png), mime="image/png")]
-        return [RichOutput(call_id=call_id, bundle=data, display_id=display_id, update=update)]
-    if kind == "error":
-        traceback = ANSI.sub("", "\n".join(content.get("traceback") or []))
-        return [
-            ExecutionError(
-                call_id=call_id,
-                name=content.get("ename", "Error"),
-                value=content.get("evalue", ""),
-                traceback=traceback,
-            )
-        ]
-    return []
-
-
 async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) -> AsyncIterator[Event]:
     """Run ``code`` and yield its outputs, then ``CallStatus(completed|failed)``.
 
@@ -393,7 +360,7 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue  # left over from an earlier request
-            if _idle_after(msg, msg_id):
+            if idle_after(msg, msg_id):
                 break
             for event in events_from_message(msg, call_id):
                 if isinstance(event, ExecutionError):
@@ -430,18 +397,10 @@ async def _wait_idle(kernel: Kernel, msg_id: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and kernel.is_alive():
         with contextlib.suppress(Empty):
-            if _idle_after(await client.get_iopub_msg(timeout=POLL), msg_id):
+            if idle_after(await client.get_iopub_msg(timeout=POLL), msg_id):
                 await _drain_reply(client, msg_id)
                 return True
     return False
-
-
-def _idle_after(msg: dict[str, Any], msg_id: str) -> bool:
-    return (
-        msg["parent_header"].get("msg_id") == msg_id
-        and msg["header"]["msg_type"] == "status"
-        and msg["content"].get("execution_state") == "idle"
-    )
 
 
 async def _drain_reply(client: AsyncKernelClient, msg_id: str) -> None:
