@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import itertools
 import json
 import re
@@ -43,8 +42,9 @@ import numpy as np
 import pandas as pd
 from openai import AsyncOpenAI
 
+from ci_magic.backends.base import DEFAULT_DOWNLOAD_SIZE_CAP
 from ci_magic.backends.openai_backend import OpenAIBackend
-from ci_magic.filenames import save_into
+from ci_magic.filenames import download_into
 from ci_magic.variables.registry import PushItem, PushRegistry
 from ci_magic.variables.transfer import pull, push
 
@@ -238,9 +238,10 @@ async def measure(backend: Any, container: str, df: pd.DataFrame, csv: bytes, re
     assert again[0].status == "unchanged", again
 
     async def baseline_pull() -> pd.DataFrame:
-        data = await backend.download_file(container, csv_file.id)
-        await asyncio.to_thread(save_into, out, "baseline.csv", data)
-        return await asyncio.to_thread(pd.read_csv, io.BytesIO(data))
+        saved, _ = await download_into(
+            backend, container, csv_file.id, out, "baseline.csv", max_bytes=DEFAULT_DOWNLOAD_SIZE_CAP
+        )
+        return await asyncio.to_thread(pd.read_csv, saved)
 
     t_read_csv, _ = await timed(baseline_pull, repeat)
     t_pull, pulled = await timed(

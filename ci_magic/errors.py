@@ -9,6 +9,7 @@
     ├── SandboxError             the local sandbox could not start, died, or hit a limit
     ├── VariableError            unknown variable, unsupported type, over the size cap
     └── ContainerFileError       a file missing from the container, unsafe name, undecodable
+        └── FileTooLarge         a container file over the download cap (nothing was written)
 
 Anything else raised from ci_magic is a bug and keeps its traceback.
 """
@@ -22,6 +23,7 @@ __all__ = [
     "CIError",
     "ConfigurationError",
     "ContainerFileError",
+    "FileTooLarge",
     "SandboxError",
     "StreamError",
     "VariableError",
@@ -72,3 +74,16 @@ class VariableError(CIError):
 
 class ContainerFileError(CIError):
     title = "ci-magic file"
+
+
+class FileTooLarge(ContainerFileError):
+    """A container file is over the size a download may take; it was refused before being written.
+
+    ``size`` is what the container reported (apparent or allocated bytes, whichever is larger),
+    or None when the stream simply went past ``limit``.
+    """
+
+    def __init__(self, message: str, *, size: int | None, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit

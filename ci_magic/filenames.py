@@ -1,7 +1,9 @@
 """Container file names made safe for the local disk, and writes that cannot escape their folder.
 
 Every download path goes through here: a name chosen by a model (or a hostile file listing) must
-never write outside the output folder, through a symlink, or over a directory.
+never write outside the output folder, through a symlink, or over a directory. Container files
+come to disk only through ``download_into``: streamed, bounded by a byte cap, and renamed into
+place when complete.
 """
 
 from __future__ import annotations
@@ -12,11 +14,23 @@ import os
 import re
 import secrets
 import unicodedata
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ci_magic.errors import ContainerFileError
 
-__all__ = ["CONTAINER_ROOT", "safe_relative_name", "save_into", "variable_name_for"]
+if TYPE_CHECKING:
+    from ci_magic.backends.base import Backend
+
+__all__ = [
+    "CONTAINER_ROOT",
+    "download_into",
+    "receive_into",
+    "safe_relative_name",
+    "save_into",
+    "variable_name_for",
+]
 
 CONTAINER_ROOT = "/mnt/data/"
 
@@ -106,9 +120,9 @@ def save_into(folder: Path, name: str, data: bytes | bytearray | memoryview) -> 
     return folder.joinpath(*parts)
 
 
-def _save_with_dir_fd(
-    folder: Path, parts: list[str], data: bytes | bytearray | memoryview, name: str
-) -> None:
+@contextlib.contextmanager
+def _folder_fd(folder: Path, parts: list[str], name: str) -> Iterator[int]:
+    """A descriptor of ``folder/parts[:-1]``, made as needed, never through a symlink below ``folder``."""
     fds = [os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
     try:
         for part in parts[:-1]:
@@ -120,39 +134,96 @@ def _save_with_dir_fd(
                 )
             except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file where a folder should be
                 raise _refuse(name, f"{part!r} under {folder} is a symlink or not a folder") from exc
-        final, dir_fd = parts[-1], fds[-1]
-        tmp = f".{final[:200]}.{secrets.token_hex(4)}.part"
+        yield fds[-1]
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
+
+
+def _temp_name(final: str) -> str:
+    return f".{final[:200]}.{secrets.token_hex(4)}.part"
+
+
+def _save_with_dir_fd(
+    folder: Path, parts: list[str], data: bytes | bytearray | memoryview, name: str
+) -> None:
+    with _folder_fd(folder, parts, name) as dir_fd:
+        final = parts[-1]
+        tmp = _temp_name(final)
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd
         )
         try:
             with open(fd, "wb") as out:
                 out.write(data)
-            os.replace(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException as exc:
+            _move_into_place(tmp, final, dir_fd, folder, name)
+        except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=dir_fd)
-            if isinstance(exc, IsADirectoryError):
-                raise _refuse(name, f"{final!r} is an existing folder in {folder}") from exc
             raise
-    finally:
-        for fd in reversed(fds):
-            os.close(fd)
+
+
+def _move_into_place(tmp: str, final: str, dir_fd: int, folder: Path, name: str) -> None:
+    try:
+        os.replace(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except IsADirectoryError as exc:
+        raise _refuse(name, f"{final!r} is an existing folder in {folder}") from exc
+
+
+async def receive_into(folder: Path, name: str, fetch: Callable[[Path], Awaitable[int]]) -> tuple[Path, int]:
+    """Let ``fetch(temp_path)`` stream a file into ``folder/<safe name>``; (final path, bytes).
+
+    ``fetch`` writes a new file at the temporary path it is given (``open_download_target``);
+    it lands under its name only when complete, by an atomic rename that replaces a symlink
+    rather than writing through it. Any failure leaves nothing behind.
+    """
+    rel = safe_relative_name(name)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = rel.split("/")
+    final_path = folder.joinpath(*parts)
+    if not _HAVE_DIR_FD:
+        _check_by_resolving(folder, parts, name)
+        tmp_path = final_path.with_name(_temp_name(parts[-1]))
+        try:
+            size = await fetch(tmp_path)
+            os.replace(tmp_path, final_path)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        return final_path, size
+    with _folder_fd(folder, parts, name) as dir_fd:
+        tmp = _temp_name(parts[-1])
+        # Through the open folder descriptor: a folder swapped for a link meanwhile changes nothing.
+        via_fd = Path(f"/proc/self/fd/{dir_fd}")
+        base = via_fd if via_fd.is_dir() else final_path.parent
+        try:
+            size = await fetch(base / tmp)
+            _move_into_place(tmp, parts[-1], dir_fd, folder, name)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    return final_path, size
+
+
+async def download_into(
+    backend: Backend, container_id: str, file_id: str, folder: Path, name: str, *, max_bytes: int
+) -> tuple[Path, int]:
+    """Download a container file to ``folder/<safe name>``, streamed and bounded; (path, bytes).
+
+    The one way to bring a container file to disk: ``FileTooLarge`` over ``max_bytes`` (nothing
+    written), ``ContainerFileError`` for an unsafe name, a symlink or a non-regular file.
+    """
+    return await receive_into(
+        folder, name, lambda dest: backend.download_file(container_id, file_id, dest, max_bytes=max_bytes)
+    )
 
 
 def _save_by_resolving(
     folder: Path, parts: list[str], data: bytes | bytearray | memoryview, name: str
 ) -> None:
-    # Platforms without dir_fd (Windows): check each component, then confirm the resolved parent.
-    root = folder.resolve()
-    parent = folder
-    for part in parts[:-1]:
-        parent = parent / part
-        if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
-            raise _refuse(name, f"{part!r} under {folder} is a symlink or not a folder")
-        parent.mkdir(exist_ok=True)
-    if not parent.resolve().is_relative_to(root):
-        raise _refuse(name, f"it resolves outside {folder}")
+    parent = _check_by_resolving(folder, parts, name)
     target = parent / parts[-1]
     if target.is_dir() and not target.is_symlink():
         raise _refuse(name, f"{parts[-1]!r} is an existing folder in {folder}")
@@ -164,3 +235,17 @@ def _save_by_resolving(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _check_by_resolving(folder: Path, parts: list[str], name: str) -> Path:
+    """Platforms without dir_fd (Windows): check each component, then confirm the resolved parent."""
+    root = folder.resolve()
+    parent = folder
+    for part in parts[:-1]:
+        parent = parent / part
+        if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+            raise _refuse(name, f"{part!r} under {folder} is a symlink or not a folder")
+        parent.mkdir(exist_ok=True)
+    if not parent.resolve().is_relative_to(root):
+        raise _refuse(name, f"it resolves outside {folder}")
+    return parent

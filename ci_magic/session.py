@@ -16,13 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ci_magic.backends.base import Backend, ContainerFile, ContainerInfo, Conversation, TurnRequest
-from ci_magic.errors import BackendError, CIError, ContainerFileError, StreamError
+from ci_magic.backends.base import (
+    DEFAULT_DOWNLOAD_SIZE_CAP,
+    Backend,
+    ContainerFile,
+    ContainerInfo,
+    Conversation,
+    TurnRequest,
+    size_text,
+)
+from ci_magic.errors import BackendError, CIError, ContainerFileError, FileTooLarge, StreamError
 from ci_magic.events import CallStarted, Event, Failed, FileCited, Image, Notice, TextDelta, Usage
-from ci_magic.filenames import safe_relative_name, save_into
+from ci_magic.filenames import download_into, safe_relative_name, save_into
 from ci_magic.result import Result, ResultBuilder, SavedFile
 
-__all__ = ["Session", "TurnOptions", "View"]
+__all__ = ["DEFAULT_DOWNLOAD_TURN_BUDGET", "Session", "TurnOptions", "View"]
+
+DEFAULT_DOWNLOAD_TURN_BUDGET = 1024 * 1024 * 1024  # all automatic downloads of one turn together
 
 RECREATED_NOTE = (
     "The previous container expired and was replaced by a new one: files sent from the notebook were "
@@ -71,6 +81,8 @@ class Session:
         expires_after_minutes: int,
         output_dir: Path,
         download_concurrency: int = 4,
+        download_size_cap: int = DEFAULT_DOWNLOAD_SIZE_CAP,
+        download_turn_budget: int = DEFAULT_DOWNLOAD_TURN_BUDGET,
         on_new_container: Callable[[ContainerInfo], Awaitable[list[Notice]]] | None = None,
     ) -> None:
         self.backend = backend
@@ -79,6 +91,8 @@ class Session:
         self.expires_after_minutes = expires_after_minutes
         self.output_dir = output_dir
         self.download_concurrency = max(1, download_concurrency)
+        self.download_size_cap = download_size_cap
+        self.download_turn_budget = download_turn_budget
         self.on_new_container = on_new_container
         self.container: ContainerInfo | None = None
         self.conversation = Conversation()
@@ -197,7 +211,12 @@ class Session:
                 _emit(notice, builder, view)
             check = asyncio.ensure_future(self.backend.get_container(container.id)) if unverified else None
             downloads = _Downloads(
-                self.backend, container.id, self._seen_files, self.output_dir, self.download_concurrency
+                self.backend,
+                container.id,
+                self._seen_files,
+                self.output_dir,
+                self.download_concurrency,
+                _Allowance(self.download_size_cap, self.download_turn_budget),
             )
             streamed: list[Event] = []
             try:
@@ -299,23 +318,78 @@ async def _container_still_usable(check: asyncio.Future[ContainerInfo | None]) -
     return current is not None and current.usable
 
 
+class _Allowance:
+    """How much a turn's automatic downloads may still take: one file at most ``cap``, all ``budget``."""
+
+    def __init__(self, cap: int, budget: int) -> None:
+        self.cap = cap
+        self.budget = budget
+        self.left = budget
+
+    def refusal(self, name: str, size: int | None) -> Notice | None:
+        """A one-line note when a file of ``size`` (None: not reported) cannot be taken now."""
+        if size is not None and size > self.cap:
+            return _skipped(
+                name, f"is {size_text(size)}, over the {size_text(self.cap)} download cap", "size_cap"
+            )
+        if self.left <= 0 or (size is not None and size > self.left):
+            return _skipped(
+                name, f"would take this turn's downloads past {size_text(self.budget)}", "turn_budget"
+            )
+        return None
+
+    def take(self) -> int:
+        """Reserve the most the next file may use (its bound while it streams)."""
+        reserved = min(self.cap, self.left)
+        self.left -= reserved
+        return reserved
+
+    def give_back(self, reserved: int, used: int) -> None:
+        self.left += reserved - used
+
+    def past_bound(self, name: str, reserved: int) -> Notice:
+        if reserved >= self.cap:
+            return _skipped(name, f"is over the {size_text(self.cap)} download cap", "size_cap")
+        return _skipped(
+            name, f"would take this turn's downloads past {size_text(self.budget)}", "turn_budget"
+        )
+
+
+def _skipped(name: str, why: str, setting: str) -> Notice:
+    return Notice(
+        f"Not saved: {name} {why}. Raise %config CodeInterpreter.download_{setting} to take it, "
+        "or fetch it alone with %ci_pull.",
+        level="warning",
+    )
+
+
 class _Downloads:
     """Fetches a turn's files into the output folder while the turn is still streaming.
 
     Cited files start downloading when cited. Files only change while code runs, so once the
     model starts writing its answer after a call, the container is listed; new files found there
     (written but not cited) start downloading at once, and the listing is redone only if another
-    call starts afterwards. At most ``concurrency`` downloads run at once.
+    call starts afterwards. At most ``concurrency`` downloads run at once. Each is streamed to
+    disk and bounded: a file over the size cap, or past what is left of the turn's budget, is
+    skipped with a note (checked on the listed size first, then while it streams).
     """
 
     def __init__(
-        self, backend: Backend, container_id: str, seen: set[str], output_dir: Path, concurrency: int
+        self,
+        backend: Backend,
+        container_id: str,
+        seen: set[str],
+        output_dir: Path,
+        concurrency: int,
+        allowance: _Allowance,
     ) -> None:
         self.backend = backend
         self.container_id = container_id
         self.seen = seen
         self.output_dir = output_dir
         self.limit = asyncio.Semaphore(concurrency)
+        self.allowance = allowance
+        self.listed_sizes: dict[str, int | None] = {}
         self.tasks: dict[str, asyncio.Task[SavedFile | Notice]] = {}
         self.cited: set[str] = set()
         self.listing: asyncio.Task[list[ContainerFile]] | None = None
@@ -342,6 +416,7 @@ class _Downloads:
     async def _list_and_fetch(self) -> list[ContainerFile]:
         listing = await self.backend.list_files(self.container_id)
         for file in listing:
+            self.listed_sizes[file.id] = file.bytes
             if file.id not in self.seen and file.source != "user" and not _is_show_image(file):
                 self.start(file.id, self.container_id, file.name)
         return listing
@@ -354,11 +429,26 @@ class _Downloads:
         async with self.limit:
             try:
                 safe = safe_relative_name(name)
-                data = await self.backend.download_file(container_id, file_id)
-                path = save_into(self.output_dir, safe, data)
+            except ContainerFileError as error:
+                return Notice(f"Could not save {name}: {error}", level="warning")
+            refusal = self.allowance.refusal(safe, self.listed_sizes.get(file_id))
+            if refusal is not None:
+                return refusal
+            reserved = self.allowance.take()
+            used = 0
+            try:
+                path, used = await download_into(
+                    self.backend, container_id, file_id, self.output_dir, safe, max_bytes=reserved
+                )
+            except FileTooLarge as error:
+                if error.size is not None:
+                    refusal = self.allowance.refusal(safe, error.size)
+                return refusal or self.allowance.past_bound(safe, reserved)
             except (CIError, OSError) as error:
                 return Notice(f"Could not save {name}: {error}", level="warning")
-        return SavedFile(safe, path, f"/mnt/data/{safe}", file_id, len(data), cited=False)
+            finally:
+                self.allowance.give_back(reserved, used)
+        return SavedFile(safe, path, f"/mnt/data/{safe}", file_id, used, cited=False)
 
     async def finished(self) -> list[SavedFile | Notice]:
         outcomes = await asyncio.gather(*self.tasks.values())

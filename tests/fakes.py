@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ci_magic.backends.base import ContainerFile, ContainerInfo, MemoryLimit, TurnRequest
+from ci_magic.backends.base import (
+    ContainerFile,
+    ContainerInfo,
+    MemoryLimit,
+    TurnRequest,
+    check_reported_size,
+    open_download_target,
+    stream_past_cap,
+)
 from ci_magic.errors import BackendError
 from ci_magic.events import Event, Failed
 
@@ -124,9 +132,18 @@ class FakeBackend:
                 return path, data
         raise BackendError(f"No such file {file_id}.", status_code=404)
 
-    async def download_file(self, container_id: str, file_id: str) -> bytes:
+    async def download_file(self, container_id: str, file_id: str, dest: Path, *, max_bytes: int) -> int:
+        """As the protocol says: refused on the reported size, else written, cut at ``max_bytes``."""
         self.calls.append(("download", container_id, file_id))
-        return self._by_id(container_id, file_id)[1]
+        path, data = self._by_id(container_id, file_id)
+        file = self._usable(container_id).files[path][0]
+        check_reported_size(path, file.bytes, max_bytes=max_bytes)
+        if len(data) > max_bytes:
+            raise stream_past_cap(path, max_bytes)
+        fd = open_download_target(dest)
+        with open(fd, "wb") as out:
+            out.write(data)
+        return len(data)
 
     async def delete_file(self, container_id: str, file_id: str) -> None:
         self.calls.append(("delete", container_id, file_id))

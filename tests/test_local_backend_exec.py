@@ -7,13 +7,14 @@ is involved, because %%ci_exec and the file operations do not need one.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ci_magic.backends.base import Backend, Conversation, TurnRequest
+from ci_magic.backends.base import DEFAULT_DOWNLOAD_SIZE_CAP, Backend, Conversation, TurnRequest
 from ci_magic.backends.local.backend import LocalBackend
 from ci_magic.backends.local.sandbox import SandboxManager
 from ci_magic.errors import ConfigurationError, ContainerFileError, SandboxError
@@ -28,7 +29,17 @@ from ci_magic.events import (
     Notice,
     TurnStarted,
 )
+from ci_magic.filenames import download_into
 from ci_magic.result import ResultBuilder
+
+
+async def download_bytes(backend: Backend, container_id: str, file_id: str) -> bytes:
+    """A container file's content, fetched the way the notebook fetches it (to disk, bounded)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path, _ = await download_into(
+            backend, container_id, file_id, Path(folder), "download", max_bytes=DEFAULT_DOWNLOAD_SIZE_CAP
+        )
+        return path.read_bytes()
 
 
 class Clock:
@@ -163,7 +174,7 @@ def test_uploads_are_user_files_and_what_the_code_writes_is_the_assistants(
         "out/summary.csv": "assistant",
     }
     assert files["sales.csv"].id == uploaded.id  # ids are stable across listings
-    summary = runner.run(backend.download_file(container, files["out/summary.csv"].id))
+    summary = runner.run(download_bytes(backend, container, files["out/summary.csv"].id))
     assert summary.startswith(b",total\ncount,2.0") and files["out/summary.csv"].bytes == len(summary)
     again = {f.name: f.id for f in runner.run(backend.list_files(container))}
     assert again == {name: f.id for name, f in files.items()}
@@ -179,7 +190,7 @@ def test_deleting_a_file_removes_it_from_the_sandbox_too(
         run_code(runner, backend, container, "import os\nprint(os.path.exists('old.parquet'))") == "False\n"
     )
     with pytest.raises(ContainerFileError, match="no file with id"):
-        runner.run(backend.download_file(container, doomed.id))
+        runner.run(download_bytes(backend, container, doomed.id))
 
 
 @pytest.mark.parametrize(
@@ -211,7 +222,7 @@ def test_symlinks_made_in_the_sandbox_are_never_followed_by_the_host(
         f"os.symlink({str(host_dir)!r}, 'linked')\nos.symlink('/etc', 'etc')",
     )
     with pytest.raises(ContainerFileError, match="symlink"):
-        runner.run(backend.download_file(container, report.id))
+        runner.run(download_bytes(backend, container, report.id))
     assert [f.name for f in runner.run(backend.list_files(container))] == []
     with pytest.raises(ContainerFileError, match="symlink"):
         runner.run(backend.upload_file(container, "linked/planted.txt", b"x"))
@@ -251,7 +262,7 @@ def test_an_idle_container_expires_but_its_files_can_still_be_fetched(
         with pytest.raises(SandboxError, match="expired after 2 idle minutes"):
             turn(runner, backend, info.id, "print(1)")
         (result,) = runner.run(backend.list_files(info.id))
-        assert runner.run(backend.download_file(info.id, result.id)) == b"42"
+        assert runner.run(download_bytes(backend, info.id, result.id)) == b"42"
     finally:
         runner.run(backend.aclose())
 

@@ -2,24 +2,41 @@
 
 Shapes mirror OpenAI's Containers API so the local sandbox and OpenAI are interchangeable.
 All methods are coroutines; the session calls them from the bridge's event loop.
+
+Every byte that comes from a container is bounded before it is read: ``download_file`` streams
+into a destination file the caller names, checks the size the container reports before reading,
+and stops at ``max_bytes`` whatever the reported size said (:class:`~ci_magic.errors.FileTooLarge`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from ci_magic.errors import FileTooLarge
 from ci_magic.events import Event
 
 __all__ = [
+    "DEFAULT_DOWNLOAD_SIZE_CAP",
+    "DOWNLOAD_CHUNK_BYTES",
     "Backend",
     "ContainerFile",
     "ContainerInfo",
     "Conversation",
     "TurnRequest",
+    "check_reported_size",
+    "discard_download",
+    "open_download_target",
+    "size_text",
+    "stream_past_cap",
 ]
+
+DEFAULT_DOWNLOAD_SIZE_CAP = 256 * 1024 * 1024
+DOWNLOAD_CHUNK_BYTES = 1 << 20  # what a download holds in memory at once
 
 MemoryLimit = Literal["1g", "4g", "16g", "64g"]
 
@@ -90,7 +107,8 @@ class TurnRequest:
     conversation: Conversation
     context: str = ""  # schema cards of notebook files, prepended to the prompt
     exec_code: str | None = None  # %%ci_exec: run this code verbatim, no model
-    extra_headers: dict[str, str] = field(default_factory=dict)
+    # Headers may carry credentials (Authorization, api-key): never in a repr or a log line.
+    extra_headers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @runtime_checkable
@@ -111,7 +129,14 @@ class Backend(Protocol):
 
     async def list_files(self, container_id: str) -> list[ContainerFile]: ...
 
-    async def download_file(self, container_id: str, file_id: str) -> bytes: ...
+    async def download_file(self, container_id: str, file_id: str, dest: Path, *, max_bytes: int) -> int:
+        """Stream the file into ``dest`` (a new file: see ``open_download_target``); its byte count.
+
+        Refuses with ``FileTooLarge`` before reading when the container reports more than
+        ``max_bytes`` (apparent or allocated size), and stops reading at ``max_bytes`` when it
+        reported less. Refuses anything that is not a regular file (symlink, FIFO, device).
+        On any failure ``dest`` is removed, so nothing partial is left behind.
+        """
 
     async def delete_file(self, container_id: str, file_id: str) -> None: ...
 
@@ -124,3 +149,47 @@ class Backend(Protocol):
         """
 
     async def aclose(self) -> None: ...
+
+
+def size_text(size: int) -> str:
+    """Bytes in binary units, as a person reads them: ``1.5 GB``."""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_reported_size(what: str, *sizes: int | None, max_bytes: int) -> None:
+    """Raise ``FileTooLarge`` when any size the container reported is over ``max_bytes``."""
+    known = [size for size in sizes if size is not None]
+    if known and max(known) > max_bytes:
+        size = max(known)
+        raise FileTooLarge(
+            f"{what} is {size_text(size)}, more than the {size_text(max_bytes)} a download may take, so "
+            "nothing was read or saved.",
+            size=size,
+            limit=max_bytes,
+        )
+
+
+def stream_past_cap(what: str, max_bytes: int) -> FileTooLarge:
+    return FileTooLarge(
+        f"{what} turned out larger than the {size_text(max_bytes)} a download may take (it grew, or its "
+        "size was not reported), so the download was stopped and nothing was saved.",
+        size=None,
+        limit=max_bytes,
+    )
+
+
+def open_download_target(dest: Path) -> int:
+    """A write descriptor on ``dest``, which must not exist yet: a symlink there is never followed."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    return os.open(dest, flags, 0o644)
+
+
+def discard_download(dest: Path) -> None:
+    """Remove a partial download (the caller's temporary file) after a failure."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(dest)

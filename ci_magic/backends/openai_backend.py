@@ -14,9 +14,20 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 
-from ci_magic.backends.base import ContainerFile, ContainerInfo, MemoryLimit, TurnRequest
+from ci_magic.backends.base import (
+    DOWNLOAD_CHUNK_BYTES,
+    ContainerFile,
+    ContainerInfo,
+    MemoryLimit,
+    TurnRequest,
+    check_reported_size,
+    discard_download,
+    open_download_target,
+    stream_past_cap,
+)
 from ci_magic.backends.sse import aiter_events
 from ci_magic.errors import BackendError, ConfigurationError, StreamError
 from ci_magic.events import (
@@ -328,12 +339,43 @@ class OpenAIBackend:
         except openai.OpenAIError as error:
             raise api_error(error, doing="listing the container's files") from error
 
-    async def download_file(self, container_id: str, file_id: str) -> bytes:
+    async def download_file(self, container_id: str, file_id: str, dest: Path, *, max_bytes: int) -> int:
+        """Stream the content into ``dest``: refused on its Content-Length, cut at ``max_bytes``."""
+        what = f"Container file {file_id}"
+        out = -1
         try:
-            response = await self.client.containers.files.content.retrieve(file_id, container_id=container_id)
-        except openai.OpenAIError as error:
-            raise api_error(error, doing=f"downloading {file_id}") from error
-        return response.content
+            # identity: a compressed body would be decoded (and grow) past the Content-Length checked.
+            async with self.client.containers.files.content.with_streaming_response.retrieve(
+                file_id, container_id=container_id, extra_headers={"Accept-Encoding": "identity"}
+            ) as response:
+                length = response.headers.get("content-length", "")
+                check_reported_size(what, int(length) if length.isdigit() else None, max_bytes=max_bytes)
+                out = open_download_target(dest)
+                written = 0
+                async for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise stream_past_cap(what, max_bytes)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out, view) :]
+                return written
+        except BaseException as error:
+            if out >= 0:
+                os.close(out)
+                out = -1
+                discard_download(dest)
+            if isinstance(error, openai.OpenAIError):
+                raise api_error(error, doing=f"downloading {file_id}") from error
+            if isinstance(error, httpx.HTTPError):
+                raise BackendError(
+                    f"The download of {file_id} broke mid-way ({type(error).__name__}); nothing was saved. "
+                    "Run the cell again, or fetch the file with %ci_pull."
+                ) from error
+            raise
+        finally:
+            if out >= 0:
+                os.close(out)
 
     async def delete_file(self, container_id: str, file_id: str) -> None:
         try:

@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ci_magic.backends.base import Backend, ContainerFile
-from ci_magic.errors import BackendError, ContainerFileError, VariableError
-from ci_magic.filenames import safe_relative_name, save_into, variable_name_for
-from ci_magic.variables.codecs import EncodedValue, Prepared, decode, prepare
+from ci_magic.backends.base import DEFAULT_DOWNLOAD_SIZE_CAP, Backend, ContainerFile, size_text
+from ci_magic.errors import BackendError, ContainerFileError, FileTooLarge, VariableError
+from ci_magic.filenames import download_into, safe_relative_name, variable_name_for
+from ci_magic.variables.codecs import DecodedFile, EncodedValue, Prepared, decode, prepare
 from ci_magic.variables.progress import PROGRESS_THRESHOLD, Progress
 from ci_magic.variables.registry import PushedFile, PushItem, PushRegistry
 from ci_magic.variables.schema import card_body, format_size
@@ -531,16 +531,21 @@ async def _fetch(
     registry: PushRegistry | None,
     *,
     strict: bool,
+    max_bytes: int = DEFAULT_DOWNLOAD_SIZE_CAP,
 ) -> PulledFile:
     local = safe_relative_name(_local_name(file, registry))
-    data = await backend.download_file(container_id, file.id)
-    target = output_dir / local
-    # Writing the copy and decoding are independent: run them side by side (both release the GIL).
-    saving = asyncio.to_thread(save_into, output_dir, local, data)
-    decoding = asyncio.to_thread(decode, local, data, kept_at=target)
-    saved, decoded = await asyncio.gather(saving, decoding, return_exceptions=True)
-    if isinstance(saved, BaseException):
-        raise saved
+    try:
+        # Streamed to disk and bounded before anything is read into memory.
+        saved, _ = await download_into(backend, container_id, file.id, output_dir, local, max_bytes=max_bytes)
+    except FileTooLarge as error:
+        raise ContainerFileError(
+            f"{local} was not pulled: {error.message} A file this large is rarely worth holding in the "
+            "notebook; ask the model for a smaller extract (a sample, an aggregate, the columns you "
+            f"need), or raise the cap, e.g. %config CodeInterpreter.download_size_cap = "
+            f"{max(2 * max_bytes, error.size or 0)} ({size_text(max(2 * max_bytes, error.size or 0))})."
+        ) from None
+    data = await asyncio.to_thread(saved.read_bytes)
+    decoded = await asyncio.to_thread(_decode_or_error, local, data, saved)
     common = {
         "name": local,
         "path": saved,
@@ -558,8 +563,21 @@ async def _fetch(
     return PulledFile(kind=decoded.kind, value=decoded.value, mime=decoded.mime, **common)
 
 
+def _decode_or_error(local: str, data: bytes, kept_at: Path) -> DecodedFile | BaseException:
+    try:
+        return decode(local, data, kept_at=kept_at)
+    except Exception as error:  # handed back like gather(return_exceptions=True) did
+        return error
+
+
 async def pull(
-    backend: Backend, container_id: str, name: str, output_dir: Path, *, registry: PushRegistry | None = None
+    backend: Backend,
+    container_id: str,
+    name: str,
+    output_dir: Path,
+    *,
+    registry: PushRegistry | None = None,
+    max_bytes: int = DEFAULT_DOWNLOAD_SIZE_CAP,
 ) -> PulledFile:
     """Download one container file into ``output_dir`` and decode it (never unpickles).
 
@@ -569,7 +587,9 @@ async def pull(
     """
     files = await backend.list_files(container_id)
     file = _find(files, name, registry)
-    return await _fetch(backend, container_id, file, Path(output_dir), registry, strict=True)
+    return await _fetch(
+        backend, container_id, file, Path(output_dir), registry, strict=True, max_bytes=max_bytes
+    )
 
 
 async def pull_all(
@@ -580,6 +600,7 @@ async def pull_all(
     registry: PushRegistry | None = None,
     include_notebook: bool = False,
     concurrency: int = DEFAULT_CONCURRENCY,
+    max_bytes: int = DEFAULT_DOWNLOAD_SIZE_CAP,
 ) -> list[PulledFile]:
     """Download every file the model made (``include_notebook``: ours too).
 
@@ -596,7 +617,9 @@ async def pull_all(
     results = await _bounded(
         concurrency,
         [
-            lambda f=f: _fetch(backend, container_id, f, Path(output_dir), registry, strict=False)
+            lambda f=f: _fetch(
+                backend, container_id, f, Path(output_dir), registry, strict=False, max_bytes=max_bytes
+            )
             for f in files
         ],
     )

@@ -68,8 +68,8 @@ class LocalBackend:
     async def list_files(self, container_id: str) -> list[ContainerFile]:
         return await self.sandbox.list_files(container_id)
 
-    async def download_file(self, container_id: str, file_id: str) -> bytes:
-        return await self.sandbox.download(container_id, file_id)
+    async def download_file(self, container_id: str, file_id: str, dest: Path, *, max_bytes: int) -> int:
+        return await self.sandbox.download(container_id, file_id, dest, max_bytes=max_bytes)
 
     async def delete_file(self, container_id: str, file_id: str) -> None:
         await self.sandbox.delete_file(container_id, file_id)

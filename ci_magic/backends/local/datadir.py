@@ -18,13 +18,20 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from ci_magic.backends.base import (
+    DOWNLOAD_CHUNK_BYTES,
+    check_reported_size,
+    discard_download,
+    open_download_target,
+    stream_past_cap,
+)
 from ci_magic.errors import ContainerFileError
 
 __all__ = [
     "DATA_PREFIX",
     "container_path",
+    "copy_out",
     "delete_file",
-    "read_file",
     "remove_tree",
     "scan",
     "write_file",
@@ -114,22 +121,69 @@ def write_file(data_dir: Path, relative: str, payload: bytes | Path, user: tuple
     return size
 
 
-def read_file(data_dir: Path, relative: str) -> bytes:
+def copy_out(data_dir: Path, relative: str, dest: Path, *, max_bytes: int) -> int:
+    """Copy /mnt/data/<relative> into the new file ``dest``, bounded by ``max_bytes``; bytes copied.
+
+    The source is opened relative to a descriptor of its folder with ``O_NOFOLLOW`` (a symlink is
+    refused, never followed) and ``O_NONBLOCK`` (opening a FIFO cannot hang), and must be a regular
+    file: a FIFO, device or socket is refused. Its apparent size (``st_size``) and allocated size
+    (``st_blocks``) are both checked before reading; the copy goes in chunks, so memory stays at
+    one chunk, and stops at ``max_bytes`` even if the file grows while it is read.
+    """
+    what = f"/mnt/data/{relative}"
     *folders, name = relative.split("/")
     with _open_dirs(data_dir, tuple(folders)) as dir_fd:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
+            src = os.open(name, flags, dir_fd=dir_fd)
         except OSError as err:
             if err.errno == errno.ELOOP:
                 raise ContainerFileError(
-                    f"/mnt/data/{relative} is a symlink; ci-magic does not read through links created "
-                    "in the sandbox."
+                    f"{what} is a symlink; ci-magic does not read through links created in the sandbox."
                 ) from None
             raise
-        with os.fdopen(fd, "rb") as src:
-            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
-                raise ContainerFileError(f"/mnt/data/{relative} is not a regular file.")
-            return src.read()
+        try:
+            info = os.fstat(src)
+            if not stat.S_ISREG(info.st_mode):
+                raise ContainerFileError(
+                    f"{what} is not a regular file (a FIFO, device or socket), so it was not read."
+                )
+            if info.st_nlink > 1:
+                # A hard link made in the sandbox may share its inode with a host file it can see.
+                raise ContainerFileError(
+                    f"{what} is a hard link to another file, so it was not read; copy the file instead."
+                )
+            check_reported_size(what, info.st_size, info.st_blocks * 512, max_bytes=max_bytes)
+            return _copy_bounded(src, dest, what, max_bytes)
+        finally:
+            os.close(src)
+
+
+def _copy_bounded(src: int, dest: Path, what: str, max_bytes: int) -> int:
+    out = open_download_target(dest)
+    copied = 0
+    try:
+        buffer = bytearray(DOWNLOAD_CHUNK_BYTES)
+        view = memoryview(buffer)
+        while True:
+            # One byte past the cap is enough to know the file is over it.
+            count = os.readv(src, [view[: min(len(buffer), max_bytes + 1 - copied)]])
+            if count == 0:
+                return copied
+            copied += count
+            if copied > max_bytes:
+                raise stream_past_cap(what, max_bytes)
+            written = 0
+            while written < count:
+                written += os.write(out, view[written:count])
+    except BaseException:
+        os.close(out)
+        out = -1
+        discard_download(dest)
+        raise
+    finally:
+        if out >= 0:
+            os.close(out)
 
 
 def delete_file(data_dir: Path, relative: str) -> None:

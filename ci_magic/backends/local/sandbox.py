@@ -35,8 +35,8 @@ from ci_magic.backends.base import ContainerFile, ContainerInfo
 from ci_magic.backends.local.datadir import (
     DATA_PREFIX,
     container_path,
+    copy_out,
     delete_file,
-    read_file,
     remove_tree,
     scan,
     write_file,
@@ -414,11 +414,14 @@ class SandboxManager:
         relative = await self._path_of(container, file_id)
         return _as_file(container.id, relative, container.files[relative])
 
-    async def download(self, container_id: str, file_id: str) -> bytes:
+    async def download(self, container_id: str, file_id: str, dest: Path, *, max_bytes: int) -> int:
+        """Copy a file into the new file ``dest``, bounded by ``max_bytes`` (``datadir.copy_out``)."""
         container = await self._known(container_id)
         relative = await self._path_of(container, file_id)
         try:
-            return await asyncio.to_thread(read_file, self._data_dir(container.id), relative)
+            return await asyncio.to_thread(
+                copy_out, self._data_dir(container.id), relative, dest, max_bytes=max_bytes
+            )
         except FileNotFoundError:
             container.files.pop(relative, None)
             self._save(container)
