@@ -9,12 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, TraitType, Unicode, default, validate
 from traitlets.config import Configurable
+from traitlets.utils.text import indent
 
-__all__ = ["DEFAULT_INSTRUCTIONS", "Settings", "openai_key_configured"]
+__all__ = [
+    "DEFAULT_INSTRUCTIONS",
+    "MaskedHeaders",
+    "MaskedText",
+    "SecretDict",
+    "SecretUnicode",
+    "Settings",
+    "masked",
+    "openai_key_configured",
+    "output_dir_problem",
+]
 
 DEFAULT_INSTRUCTIONS = """\
 You are a careful data analyst working in a Python sandbox from a Jupyter notebook.
@@ -35,6 +48,16 @@ def _env(name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
+def _env_bytes(name: str, fallback: int) -> int:
+    text = _env(name)
+    if text is None:
+        return fallback
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise TraitError(f"{name} must be a number of bytes, like 536870912, not {text!r}") from None
+
+
 def openai_key_configured() -> bool:
     return bool(_env("OPENAI_API_KEY") or (_env("AZURE_OPENAI_API_KEY") and _env("AZURE_OPENAI_ENDPOINT")))
 
@@ -48,8 +71,148 @@ def _parse_headers(text: str) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
+# ---- secrets: traits tagged ``secret=True`` never show their value -------------------------------
+#
+# A secret may be printed by ``%config CodeInterpreter`` (the help with "Current:" values), by
+# ``%config CodeInterpreter.model_api_key`` (the value's repr becomes the cell's output), by a
+# traitlets error about a bad value, or by our own messages. Each path goes through one of:
+# ``Settings.class_get_trait_help`` (masks any trait tagged secret), the value types below (their
+# repr is masked, so any display of the value is too), and the Secret* traits' error messages.
+
+
+class MaskedText(str):
+    """A secret string: works as the string, but its repr never shows it."""
+
+    def __repr__(self) -> str:
+        return "'<secret>'" if self else "''"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython's display of Out[]
+        printer.text(repr(self))
+
+
+class MaskedHeaders(dict):  # type: ignore[type-arg]
+    """Headers whose values may be credentials: the repr shows the names only."""
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{name!r}: '<secret>'" for name in self) + "}"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
+
+
+def masked(value: Any) -> str:
+    """What a secret value shows instead of itself: whether it is set, never what it is."""
+    if isinstance(value, dict):
+        return repr(MaskedHeaders(value))
+    if isinstance(value, str):
+        return repr(MaskedText(value))
+    return "'<secret>'" if value else repr(value)
+
+
+def _secret_error(trait: TraitType[Any, Any], obj: Any, value: Any) -> TraitError:
+    owner = type(obj).__name__ if obj is not None else "the settings"
+    return TraitError(
+        f"{owner}.{trait.name} expects {trait.info()}, not a value of type {type(value).__name__} "
+        "(it is not shown because this setting holds a secret)."
+    )
+
+
+class SecretUnicode(Unicode):  # type: ignore[type-arg]
+    """A string setting that is a secret (API key, token)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metadata["secret"] = True
+
+    def validate(self, obj: Any, value: Any) -> MaskedText:
+        return MaskedText(super().validate(obj, value))
+
+    def error(self, obj: Any, value: Any, error: Exception | None = None, info: str | None = None) -> Any:
+        raise _secret_error(self, obj, value)
+
+
+class SecretDict(Dict):  # type: ignore[type-arg]
+    """A mapping setting whose values are secrets (HTTP headers may carry credentials)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metadata["secret"] = True
+
+    def validate(self, obj: Any, value: Any) -> MaskedHeaders:
+        return MaskedHeaders(super().validate(obj, value) or {})
+
+    def error(self, obj: Any, value: Any, error: Exception | None = None, info: str | None = None) -> Any:
+        raise _secret_error(self, obj, value)
+
+    def element_error(self, obj: Any, element: Any, validator: Any, side: str = "Values") -> Any:
+        raise _secret_error(self, obj, element)
+
+
+# ---- output_dir: never where the notebook's Python imports from ---------------------------------
+
+
+def _import_folders() -> list[Path]:
+    """Folders the kernel imports from: every sys.path entry ('' is the working directory)."""
+    folders = []
+    for entry in sys.path:
+        try:
+            folders.append(Path(entry or os.getcwd()).resolve())
+        except (OSError, RuntimeError):
+            continue
+    return folders
+
+
+def output_dir_problem(output_dir: str | Path) -> str | None:
+    """Why saving sandbox files into ``output_dir`` could run them in this kernel; None: it is safe.
+
+    Files land in ``output_dir`` and in sub-folders the sandbox names, so the folder must not be
+    the working directory, a folder on ``sys.path``, or a parent of either; nor a Python package.
+    """
+    try:
+        folder = Path(output_dir).expanduser().resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError):
+        return None  # cannot tell; the save itself will say what is wrong
+    if not str(output_dir).strip():
+        return "it is empty, which means the notebook's own folder"
+    if folder == cwd or folder in cwd.parents:
+        where = "the notebook's working directory" if folder == cwd else "a parent of the working directory"
+        return f"it is {where} ({folder})"
+    for entry in _import_folders():
+        if folder == entry or folder in entry.parents:
+            return f"Python imports modules from {entry}, which is {'it' if folder == entry else 'inside it'}"
+    if (folder / "__init__.py").exists():
+        return f"{folder} is a Python package"
+    return None
+
+
+def output_dir_message(
+    output_dir: str | Path, problem: str, *, outcome: str = "the setting was left as it was"
+) -> str:
+    return (
+        f"CodeInterpreter.output_dir = {str(output_dir)!r} is refused: {problem}. Files the sandbox "
+        "writes are saved there, so a file named like a module (seaborn.py, json.py) would run in this "
+        "notebook the next time it is imported. Use a folder of its own, e.g. "
+        '%config CodeInterpreter.output_dir = "ci_outputs" (the default) or a sub-folder such as '
+        f'"results/ci"; {outcome}.'
+    )
+
+
 class Settings(Configurable):
     """The configurable part of ``CodeInterpreter`` (kept separate so it reads as a reference)."""
+
+    @classmethod
+    def class_get_trait_help(
+        cls, trait: TraitType[Any, Any], inst: Any = None, helptext: str | None = None
+    ) -> str:
+        """``%config CodeInterpreter`` prints this per trait, with "Current:" values: never a secret's."""
+        if not trait.metadata.get("secret"):
+            return super().class_get_trait_help(trait, inst, helptext)
+        text = super().class_get_trait_help(trait, None, helptext)
+        lines = [line for line in text.splitlines() if not line.strip().startswith("Default:")]
+        if inst is not None:
+            lines.append(indent(f"Current: {masked(getattr(inst, trait.name or ''))}"))
+        return "\n".join(lines)
 
     backend = Enum(
         ["openai", "local"],
@@ -75,14 +238,26 @@ class Settings(Configurable):
         config=True
     )
 
-    extra_headers = Dict(
+    extra_headers = SecretDict(
         value_trait=Unicode(),
         help="Extra HTTP headers on model requests (some Azure gateways need x-model). Env: "
-        "CI_MAGIC_EXTRA_HEADERS as JSON or 'name=value,name=value'.",
+        "CI_MAGIC_EXTRA_HEADERS as JSON or 'name=value,name=value'. Treated as secret (they may carry "
+        "credentials): their values are never shown.",
     ).tag(config=True)
 
     output_dir = Unicode(
-        help="Folder (relative to the notebook) where generated files are saved. Env: CI_MAGIC_OUTPUT_DIR.",
+        help="Folder (relative to the notebook) where generated files are saved. Never the notebook's "
+        "folder, a parent of it, or a folder on sys.path. Env: CI_MAGIC_OUTPUT_DIR.",
+    ).tag(config=True)
+
+    download_size_cap = Int(
+        help="Largest container file (bytes) brought to this machine, by the automatic downloads and "
+        "%ci_pull; checked before reading. Env: CI_MAGIC_DOWNLOAD_SIZE_CAP. Default: 256 MB.",
+    ).tag(config=True)
+
+    download_turn_budget = Int(
+        help="Bytes all automatic downloads of one turn may take together. Env: "
+        "CI_MAGIC_DOWNLOAD_TURN_BUDGET. Default: 1 GB.",
     ).tag(config=True)
 
     delete_container_on_exit = Bool(True, help="Delete the session's container when the kernel exits.").tag(
@@ -110,13 +285,20 @@ class Settings(Configurable):
         512 * 1024 * 1024, help="Largest file (bytes) pushed to a container; checked before upload."
     ).tag(config=True)
 
+    pull_memory_cap = Int(
+        1024 * 1024 * 1024,
+        help="Largest object (bytes in memory) %ci_pull decodes a file into; estimated from the file's "
+        "metadata before decoding, so a small compressed file that would expand past it is refused.",
+    ).tag(config=True)
+
     model_base_url = Unicode(
         help="local backend: base URL of an OpenAI-compatible Chat Completions server "
         "(e.g. http://localhost:11434/v1). Env: CI_MAGIC_MODEL_BASE_URL.",
     ).tag(config=True)
 
-    model_api_key = Unicode(
-        help="local backend: API key for the model server, if it needs one. Env: CI_MAGIC_MODEL_API_KEY.",
+    model_api_key = SecretUnicode(
+        help="local backend: API key for the model server, if it needs one. Env: CI_MAGIC_MODEL_API_KEY. "
+        "Never shown.",
     ).tag(config=True)
 
     sandbox_python = Unicode(
@@ -159,7 +341,36 @@ class Settings(Configurable):
 
     @default("output_dir")
     def _default_output_dir(self) -> str:
-        return _env("CI_MAGIC_OUTPUT_DIR") or "ci_outputs"
+        chosen = _env("CI_MAGIC_OUTPUT_DIR") or "ci_outputs"
+        problem = output_dir_problem(chosen)  # a default skips @validate: check it here too
+        if problem is not None:
+            raise TraitError(output_dir_message(chosen, problem) + " (It came from CI_MAGIC_OUTPUT_DIR.)")
+        return chosen
+
+    @default("download_size_cap")
+    def _default_download_size_cap(self) -> int:
+        return _env_bytes("CI_MAGIC_DOWNLOAD_SIZE_CAP", 256 * 1024 * 1024)
+
+    @default("download_turn_budget")
+    def _default_download_turn_budget(self) -> int:
+        return _env_bytes("CI_MAGIC_DOWNLOAD_TURN_BUDGET", 1024 * 1024 * 1024)
+
+    @validate("download_size_cap", "download_turn_budget")
+    def _check_byte_count(self, proposal: dict[str, Any]) -> int:
+        value = int(proposal["value"])
+        if value < 1:
+            raise TraitError(
+                f"{proposal['trait'].name} is a number of bytes and must be positive, not {value}"
+            )
+        return value
+
+    @validate("output_dir")
+    def _check_output_dir(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        problem = output_dir_problem(value)
+        if problem is not None:
+            raise TraitError(output_dir_message(value, problem))
+        return value
 
     @default("model_base_url")
     def _default_model_base_url(self) -> str:
