@@ -215,9 +215,10 @@ class Settings(Configurable):
         return "\n".join(lines)
 
     backend = Enum(
-        ["openai", "local"],
-        help="Where code runs: 'openai' (Responses API + Containers) or 'local' (a sandbox on this "
-        "machine driven by any OpenAI-compatible chat model). Env: CI_MAGIC_BACKEND. Default: openai "
+        ["openai", "local", "gateway"],
+        help="Where code runs: 'openai' (Responses API + Containers), 'local' (a sandbox on this "
+        "machine driven by any OpenAI-compatible chat model) or 'gateway' (kernels on Jupyter Kernel/"
+        "Enterprise Gateway, same model side as local). Env: CI_MAGIC_BACKEND. Default: openai "
         "when an OpenAI/Azure key is configured, else local.",
     ).tag(config=True)
 
@@ -315,6 +316,22 @@ class Settings(Configurable):
 
     max_steps = Int(12, help="local backend: tool calls the model may make in one turn.").tag(config=True)
 
+    gateway_url = Unicode(
+        help="gateway backend: base URL of a Jupyter Kernel Gateway or Enterprise Gateway "
+        "(e.g. http://gateway-host:8888). Env: CI_MAGIC_GATEWAY_URL.",
+    ).tag(config=True)
+
+    gateway_token = SecretUnicode(
+        help="gateway backend: the gateway's auth token, sent as 'Authorization: token ...'. "
+        "Env: CI_MAGIC_GATEWAY_TOKEN. Never shown.",
+    ).tag(config=True)
+
+    gateway_kernel_name = Unicode(
+        help="gateway backend: the kernelspec to start (default: the gateway's default kernelspec). "
+        "'ci-magic-sandbox' runs kernels in ci-magic's sandbox (see docs/gateway.md). "
+        "Env: CI_MAGIC_GATEWAY_KERNEL_NAME.",
+    ).tag(config=True)
+
     @default("backend")
     def _default_backend(self) -> str:
         chosen = _env("CI_MAGIC_BACKEND")
@@ -379,6 +396,18 @@ class Settings(Configurable):
     @default("model_api_key")
     def _default_model_api_key(self) -> str:
         return _env("CI_MAGIC_MODEL_API_KEY") or ""
+
+    @default("gateway_url")
+    def _default_gateway_url(self) -> str:
+        return _env("CI_MAGIC_GATEWAY_URL") or ""
+
+    @default("gateway_token")
+    def _default_gateway_token(self) -> str:
+        return _env("CI_MAGIC_GATEWAY_TOKEN") or ""
+
+    @default("gateway_kernel_name")
+    def _default_gateway_kernel_name(self) -> str:
+        return _env("CI_MAGIC_GATEWAY_KERNEL_NAME") or ""
 
     @validate("expires_after_minutes")
     def _check_expiry(self, proposal: dict[str, Any]) -> int:

@@ -59,6 +59,9 @@ BACKEND_TRAITS = (
     "execution_timeout",
     "max_steps",
     "extra_headers",
+    "gateway_url",
+    "gateway_token",
+    "gateway_kernel_name",
 )
 
 

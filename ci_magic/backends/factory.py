@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from ci_magic.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
     from ci_magic.backends.base import Backend
     from ci_magic.config import Settings
 
@@ -57,6 +59,21 @@ def _build_openai(settings: Settings) -> Backend:
     return OpenAIBackend(client)
 
 
+def _chat_model_client(settings: Settings) -> AsyncOpenAI | None:
+    """The Chat Completions client of the local and gateway backends (None: no model server set)."""
+    if not settings.model_base_url:
+        return None
+    import openai  # the SDK takes ~0.5 s to import: only when a backend is built
+
+    return openai.AsyncOpenAI(
+        base_url=settings.model_base_url,
+        api_key=settings.model_api_key or "not-needed",
+        max_retries=settings.max_retries,
+        timeout=settings.request_timeout,
+        default_headers=dict(settings.extra_headers),
+    )
+
+
 def _build_local(settings: Settings) -> Backend:
     from ci_magic.backends.local.backend import LocalBackend
     from ci_magic.backends.local.sandbox import SandboxManager
@@ -66,21 +83,29 @@ def _build_local(settings: Settings) -> Backend:
         pool_size=settings.pool_size,
         execution_timeout=settings.execution_timeout,
     )
-    model_client = None
-    if settings.model_base_url:
-        import openai  # the SDK takes ~0.5 s to import: only when a backend is built
-
-        model_client = openai.AsyncOpenAI(
-            base_url=settings.model_base_url,
-            api_key=settings.model_api_key or "not-needed",
-            max_retries=settings.max_retries,
-            timeout=settings.request_timeout,
-            default_headers=dict(settings.extra_headers),
-        )
     return LocalBackend(
-        sandbox, model_client=model_client, model=settings.model or "", max_steps=settings.max_steps
+        sandbox,
+        model_client=_chat_model_client(settings),
+        model=settings.model or "",
+        max_steps=settings.max_steps,
+    )
+
+
+def _build_gateway(settings: Settings) -> Backend:
+    from ci_magic.backends.gateway.backend import GatewayBackend
+    from ci_magic.backends.gateway.client import GatewayClient
+
+    return GatewayBackend(
+        GatewayClient(settings.gateway_url, token=settings.gateway_token, timeout=settings.request_timeout),
+        kernel_name=settings.gateway_kernel_name,
+        model_client=_chat_model_client(settings),
+        model=settings.model or "",
+        max_steps=settings.max_steps,
+        execution_timeout=settings.execution_timeout,
+        upload_size_cap=settings.upload_size_cap,
     )
 
 
 register("openai", _build_openai)
 register("local", _build_local)
+register("gateway", _build_gateway)
