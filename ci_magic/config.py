@@ -316,6 +316,53 @@ class Settings(Configurable):
 
     max_steps = Int(12, help="local backend: tool calls the model may make in one turn.").tag(config=True)
 
+    tool_choice = Enum(
+        ["", "auto", "required", "named", "none"],
+        default_value="",
+        help="local/gateway: how the model is asked to use the python tool: 'auto', 'required' or "
+        "'named' (forced on a turn's first step only), 'none'. Empty: what works with the model server "
+        "found at model_base_url (llama-cpp-python: named; llama.cpp, vLLM, Ollama, LM Studio: auto). "
+        "Env: CI_MAGIC_TOOL_CHOICE.",
+    ).tag(config=True)
+
+    max_tokens = Int(
+        0,
+        help="local/gateway: most tokens one model answer may have, sent on every request. 0: a quarter "
+        "of the model's context, at most 4096. Env: CI_MAGIC_MAX_TOKENS.",
+    ).tag(config=True)
+
+    text_tool_calls = Bool(
+        True,
+        help="local/gateway: run code the model writes as text (a ```python block, or a Hermes "
+        "<tool_call>) as a tool call, for models and servers without tool-call parsing.",
+    ).tag(config=True)
+
+    context_tokens = Int(
+        8192,
+        help="local/gateway: the model's context size in tokens, used when the server does not report "
+        "it (llama.cpp, vLLM and LM Studio do). The conversation sent is kept within it. "
+        "Env: CI_MAGIC_CONTEXT_TOKENS.",
+    ).tag(config=True)
+
+    @default("tool_choice")
+    def _default_tool_choice(self) -> str:
+        return (_env("CI_MAGIC_TOOL_CHOICE") or "").lower()
+
+    @default("max_tokens")
+    def _default_max_tokens(self) -> int:
+        return int(_env("CI_MAGIC_MAX_TOKENS") or 0)
+
+    @default("context_tokens")
+    def _default_context_tokens(self) -> int:
+        return int(_env("CI_MAGIC_CONTEXT_TOKENS") or 8192)
+
+    @validate("context_tokens")
+    def _check_context_tokens(self, proposal: dict[str, Any]) -> int:
+        value = int(proposal["value"])
+        if value < 512:
+            raise TraitError(f"context_tokens must be at least 512, not {value}")
+        return value
+
     gateway_url = Unicode(
         help="gateway backend: base URL of a Jupyter Kernel Gateway or Enterprise Gateway "
         "(e.g. http://gateway-host:8888). Env: CI_MAGIC_GATEWAY_URL.",
@@ -418,7 +465,7 @@ class Settings(Configurable):
             )
         return minutes
 
-    @validate("download_concurrency", "pool_size", "max_steps", "max_retries")
+    @validate("download_concurrency", "pool_size", "max_steps", "max_retries", "max_tokens")
     def _check_non_negative(self, proposal: dict[str, Any]) -> int:
         value = int(proposal["value"])
         if value < 0:

@@ -9,7 +9,7 @@ A turn looks like::
     TurnStarted
     ( CallStarted  CodeDelta*  CodeDone  CallStatus(running)
       (Logs | Image | RichOutput | ExecutionError)*  CallStatus(completed|failed) )*
-    TextDelta*  FileCited*  TextDone?
+    ThinkingDelta*  TextDelta*  FileCited*  TextDone?
     Notice* (anywhere)
     Completed | Failed
 
@@ -38,6 +38,7 @@ __all__ = [
     "RichOutput",
     "TextDelta",
     "TextDone",
+    "ThinkingDelta",
     "TurnStarted",
     "Usage",
 ]
@@ -150,6 +151,13 @@ class TextDone:
 
 
 @dataclass(frozen=True)
+class ThinkingDelta:
+    """A piece of the model's reasoning (``reasoning_content`` / ``reasoning``): shown collapsed."""
+
+    delta: str
+
+
+@dataclass(frozen=True)
 class FileCited:
     """The model cited (or produced) a container file.
 
@@ -203,6 +211,7 @@ Event = (
     | ExecutionError
     | TextDelta
     | TextDone
+    | ThinkingDelta
     | FileCited
     | Notice
     | Completed

@@ -77,6 +77,7 @@ def _chat_model_client(settings: Settings) -> AsyncOpenAI | None:
 def _build_local(settings: Settings) -> Backend:
     from ci_magic.backends.local.backend import LocalBackend
     from ci_magic.backends.local.sandbox import SandboxManager
+    from ci_magic.backends.local.servers import loop_options
 
     sandbox = SandboxManager(
         python=settings.sandbox_python or None,
@@ -88,6 +89,7 @@ def _build_local(settings: Settings) -> Backend:
         model_client=_chat_model_client(settings),
         model=settings.model or "",
         max_steps=settings.max_steps,
+        loop_options=loop_options(settings),
     )
 
 

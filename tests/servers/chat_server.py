@@ -13,6 +13,15 @@ messages, so a test can write a model that reacts to what its code printed.
 
 Faults: ``Fault(500)`` answers with an OpenAI-shaped error; ``Cut(reply, after_chunks=3)`` drops the
 connection mid-stream (``clean=True`` ends the body properly but without a finish_reason).
+``Recorded(body, status)`` answers with a body captured from a real server, byte for byte (SSE events
+are written one by one, as that server sent them).
+
+Real servers' habits, on request: ``listing=`` serves a recorded ``GET /v1/models`` body (llama.cpp's
+``meta.n_ctx``...); ``refuse_null_content=True`` answers HTTP 500 to an assistant message whose content
+is null, as llama-cpp-python does; ``context_tokens=N`` answers llama-server's HTTP 400
+``exceed_context_size_error`` when the prompt (estimated at 4 characters a token) is longer.
+``Reply.call_style`` streams tool calls the ways other servers do: arguments whole in one chunk, no
+``index``, or ``id``/``name`` repeated on every chunk.
 
 CLI (for notebooks and demos)::
 
@@ -35,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import Any, Literal
 
 from tests.servers.http_base import QuietHTTPServer
 
@@ -44,6 +53,7 @@ __all__ = [
     "ChatServer",
     "Cut",
     "Fault",
+    "Recorded",
     "RecordedRequest",
     "Reply",
     "Script",
@@ -64,13 +74,26 @@ class ToolCall:
     id: str | None = None
 
 
+CallStyle = Literal["openai", "whole", "no_index", "repeat_id"]
+
+
 @dataclass(frozen=True)
 class Reply:
-    """One assistant message: text, tool calls, or both (text first, as models write them)."""
+    """One assistant message: text, tool calls, or both (text first, as models write them).
+
+    ``reasoning`` streams first as ``reasoning_field`` deltas (llama.cpp and vLLM say
+    ``reasoning_content``, Ollama ``reasoning``). ``call_style``: ``openai`` (id, type and name on
+    the first chunk, arguments in fragments, ``index`` always), ``whole`` (all arguments in the first
+    chunk), ``no_index`` (no ``index`` field), ``repeat_id`` (id, type and name on every chunk, as
+    llama-cpp-python does).
+    """
 
     text: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     finish_reason: str | None = None  # default: "tool_calls" when there are calls, else "stop"
+    reasoning: str = ""
+    reasoning_field: str = "reasoning_content"
+    call_style: CallStyle = "openai"
 
     @classmethod
     def calls(cls, *codes: str, text: str = "") -> Reply:
@@ -105,7 +128,15 @@ class Cut:
     clean: bool = False
 
 
-ScriptItem = Reply | str | Fault | Cut
+@dataclass(frozen=True)
+class Recorded:
+    """A body captured from a real server, sent as it was: SSE when it starts with ``data:``."""
+
+    body: str
+    status: int = 200
+
+
+ScriptItem = Reply | str | Fault | Cut | Recorded
 Script = Sequence[ScriptItem] | Callable[[list[dict[str, Any]]], ScriptItem]
 
 
@@ -136,6 +167,9 @@ class ChatServer:
         ensure_ascii: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
+        listing: dict[str, Any] | None = None,
+        refuse_null_content: bool = False,
+        context_tokens: int | None = None,
     ) -> None:
         """``models``: names the server knows (others get 404); None accepts any, like llama.cpp.
 
@@ -148,6 +182,9 @@ class ChatServer:
         self.models = tuple(models) if models is not None else None
         self.api_key = api_key
         self.event_delay = event_delay
+        self.listing = listing
+        self.refuse_null_content = refuse_null_content
+        self.context_tokens = context_tokens
         self.ensure_ascii = ensure_ascii
         self.requests: list[RecordedRequest] = []
         self.usage_sent: list[dict[str, Any]] = []  # the usage object of every answer delivered
@@ -262,6 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
             shown = f"{given[:3]}***{given[-2:]}" if len(given) > 5 else "***"
             message = f"Incorrect API key provided: {shown}."
             self._json(401, _error_body(message, "invalid_request_error", "invalid_api_key"))
+        elif method == "GET" and path == "/v1/models" and chat.listing is not None:
+            self._json(200, chat.listing)
         elif method == "GET" and path == "/v1/models":
             names = chat.models or (chat.model,)
             data = [
@@ -276,13 +315,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, _error_body(message, "invalid_request_error", "unknown_url"))
 
     def _chat(self, chat: ChatServer, body: Any) -> None:
-        problem = _validate(body, chat.models)
+        problem = _validate(body, chat.models) or _habits(chat, body)
         if problem is not None:
             self._json(problem[0], problem[1])
             return
         item = chat._next_item(body["messages"])
         if isinstance(item, str):
             item = Reply(text=item)
+        if isinstance(item, Recorded):
+            self._recorded(chat, item)
+            return
         if isinstance(item, Fault):
             self._json(item.status, _error_body(item.message, item.type, item.code), item.headers)
             return
@@ -325,6 +367,26 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(chat.event_delay)
             self._write_chunk(f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode())
         self._write_chunk(b"data: [DONE]\n\n")
+        self._write_chunk(b"")
+
+    def _recorded(self, chat: ChatServer, item: Recorded) -> None:
+        if not item.body.lstrip().startswith(("data:", ":")):
+            data = item.body.encode()
+            self.send_response(item.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.send_response(item.status)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for event in re.findall(r".*?(?:\n\n|\Z)", item.body, re.DOTALL):
+            if event:
+                if chat.event_delay:
+                    time.sleep(chat.event_delay)
+                self._write_chunk(event.encode())
         self._write_chunk(b"")
 
     def _write_chunk(self, data: bytes) -> None:
@@ -385,6 +447,38 @@ def _validate(body: Any, models: tuple[str, ...] | None) -> tuple[int, dict[str,
     return None
 
 
+def _habits(chat: ChatServer, body: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """What some real servers refuse that OpenAI accepts, in those servers' words."""
+    messages = body["messages"]
+    if chat.refuse_null_content:
+        for number, message in enumerate(messages):
+            if message.get("role") == "assistant" and message.get("content") is None:
+                # llama-cpp-python's pydantic models: content must be a string (HTTP 500, not 400).
+                detail = (
+                    "1 validation error:\n  {'type': 'string_type', 'loc': ('body', 'messages', "
+                    f"{number}, 'ChatCompletionRequestAssistantMessage', 'content'), "
+                    "'msg': 'Input should be a valid string', 'input': None}"
+                )
+                return 500, {"error": {"message": detail, "type": "internal_server_error"}}
+    if chat.context_tokens is not None:
+        prompt_tokens = _count_tokens(json.dumps(messages) + json.dumps(body.get("tools") or []))
+        if prompt_tokens > chat.context_tokens:
+            # llama-server's answer, as recorded (fixtures/chat/ls-gemma-4).
+            message = (
+                f"request ({prompt_tokens} tokens) exceeds the available context size "
+                f"({chat.context_tokens} tokens), try increasing it"
+            )
+            error = {
+                "code": 400,
+                "message": message,
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": prompt_tokens,
+                "n_ctx": chat.context_tokens,
+            }
+            return 400, {"error": error}
+    return None
+
+
 def _unanswered(pending: list[str]) -> str:
     return (
         "An assistant message with 'tool_calls' must be followed by tool messages responding to each "
@@ -441,24 +535,35 @@ class _Completion:
 
     def chunks(self) -> Iterator[dict[str, Any]]:
         reply = self._reply
+        for piece in re.findall(r"\s*\S+\s*|\s+", reply.reasoning):
+            yield self._chunk({reply.reasoning_field: piece})
         if reply.text or not reply.tool_calls:
             yield self._chunk({"role": "assistant", "content": "", "refusal": None})
             for piece in re.findall(r"\s*\S+\s*|\s+", reply.text):
                 yield self._chunk({"content": piece})
+        style = reply.call_style
         for index, (call, arguments) in enumerate(zip(reply.tool_calls, self._arguments, strict=True)):
+            named = {"id": self._call_ids[index], "type": "function"}
+            whole = style == "whole"
             opening = {
                 "index": index,
-                "id": self._call_ids[index],
-                "type": "function",
-                "function": {"name": call.name, "arguments": ""},
+                **named,
+                "function": {"name": call.name, "arguments": arguments if whole else ""},
             }
+            if style == "no_index":
+                del opening["index"]
             if index == 0 and not reply.text:
                 first = {"role": "assistant", "content": None, "tool_calls": [opening], "refusal": None}
                 yield self._chunk(first)
             else:
                 yield self._chunk({"tool_calls": [opening]})
-            for fragment in self._chat._fragments(arguments):
-                yield self._chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+            for fragment in [] if whole else self._chat._fragments(arguments):
+                delta: dict[str, Any] = {"index": index, "function": {"arguments": fragment}}
+                if style == "no_index":
+                    del delta["index"]
+                if style == "repeat_id":
+                    delta = {"index": index, **named, "function": {"name": call.name, "arguments": fragment}}
+                yield self._chunk({"tool_calls": [delta]})
         yield self._chunk({}, reply.finish)
         if self._include_usage:
             usage_chunk = self._chunk({})

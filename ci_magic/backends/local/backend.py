@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ci_magic.backends.base import ContainerFile, ContainerInfo, MemoryLimit, TurnRequest
 from ci_magic.backends.local.sandbox import SandboxManager
@@ -20,6 +20,8 @@ from ci_magic.events import CallStarted, CallStatus, CodeDone, Completed, Event,
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
+
+    from ci_magic.backends.local.model_loop import ChatModelLoop
 
 __all__ = ["NO_MODEL_MESSAGE", "LocalBackend"]
 
@@ -43,11 +45,16 @@ class LocalBackend:
         model_client: AsyncOpenAI | None,
         model: str,
         max_steps: int = 12,
+        loop_options: Mapping[str, Any] | None = None,
     ) -> None:
+        """``loop_options``: ChatModelLoop's other settings (tool_choice, max_tokens, text_tool_calls,
+        context_tokens; see ``model_loop.loop_options``)."""
         self.sandbox = sandbox
         self.model_client = model_client
         self.model = model
         self.max_steps = max_steps
+        self.loop_options = dict(loop_options or {})
+        self._loop: ChatModelLoop | None = None  # one per backend: the server is identified once
 
     async def create_container(
         self, *, name: str, memory_limit: MemoryLimit, expires_after_minutes: int
@@ -101,8 +108,11 @@ class LocalBackend:
         # Imported here: the model loop is optional for code-only use and pulls in the OpenAI SDK.
         from ci_magic.backends.local.model_loop import ChatModelLoop
 
-        # The cell's --model wins over the configured one.
-        loop = ChatModelLoop(self.model_client, model=request.model or self.model, max_steps=self.max_steps)
+        if self._loop is None:
+            self._loop = ChatModelLoop(
+                self.model_client, model=self.model, max_steps=self.max_steps, **self.loop_options
+            )
+        loop = self._loop  # the cell's --model (request.model) wins over the configured one
         container_id = request.container_id
 
         def run(code: str, call_id: str) -> AsyncIterator[Event]:
