@@ -56,10 +56,11 @@ def data_root() -> Path:
 
 
 class _Signer:
-    def __init__(self, key: str, scheme: str) -> None:
+    def __init__(self, key: str | bytes, scheme: str | bytes) -> None:
+        scheme = scheme.decode() if isinstance(scheme, bytes) else scheme
         if scheme not in ("hmac-sha256", ""):
             raise ValueError(f"unsupported signature scheme {scheme!r}")
-        self.key = key.encode()
+        self.key = key if isinstance(key, bytes) else key.encode()
 
     def sign(self, parts: Sequence[bytes]) -> bytes:
         if not self.key:
@@ -206,7 +207,6 @@ async def serve(connection_file: Path) -> int:
         data_dir=data,
         limits=limits_for_tier(tier if tier in TIERS else "1g"),
         user=user,
-        tier=tier if tier in TIERS else "1g",
     )
     context = new_context()
     kernel = LocalKernel(setup, context=context)
