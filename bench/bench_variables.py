@@ -45,8 +45,8 @@ from openai import AsyncOpenAI
 from ci_magic.backends.base import DEFAULT_DOWNLOAD_SIZE_CAP
 from ci_magic.backends.openai_backend import OpenAIBackend
 from ci_magic.filenames import download_into
-from ci_magic.variables.registry import PushItem, PushRegistry
-from ci_magic.variables.transfer import pull, push
+from ci_magic.variables.registry import PushRegistry, PushRequest
+from ci_magic.variables.transfer import ContainerFiles
 
 CONTAINER = "cntr_bench"
 
@@ -216,24 +216,26 @@ def codec_table(df: pd.DataFrame) -> None:
 async def measure(backend: Any, container: str, df: pd.DataFrame, csv: bytes, repeat: int, out: Path) -> dict:
     """The three figures on one transport (the CSV text is made once, by the caller)."""
     warm = PushRegistry()  # imports, thread pools, connections
-    await push(backend, container, warm, [PushItem("warm", df.head(1000))])
-    await pull(backend, container, "warm.parquet", out, registry=warm)
+    await ContainerFiles(backend, container, warm).push([PushRequest("warm", df.head(1000))])
+    await ContainerFiles(backend, container, warm).pull("warm.parquet", out)
 
     t_upload_csv, csv_file = await timed(lambda: backend.upload_file(container, "baseline.csv", csv), repeat)
     registries: list[PushRegistry] = []
 
     async def first_push() -> Any:
         registries.append(PushRegistry())
-        return await push(backend, container, registries[-1], [PushItem("df", df)])
+        return await ContainerFiles(backend, container, registries[-1]).push([PushRequest("df", df)])
 
     t_push, outcome = await timed(first_push, repeat)
     registry = registries[-1]
-    t_repush, again = await timed(lambda: push(backend, container, registry, [PushItem("df", df)]), repeat)
+    t_repush, again = await timed(
+        lambda: ContainerFiles(backend, container, registry).push([PushRequest("df", df)]), repeat
+    )
     assert again[0].status == "unchanged", again
     # Equal content in another object each time: proven by hashing, not by the snapshot.
     copies = [df.copy() for _ in range(repeat)]
     t_rehash, again = await timed(
-        lambda: push(backend, container, registry, [PushItem("df", copies.pop())]), repeat
+        lambda: ContainerFiles(backend, container, registry).push([PushRequest("df", copies.pop())]), repeat
     )
     assert again[0].status == "unchanged", again
 
@@ -245,7 +247,7 @@ async def measure(backend: Any, container: str, df: pd.DataFrame, csv: bytes, re
 
     t_read_csv, _ = await timed(baseline_pull, repeat)
     t_pull, pulled = await timed(
-        lambda: pull(backend, container, "df.parquet", out, registry=registry), repeat
+        lambda: ContainerFiles(backend, container, registry).pull("df.parquet", out), repeat
     )
     pd.testing.assert_frame_equal(pulled.value, df)
     return {

@@ -32,16 +32,15 @@ from ci_magic.errors import (
     StreamError,
     VariableError,
 )
-from ci_magic.events import Notice
 from ci_magic.render.files import human_size
 from ci_magic.render.frontend import Frontend, detect_frontend
 from ci_magic.render.tables import rows_bundle
 from ci_magic.result import Result
 from ci_magic.session import Session, SilentView, TurnOptions, View
 from ci_magic.variables import transfer
-from ci_magic.variables.discover import always_push_items, prompt_variables, push_items, resolve_variables
+from ci_magic.variables.discover import prompt_variables, push_items, resolve_variables
 from ci_magic.variables.progress import default_progress
-from ci_magic.variables.registry import PushItem, PushRegistry
+from ci_magic.variables.registry import PushRequest
 
 __all__ = ["DEFAULT_OPENAI_MODEL", "CodeInterpreter", "Interrupted"]
 
@@ -81,8 +80,6 @@ class CodeInterpreter(Settings):
         self._session: Session | None = None  # built on first use
         self._backend_stale = False
         self.last_result: Result | None = None
-        # Survives container expiry and backend changes: everything in it is re-sent to a new container.
-        self.registry = PushRegistry()
 
     @observe(*BACKEND_TRAITS)
     def _backend_changed(self, change: dict[str, Any]) -> None:
@@ -103,8 +100,10 @@ class CodeInterpreter(Settings):
         return build_backend(self)
 
     def _get_session(self) -> Session:
+        registry = None
         if self._session is not None and self._backend_stale:
             old, self._session = self._session, None
+            registry = old.registry  # pushed files are re-sent to the new backend's first container
             run_sync(old.close(delete_container=self.delete_container_on_exit))
         if self._session is None:
             self._session = Session(
@@ -114,7 +113,11 @@ class CodeInterpreter(Settings):
                 expires_after_minutes=self.expires_after_minutes,
                 output_dir=self.output_path,
                 download_concurrency=self.download_concurrency,
-                on_new_container=self._on_new_container,
+                registry=registry,
+                upload_size_cap=self.upload_size_cap,
+                pull_memory_cap=self.pull_memory_cap,
+                always_push=self.always_push,
+                progress=default_progress,
             )
             self._backend_stale = False
         session = self._session
@@ -123,34 +126,10 @@ class CodeInterpreter(Settings):
         session.expires_after_minutes = self.expires_after_minutes
         session.output_dir = self.output_path
         session.download_concurrency = max(1, self.download_concurrency)
+        session.upload_size_cap = self.upload_size_cap
+        session.pull_memory_cap = self.pull_memory_cap
+        session.always_push = list(self.always_push)
         return session
-
-    async def _on_new_container(self, container: ContainerInfo) -> list[Notice]:
-        """Re-send pushed files and ``always_push`` files to a fresh container."""
-        session = self._session
-        notices: list[Notice] = []
-        outcomes = await transfer.reupload_all(
-            session.backend,
-            container.id,
-            self.registry,
-            size_cap=self.upload_size_cap,
-            progress=default_progress(),
-        )
-        notices += [Notice(f"{o.name}: {o.note}", level="warning") for o in outcomes if o.status == "missing"]
-        if self.always_push:
-            items = always_push_items(self.always_push)
-            await self._push_to(container, items)
-        return notices
-
-    async def _push_to(self, container: ContainerInfo, items: list[PushItem]) -> list[transfer.PushOutcome]:
-        return await transfer.push(
-            self._session.backend,
-            container.id,
-            self.registry,
-            items,
-            size_cap=self.upload_size_cap,
-            progress=default_progress(),
-        )
 
     # -- turns ---------------------------------------------------------------------------------
 
@@ -198,13 +177,9 @@ class CodeInterpreter(Settings):
             extra_headers=dict(self.extra_headers),
         )
         view = self._make_view(quiet=quiet) if display else SilentView()
-        items = [PushItem(name, value) for name, value in (variables or {}).items()]
-
-        async def context(container: ContainerInfo) -> str:
-            return await self._prepare_context(container, items)
-
+        items = [PushRequest(name, value) for name, value in (variables or {}).items()]
         try:
-            result = run_sync(session.run_turn(prompt, options, view, context=context, link_base=Path.cwd()))
+            result = run_sync(session.run_turn(prompt, options, view, push=items, link_base=Path.cwd()))
         except KeyboardInterrupt:
             raise Interrupted(
                 "Interrupted. The kernel, the container, its files and the conversation are intact; "
@@ -213,12 +188,6 @@ class CodeInterpreter(Settings):
         self.last_result = result
         self.raise_for_failure(result)
         return result
-
-    async def _prepare_context(self, container: ContainerInfo, items: list[PushItem]) -> str:
-        """Push what the prompt needs, then describe every notebook file in the container."""
-        if items:
-            await self._push_to(container, items)
-        return self.registry.cards(container.id)
 
     # -- variables and files -------------------------------------------------------------------
 
@@ -249,7 +218,8 @@ class CodeInterpreter(Settings):
     ) -> list[transfer.PushOutcome]:
         """Send ``name=value`` pairs to /mnt/data now (unchanged values are not sent again)."""
         items = [
-            PushItem(name, value, "variable", fmt, as_name, allow_pickle) for name, value in variables.items()
+            PushRequest(name, value, "variable", fmt, as_name, allow_pickle)
+            for name, value in variables.items()
         ]
         return self._push_items(items)
 
@@ -274,16 +244,11 @@ class CodeInterpreter(Settings):
             print(f"{outcome.name} -> {outcome.path or outcome.filename}: {what}{note}")
         return outcomes
 
-    def _push_items(self, items: list[PushItem]) -> list[transfer.PushOutcome]:
-        session = self._get_session()
-
-        async def push() -> list[transfer.PushOutcome]:
-            container, notices = await session.ensure_container()
-            for notice in notices:
-                print(notice.text)
-            return await self._push_to(container, items)
-
-        return self._run(push())
+    def _push_items(self, items: list[PushRequest]) -> list[transfer.PushOutcome]:
+        outcomes, notices = self._run(self._get_session().push(items))
+        for notice in notices:
+            print(notice.text)
+        return outcomes
 
     def pull(self, name: str) -> Any:
         """Download a container file into the output folder and return it as a Python object."""
@@ -291,10 +256,8 @@ class CodeInterpreter(Settings):
 
     def _pull(self, name: str) -> transfer.PulledFile:
         session = self._get_session()
-        container = self._existing_container("pull files")
-        return self._run(
-            transfer.pull(session.backend, container.id, name, self.output_path, registry=self.registry)
-        )
+        self._existing_container("pull files")
+        return self._run(session.pull(name))
 
     def pull_into(
         self,
@@ -309,12 +272,11 @@ class CodeInterpreter(Settings):
             raise VariableError(f"-o needs a Python identifier, not {output!r}.")
         if pull_all:
             session = self._get_session()
-            container = self._existing_container("pull files")
-            pulled = self._run(
-                transfer.pull_all(session.backend, container.id, self.output_path, registry=self.registry)
-            )
+            self._existing_container("pull files")
+            pulled = self._run(session.pull_all())
             for item in pulled:
-                namespace[item.variable] = item.value
+                if item.variable:
+                    namespace[item.variable] = item.value
                 problem = f" (kept as bytes: {item.error})" if item.error else ""
                 print(f"{item.variable} = {item.kind} from {item.name} -> {item.path}{problem}")
             if not pulled:
@@ -335,9 +297,7 @@ class CodeInterpreter(Settings):
         """The container's files: name, size, source (notebook / model), created."""
         if self._session is None or self._session.container is None:
             return []
-        return self._run(
-            transfer.list_files(self._session.backend, self._session.container.id, self.registry)
-        )
+        return self._run(self._session.file_rows())
 
     def show_files(self) -> None:
         rows = self.files()

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,17 @@ from ci_magic.errors import BackendError, CIError, ContainerFileError, FileTooLa
 from ci_magic.events import CallStarted, Event, Failed, FileCited, Image, Notice, TextDelta, Usage
 from ci_magic.filenames import download_into, safe_relative_name, save_into
 from ci_magic.result import Result, ResultBuilder, SavedFile
+from ci_magic.variables.discover import always_push_items
+from ci_magic.variables.progress import Progress
+from ci_magic.variables.registry import PushRegistry, PushRequest
+from ci_magic.variables.transfer import (
+    DEFAULT_PULL_MEMORY_CAP,
+    DEFAULT_SIZE_CAP,
+    ContainerFiles,
+    FileRow,
+    PulledFile,
+    PushOutcome,
+)
 
 __all__ = ["DEFAULT_DOWNLOAD_TURN_BUDGET", "Session", "TurnOptions", "View"]
 
@@ -83,8 +94,15 @@ class Session:
         download_concurrency: int = 4,
         download_size_cap: int = DEFAULT_DOWNLOAD_SIZE_CAP,
         download_turn_budget: int = DEFAULT_DOWNLOAD_TURN_BUDGET,
-        on_new_container: Callable[[ContainerInfo], Awaitable[list[Notice]]] | None = None,
+        registry: PushRegistry | None = None,
+        upload_size_cap: int = DEFAULT_SIZE_CAP,
+        pull_memory_cap: int = DEFAULT_PULL_MEMORY_CAP,
+        always_push: Sequence[str] = (),
+        progress: Callable[[], Progress | None] = lambda: None,
     ) -> None:
+        """``registry``: pushed files to carry over from a previous session (default: a new one);
+        ``always_push``: files and folders sent to every new container; ``progress`` makes the
+        display large transfers report to."""
         self.backend = backend
         self.session_id = session_id
         self.memory_limit = memory_limit
@@ -93,7 +111,12 @@ class Session:
         self.download_concurrency = max(1, download_concurrency)
         self.download_size_cap = download_size_cap
         self.download_turn_budget = download_turn_budget
-        self.on_new_container = on_new_container
+        # Survives container expiry and backend changes: everything in it is re-sent to a new container.
+        self.registry = registry if registry is not None else PushRegistry()
+        self.upload_size_cap = upload_size_cap
+        self.pull_memory_cap = pull_memory_cap
+        self.always_push = list(always_push)
+        self.progress = progress
         self.container: ContainerInfo | None = None
         self.conversation = Conversation()
         self.usage = Usage()
@@ -128,8 +151,7 @@ class Session:
             memory_limit=self.memory_limit,  # type: ignore[arg-type]
             expires_after_minutes=self.expires_after_minutes,
         )
-        if self.on_new_container is not None:
-            notices.extend(await self.on_new_container(self.container))
+        notices.extend(await self._restore_files(self.container))
         return self.container, notices
 
     async def reset(self) -> None:
@@ -147,6 +169,65 @@ class Session:
         self.container = None
         await self.backend.aclose()
 
+    # -- files: push, re-upload, pull, list ----------------------------------------------------
+
+    def files(self, container: ContainerInfo) -> ContainerFiles:
+        """The file operations on ``container``, recording pushes in the session's registry."""
+        return ContainerFiles(
+            self.backend,
+            container.id,
+            self.registry,
+            size_cap=self.upload_size_cap,
+            concurrency=self.download_concurrency,
+            progress=self.progress(),
+            download_cap=self.download_size_cap,
+            pull_memory_cap=self.pull_memory_cap,
+        )
+
+    async def push(self, requests: Sequence[PushRequest]) -> tuple[list[PushOutcome], list[Notice]]:
+        """Push now (``%ci_push``), into the container (made or replaced as needed); its notices too."""
+        container, notices = await self.ensure_container()
+        return await self.files(container).push(requests), notices
+
+    async def _restore_files(self, container: ContainerInfo) -> list[Notice]:
+        """A new container gets back every pushed file, then the ``always_push`` files."""
+        files = self.files(container)
+        restored = await files.reupload()
+        notices = [Notice(f"{o.name}: {o.note}", level="warning") for o in restored if not o.sent]
+        if self.always_push:
+            await files.push(always_push_items(self.always_push))
+        return notices
+
+    async def _push_for_turn(
+        self, container: ContainerInfo, push: Sequence[PushRequest], report: Callable[[Notice], None]
+    ) -> str:
+        """Push what the prompt needs, one line per file sent; then the cards of every notebook file."""
+        if push:
+            for outcome in await self.files(container).push(push):
+                if outcome.sent:
+                    report(Notice(outcome.line))
+        return self.registry.cards(container.id)
+
+    async def pull(self, name: str) -> PulledFile:
+        return await self.files(self._existing_container("pull files")).pull(name, self.output_dir)
+
+    async def pull_all(self) -> list[PulledFile]:
+        return await self.files(self._existing_container("pull files")).pull_all(self.output_dir)
+
+    async def file_rows(self) -> list[FileRow]:
+        """The container's files, as ``%ci_files`` lists them ([] before the first container)."""
+        if self.container is None:
+            return []
+        return await self.files(self.container).listing()
+
+    def _existing_container(self, doing: str) -> ContainerInfo:
+        if self.container is None:
+            raise ContainerFileError(
+                f"There is no container yet, so there is nothing to {doing} from. Run a %%ci cell or "
+                "%ci_push first."
+            )
+        return self.container
+
     # -- one turn ------------------------------------------------------------------------------
 
     async def run_turn(
@@ -155,16 +236,17 @@ class Session:
         options: TurnOptions,
         view: View,
         *,
-        context: Callable[[ContainerInfo], Awaitable[str]] | None = None,
+        push: Sequence[PushRequest] = (),
         link_base: Path | None = None,
     ) -> Result:
+        """One turn, after pushing ``push`` (one notice per file sent); returns its Result."""
         started = time.monotonic()
         builder = ResultBuilder(prompt)
         if options.new_conversation:
             self.conversation.reset()
         ticker = asyncio.ensure_future(_tick_every(view, 0.1))
         try:
-            await self._run_in_container(prompt, options, view, builder, context)
+            await self._run_in_container(prompt, options, view, builder, push)
         except asyncio.CancelledError:
             _emit(
                 Failed(
@@ -195,7 +277,7 @@ class Session:
         options: TurnOptions,
         view: View,
         builder: ResultBuilder,
-        context: Callable[[ContainerInfo], Awaitable[str]] | None,
+        push: Sequence[PushRequest],
     ) -> None:
         """Stream the turn in the session's container, checking that container concurrently.
 
@@ -226,7 +308,7 @@ class Session:
                     model=options.model,
                     instructions=options.instructions,
                     conversation=self.conversation,
-                    context=await context(container) if context is not None else "",
+                    context=await self._push_for_turn(container, push, lambda n: _emit(n, builder, view)),
                     exec_code=options.exec_code,
                     extra_headers=dict(options.extra_headers or {}),
                 )

@@ -42,7 +42,9 @@ __all__ = [
     "recording_events",
 ]
 
-RECORDING = Path("/work/shared/fixtures/openai/vercel__ai__openai-code-interpreter-tool.1.chunks.txt")
+# The shared fixtures sit beside the repository (../shared); tests using them skip when absent.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+RECORDING = SHARED / "fixtures" / "openai" / "vercel__ai__openai-code-interpreter-tool.1.chunks.txt"
 
 
 class FakeClock:

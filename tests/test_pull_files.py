@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from ci_magic.errors import ContainerFileError
-from ci_magic.variables.registry import PushItem, PushRegistry
-from ci_magic.variables.transfer import list_files, pull, pull_all, push
+from ci_magic.variables.registry import PushRegistry, PushRequest
+from ci_magic.variables.transfer import ContainerFiles
 from tests.fakes import FakeBackend
 
 FRAME = pd.DataFrame({"city": ["Oslo", "Lima"], "temp": [4.5, 19.0]})
@@ -69,7 +69,7 @@ def model_writes(backend: FakeBackend, container: str, name: str, data: bytes) -
 
 
 def fetch(backend: FakeBackend, container: str, name: str, out: Path, registry: PushRegistry | None = None):
-    return asyncio.run(pull(backend, container, name, out, registry=registry))
+    return asyncio.run(ContainerFiles(backend, container, registry or PushRegistry()).pull(name, out))
 
 
 @pytest.mark.parametrize("ext", ["csv", "tsv", "parquet", "feather", "xlsx"])
@@ -165,7 +165,7 @@ def test_files_are_found_by_path_link_id_or_base_name(backend, container, tmp_pa
 
 def test_notebook_files_are_pulled_by_the_name_the_notebook_gave_them(backend, container, tmp_path) -> None:
     registry = PushRegistry(tmp_path / "spool")
-    asyncio.run(push(backend, container, registry, [PushItem("df", FRAME)]))
+    asyncio.run(ContainerFiles(backend, container, registry).push([PushRequest("df", FRAME)]))
     [stored] = asyncio.run(backend.list_files(container))
     assert stored.name != "df.parquet"  # OpenAI-style hash prefix
     pulled = fetch(backend, container, "df.parquet", tmp_path / "out", registry)
@@ -181,19 +181,20 @@ def test_a_name_that_cannot_be_made_safe_is_refused_and_nothing_is_written(
     with pytest.raises(ContainerFileError, match="climbs out of the folder"):
         fetch(backend, container, "evil", out)
     with pytest.raises(ContainerFileError, match="climbs out of the folder"):
-        asyncio.run(pull_all(backend, container, out))
+        asyncio.run(ContainerFiles(backend, container, PushRegistry()).pull_all(out))
     assert backend.count("download") == 0
     assert not (tmp_path / "etc").exists()
 
 
 def test_pull_all_takes_every_model_file_and_reports_undecodable_ones(backend, container, tmp_path) -> None:
     registry = PushRegistry(tmp_path / "spool")
-    asyncio.run(push(backend, container, registry, [PushItem("df", FRAME)]))
+    asyncio.run(ContainerFiles(backend, container, registry).push([PushRequest("df", FRAME)]))
     model_writes(backend, container, "result.csv", frame_bytes("csv"))
     model_writes(backend, container, "charts/a.png", png())
     model_writes(backend, container, "bad.json", b"{not json")
     pulled = {
-        p.name: p for p in asyncio.run(pull_all(backend, container, tmp_path / "out", registry=registry))
+        p.name: p
+        for p in asyncio.run(ContainerFiles(backend, container, registry).pull_all(tmp_path / "out"))
     }
     assert set(pulled) == {"result.csv", "charts/a.png", "bad.json"}  # not the notebook's df.parquet
     pd.testing.assert_frame_equal(pulled["result.csv"].value, FRAME)
@@ -202,16 +203,20 @@ def test_pull_all_takes_every_model_file_and_reports_undecodable_ones(backend, c
     assert bad.kind == "bytes" and bad.value == b"{not json" and "could not be read as JSON" in bad.error
     assert (tmp_path / "out" / "bad.json").exists()
     everything = asyncio.run(
-        pull_all(backend, container, tmp_path / "all", registry=registry, include_notebook=True)
+        ContainerFiles(backend, container, registry).pull_all(tmp_path / "all", include_notebook=True)
     )
     assert len(everything) == 4
 
 
 def test_ci_files_rows_say_where_each_file_came_from(backend, container, tmp_path) -> None:
     registry = PushRegistry(tmp_path / "spool")
-    asyncio.run(push(backend, container, registry, [PushItem("df", FRAME), PushItem("note", "hi")]))
+    asyncio.run(
+        ContainerFiles(backend, container, registry).push(
+            [PushRequest("df", FRAME), PushRequest("note", "hi")]
+        )
+    )
     model_writes(backend, container, "summary.txt", b"done")
-    rows = asyncio.run(list_files(backend, container, registry))
+    rows = asyncio.run(ContainerFiles(backend, container, registry).listing())
     assert [(r.name, r.source) for r in rows] == [
         ("df.parquet", "notebook"),
         ("note.txt", "notebook"),

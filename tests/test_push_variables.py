@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from ci_magic.errors import BackendError, VariableError
-from ci_magic.variables import codecs, transfer
+from ci_magic.variables import codecs
 from ci_magic.variables.codecs import prepare
 from ci_magic.variables.discover import (
     always_push_items,
@@ -26,8 +26,8 @@ from ci_magic.variables.discover import (
     resolve_variables,
 )
 from ci_magic.variables.progress import TextProgress
-from ci_magic.variables.registry import PushedFile, PushItem, PushRegistry
-from ci_magic.variables.transfer import push, reupload_all
+from ci_magic.variables.registry import PushedFile, PushRegistry, PushRequest
+from ci_magic.variables.transfer import ContainerFiles, PushOutcome
 from tests.fakes import FakeBackend
 
 matplotlib.use("Agg")
@@ -58,9 +58,9 @@ def encodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     original = codecs.Prepared.encode
 
-    def counting(self: codecs.Prepared) -> codecs.EncodedValue:
+    def counting(self: codecs.Prepared) -> None:
         seen.append(self.name)
-        return original(self)
+        original(self)
 
     monkeypatch.setattr(codecs.Prepared, "encode", counting)
     return seen
@@ -80,10 +80,10 @@ def sales() -> pd.DataFrame:
     return frame
 
 
-def send(
-    backend: FakeBackend, container: str, registry: PushRegistry, **values: Any
-) -> list[transfer.PushOutcome]:
-    return asyncio.run(push(backend, container, registry, [PushItem(k, v) for k, v in values.items()]))
+def send(backend: FakeBackend, container: str, registry: PushRegistry, **values: Any) -> list[PushOutcome]:
+    return asyncio.run(
+        ContainerFiles(backend, container, registry).push([PushRequest(k, v) for k, v in values.items()])
+    )
 
 
 def load_like_the_model(entry: PushedFile, data: bytes, tmp_path: Path) -> Any:
@@ -164,7 +164,9 @@ def test_every_supported_type_gets_a_file_named_after_the_variable(
 
 def test_csv_on_request_keeps_a_meaningful_index(backend, container, registry, tmp_path) -> None:
     df = sales()[["revenue"]]
-    [outcome] = asyncio.run(push(backend, container, registry, [PushItem("df", df, fmt="csv")]))
+    [outcome] = asyncio.run(
+        ContainerFiles(backend, container, registry).push([PushRequest("df", df, fmt="csv")])
+    )
     assert outcome.filename == "df.csv"
     loaded = load_like_the_model(registry.get("df"), backend.content(container, "df.csv"), tmp_path)
     pd.testing.assert_frame_equal(loaded, df)
@@ -177,7 +179,9 @@ def test_a_frame_parquet_cannot_hold_goes_as_csv_and_says_why(backend, container
     assert "Parquet cannot hold" in outcome.note
     assert "note: Parquet cannot hold" in registry.cards()
     with pytest.raises(VariableError, match="cannot be written as parquet"):
-        asyncio.run(push(backend, container, registry, [PushItem("mixed", mixed, fmt="parquet")]))
+        asyncio.run(
+            ContainerFiles(backend, container, registry).push([PushRequest("mixed", mixed, fmt="parquet")])
+        )
 
 
 def test_an_unsupported_type_names_what_is_supported_and_sends_nothing(backend, container, registry) -> None:
@@ -192,13 +196,15 @@ def test_an_unsupported_type_names_what_is_supported_and_sends_nothing(backend, 
 def test_pickle_is_opt_in(backend, container, registry) -> None:
     with pytest.raises(VariableError, match="numpy array of Python objects"):
         send(backend, container, registry, ragged=np.array([[1], [1, 2]], dtype=object))
-    item = PushItem("tags", {"a", "b"}, allow_pickle=True)
-    [outcome] = asyncio.run(push(backend, container, registry, [item]))
+    item = PushRequest("tags", {"a", "b"}, allow_pickle=True)
+    [outcome] = asyncio.run(ContainerFiles(backend, container, registry).push([item]))
     assert outcome.filename == "tags.pkl"
     assert pickle.loads(backend.content(container, "tags.pkl")) == {"a", "b"}
     assert "pickle.load" in registry.get("tags").loader
     [named] = asyncio.run(
-        push(backend, container, registry, [PushItem("df", sales(), filename="model.pkl", allow_pickle=True)])
+        ContainerFiles(backend, container, registry).push(
+            [PushRequest("df", sales(), filename="model.pkl", allow_pickle=True)]
+        )
     )
     assert named.filename == "model.pkl"
     pd.testing.assert_frame_equal(pickle.loads(backend.content(container, "model.pkl")), sales())
@@ -207,18 +213,18 @@ def test_pickle_is_opt_in(backend, container, registry) -> None:
 @pytest.mark.parametrize(
     ("item", "message"),
     [
-        (PushItem("df", sales(), fmt="xml"), "Use one of: parquet, csv, tsv, feather, json, xlsx"),
-        (PushItem("df", sales(), filename="../up.parquet"), "not a usable container file name"),
-        (PushItem("df", sales(), filename="sales.csv", fmt="parquet"), "disagree"),
-        (PushItem("df", sales(), filename="sales.txt"), "does not say which"),
-        (PushItem("df", sales(), fmt="pickle"), "needs --pickle too"),
-        (PushItem("cfg", {"when": pd.Timestamp("2024-01-01")}), "not JSON-serializable"),
-        (PushItem("grid", np.ones((2, 2, 2)), fmt="csv"), "only 1-D/2-D numeric"),
+        (PushRequest("df", sales(), fmt="xml"), "Use one of: parquet, csv, tsv, feather, json, xlsx"),
+        (PushRequest("df", sales(), filename="../up.parquet"), "not a usable container file name"),
+        (PushRequest("df", sales(), filename="sales.csv", fmt="parquet"), "disagree"),
+        (PushRequest("df", sales(), filename="sales.txt"), "does not say which"),
+        (PushRequest("df", sales(), fmt="pickle"), "needs --pickle too"),
+        (PushRequest("cfg", {"when": pd.Timestamp("2024-01-01")}), "not JSON-serializable"),
+        (PushRequest("grid", np.ones((2, 2, 2)), fmt="csv"), "only 1-D/2-D numeric"),
     ],
 )
 def test_bad_flags_and_values_are_one_paragraph_errors(backend, container, registry, item, message) -> None:
     with pytest.raises(VariableError) as info:
-        asyncio.run(push(backend, container, registry, [item]))
+        asyncio.run(ContainerFiles(backend, container, registry).push([item]))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
     assert backend.count("upload") == 0
@@ -226,10 +232,12 @@ def test_bad_flags_and_values_are_one_paragraph_errors(backend, container, regis
 
 def test_as_sets_the_container_name(backend, container, registry) -> None:
     [outcome] = asyncio.run(
-        push(backend, container, registry, [PushItem("df", sales(), filename="q1/sales")])
+        ContainerFiles(backend, container, registry).push([PushRequest("df", sales(), filename="q1/sales")])
     )
     assert outcome.filename == "q1/sales.parquet"
-    [outcome] = asyncio.run(push(backend, container, registry, [PushItem("t", "hello", filename="notes.md")]))
+    [outcome] = asyncio.run(
+        ContainerFiles(backend, container, registry).push([PushRequest("t", "hello", filename="notes.md")])
+    )
     assert outcome.filename == "notes.md"
 
 
@@ -270,7 +278,9 @@ def test_in_place_edits_of_arrays_are_noticed(backend, container, registry) -> N
 def test_another_format_replaces_the_old_file(backend, container, registry) -> None:
     df = sales()
     [first] = send(backend, container, registry, df=df)
-    [second] = asyncio.run(push(backend, container, registry, [PushItem("df", df, fmt="csv")]))
+    [second] = asyncio.run(
+        ContainerFiles(backend, container, registry).push([PushRequest("df", df, fmt="csv")])
+    )
     assert second.status == "replaced" and second.filename == "df.csv"
     assert first.file_id not in {f.id for f in asyncio.run(backend.list_files(container))}
     assert [e.filename for e in registry] == ["df.csv"]
@@ -305,18 +315,18 @@ def test_a_file_the_model_deleted_is_uploaded_again_without_reserializing(
 def test_fingerprints_see_every_kind_of_change(edit) -> None:
     df = sales()
     df["obj"] = [{"a": 1}, None, 2, "y"]
-    before = prepare(df, "df", allow_pickle=True).fingerprint
-    assert prepare(df.copy(), "df", allow_pickle=True).fingerprint == before
+    before = prepare(PushRequest("df", df, allow_pickle=True)).fingerprint
+    assert prepare(PushRequest("df", df.copy(), allow_pickle=True)).fingerprint == before
     edit(df)
-    assert prepare(df, "df", allow_pickle=True).fingerprint != before
+    assert prepare(PushRequest("df", df, allow_pickle=True)).fingerprint != before
 
 
 def test_fingerprints_cover_multiindex_frames() -> None:
     df = sales().reset_index().set_index(["region", "order_id"])
-    before = prepare(df, "df").fingerprint
+    before = prepare(PushRequest("df", df)).fingerprint
     swapped = df.swaplevel()
-    assert prepare(swapped, "df").fingerprint != before
-    assert prepare(df.copy(), "df").fingerprint == before
+    assert prepare(PushRequest("df", swapped)).fingerprint != before
+    assert prepare(PushRequest("df", df.copy())).fingerprint == before
 
 
 # ---- container changes and always_push --------------------------------------------------------
@@ -326,20 +336,17 @@ def test_pushed_files_come_back_in_a_new_container(backend, container, registry,
     source = tmp_path / "rates.csv"
     source.write_text("currency,rate\nEUR,1.1\n")
     asyncio.run(
-        push(
-            backend,
-            container,
-            registry,
+        ContainerFiles(backend, container, registry).push(
             [
-                PushItem("df", sales()),
-                PushItem("arr", np.arange(5)),
+                PushRequest("df", sales()),
+                PushRequest("arr", np.arange(5)),
                 *push_items([str(source)], {}, cwd=tmp_path),
-            ],
+            ]
         )
     )
     backend.expire(container)
     fresh = asyncio.run(backend.create_container()).id
-    outcomes = asyncio.run(reupload_all(backend, fresh, registry))
+    outcomes = asyncio.run(ContainerFiles(backend, fresh, registry).reupload())
     assert [o.status for o in outcomes] == ["reuploaded"] * 3
     # Variables come back from the spool, not re-encoded; the file is re-read from disk.
     assert encodes == ["df", "arr", "rates.csv", "rates.csv"]
@@ -358,12 +365,16 @@ def test_reupload_reads_the_current_file_and_drops_vanished_ones(
     gone.write_text("bye")
     grown.write_text("small")
     paths = [str(keep), str(gone), str(grown)]
-    asyncio.run(push(backend, container, registry, push_items(paths, {}, cwd=tmp_path), size_cap=100))
+    asyncio.run(
+        ContainerFiles(backend, container, registry, size_cap=100).push(push_items(paths, {}, cwd=tmp_path))
+    )
     keep.write_text("v2 is longer")
     gone.unlink()
     grown.write_text("x" * 500)
     fresh = asyncio.run(backend.create_container()).id
-    outcomes = {o.name: o for o in asyncio.run(reupload_all(backend, fresh, registry, size_cap=100))}
+    outcomes = {
+        o.name: o for o in asyncio.run(ContainerFiles(backend, fresh, registry, size_cap=100).reupload())
+    }
     assert outcomes["keep.txt"].status == "reuploaded"
     assert backend.content(fresh, "keep.txt") == b"v2 is longer"
     assert outcomes["gone.txt"].status == "missing" and "no longer exists" in outcomes["gone.txt"].note
@@ -384,7 +395,7 @@ def test_always_push_folders_keep_their_layout_and_skip_hidden_files(
     (folder / ".DS_Store").write_bytes(b"junk")
     items = always_push_items([folder])
     assert [i.name for i in items] == ["refdata/regions.csv", "refdata/fx/rates.json"]
-    outcomes = asyncio.run(push(backend, container, registry, items))
+    outcomes = asyncio.run(ContainerFiles(backend, container, registry).push(items))
     assert {o.filename for o in outcomes} == {"refdata/regions.csv", "refdata/fx/rates.json"}
     assert all(e.origin == "always_push" for e in registry)
     card = registry.cards()
@@ -400,12 +411,8 @@ def test_the_size_cap_is_checked_before_anything_is_uploaded(backend, container,
     big = np.zeros(200_000)  # 1,600,128 bytes as .npy
     with pytest.raises(VariableError) as info:
         asyncio.run(
-            push(
-                backend,
-                container,
-                registry,
-                [PushItem("small", [1, 2]), PushItem("big", big)],
-                size_cap=2**20,
+            ContainerFiles(backend, container, registry, size_cap=2**20).push(
+                [PushRequest("small", [1, 2]), PushRequest("big", big)]
             )
         )
     message = str(info.value)
@@ -427,28 +434,28 @@ def test_a_failed_upload_keeps_the_others_and_is_retried_next_time(backend, cont
 def test_uploads_run_concurrently_within_the_bound(container, registry) -> None:
     slow = FakeBackend(upload_delay=0.05)
     cid = asyncio.run(slow.create_container()).id
-    items = [PushItem(f"v{i}", [i]) for i in range(9)]
-    asyncio.run(push(slow, cid, registry, items, concurrency=3))
+    items = [PushRequest(f"v{i}", [i]) for i in range(9)]
+    asyncio.run(ContainerFiles(slow, cid, registry, concurrency=3).push(items))
     assert slow.peak_uploads == 3
 
 
 def test_two_variables_cannot_claim_one_file_name(backend, container, registry) -> None:
-    items = [PushItem("a", [1], filename="same.json"), PushItem("b", [2], filename="same.json")]
+    items = [PushRequest("a", [1], filename="same.json"), PushRequest("b", [2], filename="same.json")]
     with pytest.raises(VariableError, match=r"would both become /mnt/data/same\.json"):
-        asyncio.run(push(backend, container, registry, items))
+        asyncio.run(ContainerFiles(backend, container, registry).push(items))
 
 
 def test_large_pushes_show_progress_and_small_ones_stay_quiet(backend, container, registry) -> None:
     stream = io.StringIO()
-    asyncio.run(push(backend, container, registry, [PushItem("tiny", [1])], progress=TextProgress(stream)))
+    asyncio.run(
+        ContainerFiles(backend, container, registry, progress=TextProgress(stream)).push(
+            [PushRequest("tiny", [1])]
+        )
+    )
     assert stream.getvalue() == ""
     asyncio.run(
-        push(
-            backend,
-            container,
-            registry,
-            [PushItem("big", np.random.default_rng(0).random(1_000_000))],
-            progress=TextProgress(stream),
+        ContainerFiles(backend, container, registry, progress=TextProgress(stream)).push(
+            [PushRequest("big", np.random.default_rng(0).random(1_000_000))]
         )
     )
     lines = stream.getvalue().split("\r")
@@ -650,8 +657,8 @@ def test_replacing_a_file_the_backend_no_longer_has_is_not_an_error(container, r
 
     backend = Forgetful()
     cid = asyncio.run(backend.create_container()).id
-    asyncio.run(push(backend, cid, registry, [PushItem("cfg", {"v": 1})]))
-    [again] = asyncio.run(push(backend, cid, registry, [PushItem("cfg", {"v": 2})]))
+    asyncio.run(ContainerFiles(backend, cid, registry).push([PushRequest("cfg", {"v": 1})]))
+    [again] = asyncio.run(ContainerFiles(backend, cid, registry).push([PushRequest("cfg", {"v": 2})]))
     assert again.status == "replaced"
     assert json.loads(backend.content(cid, "cfg.json")) == {"v": 2}
 

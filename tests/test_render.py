@@ -212,23 +212,26 @@ def test_html_in_the_models_answer_is_shown_as_text_not_run() -> None:
     result = play([TextDelta(p) for p in chunked(answer, 7)] + [TextDone(answer), Completed()], view, clock)
     view.finish(result)
     bundle = next(s.bundle for s in frontend.slots if s.role == "text")
-    for mime in ("text/html", "text/markdown"):
-        shown = bundle[mime]
-        assert "<script" not in shown and "<svg" not in shown and "<img" not in shown, mime
-        assert "javascript:" not in shown.lower(), mime
-    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in bundle["text/html"]
-    assert "window.__pwned=1" in visible_text(bundle["text/html"]), "the text itself stays readable"
-    assert "if a &lt; b:" in bundle["text/html"] and "if a < b:" in bundle["text/markdown"]
+    shown = bundle["text/html"]
+    assert "<script" not in shown and "<svg" not in shown and "<img" not in shown
+    assert "javascript:" not in shown.lower()
+    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in shown
+    assert "window.__pwned=1" in visible_text(shown), "the text itself stays readable"
+    assert "if a &lt; b:" in shown
+    # Markdown parsers disagree (tests/security/test_output_injection.py): any Markdown copy of the
+    # answer has every active character escaped, so no parser finds HTML, a link or a fence in it.
+    markdown = bundle.get("text/markdown", "")
+    assert not re.search(r"(?<!\\)[<\[`&]", markdown), markdown
 
 
-def test_text_that_only_looks_like_a_code_fence_cannot_smuggle_html_and_broken_html_is_closed() -> None:
+def test_markdown_escaping_leaves_nothing_active_and_broken_html_is_closed() -> None:
     from ci_magic.render.safe_html import escape_markdown, sanitize_html
 
-    not_a_fence = "```a`b\n<script>x()</script>\n```"  # backticks in the info string: not a fence
-    assert "<script" not in escape_markdown(not_a_fence)
-    assert "<b>kept as code</b>" in escape_markdown("~~~\n<b>kept as code</b>\n~~~")
+    not_a_fence = "```a`b\n<script>x()</script>\n```"
+    assert escape_markdown(not_a_fence) == "\\`\\`\\`a\\`b\n\\<script\\>x\\(\\)\\</script\\>\n\\`\\`\\`"
+    assert escape_markdown("a \\<b>") == "a \\\\\\<b\\>", "a backslash in the text cannot cancel our escape"
     unclosed = "<table><tr><td>a<svg><g><script>x()</script></g></svg>b"
-    assert sanitize_html(unclosed) == "<table><tr><td>ab</td></tr></table>"
+    assert sanitize_html(unclosed) == "<table><tbody><tr><td>ab</td></tr></tbody></table>"
 
 
 def test_a_dataframe_table_from_the_sandbox_is_kept_but_anything_active_is_removed() -> None:
@@ -539,7 +542,7 @@ def test_in_a_real_kernel_the_cell_keeps_plain_display_data_in_its_final_state(t
     assert CHART_CODE.rstrip() in call.data["text/plain"] and "call 1 · done" in call.data["text/html"]
     assert base64.b64decode(image.data["image/png"]).startswith(b"\x89PNG")
     assert 'class="dataframe"' in table.data["text/html"] and "1344.0" in table.data["text/html"]
-    assert {"text/html", "text/markdown", "text/plain"} <= set(answer.data)
+    assert {"text/html", "text/plain"} <= set(answer.data)
     assert "<strong>12%</strong>" in answer.data["text/html"]
     assert "3 rows" not in preview.data["text/plain"] and "2 rows × 2 columns" in preview.data["text/plain"]
     assert 'href="ci_outputs/monthly.csv"' in preview.data["text/html"]

@@ -1,9 +1,11 @@
-"""Notebook values <-> container files.
+"""Notebook values -> container files: one codec per kind of value.
 
-``prepare`` classifies a value and fingerprints it without serializing (so an unchanged variable
-costs a hash or a snapshot check, never an encode); ``Prepared.encode`` writes it with
-pandas/pyarrow/numpy writers.
-``decode`` turns a downloaded file back into an object by its extension. Nothing here unpickles.
+A codec knows everything about its kind in one place: which values it takes, the formats it can
+write (the first is the default), how to fingerprint a value without serializing it (so an
+unchanged variable costs a hash or a snapshot check, never an encode), how big the file will be
+*before* encoding it (so an oversized frame is refused before any large allocation), how to
+encode it, and what the schema card says about it. File extensions and loader lines come from
+the one table in ``formats``. Nothing here unpickles; pickling is opt-in (``--pickle``).
 
 Parquet settings were measured on a 1,000,000 x 10 mixed frame (2 cores, `bench_variables.py
 --codecs`): lz4 writes in ~115 ms and reads in ~45-55 ms at ~53 MB; snappy is as large, writes in
@@ -16,12 +18,12 @@ categorical columns, which saves ~30% of the write time against pyarrow's "dicti
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import pickle
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,295 +31,627 @@ from typing import Any
 from ci_magic.errors import ContainerFileError, VariableError
 from ci_magic.filenames import safe_relative_name, variable_name_for
 from ci_magic.variables import fingerprint as fp
+from ci_magic.variables import schema
+from ci_magic.variables.formats import FORMATS, canonical_extension, extension, format_of
+from ci_magic.variables.registry import Origin, PushRequest
 from ci_magic.variables.snapshot import FrameSnapshot
 
-__all__ = [
-    "DATA_LIKE_KINDS",
-    "SUPPORTED_TYPES",
-    "DecodedFile",
-    "EncodedValue",
-    "Prepared",
-    "decode",
-    "encode",
-    "file_reader",
-    "is_data_like",
-    "kind_of",
-    "loader_line",
-    "prepare",
-]
+__all__ = ["CODECS", "SUPPORTED_TYPES", "Codec", "Prepared", "codec_for", "is_data_like", "prepare"]
 
-SUPPORTED_TYPES = (
-    "pandas DataFrame/Series, numpy arrays, polars DataFrames, dict/list/tuple/int/float/bool/None "
-    "(as JSON), str, bytes, PIL images, matplotlib figures and pathlib.Path to a file"
-)
-DATA_LIKE_KINDS = frozenset({"dataframe", "series", "polars", "ndarray", "image", "figure", "file"})
-
-_FORMATS: dict[str, tuple[str, ...]] = {
-    "dataframe": ("parquet", "csv", "tsv", "feather", "json", "xlsx"),
-    "series": ("parquet", "csv", "tsv", "feather", "json", "xlsx"),
-    "polars": ("parquet", "csv", "feather"),
-    "ndarray": ("npy", "csv", "json"),
-    "json": ("json",),
-    "figure": ("png", "svg", "pdf", "jpg"),
-    "image": ("png", "jpg", "webp", "gif", "bmp", "tiff"),
-    "text": (),  # any extension: the text is written as is
-    "bytes": (),
-    "file": (),
-}
-_DEFAULT_FORMAT = {
-    "dataframe": "parquet",
-    "series": "parquet",
-    "polars": "parquet",
-    "ndarray": "npy",
-    "json": "json",
-    "figure": "png",
-    "image": "png",
-    "text": "txt",
-    "bytes": "bin",
-}
-_ALIASES = {
-    "pq": "parquet",
-    "arrow": "feather",
-    "jpeg": "jpg",
-    "tif": "tiff",
-    "pkl": "pickle",
-    "excel": "xlsx",
-    "text": "txt",
-}
+# Frames smaller than this in memory are encoded and measured exactly; bigger ones are first
+# sized from an encoded sample, so one that cannot fit the upload cap is refused before encoding.
+SAMPLE_ABOVE_BYTES = 32 * 2**20
+SAMPLE_ROWS = 20_000
+# A strided sample cuts the runs that dictionary and run-length encoding feed on, so it compresses
+# worse than the whole frame: count only this share of the extrapolated size before refusing.
+SAMPLE_MARGIN = 0.8
 _PARQUET_OPTIONS: dict[str, Any] = {"compression": "lz4", "write_statistics": False}
-
-# fmt: off
-_TEXT_EXTS = frozenset({
-    "txt", "md", "log", "py", "sql", "rst", "tex", "yaml", "yml", "toml", "ini", "cfg", "html", "htm", "xml",
-    "svg", "js", "css", "sh", "r",
-})
-# fmt: on
-_IMAGE_MIME = {
-    "png": "image/png",
-    "jpg": "image/jpeg",
-    "jpeg": "image/jpeg",
-    "gif": "image/gif",
-    "webp": "image/webp",
-    "bmp": "image/bmp",
-    "tif": "image/tiff",
-    "tiff": "image/tiff",
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# classification
-
-
-def kind_of(value: Any) -> str | None:
-    """The codec family of a value, or None when it has none (only ``--pickle`` can send it)."""
-    pd = sys.modules.get("pandas")
-    if pd is not None:
-        if isinstance(value, pd.DataFrame):
-            return "dataframe"
-        if isinstance(value, pd.Series):
-            return "series"
-    cls = type(value)
-    if cls.__module__.split(".")[0] == "polars" and cls.__name__ == "DataFrame":
-        return "polars"
-    np = sys.modules.get("numpy")
-    if np is not None and isinstance(value, np.ndarray):
-        return "ndarray"
-    pil = sys.modules.get("PIL.Image")
-    if pil is not None and isinstance(value, pil.Image):
-        return "image"
-    mpl_figure = sys.modules.get("matplotlib.figure")
-    if mpl_figure is not None and isinstance(value, mpl_figure.Figure):
-        return "figure"
-    if isinstance(value, os.PathLike):
-        return "file"
-    if isinstance(value, str):
-        return "text"
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return "bytes"
-    if value is None or isinstance(value, (bool, int, float, dict, list, tuple)):
-        return "json"
-    if np is not None and isinstance(value, np.generic):
-        return "json"
-    return None
-
-
-def is_data_like(value: Any) -> bool:
-    """Whether a bare name in a prompt should push this value (frames, arrays, images, files)."""
-    kind = kind_of(value)
-    if kind == "file":
-        return Path(value).is_file()
-    return kind in DATA_LIKE_KINDS
-
-
-# ---------------------------------------------------------------------------------------------
-# encoding
-
-
-@dataclass(frozen=True)
-class EncodedValue:
-    """A value as a container file: its bytes (or the local file sent as is) and how to load it."""
-
-    name: str
-    filename: str  # relative to /mnt/data
-    kind: str
-    fmt: str
-    fingerprint: str
-    reader: str  # the loader line with "{path}" where the container path goes
-    data: bytes | None = None
-    path: Path | None = None
-    note: str = ""  # e.g. why a frame went as CSV instead of Parquet
-
-    @property
-    def size(self) -> int:
-        if self.data is not None:
-            return len(self.data)
-        return self.path.stat().st_size if self.path is not None else 0
-
-    @property
-    def source(self) -> Path | bytes:
-        if self.data is not None:
-            return self.data
-        assert self.path is not None
-        return self.path
-
-    @property
-    def loader(self) -> str:
-        return self.loader_for(f"/mnt/data/{self.filename}")
-
-    def loader_for(self, container_path: str) -> str:
-        return loader_line(self.reader, container_path)
-
-
-def loader_line(reader: str, container_path: str) -> str:
-    """A loader template (``{path}`` placeholder) for the file at ``container_path``."""
-    return reader.replace("{path}", repr(container_path))
 
 
 @dataclass
 class Prepared:
-    """A classified, fingerprinted value, not yet serialized."""
+    """One value on its way to the container: classified and fingerprinted, then (unless it is
+    unchanged) encoded, which fills ``source``, ``size``, ``reader`` and ``card_body``."""
 
-    value: Any
     name: str
-    kind: str
-    fmt: str
-    filename: str
-    fingerprint: str
-    requested: bool = False  # the user chose the format (--format or --as with an extension)
-    payload: bytes | None = field(default=None, repr=False)  # rendered while fingerprinting
+    value: Any
+    origin: Origin
+    codec: Codec
+    fmt: str  # the file's extension
+    filename: str  # relative to /mnt/data
+    fingerprint: str = ""
+    requested: bool = False  # the user chose the format (--format, or --as with an extension)
     snapshot: FrameSnapshot | None = field(default=None, repr=False)  # cheap "unchanged" proof next time
+    source: bytes | Path | None = field(default=None, repr=False)  # what is uploaded
+    size: int = 0
+    reader: str = ""  # the container's loader line, "{path}" where the file's path goes
+    note: str = ""  # e.g. why a frame went as CSV instead of Parquet
+    card_body: tuple[str, ...] = ()
 
-    def encode(self) -> EncodedValue:
-        """Serialize with pandas/pyarrow/numpy writers (``VariableError`` if the format cannot hold it)."""
-        return _ENCODERS["pickle" if self.fmt == "pickle" else self.kind](self)
+    @property
+    def kind(self) -> str:
+        return self.codec.kind
 
-    def encoded(
-        self,
-        data: bytes | None,
-        reader: str,
-        *,
-        path: Path | None = None,
-        fmt: str | None = None,
-        note: str = "",
-    ) -> EncodedValue:
-        fmt = fmt or self.fmt
-        filename = self.filename if fmt == self.fmt else _with_extension(self.filename, fmt)
-        return EncodedValue(self.name, filename, self.kind, fmt, self.fingerprint, reader, data, path, note)
+    @property
+    def encoded(self) -> bool:
+        return self.source is not None and bool(self.reader)
+
+    def encode(self) -> None:
+        """Serialize with the codec (``VariableError`` when the format cannot hold the value)."""
+        self.codec.encode(self)
+        self.card_body = tuple(card_body(self))
+
+    def set_file(self, source: bytes | Path, reader: str, *, fmt: str | None = None, note: str = "") -> None:
+        """Record the encoded file and the line that loads it (``{path}`` where its path goes)."""
+        if fmt is not None and fmt != self.fmt:
+            self.fmt, self.filename = fmt, _with_extension(self.filename, fmt)
+        self.source = source
+        self.size = len(source) if isinstance(source, bytes) else source.stat().st_size
+        self.reader = reader
+        self.note = note or self.note
+
+    def estimated_size(self) -> int:
+        """How big the file will be, known before encoding (an under- rather than an over-estimate)."""
+        if self.source is not None:
+            return self.size
+        return self.codec.estimate(self)
 
 
-def prepare(
-    value: Any,
-    name: str,
-    *,
-    fmt: str | None = None,
-    filename: str | None = None,
-    allow_pickle: bool = False,
-    snapshot: FrameSnapshot | None = None,
-) -> Prepared:
-    """Classify and fingerprint ``value`` as notebook variable ``name`` (raises ``VariableError``).
+# ---- the codecs ----------------------------------------------------------------------------------
+
+
+class Codec:
+    """One kind of notebook value. Subclasses fill in the class attributes and the methods."""
+
+    kind = ""
+    label = ""  # how the kind is named in messages
+    formats: tuple[str, ...] = ()  # writable extensions, default first; () = any name, sent as is
+    default_format = ""
+    data_like = False  # pushed when a prompt names it
+
+    def claims(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def summary(self, value: Any) -> str:
+        """A few words for the push report: ``12 x 3``, ``shape (3, 4)``, ``42 characters``."""
+        return type(value).__name__
+
+    def fingerprint(self, p: Prepared, previous: FrameSnapshot | None) -> None:
+        """Set ``p.fingerprint`` (and for small kinds the rendered bytes, made while hashing)."""
+        data = self.render(p)
+        p.fingerprint = fp.digest([self.kind], [memoryview(data)])
+        p.set_file(data, self.loader(p))
+
+    def render(self, p: Prepared) -> bytes:
+        raise NotImplementedError
+
+    def loader(self, p: Prepared) -> str:
+        """The loader line for the file's extension, from the formats table (raw bytes if unknown)."""
+        return FORMATS.get(p.fmt, FORMATS["bin"]).load.format(var=p.name, path="{path}")
+
+    def estimate(self, p: Prepared) -> int:
+        return 0  # unknown: encode, then check the real size
+
+    def encode(self, p: Prepared) -> None:
+        if p.source is None:
+            p.set_file(self.render(p), self.loader(p))
+
+    def describe(self, value: Any, p: Prepared) -> tuple[str, list[str]]:
+        return f"{type(value).__module__}.{type(value).__qualname__} ({p.fmt})", []
+
+
+class FrameCodec(Codec):
+    """pandas DataFrame and Series, polars DataFrame (loaded as pandas in the container)."""
+
+    kind = "dataframe"
+    label = "pandas DataFrame/Series or polars DataFrame"
+    formats = ("parquet", "csv", "tsv", "feather", "json", "xlsx")
+    default_format = "parquet"
+    data_like = True
+
+    def claims(self, value: Any) -> bool:
+        pd = sys.modules.get("pandas")
+        return (pd is not None and isinstance(value, (pd.DataFrame, pd.Series))) or _is_polars(value)
+
+    def summary(self, value: Any) -> str:
+        if getattr(value, "ndim", 2) == 1:
+            return f"{len(value):,} values"
+        rows, cols = value.shape
+        return f"{rows:,} x {cols:,}"
+
+    def fingerprint(self, p: Prepared, previous: FrameSnapshot | None) -> None:
+        if _is_polars(p.value):
+            digest = fp.digest(*fp.arrow_table_parts(p.value.to_arrow()))
+        elif previous is not None and previous.matches(p.value):
+            digest, p.snapshot = previous.digest, previous
+        else:
+            digest = fp.digest(*fp.frame_parts(p.value))
+            p.snapshot = FrameSnapshot.take(p.value, digest)
+        p.fingerprint = digest
+
+    def estimate(self, p: Prepared) -> int:
+        value = p.value
+        if _is_polars(value):
+            memory = int(value.estimated_size())
+        else:
+            usage = value.memory_usage(index=True, deep=True)
+            memory = int(usage if isinstance(usage, int) else usage.sum())
+        rows = len(value)
+        if memory <= SAMPLE_ABOVE_BYTES or rows <= SAMPLE_ROWS:
+            return 0  # cheap to encode: the real size is checked right after
+        step = max(1, rows // SAMPLE_ROWS)
+        sample = value.gather_every(step) if _is_polars(value) else value.iloc[::step]
+        trial = dataclasses.replace(p, value=sample, snapshot=None, source=None, reader="", note="")
+        self.encode(trial)
+        return int(trial.size * rows / max(1, len(sample)) * SAMPLE_MARGIN)
+
+    def encode(self, p: Prepared) -> None:
+        if _is_polars(p.value):
+            self._encode_polars(p)
+            return
+        series = getattr(p.value, "ndim", 2) == 1
+        frame = (
+            p.value.to_frame(name=p.value.name if p.value.name is not None else p.name) if series else p.value
+        )
+        with_index = not _default_index(frame.index)
+        fmt = p.fmt
+        try:
+            if fmt in ("parquet", "feather"):
+                import pyarrow as pa
+
+                try:
+                    table = pa.Table.from_pandas(frame, preserve_index=None)
+                except (pa.ArrowException, ValueError, TypeError) as exc:
+                    why = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    if p.requested:
+                        raise VariableError(
+                            f"`{p.name}` cannot be written as {fmt} ({why}). Use --format csv, or fix the "
+                            "column (e.g. `df[col] = df[col].astype(str)` for mixed types)."
+                        ) from exc
+                    note = f"Parquet cannot hold this frame ({why}); sent as CSV, so dtypes are not kept"
+                    self._encode_text(p, frame, "csv", with_index, series, note)
+                    return
+                data = _parquet_bytes(table) if fmt == "parquet" else _feather_bytes(table)
+                # Parquet/Feather restore the index from pandas metadata: no index_col needed.
+                p.set_file(data, _frame_loader(p.name, fmt, False, series))
+            elif fmt == "xlsx":
+                buf = io.BytesIO()
+                frame.to_excel(buf, index=with_index)
+                p.set_file(buf.getvalue(), _frame_loader(p.name, fmt, with_index, series))
+            elif fmt == "json":
+                records = frame.reset_index() if with_index else frame
+                data = records.to_json(orient="records", date_format="iso", force_ascii=False).encode("utf-8")
+                p.set_file(data, _frame_loader(p.name, fmt, False, series))
+            else:
+                self._encode_text(p, frame, fmt, with_index, series, "")
+        except ImportError as exc:
+            raise VariableError(
+                f"Writing `{p.name}` as {fmt} needs a package that is not installed ({exc.name}). Install it "
+                "(`pip install openpyxl` for xlsx) or use --format parquet/csv."
+            ) from exc
+        except (ValueError, TypeError) as exc:
+            raise VariableError(
+                f"`{p.name}` cannot be written as {fmt} ({type(exc).__name__}: {str(exc)[:200]}). "
+                "Try --format parquet or csv."
+            ) from exc
+
+    @staticmethod
+    def _encode_text(p: Prepared, frame: Any, fmt: str, with_index: bool, series: bool, note: str) -> None:
+        data = frame.to_csv(index=with_index, sep="\t" if fmt == "tsv" else ",").encode("utf-8")
+        p.set_file(data, _frame_loader(p.name, fmt, with_index, series), fmt=fmt, note=note)
+
+    @staticmethod
+    def _encode_polars(p: Prepared) -> None:
+        if p.fmt not in ("parquet", "csv", "feather"):
+            raise VariableError(
+                f"--format {p.fmt} does not fit `{p.name}`, a polars DataFrame. Use parquet, csv or feather."
+            )
+        if p.fmt == "parquet":
+            data = _parquet_bytes(p.value.to_arrow())
+        else:
+            buf = io.BytesIO()
+            (p.value.write_csv if p.fmt == "csv" else p.value.write_ipc)(buf)
+            data = buf.getvalue()
+        p.set_file(data, _frame_loader(p.name, p.fmt, False, False))
+
+    def describe(self, value: Any, p: Prepared) -> tuple[str, list[str]]:
+        if _is_polars(value):
+            rows, cols = value.shape
+            lines = [schema.columns_line(list(value.columns), [str(t) for t in value.dtypes])]
+            header = f"polars DataFrame (loads as pandas), {rows:,} rows x {cols:,} columns"
+            return header, lines + schema.sample_lines(value.head(schema.SAMPLE_ROWS).to_pandas(), rows)
+        if value.ndim == 1:
+            name = value.name if value.name is not None else p.name
+            header = f"pandas Series {name!r} ({value.dtype}), {len(value):,} values"
+            return header, [
+                schema.index_line(value.index),
+                *schema.sample_lines(value.to_frame(name=name), len(value)),
+            ]
+        rows, cols = value.shape
+        lines = [schema.columns_line(list(value.columns), list(value.dtypes)), schema.index_line(value.index)]
+        return f"pandas DataFrame, {rows:,} rows x {cols:,} columns", lines + schema.sample_lines(value, rows)
+
+
+class ArrayCodec(Codec):
+    kind = "ndarray"
+    label = "numpy array"
+    formats = ("npy", "csv", "json")
+    default_format = "npy"
+    data_like = True
+
+    def claims(self, value: Any) -> bool:
+        np = sys.modules.get("numpy")
+        return np is not None and isinstance(value, np.ndarray)
+
+    def summary(self, value: Any) -> str:
+        return f"{value.dtype}, shape {value.shape}"
+
+    def fingerprint(self, p: Prepared, previous: FrameSnapshot | None) -> None:
+        p.fingerprint = fp.digest(*fp.ndarray_parts(p.value))
+
+    def estimate(self, p: Prepared) -> int:
+        # .npy is the buffer plus a header; text needs at least a digit and a separator per value.
+        return int(p.value.nbytes) + 128 if p.fmt == "npy" else 2 * int(p.value.size)
+
+    def encode(self, p: Prepared) -> None:
+        import numpy as np
+
+        arr = p.value
+        buf = io.BytesIO()
+        if p.fmt == "npy":
+            np.save(buf, arr, allow_pickle=False)
+            p.set_file(buf.getvalue(), f"import numpy as np; {p.name} = np.load({{path}})")
+        elif p.fmt == "json":
+            data = json.dumps(arr.tolist(), default=_json_default).encode("utf-8")
+            p.set_file(data, f"import json, numpy as np; {p.name} = np.array(json.load(open({{path}})))")
+        else:
+            if arr.ndim > 2 or arr.dtype.kind not in "biuf":
+                raise VariableError(
+                    f"`{p.name}` ({arr.dtype}, {arr.ndim}-D) cannot be written as CSV: only 1-D/2-D numeric "
+                    "arrays can. Use the default .npy (--format npy)."
+                )
+            np.savetxt(buf, arr, delimiter=",", fmt="%d" if arr.dtype.kind in "biu" else "%.17g")
+            p.set_file(buf.getvalue(), f"import numpy as np; {p.name} = np.loadtxt({{path}}, delimiter=',')")
+
+    def describe(self, value: Any, p: Prepared) -> tuple[str, list[str]]:
+        import numpy as np
+
+        header = f"numpy array {value.dtype}, shape {value.shape}"
+        if value.size == 0:
+            return header, []
+        with np.printoptions(threshold=12, edgeitems=3, linewidth=120, precision=6):
+            preview = np.array2string(value if value.ndim < 3 else value[(0,) * (value.ndim - 2)])
+        return header, [f"values: {schema.truncate(preview)}"]
+
+
+class JsonCodec(Codec):
+    kind = "json"
+    label = "dict/list/tuple/int/float/bool/None (as JSON)"
+    formats = ("json",)
+    default_format = "json"
+
+    def claims(self, value: Any) -> bool:
+        np = sys.modules.get("numpy")
+        return (
+            value is None
+            or isinstance(value, (bool, int, float, dict, list, tuple))
+            or (np is not None and isinstance(value, np.generic))
+        )
+
+    def summary(self, value: Any) -> str:
+        return f"{len(value):,} items" if isinstance(value, (dict, list, tuple)) else type(value).__name__
+
+    def render(self, p: Prepared) -> bytes:
+        try:
+            return json.dumps(p.value, ensure_ascii=False, default=_json_default).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise VariableError(
+                f"`{p.name}` is a {type(p.value).__name__} but not JSON-serializable ({exc}). Convert its "
+                "values to str/numbers/lists, push it as a DataFrame, or pass --pickle."
+            ) from exc
+
+    def describe(self, value: Any, p: Prepared) -> tuple[str, list[str]]:
+        if isinstance(value, dict):
+            keys = ", ".join(
+                schema.truncate(repr(k), schema.CELL_WIDTH) for k in list(value)[: schema.MAX_COLUMNS]
+            )
+            more = f", … {len(value) - schema.MAX_COLUMNS} more" if len(value) > schema.MAX_COLUMNS else ""
+            header, lines = f"JSON object with {len(value):,} keys", [f"keys: {keys}{more}"]
+        elif isinstance(value, (list, tuple)):
+            header, lines = f"JSON array of {len(value):,} items", []
+            if value:
+                lines.append(f"first item: {schema.truncate(json.dumps(value[0], default=str))}")
+        else:
+            header, lines = f"JSON {type(value).__name__}", []
+        if isinstance(p.source, bytes) and len(p.source) <= schema.PREVIEW_CHARS:
+            lines.append(f"content: {p.source.decode('utf-8')}")
+        return header, lines
+
+
+class TextCodec(Codec):
+    kind = "text"
+    label = "str"
+    default_format = "txt"
+
+    def claims(self, value: Any) -> bool:
+        return isinstance(value, str)
+
+    def summary(self, value: Any) -> str:
+        return f"{len(value):,} characters"
+
+    def estimate(self, p: Prepared) -> int:
+        return len(p.value)
+
+    def render(self, p: Prepared) -> bytes:
+        try:
+            return p.value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise VariableError(
+                f"`{p.name}` is a str that is not valid Unicode text ({exc.reason} at position {exc.start}). "
+                "Encode it yourself and push the bytes."
+            ) from exc
+
+    def describe(self, value: Any, p: Prepared) -> tuple[str, list[str]]:
+        first = next((line for line in value.splitlines() if line.strip()), "")
+        return f"text, {len(value):,} characters, {value.count(chr(10)) + 1:,} lines", [
+            f"starts: {schema.truncate(first, 120)!r}"
+        ]
+
+
+class BytesCodec(Codec):
+    kind = "bytes"
+    label = "bytes"
+    default_format = "bin"
+
+    def claims(self, value: Any) -> bool:
+        return isinstance(value, (bytes, bytearray, memoryview))
+
+    def summary(self, value: Any) -> str:
+        return f"{len(value):,} bytes"
+
+    def estimate(self, p: Prepared) -> int:
+        return len(p.value)
+
+    def render(self, p: Prepared) -> bytes:
+        return bytes(p.value)
+
+    def describe(self, value: Any, p: Prepared) -> tuple[str, list[str]]:
+        head = bytes(value[:16]).hex(" ")
+        return f"bytes, {len(value):,} bytes", [f"first bytes: {head}"] if head else []
+
+
+class ImageCodec(Codec):
+    """PIL images and matplotlib figures."""
+
+    kind = "image"
+    label = "PIL image or matplotlib figure"
+    formats = ("png", "jpg", "webp", "gif", "bmp", "tiff", "svg", "pdf")
+    default_format = "png"
+    data_like = True
+
+    def claims(self, value: Any) -> bool:
+        return _is_pil(value) or _is_figure(value)
+
+    def summary(self, value: Any) -> str:
+        if _is_pil(value):
+            return "{} x {} px".format(*value.size)
+        return f"figure, {len(value.axes)} axes"
+
+    def fingerprint(self, p: Prepared, previous: FrameSnapshot | None) -> None:
+        if _is_figure(p.value):
+            super().fingerprint(p, previous)  # rendering is the only way to see what it shows
+            return
+        if p.fmt in ("svg", "pdf"):
+            raise VariableError(
+                f"`{p.name}` is a PIL image: it can be sent as png, jpg, webp, gif, bmp or tiff."
+            )
+        image = p.value
+        p.fingerprint = fp.digest(
+            [image.mode, image.size, str(image.getpalette())], [memoryview(image.tobytes())]
+        )
+
+    def estimate(self, p: Prepared) -> int:
+        return 0
+
+    def render(self, p: Prepared) -> bytes:
+        buf = io.BytesIO()
+        if _is_figure(p.value):
+            # Dates in SVG/PDF metadata would change the bytes (and the fingerprint) on every render.
+            metadata = (
+                {"Date": None} if p.fmt == "svg" else {"CreationDate": None} if p.fmt == "pdf" else None
+            )
+            p.value.savefig(
+                buf, format="jpeg" if p.fmt == "jpg" else p.fmt, bbox_inches="tight", metadata=metadata
+            )
+            return buf.getvalue()
+        image = p.value
+        if p.fmt == "jpg" and image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")  # JPEG has no alpha channel or palette
+        image.save(buf, format={"jpg": "JPEG"}.get(p.fmt, p.fmt.upper()))
+        return buf.getvalue()
+
+    def describe(self, value: Any, p: Prepared) -> tuple[str, list[str]]:
+        if _is_pil(value):
+            width, height = value.size
+            return f"image {width}x{height} px, mode {value.mode}", []
+        titles = [ax.get_title() for ax in value.axes if ax.get_title()]
+        lines = [f"titles: {', '.join(titles)}"] if titles else []
+        return f"matplotlib figure rendered as {p.fmt}, {len(value.axes)} axes", lines
+
+
+class PathCodec(Codec):
+    """A ``pathlib.Path`` (or any ``os.PathLike``) to a file: the file is sent as is."""
+
+    kind = "file"
+    label = "pathlib.Path to a file"
+    data_like = True
+
+    def claims(self, value: Any) -> bool:
+        return isinstance(value, os.PathLike)
+
+    def summary(self, value: Any) -> str:
+        return schema.format_size(Path(value).stat().st_size) if Path(value).is_file() else "file"
+
+    def fingerprint(self, p: Prepared, previous: FrameSnapshot | None) -> None:
+        path = Path(p.value).expanduser()
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise VariableError(
+                f"`{p.name}` points to {str(path)!r}, which does not exist or cannot be read "
+                f"({exc.strerror}). Check the path."
+            ) from exc
+        if not path.is_file():
+            raise VariableError(
+                f"`{p.name}` points to {str(path)!r}, which is not a regular file. Push a file."
+            )
+        p.value = path
+        # Like make and rsync: size + mtime + inode say "changed" without reading the whole file.
+        digest = fp.digest(["file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino], [])
+        p.fingerprint = f"{digest}:{p.filename}"
+
+    def estimate(self, p: Prepared) -> int:
+        return Path(p.value).stat().st_size
+
+    def encode(self, p: Prepared) -> None:
+        var = p.name if p.name.isidentifier() else variable_name_for(p.filename)
+        fmt = format_of(p.filename) or FORMATS["bin"]
+        p.set_file(Path(p.value), fmt.load.format(var=var, path="{path}"))
+
+    def describe(self, value: Any, p: Prepared) -> tuple[str, list[str]]:
+        return schema.describe_file(Path(value), format_of(p.filename))
+
+
+class PickleCodec(Codec):
+    """Any picklable value, only with ``--pickle`` (loading a pickle runs code in the container)."""
+
+    kind = "pickle"
+    label = "pickle"
+    formats = ("pkl",)
+    default_format = "pkl"
+
+    def claims(self, value: Any) -> bool:
+        return False  # never chosen by type: only by --pickle
+
+    def render(self, p: Prepared) -> bytes:
+        try:
+            return pickle.dumps(p.value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise VariableError(
+                f"`{p.name}` cannot be pickled ({type(exc).__name__}: {exc}). Convert it to a supported "
+                f"type: {SUPPORTED_TYPES}."
+            ) from exc
+
+
+# Checked in this order: the first codec that claims a value writes it.
+CODECS: tuple[Codec, ...] = (
+    FrameCodec(),
+    ArrayCodec(),
+    ImageCodec(),
+    PathCodec(),
+    TextCodec(),
+    BytesCodec(),
+    JsonCodec(),
+)
+PICKLE = PickleCodec()
+SUPPORTED_TYPES = ", ".join(c.label for c in CODECS)
+
+
+def codec_for(value: Any) -> Codec | None:
+    """The codec of a value, or None when it has none (only ``--pickle`` can send it)."""
+    return next((c for c in CODECS if c.claims(value)), None)
+
+
+def is_data_like(value: Any) -> bool:
+    """Whether a bare name in a prompt should push this value (frames, arrays, images, files)."""
+    codec = codec_for(value)
+    if isinstance(codec, PathCodec):
+        return Path(value).is_file()
+    return codec is not None and codec.data_like
+
+
+def card_body(p: Prepared) -> list[str]:
+    """Header and detail lines of the schema card (the path and loader vary by container).
+
+    Never raises: a value that cannot be described still gets its type and size.
+    """
+    source = f"notebook variable `{p.name}`" if p.kind != "file" else "notebook file"
+    try:
+        header, lines = p.codec.describe(p.value, p)
+    except Exception as exc:  # describing is a courtesy: never fail a push over it
+        header, lines = type(p.value).__name__, [f"(could not describe: {type(exc).__name__})"]
+    if p.note:
+        lines.append(f"note: {p.note}")
+    return [f"{header}, {schema.format_size(p.size)} {p.fmt or 'file'} (from {source})", *lines]
+
+
+# ---- classification ------------------------------------------------------------------------------
+
+
+def prepare(request: PushRequest, *, snapshot: FrameSnapshot | None = None) -> Prepared:
+    """Classify and fingerprint a request (raises ``VariableError``); nothing is encoded yet
+    except the small kinds, whose bytes are what gets hashed.
 
     ``snapshot`` (from the previous push of this variable) skips hashing a pandas object that
     provably did not change; the result carries a fresh snapshot when one can be taken.
     """
-    kind = kind_of(value)
-    fmt = _normalize_format(fmt)
-    if fmt is None and filename and _normalize_format(_extension(filename)) == "pickle":
-        fmt = "pickle"  # "--as model.pkl --pickle"
-    requested = fmt is not None or bool(filename and _extension(filename))
-    if kind == "file" and fmt != "pickle":
-        return _prepare_file(value, name, fmt, filename)
-    payload: bytes | None = None
-    taken: FrameSnapshot | None = None
-    if kind is None or fmt == "pickle" or (kind == "ndarray" and value.dtype.hasobject and fmt != "json"):
-        if not allow_pickle:
-            raise _unsupported(name, value, kind)
-        kind, fmt = kind or "pickle", "pickle"
-        payload = _pickle_bytes(name, value)
-        digest = _bytes_fingerprint(fmt, payload)
-    else:
-        fmt = _choose_format(name, kind, fmt, filename)
-        if kind in ("dataframe", "series"):
-            if snapshot is not None and snapshot.matches(value):
-                digest, taken = snapshot.digest, snapshot
-            else:
-                digest = fp.digest(*fp.frame_parts(value))
-                taken = FrameSnapshot.take(value, digest)
-        elif kind == "polars":
-            digest = fp.digest(*fp.arrow_table_parts(value.to_arrow()))
-        elif kind == "ndarray":
-            digest = fp.digest(*fp.ndarray_parts(value))
-        elif kind == "image":
-            digest = fp.digest(
-                [value.mode, value.size, str(value.getpalette())], [memoryview(value.tobytes())]
+    name, value, filename = request.name, request.value, request.filename
+    codec = codec_for(value)
+    fmt = canonical_extension(request.fmt.strip()) if request.fmt and request.fmt.strip() else None
+    named_ext = canonical_extension(extension(filename)) if filename else ""
+    if fmt is None and named_ext == "pkl":
+        fmt = "pkl"  # "--as model.pkl --pickle"
+    requested = fmt is not None or bool(named_ext)
+    if isinstance(codec, PathCodec) and fmt != "pkl":
+        if fmt is not None:
+            raise VariableError(
+                f"{value} is a file and is sent as is, so --format {request.fmt} does not apply. Load it "
+                "into a variable first if you want it converted."
             )
-        else:
-            payload = _figure_bytes(value, fmt) if kind == "figure" else _small_payload(name, kind, value)
-            digest = _bytes_fingerprint(kind, payload)
-    target = _target_name(name, fmt, filename)
-    # The target name and format (and whether the user insisted on it) are part of the identity:
-    # "--as" or "--format" changes force a push.
-    identity = f"{digest}:{fmt}{'!' if requested else ''}:{target}"
-    return Prepared(value, name, kind, fmt, target, identity, requested, payload, taken)
+        target = _target_name(name, extension(Path(value).name), filename or Path(value).name)
+        p = Prepared(name, value, request.origin, codec, extension(target), target, requested=True)
+    elif (
+        codec is None
+        or fmt == "pkl"
+        or (isinstance(codec, ArrayCodec) and value.dtype.hasobject and fmt != "json")
+    ):
+        if not request.allow_pickle:
+            raise _unsupported(name, value, codec)
+        p = Prepared(
+            name,
+            value,
+            request.origin,
+            PICKLE,
+            "pkl",
+            _target_name(name, "pkl", filename),
+            requested=requested,
+        )
+    else:
+        fmt = _choose_format(name, codec, fmt, filename)
+        p = Prepared(
+            name, value, request.origin, codec, fmt, _target_name(name, fmt, filename), requested=requested
+        )
+    p.codec.fingerprint(p, snapshot)
+    if p.kind != "file":
+        # The target name and format (and whether the user insisted on it) are part of the identity:
+        # "--as" or "--format" changes force a push.
+        p.fingerprint = f"{p.fingerprint}:{p.fmt}{'!' if requested else ''}:{p.filename}"
+    return p
 
 
-def encode(
-    value: Any, name: str, *, fmt: str | None = None, filename: str | None = None, allow_pickle: bool = False
-) -> EncodedValue:
-    """Serialize ``value`` as the container file for variable ``name``."""
-    return prepare(value, name, fmt=fmt, filename=filename, allow_pickle=allow_pickle).encode()
-
-
-def _normalize_format(fmt: str | None) -> str | None:
+def _choose_format(name: str, codec: Codec, fmt: str | None, filename: str | None) -> str:
+    allowed = codec.formats
+    from_name = canonical_extension(extension(filename)) if filename else ""
     if fmt is None:
-        return None
-    fmt = fmt.strip().lower().lstrip(".")
-    return _ALIASES.get(fmt, fmt) or None
-
-
-def _extension(filename: str) -> str:
-    base = filename.rsplit("/", 1)[-1]
-    return base.rsplit(".", 1)[-1].lower() if "." in base.lstrip(".") else ""
-
-
-def _with_extension(filename: str, ext: str) -> str:
-    ext = "pkl" if ext == "pickle" else ext
-    current = _extension(filename)
-    return f"{filename[: -len(current) - 1]}.{ext}" if current else f"{filename}.{ext}"
-
-
-def _choose_format(name: str, kind: str, fmt: str | None, filename: str | None) -> str:
-    allowed = _FORMATS[kind]
-    from_name = _normalize_format(_extension(filename)) if filename else None
-    if fmt is None:
-        fmt = from_name if from_name and (not allowed or from_name in allowed) else _DEFAULT_FORMAT[kind]
         if filename and from_name and allowed and from_name not in allowed:
             raise VariableError(
-                f"`{name}` is a {_label(kind)}, which can be sent as {', '.join(allowed)}; the name "
+                f"`{name}` is a {codec.label}, which can be sent as {', '.join(allowed)}; the name "
                 f"{filename!r} does not say which. Use a name ending in one of those, or add --format."
             )
+        fmt = from_name or codec.default_format
     elif allowed and fmt not in allowed:
         raise VariableError(
-            f"--format {fmt} does not fit `{name}`, a {_label(kind)}. Use one of: {', '.join(allowed)} "
+            f"--format {fmt} does not fit `{name}`, a {codec.label}. Use one of: {', '.join(allowed)} "
             "(or --pickle with --format pickle)."
         )
     elif filename and from_name and from_name != fmt:
@@ -332,43 +666,31 @@ def _choose_format(name: str, kind: str, fmt: str | None, filename: str | None) 
     return fmt
 
 
-def _target_name(name: str, fmt: str, filename: str | None) -> str:
-    ext = "pkl" if fmt == "pickle" else fmt
+def _target_name(name: str, ext: str, filename: str | None) -> str:
     if not filename:
         return f"{name}.{ext}"
     try:
         safe = safe_relative_name(filename)
     except ContainerFileError as exc:
         raise VariableError(f"--as {filename!r} is not a usable container file name: {exc.message}") from exc
-    return safe if _extension(safe) or not ext else _with_extension(safe, ext)
+    return safe if extension(safe) or not ext else _with_extension(safe, ext)
 
 
-def _label(kind: str) -> str:
-    return {
-        "dataframe": "pandas DataFrame",
-        "series": "pandas Series",
-        "polars": "polars DataFrame",
-        "ndarray": "numpy array",
-        "json": "JSON value",
-        "figure": "matplotlib figure",
-        "image": "PIL image",
-        "text": "str",
-        "bytes": "bytes",
-        "file": "file",
-    }.get(kind, kind)
+def _with_extension(filename: str, ext: str) -> str:
+    current = extension(filename)
+    return f"{filename[: -len(current) - 1]}.{ext}" if current else f"{filename}.{ext}"
 
 
-def _unsupported(name: str, value: Any, kind: str | None) -> VariableError:
+def _unsupported(name: str, value: Any, codec: Codec | None) -> VariableError:
     cls = type(value)
     what = f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__qualname__
-    if kind == "ndarray":
+    if isinstance(codec, ArrayCodec):
         return VariableError(
             f"`{name}` is a numpy array of Python objects ({value.dtype}), which .npy holds only as a "
-            "pickle. "
-            "Convert it first (e.g. `arr.astype(str)` or `arr.astype(float)`), or pass --pickle if you trust "
-            "the container (loading a pickle runs code)."
+            "pickle. Convert it first (e.g. `arr.astype(str)` or `arr.astype(float)`), or pass --pickle if "
+            "you trust the container (loading a pickle runs code)."
         )
-    if kind is not None:
+    if codec is not None:
         return VariableError(f"--format pickle for `{name}` needs --pickle too (loading a pickle runs code).")
     return VariableError(
         f"`{name}` is a {what}, which ci-magic cannot send to the container. Supported: {SUPPORTED_TYPES}. "
@@ -377,18 +699,22 @@ def _unsupported(name: str, value: Any, kind: str | None) -> VariableError:
     )
 
 
-def _bytes_fingerprint(kind: str, payload: bytes) -> str:
-    return fp.digest([kind], [memoryview(payload)])
+# ---- helpers -------------------------------------------------------------------------------------
 
 
-def _pickle_bytes(name: str, value: Any) -> bytes:
-    try:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise VariableError(
-            f"`{name}` cannot be pickled ({type(exc).__name__}: {exc}). Convert it to a supported type: "
-            f"{SUPPORTED_TYPES}."
-        ) from exc
+def _is_polars(value: Any) -> bool:
+    cls = type(value)
+    return cls.__module__.split(".")[0] == "polars" and cls.__name__ == "DataFrame"
+
+
+def _is_pil(value: Any) -> bool:
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(value, pil.Image)
+
+
+def _is_figure(value: Any) -> bool:
+    figure = sys.modules.get("matplotlib.figure")
+    return figure is not None and isinstance(value, figure.Figure)
 
 
 def _json_default(obj: Any) -> Any:
@@ -398,66 +724,13 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-def _small_payload(name: str, kind: str, value: Any) -> bytes:
-    if kind == "bytes":
-        return bytes(value)
-    if kind == "text":
-        try:
-            return value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise VariableError(
-                f"`{name}` is a str that is not valid Unicode text ({exc.reason} at position {exc.start}). "
-                "Encode it yourself and push the bytes."
-            ) from exc
-    try:
-        return json.dumps(value, ensure_ascii=False, default=_json_default).encode("utf-8")
-    except (TypeError, ValueError) as exc:
-        raise VariableError(
-            f"`{name}` is a {type(value).__name__} but not JSON-serializable ({exc}). Convert its values to "
-            "str/numbers/lists, push it as a DataFrame, or pass --pickle."
-        ) from exc
-
-
-def _figure_bytes(figure: Any, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    # Dates in SVG/PDF metadata would change the bytes (and the fingerprint) on every render.
-    metadata = {"Date": None} if fmt == "svg" else {"CreationDate": None} if fmt == "pdf" else None
-    figure.savefig(buf, format="jpeg" if fmt == "jpg" else fmt, bbox_inches="tight", metadata=metadata)
-    return buf.getvalue()
-
-
-def _prepare_file(value: Any, name: str, fmt: str | None, filename: str | None) -> Prepared:
-    path = Path(value).expanduser()
-    if fmt is not None:
-        raise VariableError(
-            f"{path} is a file and is sent as is, so --format {fmt} does not apply. Load it into a "
-            "variable first if you want it converted."
-        )
-    try:
-        stat = path.stat()
-    except OSError as exc:
-        raise VariableError(
-            f"`{name}` points to {str(path)!r}, which does not exist or cannot be read ({exc.strerror}). "
-            "Check the path."
-        ) from exc
-    if not path.is_file():
-        raise VariableError(f"`{name}` points to {str(path)!r}, which is not a regular file. Push a file.")
-    target = _target_name(name, _extension(path.name), filename or path.name)
-    # Like make and rsync: size + mtime + inode say "changed" without reading the whole file.
-    digest = fp.digest(["file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino], [])
-    return Prepared(path, name, "file", _extension(target), target, f"{digest}:{target}", True)
-
-
-# -- encoders, one per kind -------------------------------------------------------------------
-
-
 def _default_index(index: Any) -> bool:
     import pandas as pd
 
     return isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1 and index.name is None
 
 
-def _frame_reader(var: str, fmt: str, with_index: bool, series: bool) -> str:
+def _frame_loader(var: str, fmt: str, with_index: bool, series: bool) -> str:
     idx = ", index_col=0" if with_index else ""
     call = {
         "parquet": "pd.read_parquet({path})",
@@ -484,265 +757,10 @@ def _parquet_bytes(table: Any) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _encode_frame(p: Prepared) -> EncodedValue:
-    series = p.kind == "series"
-    frame = p.value.to_frame(name=p.value.name if p.value.name is not None else p.name) if series else p.value
-    with_index = not _default_index(frame.index)
-    fmt = p.fmt
-    try:
-        if fmt in ("parquet", "feather"):
-            import pyarrow as pa
-
-            try:
-                table = pa.Table.from_pandas(frame, preserve_index=None)
-            except (pa.ArrowException, ValueError, TypeError) as exc:
-                why = f"{type(exc).__name__}: {str(exc)[:200]}"
-                if p.requested:
-                    raise VariableError(
-                        f"`{p.name}` cannot be written as {fmt} ({why}). Use --format csv, or fix the "
-                        "column (e.g. `df[col] = df[col].astype(str)` for mixed types)."
-                    ) from exc
-                note = f"Parquet cannot hold this frame ({why}); sent as CSV, so dtypes are not kept"
-                return _encode_frame_text(p, frame, "csv", with_index, series, note)
-            if fmt == "parquet":
-                data = _parquet_bytes(table)
-            else:
-                import pyarrow.feather as feather
-
-                sink = pa.BufferOutputStream()
-                feather.write_feather(table, sink, compression="lz4")
-                data = sink.getvalue().to_pybytes()
-            # Parquet/Feather restore the index from pandas metadata: no index_col needed.
-            return p.encoded(data, _frame_reader(p.name, fmt, False, series), fmt=fmt)
-        if fmt == "xlsx":
-            buf = io.BytesIO()
-            frame.to_excel(buf, index=with_index)
-            return p.encoded(buf.getvalue(), _frame_reader(p.name, fmt, with_index, series))
-        if fmt == "json":
-            records = frame.reset_index() if with_index else frame
-            data = records.to_json(orient="records", date_format="iso", force_ascii=False).encode("utf-8")
-            return p.encoded(data, _frame_reader(p.name, fmt, False, series))
-        return _encode_frame_text(p, frame, fmt, with_index, series, "")
-    except ImportError as exc:
-        raise VariableError(
-            f"Writing `{p.name}` as {fmt} needs a package that is not installed ({exc.name}). Install it "
-            "(`pip install openpyxl` for xlsx) or use --format parquet/csv."
-        ) from exc
-    except (ValueError, TypeError) as exc:
-        raise VariableError(
-            f"`{p.name}` cannot be written as {fmt} ({type(exc).__name__}: {str(exc)[:200]}). "
-            "Try --format parquet or csv."
-        ) from exc
-
-
-def _encode_frame_text(
-    p: Prepared, frame: Any, fmt: str, with_index: bool, series: bool, note: str
-) -> EncodedValue:
-    data = frame.to_csv(index=with_index, sep="\t" if fmt == "tsv" else ",").encode("utf-8")
-    return p.encoded(data, _frame_reader(p.name, fmt, with_index, series), fmt=fmt, note=note)
-
-
-def _encode_polars(p: Prepared) -> EncodedValue:
-    table = p.value.to_arrow()
-    if p.fmt == "parquet":
-        data = _parquet_bytes(table)
-    else:
-        buf = io.BytesIO()
-        (p.value.write_csv if p.fmt == "csv" else p.value.write_ipc)(buf)
-        data = buf.getvalue()
-    return p.encoded(data, _frame_reader(p.name, p.fmt, False, False))
-
-
-def _encode_ndarray(p: Prepared) -> EncodedValue:
-    import numpy as np
-
-    arr = p.value
-    buf = io.BytesIO()
-    if p.fmt == "npy":
-        np.save(buf, arr, allow_pickle=False)
-        return p.encoded(buf.getvalue(), f"import numpy as np; {p.name} = np.load({{path}})")
-    if p.fmt == "json":
-        return p.encoded(
-            json.dumps(arr.tolist(), default=_json_default).encode("utf-8"),
-            f"import json, numpy as np; {p.name} = np.array(json.load(open({{path}})))",
-        )
-    if arr.ndim > 2 or arr.dtype.kind not in "biuf":
-        raise VariableError(
-            f"`{p.name}` ({arr.dtype}, {arr.ndim}-D) cannot be written as CSV: only 1-D/2-D numeric arrays "
-            "can. Use the default .npy (--format npy)."
-        )
-    np.savetxt(buf, arr, delimiter=",", fmt="%d" if arr.dtype.kind in "biu" else "%.17g")
-    return p.encoded(buf.getvalue(), f"import numpy as np; {p.name} = np.loadtxt({{path}}, delimiter=',')")
-
-
-def _encode_image(p: Prepared) -> EncodedValue:
-    image = p.value
-    if p.fmt == "jpg" and image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")  # JPEG has no alpha channel or palette
-    buf = io.BytesIO()
-    image.save(buf, format={"jpg": "JPEG"}.get(p.fmt, p.fmt.upper()))
-    return p.encoded(buf.getvalue(), f"from PIL import Image; {p.name} = Image.open({{path}})")
-
-
-def _encode_rendered(p: Prepared) -> EncodedValue:
-    assert p.payload is not None
-    if p.kind == "json":
-        reader = f"import json; {p.name} = json.load(open({{path}}, encoding='utf-8'))"
-    elif p.kind == "figure" and p.fmt in ("png", "jpg"):
-        reader = f"from PIL import Image; {p.name} = Image.open({{path}})"
-    else:
-        reader = file_reader(p.filename, p.name)
-    return p.encoded(p.payload, reader)
-
-
-def _encode_pickle(p: Prepared) -> EncodedValue:
-    assert p.payload is not None
-    return p.encoded(p.payload, f"import pickle; {p.name} = pickle.load(open({{path}}, 'rb'))")
-
-
-def _encode_file(p: Prepared) -> EncodedValue:
-    var = p.name if p.name.isidentifier() else variable_name_for(p.filename)
-    return p.encoded(None, file_reader(p.filename, var), path=p.value)
-
-
-_ENCODERS: dict[str, Callable[[Prepared], EncodedValue]] = {
-    "dataframe": _encode_frame,
-    "series": _encode_frame,
-    "polars": _encode_polars,
-    "ndarray": _encode_ndarray,
-    "image": _encode_image,
-    "figure": _encode_rendered,
-    "json": _encode_rendered,
-    "text": _encode_rendered,
-    "bytes": _encode_rendered,
-    "pickle": _encode_pickle,
-    "file": _encode_file,
-}
-
-
-def file_reader(filename: str, var: str) -> str:
-    """The one line that loads a file of this extension in the container ("{path}" placeholder)."""
-    ext = _extension(filename)
-    pandas_calls = {
-        "csv": "pd.read_csv({path})",
-        "tsv": "pd.read_csv({path}, sep='\\t')",
-        "parquet": "pd.read_parquet({path})",
-        "feather": "pd.read_feather({path})",
-        "xlsx": "pd.read_excel({path}, sheet_name=None)",
-        "xls": "pd.read_excel({path}, sheet_name=None)",
-        "jsonl": "pd.read_json({path}, lines=True)",
-    }
-    if ext in pandas_calls:
-        return f"import pandas as pd; {var} = {pandas_calls[ext]}"
-    if ext in ("npy", "npz"):
-        return f"import numpy as np; {var} = np.load({{path}})"
-    if ext == "json":
-        return f"import json; {var} = json.load(open({{path}}, encoding='utf-8'))"
-    if ext in _TEXT_EXTS:
-        return f"{var} = open({{path}}, encoding='utf-8').read()"
-    if ext in _IMAGE_MIME:
-        return f"from PIL import Image; {var} = Image.open({{path}})"
-    if ext in ("pkl", "pickle"):
-        return f"import pickle; {var} = pickle.load(open({{path}}, 'rb'))"
-    return f"{var} = open({{path}}, 'rb').read()"
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding
-
-
-@dataclass(frozen=True)
-class DecodedFile:
-    """A downloaded file as an object: DataFrame, ndarray, dict of arrays, JSON value, str, image, bytes."""
-
-    value: Any
-    kind: str  # "dataframe" | "ndarray" | "arrays" | "json" | "text" | "image" | "bytes"
-    mime: str | None = None  # images: what to display them as
-
-
-def _read_parquet(data: bytes) -> Any:
+def _feather_bytes(table: Any) -> bytes:
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.feather as feather
 
-    # split_blocks + self_destruct: no consolidation copy, and Arrow memory is freed column by column.
-    return pq.read_table(pa.py_buffer(data)).to_pandas(split_blocks=True, self_destruct=True)
-
-
-def _read_npz(data: bytes) -> dict[str, Any]:
-    import numpy as np
-
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        return {key: archive[key] for key in archive.files}
-
-
-def _pandas(reader: str, **kwargs: Any) -> Callable[[bytes], Any]:
-    def read(data: bytes) -> Any:
-        import pandas as pd
-
-        return getattr(pd, reader)(io.BytesIO(data), **kwargs)
-
-    return read
-
-
-def _read_json_lines(data: bytes) -> list[Any]:
-    return [json.loads(line) for line in data.decode("utf-8-sig").splitlines() if line.strip()]
-
-
-def _numpy_load(data: bytes) -> Any:
-    import numpy as np
-
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-_DECODERS: dict[str, tuple[str, str, Callable[[bytes], Any]]] = {
-    "csv": ("CSV", "dataframe", _pandas("read_csv")),
-    "tsv": ("TSV", "dataframe", _pandas("read_csv", sep="\t")),
-    "parquet": ("Parquet", "dataframe", _read_parquet),
-    "pq": ("Parquet", "dataframe", _read_parquet),
-    "feather": ("Feather", "dataframe", _pandas("read_feather")),
-    "arrow": ("Arrow IPC", "dataframe", _pandas("read_feather")),
-    "xlsx": ("Excel", "dataframe", _pandas("read_excel")),
-    "xlsm": ("Excel", "dataframe", _pandas("read_excel")),
-    "xls": ("Excel", "dataframe", _pandas("read_excel")),
-    "npy": ("NumPy .npy (pickles refused)", "ndarray", _numpy_load),
-    "npz": ("NumPy .npz (pickles refused)", "arrays", _read_npz),
-    "json": ("JSON", "json", lambda data: json.loads(data.decode("utf-8-sig"))),
-    "jsonl": ("JSON lines", "json", _read_json_lines),
-    "ndjson": ("JSON lines", "json", _read_json_lines),
-}
-
-
-def decode(filename: str, data: bytes, *, kept_at: Path | None = None) -> DecodedFile:
-    """The object a file holds, chosen by its extension; unknown extensions (and pickles) stay bytes.
-
-    Raises ``ContainerFileError`` when the bytes do not parse as their extension says; the message
-    says where the raw bytes were kept.
-    """
-    ext = _extension(filename)
-    try:
-        if ext in _DECODERS:
-            _, kind, reader = _DECODERS[ext]
-            return DecodedFile(reader(data), kind)
-        if ext in _TEXT_EXTS:
-            return DecodedFile(data.decode("utf-8-sig"), "text")
-        if ext in _IMAGE_MIME:
-            return DecodedFile(_image_or_bytes(data), "image", _IMAGE_MIME[ext])
-    except Exception as exc:
-        label = _DECODERS[ext][0] if ext in _DECODERS else "text (UTF-8)" if ext in _TEXT_EXTS else "an image"
-        where = f" at {kept_at}" if kept_at is not None else ""
-        missing = f" (install `{exc.name}` to read it)" if isinstance(exc, ImportError) and exc.name else ""
-        raise ContainerFileError(
-            f"{filename} could not be read as {label}{missing}: {type(exc).__name__}: {str(exc)[:300]}. "
-            f"The raw bytes were kept{where}; open them yourself, or ask the model to write the file again."
-        ) from exc
-    return DecodedFile(data, "bytes")
-
-
-def _image_or_bytes(data: bytes) -> Any:
-    try:
-        from PIL import Image
-    except ImportError:
-        return data
-    image = Image.open(io.BytesIO(data))
-    image.load()  # decode now so a truncated file fails here, not later in the user's code
-    return image
+    sink = pa.BufferOutputStream()
+    feather.write_feather(table, sink, compression="lz4")
+    return sink.getvalue().to_pybytes()

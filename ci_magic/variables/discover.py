@@ -20,12 +20,12 @@ from typing import Any
 
 from ci_magic.errors import VariableError
 from ci_magic.variables.codecs import is_data_like
-from ci_magic.variables.registry import Origin, PushItem
+from ci_magic.variables.registry import Origin, PushRequest
 
 __all__ = [
     "MAX_FOLDER_FILES",
+    "always_push_items",
     "folder_items",
-    "parse_names",
     "prompt_variables",
     "push_items",
     "resolve_variables",
@@ -48,17 +48,6 @@ def prompt_variables(prompt: str, namespace: Mapping[str, Any]) -> list[str]:
         if is_data_like(namespace[name]):
             found.append(name)
     return found
-
-
-def parse_names(text: str | Iterable[str]) -> list[str]:
-    """``"a,b c"`` or ``["a,b", "c"]`` -> ``["a", "b", "c"]`` (the ``-v/--vars`` value)."""
-    parts = [text] if isinstance(text, str) else list(text)
-    names: list[str] = []
-    for part in parts:
-        for name in re.split(r"[,\s]+", part.strip()):
-            if name and name not in names:
-                names.append(name)
-    return names
 
 
 def suggest(name: str, namespace: Mapping[str, Any], *, limit: int = 3) -> list[str]:
@@ -93,14 +82,14 @@ def resolve_variables(names: Iterable[str], namespace: Mapping[str, Any]) -> dic
     return values
 
 
-def folder_items(folder: Path, origin: Origin = "path", *, prefix: str | None = None) -> list[PushItem]:
+def folder_items(folder: Path, origin: Origin = "path", *, prefix: str | None = None) -> list[PushRequest]:
     """One item per visible file under ``folder`` (recursive), named ``<folder>/<relative path>``.
 
     Hidden files and folders (``.git``, ``.ipynb_checkpoints``) are skipped; symlinked folders are
     not followed, so a link loop cannot make the list endless.
     """
     base = prefix if prefix is not None else folder.name
-    items: list[PushItem] = []
+    items: list[PushRequest] = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for file in sorted(f for f in files if not f.startswith(".")):
@@ -109,7 +98,7 @@ def folder_items(folder: Path, origin: Origin = "path", *, prefix: str | None = 
                 continue
             rel = path.relative_to(folder).as_posix()
             name = f"{base}/{rel}" if base else rel
-            items.append(PushItem(name=name, value=path, origin=origin, filename=name))
+            items.append(PushRequest(name=name, value=path, origin=origin, filename=name))
             if len(items) > MAX_FOLDER_FILES:
                 raise VariableError(
                     f"{folder} holds more than {MAX_FOLDER_FILES} files. Push a smaller folder, or zip it "
@@ -126,7 +115,7 @@ def push_items(
     filename: str | None = None,
     allow_pickle: bool = False,
     cwd: Path | None = None,
-) -> list[PushItem]:
+) -> list[PushRequest]:
     """Items for ``%ci_push ARG [ARG ...]``: each a variable name, a file path or a folder path."""
     args = [a for a in args if a]
     if not args:
@@ -137,16 +126,16 @@ def push_items(
         raise VariableError(
             f"--as names one file, but {len(args)} things were given. Push them one at a time."
         )
-    items: list[PushItem] = []
+    items: list[PushRequest] = []
     for arg in args:
         if arg.isidentifier() and arg in namespace:
-            items.append(PushItem(arg, namespace[arg], "variable", fmt, filename, allow_pickle))
+            items.append(PushRequest(arg, namespace[arg], "variable", fmt, filename, allow_pickle))
             continue
         path = Path(arg).expanduser()
         if not path.is_absolute():
             path = (cwd or Path.cwd()) / path
         if path.is_file():
-            items.append(PushItem(filename or path.name, path, "path", fmt, filename, allow_pickle))
+            items.append(PushRequest(filename or path.name, path, "path", fmt, filename, allow_pickle))
         elif path.is_dir():
             if fmt is not None or filename is not None:
                 raise VariableError(f"{arg} is a folder: its files are sent as is, without --as or --format.")
@@ -161,9 +150,9 @@ def push_items(
     return items
 
 
-def always_push_items(paths: Iterable[str | Path], *, cwd: Path | None = None) -> list[PushItem]:
+def always_push_items(paths: Iterable[str | Path], *, cwd: Path | None = None) -> list[PushRequest]:
     """Items for ``CodeInterpreter.always_push``: files and folders sent to every new container."""
-    items: list[PushItem] = []
+    items: list[PushRequest] = []
     for entry in paths:
         path = Path(entry).expanduser()
         if not path.is_absolute():
@@ -171,7 +160,7 @@ def always_push_items(paths: Iterable[str | Path], *, cwd: Path | None = None) -
         if path.is_dir():
             items.extend(folder_items(path, "always_push"))
         elif path.is_file():
-            items.append(PushItem(path.name, path, "always_push", filename=path.name))
+            items.append(PushRequest(path.name, path, "always_push", filename=path.name))
         else:
             raise VariableError(
                 f"CodeInterpreter.always_push lists {str(entry)!r}, which is not an existing file or folder. "

@@ -59,7 +59,7 @@ def digest(meta: Iterable[object], buffers: Iterable[Buffer]) -> str:
 def _bytes_view(arr: np.ndarray) -> Buffer:
     # datetime64 and friends do not export the buffer protocol; a uint8 view of the same memory does.
     flat = np.ascontiguousarray(arr).reshape(-1)
-    return memoryview(flat.view(np.uint8))
+    return memoryview(flat.view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs lack __buffer__
 
 
 def ndarray_parts(arr: np.ndarray) -> tuple[list[object], list[Buffer]]:

@@ -19,18 +19,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ci_magic.variables.codecs import loader_line
 from ci_magic.variables.schema import render_card
 from ci_magic.variables.snapshot import FrameSnapshot
 
-__all__ = ["Origin", "PushItem", "PushRegistry", "PushedFile"]
+__all__ = ["Origin", "PushRegistry", "PushRequest", "PushedFile"]
 
 Origin = Literal["variable", "path", "always_push"]
 
 
 @dataclass(frozen=True)
-class PushItem:
-    """One thing to push: a notebook value (or a ``Path`` for a file sent as is) and how to send it."""
+class PushRequest:
+    """What the user asked to push: a notebook value (or a ``Path`` for a file sent as is) and how."""
 
     name: str  # the variable name, or for a file pushed by path its container file name
     value: Any
@@ -42,6 +41,8 @@ class PushItem:
 
 @dataclass(frozen=True)
 class PushedFile:
+    """What is in the container (or, detached, was and will be re-sent): the registry's entry."""
+
     name: str
     filename: str  # the name we asked for, relative to /mnt/data
     fingerprint: str
@@ -65,7 +66,7 @@ class PushedFile:
 
     @property
     def loader(self) -> str:
-        return loader_line(self.reader, self.path)
+        return self.reader.replace("{path}", repr(self.path))
 
     @property
     def card(self) -> str:
@@ -108,9 +109,6 @@ class PushRegistry:
 
     def by_file_id(self, file_id: str) -> PushedFile | None:
         return next((e for e in self._entries.values() if e.file_id == file_id), None)
-
-    def by_filename(self, filename: str) -> PushedFile | None:
-        return next((e for e in self._entries.values() if e.filename == filename), None)
 
     def put(self, entry: PushedFile) -> list[PushedFile]:
         """Record ``entry``; returns the entries it displaced (same name, or another name, same file)."""

@@ -56,10 +56,10 @@ def _column_addresses(values: Any) -> object | None:
         return (codes.__array_interface__["data"][0], codes.shape, dtype)
     if isinstance(values, (pd.arrays.IntegerArray, pd.arrays.FloatingArray, pd.arrays.BooleanArray)):
         # pandas keeps no public view of these two arrays; if they move, hashing takes over.
-        parts = getattr(values, "_data", None), getattr(values, "_mask", None)
-        if not all(isinstance(p, np.ndarray) for p in parts):
+        data, mask = getattr(values, "_data", None), getattr(values, "_mask", None)
+        if not (isinstance(data, np.ndarray) and isinstance(mask, np.ndarray)):
             return None
-        return tuple((p.__array_interface__["data"][0], p.shape, p.dtype.str) for p in parts)
+        return tuple((p.__array_interface__["data"][0], p.shape, p.dtype.str) for p in (data, mask))
     if hasattr(values, "asi8"):  # tz-aware datetimes, periods
         ticks = values.asi8
         return (ticks.__array_interface__["data"][0], ticks.shape, str(dtype))
@@ -111,10 +111,11 @@ class FrameSnapshot:
     def matches(self, frame: Any) -> bool:
         import pandas as pd
 
-        if not self._held or self._frame() is not frame or frame.index is not self._index:
+        if not self._held or frame.index is not self._index:
             return False
         labels = frame.name if isinstance(frame, pd.Series) else frame.columns
-        return labels is self._labels and _addresses(frame) == self._addresses
+        same_object = self._frame() is frame  # last: it narrows ``frame`` for the type checker
+        return labels is self._labels and _addresses(frame) == self._addresses and same_object
 
     def release(self) -> None:
         """Let go of the shallow copy now (the registry replaced or dropped this snapshot)."""

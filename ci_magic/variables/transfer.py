@@ -1,15 +1,28 @@
-"""The file operations the session runs, on any ``Backend``: push, re-upload, pull, list.
+"""The file operations of one container, on any ``Backend``: push, re-upload, pull, list.
 
-Push is all-or-nothing up to the upload: every item is classified, fingerprinted, encoded and
-checked against the size cap before the first byte leaves, so a bad variable or an oversized frame
-changes nothing in the container. An unchanged variable (same fingerprint, file still there) costs
-a fingerprint, or for a pandas object under copy-on-write an O(columns) snapshot check, plus one
-listing call for the batch; a changed one replaces its old container file.
+``ContainerFiles`` holds what they all need (the backend, the container, the session's registry
+of pushed files, the caps): the session makes one per operation.
+
+Push is all-or-nothing up to the upload: every request is classified and fingerprinted, its file
+size estimated from the value and checked against the cap *before* encoding (so an oversized
+frame is refused before any large allocation), then encoded and checked again exactly, all
+before the first byte leaves. An unchanged variable (same fingerprint, file still there) costs a
+fingerprint, or for a pandas object under copy-on-write an O(columns) snapshot check, plus one
+listing call for the batch; a changed one replaces its old container file. Uploads into
+sub-folders cannot race to create the same folder: the first file of each new folder goes alone,
+the rest concurrently. When an upload fails, the error says exactly which files are in the
+container (recorded, not sent again next time) and which are not.
+
+Pull is bounded twice: the download by the backend's byte cap, and decoding by the size the
+decoded object will take, estimated from the file's own metadata before it is decoded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -18,35 +31,40 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from ci_magic.backends.base import DEFAULT_DOWNLOAD_SIZE_CAP, Backend, ContainerFile, size_text
-from ci_magic.errors import BackendError, ContainerFileError, FileTooLarge, VariableError
+from ci_magic.errors import BackendError, CIError, ContainerFileError, FileTooLarge, VariableError
 from ci_magic.filenames import download_into, safe_relative_name, variable_name_for
-from ci_magic.variables.codecs import DecodedFile, EncodedValue, Prepared, decode, prepare
+from ci_magic.variables.codecs import CODECS, PICKLE, Prepared, prepare
+from ci_magic.variables.formats import FileFormat, format_of
 from ci_magic.variables.progress import PROGRESS_THRESHOLD, Progress
-from ci_magic.variables.registry import PushedFile, PushItem, PushRegistry
-from ci_magic.variables.schema import card_body, format_size
+from ci_magic.variables.registry import PushedFile, PushRegistry, PushRequest
+from ci_magic.variables.schema import format_size
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_PULL_MEMORY_CAP",
     "DEFAULT_SIZE_CAP",
+    "ContainerFiles",
     "FileRow",
     "PulledFile",
     "PushOutcome",
-    "list_files",
-    "pull",
-    "pull_all",
-    "push",
-    "reupload_all",
+    "decode",
 ]
 
 DEFAULT_SIZE_CAP = 512 * 1024 * 1024  # what OpenAI's container file upload accepts
+DEFAULT_PULL_MEMORY_CAP = 1024 * 1024 * 1024  # the decoded size %ci_pull loads without asking
 DEFAULT_CONCURRENCY = 4
 
 PushStatus = Literal["uploaded", "replaced", "unchanged", "reuploaded", "missing", "skipped"]
 T = TypeVar("T")
 
+# OpenAI names the images plt.show() made cfile_<hex>.png: they are no one's variable.
+_MACHINE_NAMED = re.compile(r"^cfile_[0-9a-f]+$")
+
 
 @dataclass(frozen=True)
 class PushOutcome:
+    """What happened to one pushed name, for the report (one line per name)."""
+
     name: str
     filename: str
     path: str  # in the container ("" when missing)
@@ -55,6 +73,25 @@ class PushOutcome:
     file_id: str | None
     seconds: float
     note: str = ""  # e.g. "Parquet cannot hold ...; sent as CSV", or why a re-upload was skipped
+    summary: str = ""  # what the value is: "12 x 3", "float64, shape (5,)"
+
+    @property
+    def sent(self) -> bool:
+        return self.status in ("uploaded", "replaced", "reuploaded")
+
+    @property
+    def line(self) -> str:
+        """``sales_df -> /mnt/data/sales_df.parquet (12 x 3): sent, 1.2 KB``."""
+        what = {
+            "unchanged": "unchanged, not sent again",
+            "replaced": f"replaced the previous version, {format_size(self.size)}",
+            "reuploaded": f"sent again, {format_size(self.size)}",
+            "missing": "not sent",
+            "skipped": "not sent",
+        }.get(self.status, f"sent, {format_size(self.size)}")
+        shape = f" ({self.summary})" if self.summary else ""
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.name} -> {self.path or self.filename}{shape}: {what}{note}"
 
 
 @dataclass(frozen=True)
@@ -64,9 +101,9 @@ class PulledFile:
     container_path: str
     file_id: str
     size: int
-    kind: str  # decode kind: "dataframe", "ndarray", "arrays", "json", "text", "image", "bytes"
+    kind: str  # what it decoded to: "dataframe", "ndarray", "arrays", "json", "text", "image", "bytes"
     value: Any
-    variable: str  # default name to bind: the file stem as an identifier
+    variable: str  # the name to bind by default ("" for machine-made names such as cfile_<hex>.png)
     mime: str | None = None  # images: how to display them
     error: str | None = None  # pull_all only: why the bytes could not be decoded (value is the bytes)
 
@@ -86,42 +123,469 @@ class FileRow:
         return self.name, format_size(self.size), self.source, self.created.strftime("%Y-%m-%d %H:%M:%S")
 
 
-# ---------------------------------------------------------------------------------------------
-# push
+class ContainerFiles:
+    """Push, re-upload, pull and list the files of one container, recording pushes in ``registry``."""
 
+    def __init__(
+        self,
+        backend: Backend,
+        container_id: str,
+        registry: PushRegistry,
+        *,
+        size_cap: int = DEFAULT_SIZE_CAP,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        progress: Progress | None = None,
+        download_cap: int = DEFAULT_DOWNLOAD_SIZE_CAP,
+        pull_memory_cap: int = DEFAULT_PULL_MEMORY_CAP,
+    ) -> None:
+        self.backend = backend
+        self.container_id = container_id
+        self.registry = registry
+        self.size_cap = size_cap
+        self.concurrency = max(1, concurrency)
+        self.progress = progress
+        self.download_cap = download_cap
+        self.pull_memory_cap = pull_memory_cap
 
-@dataclass
-class _Job:
-    """One file on its way: what it is, and (once encoded or taken from the spool) what to send."""
+    # ---- push ------------------------------------------------------------------------------------
 
-    item: PushItem
-    prepared: Prepared
-    previous: PushedFile | None
-    source: Path | bytes | None = None
-    size: int = 0
-    body: tuple[str, ...] = ()
-    filename: str = ""
-    fmt: str = ""
-    reader: str = ""
-    note: str = ""
+    async def push(self, requests: Iterable[PushRequest], *, verify: bool = True) -> list[PushOutcome]:
+        """Send ``requests`` as files, skipping unchanged ones; one outcome per name.
 
-    def reuse(self, entry: PushedFile) -> _Job:
-        """Send the bytes we spooled for ``entry`` instead of encoding again."""
-        assert entry.spool is not None
-        self.source, self.size, self.body = entry.spool, entry.size, entry.card_body
-        self.filename, self.fmt, self.reader = entry.filename, entry.fmt, entry.reader
-        return self
+        ``verify`` lists the container once to confirm "unchanged" files are still there (the model
+        may have deleted one). Raises ``VariableError`` before any upload for an unknown type, a
+        format that cannot hold the value, or a file over the size cap.
+        """
+        by_name = {r.name: r for r in requests}  # the same name twice: the last mention wins
+        if not by_name:
+            return []
+        prepared = await asyncio.to_thread(self._prepare_all, list(by_name.values()))
+        try:
+            return await self._push_prepared(prepared, verify)
+        finally:
+            # A snapshot keeps a shallow copy of the frame alive: free the ones no entry adopted.
+            kept = {id(e.snapshot) for e in self.registry if e.snapshot is not None}
+            for p in prepared:
+                if p.snapshot is not None and id(p.snapshot) not in kept:
+                    p.snapshot.release()
 
-    def encode(self) -> None:
-        encoded: EncodedValue = self.prepared.encode()
-        self.source, self.size = encoded.source, encoded.size
-        self.body = tuple(card_body(self.item.value, encoded))
-        self.filename, self.fmt, self.reader, self.note = (
-            encoded.filename,
-            encoded.fmt,
-            encoded.reader,
-            encoded.note,
+    def _prepare_all(self, requests: Sequence[PushRequest]) -> list[Prepared]:
+        prepared = []
+        for request in requests:
+            previous = self.registry.get(request.name)
+            prepared.append(prepare(request, snapshot=previous.snapshot if previous is not None else None))
+        claimed: dict[str, str] = {}
+        for p in prepared:
+            if p.filename in claimed:
+                raise VariableError(
+                    f"`{claimed[p.filename]}` and `{p.name}` would both become /mnt/data/{p.filename}. "
+                    "Give one of them another name with --as."
+                )
+            claimed[p.filename] = p.name
+        return prepared
+
+    async def _push_prepared(self, prepared: Sequence[Prepared], verify: bool) -> list[PushOutcome]:
+        cid, registry = self.container_id, self.registry
+        unchanged = [p for p in prepared if _same(registry.get(p.name), p)]
+        if verify and any(_here(registry.get(p.name), cid) for p in unchanged):
+            live = {f.id for f in await self.backend.list_files(cid)}
+            for p in unchanged:
+                entry = registry.get(p.name)
+                if entry is not None and entry.in_container(cid) and entry.file_id not in live:
+                    registry.detach(p.name)  # the model deleted it: send it again
+        outcomes: dict[str, PushOutcome] = {}
+        to_send: list[Prepared] = []
+        for p in prepared:
+            entry = registry.get(p.name)
+            if entry is not None and _same(entry, p) and entry.in_container(cid):
+                if p.snapshot is not entry.snapshot:
+                    registry.put(replace(entry, snapshot=p.snapshot))
+                outcomes[p.name] = _outcome(entry, "unchanged", 0.0, summary=_summary(p))
+                continue
+            if entry is not None and _same(entry, p) and entry.spool is not None and entry.spool.exists():
+                _reuse_spool(p, entry)  # the bytes we sent last time: no encoding
+            to_send.append(p)
+        for p in to_send:  # before encoding: refuse what cannot fit without allocating it
+            self._check_size(p, p.estimated_size(), estimated=True)
+        await asyncio.to_thread(_encode_all, to_send)
+        for p in to_send:
+            self._check_size(p, p.size, estimated=False)
+        for p, result in zip(to_send, await self._send_all(to_send, "pushed"), strict=True):
+            if isinstance(result, PushOutcome):
+                outcomes[p.name] = result
+        return [outcomes[p.name] for p in prepared]
+
+    def _check_size(self, p: Prepared, size: int, *, estimated: bool) -> None:
+        if size <= self.size_cap:
+            return
+        how = " (estimated from the value, before encoding it)" if estimated else ""
+        raise VariableError(
+            f"`{p.name}` is {format_size(size)} as {p.filename}, over the {format_size(self.size_cap)} "
+            f"upload limit{how}, so nothing was sent. Push a subset or a sample (e.g. `df.sample(frac=0.1)` "
+            "or the columns you need), or raise CodeInterpreter.upload_size_cap if your backend accepts more."
         )
+
+    async def _send_all(self, batch: Sequence[Prepared], verb: str) -> list[PushOutcome | BaseException]:
+        """Upload ``batch``, at most ``concurrency`` at a time, with one progress display for all.
+
+        A backend makes a missing sub-folder on upload; two uploads into the same new folder
+        would race to make it. So the first file of each folder goes alone, in order (parents
+        first), and only then do the others run concurrently.
+        """
+        first_in_folder: dict[str, Prepared] = {}
+        for p in sorted(batch, key=lambda p: p.filename.count("/")):
+            folder = p.filename.rpartition("/")[0]
+            if folder:
+                first_in_folder.setdefault(folder, p)
+        pioneers = list(first_in_folder.values())
+        rest = [p for p in batch if all(p is not q for q in pioneers)]
+        results: dict[int, PushOutcome | BaseException] = {}
+        with _Reporter(
+            self.progress, [p.filename for p in batch], sum(p.size for p in batch), verb
+        ) as reporter:
+            for p in pioneers:
+                try:
+                    results[id(p)] = await self._send(p, reporter)
+                except Exception as error:
+                    results[id(p)] = error
+            for p, result in zip(
+                rest,
+                await _bounded(self.concurrency, [functools.partial(self._send, p, reporter) for p in rest]),
+                strict=True,
+            ):
+                results[id(p)] = result
+            ordered = [results[id(p)] for p in batch]
+            _raise_partial(batch, ordered, verb)
+        return ordered
+
+    async def _send(self, p: Prepared, reporter: _Reporter) -> PushOutcome:
+        cid, registry = self.container_id, self.registry
+        started = time.perf_counter()
+        # Replace: whatever holds this name or this file name in the container goes first, so a
+        # backend that keys files by path never ends up deleting the new upload.
+        stale = [
+            e for e in registry if (e.name == p.name or e.filename == p.filename) and e.in_container(cid)
+        ]
+        for old in stale:
+            assert old.file_id is not None
+            await self._delete_quietly(old.file_id)
+            registry.detach(old.name)
+        reporter.starting(p.filename)
+        assert p.source is not None
+        uploading = self.backend.upload_file(cid, p.filename, p.source)
+        spool: Path | None = None
+        if isinstance(p.source, bytes):
+            spool = registry.spool_path(p.name, p.fingerprint)
+            # Spool while the upload runs: the copy only matters if this container later expires.
+            created, _ = await asyncio.gather(uploading, asyncio.to_thread(_write_spool, spool, p.source))
+        else:
+            created = await uploading
+            spool = p.source if p.kind != "file" else None  # re-sent from an earlier spool
+        reporter.advance(p.filename, p.size)
+        entry = PushedFile(
+            name=p.name,
+            filename=p.filename,
+            fingerprint=p.fingerprint,
+            kind=p.kind,
+            fmt=p.fmt,
+            size=p.size,
+            origin=p.origin,
+            card_body=p.card_body,
+            reader=p.reader,
+            container_id=cid,
+            file_id=created.id,
+            container_path=created.path,
+            spool=spool,
+            source_path=p.value if p.kind == "file" else None,
+            snapshot=p.snapshot,
+        )
+        registry.put(entry)
+        status: PushStatus = "replaced" if stale else "uploaded"
+        return _outcome(entry, status, time.perf_counter() - started, note=p.note, summary=_summary(p))
+
+    async def _delete_quietly(self, file_id: str) -> None:
+        """Delete a file we are replacing; one that is already gone (the model removed it) is fine."""
+        try:
+            await self.backend.delete_file(self.container_id, file_id)
+        except ContainerFileError:  # the local sandbox: "has no file with id"
+            return
+        except BackendError as exc:
+            if exc.status_code != 404:
+                raise
+
+    async def reupload(self) -> list[PushOutcome]:
+        """Restore every registered file in this (new) container, after expiry or ``%ci_reset``.
+
+        Variables come back from the spooled bytes; files pushed by path are re-read from disk (their
+        current version). A file whose source is gone (``missing``) or no longer fits the size cap
+        (``skipped``) is dropped from the registry, so its card stops being sent; the others still go.
+        After an upload error, calling it again retries what is not in the container yet.
+        """
+        registry = self.registry
+        entries = [e for e in registry if not e.in_container(self.container_id)]
+        outcomes: dict[str, PushOutcome] = {}
+        batch: list[Prepared] = []
+
+        def drop(entry: PushedFile, status: PushStatus, why: str) -> None:
+            registry.remove(entry.name)
+            outcomes[entry.name] = PushOutcome(
+                entry.name, entry.filename, "", status, entry.size, None, 0.0, why
+            )
+
+        for entry in entries:
+            registry.detach(entry.name)
+            if entry.source_path is not None and entry.source_path.is_file():
+                request = PushRequest(entry.name, entry.source_path, entry.origin, filename=entry.filename)
+                try:
+                    p = prepare(request)
+                    p.encode()
+                    self._check_size(p, p.size, estimated=False)
+                except VariableError as exc:
+                    drop(entry, "skipped", exc.message)
+                    continue
+                batch.append(p)
+            elif entry.spool is not None and entry.spool.exists():
+                codec = next((c for c in (*CODECS, PICKLE) if c.kind == entry.kind), PICKLE)
+                p = Prepared(
+                    entry.name, None, entry.origin, codec, entry.fmt, entry.filename, entry.fingerprint
+                )
+                p.snapshot = entry.snapshot
+                _reuse_spool(p, entry)
+                batch.append(p)
+            else:
+                drop(entry, "missing", f"{entry.source_path or entry.spool} no longer exists")
+        for p, result in zip(batch, await self._send_all(batch, "re-uploaded"), strict=True):
+            if isinstance(result, PushOutcome):
+                outcomes[p.name] = replace(result, status="reuploaded")
+        return [outcomes[e.name] for e in entries]
+
+    # ---- pull and list -------------------------------------------------------------------------
+
+    async def pull(self, name: str, output_dir: Path) -> PulledFile:
+        """Download one container file into ``output_dir`` and decode it (never unpickles).
+
+        ``name`` may be a file name, a ``/mnt/data/...`` path, a ``sandbox:`` link or a file id.
+        Raises ``ContainerFileError`` when it is not there (listing what is), is too large to
+        download or to decode, or cannot be decoded (after saving the bytes, which it points to).
+        """
+        file = self._find(await self.backend.list_files(self.container_id), name)
+        return await self._fetch(file, Path(output_dir), strict=True)
+
+    async def pull_all(self, output_dir: Path, *, include_notebook: bool = False) -> list[PulledFile]:
+        """Download every file the model made (``include_notebook``: ours too).
+
+        Undecodable files come back as bytes with ``error`` set instead of stopping the others; a file
+        name that cannot be saved safely raises ``ContainerFileError`` before anything is downloaded.
+        """
+        files = [
+            f
+            for f in await self.backend.list_files(self.container_id)
+            if include_notebook or self._source_of(f) == "model"
+        ]
+        for file in files:  # refuse an unsafe name before anything is downloaded or written
+            safe_relative_name(self._local_name(file))
+        results = await _bounded(
+            self.concurrency,
+            [functools.partial(self._fetch, f, Path(output_dir), strict=False) for f in files],
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if isinstance(r, PulledFile)]
+
+    async def listing(self) -> list[FileRow]:
+        """Rows for ``%ci_files``: name, size, source (notebook/model), created; oldest first."""
+        rows = []
+        for file in await self.backend.list_files(self.container_id):
+            entry = self.registry.by_file_id(file.id)
+            size = file.bytes if file.bytes is not None else (entry.size if entry is not None else None)
+            created = datetime.fromtimestamp(file.created_at, tz=timezone.utc).astimezone()
+            rows.append(
+                FileRow(self._local_name(file), size, self._source_of(file), created, file.id, file.path)
+            )
+        return sorted(rows, key=lambda r: (r.created, r.name))
+
+    async def _fetch(self, file: ContainerFile, output_dir: Path, *, strict: bool) -> PulledFile:
+        local = safe_relative_name(self._local_name(file))
+        try:
+            # Streamed to disk and bounded before anything is read into memory.
+            saved, size = await download_into(
+                self.backend, self.container_id, file.id, output_dir, local, max_bytes=self.download_cap
+            )
+        except FileTooLarge as error:
+            bigger = max(2 * self.download_cap, error.size or 0)
+            raise ContainerFileError(
+                f"{local} was not pulled: {error.message} A file this large is rarely worth holding in the "
+                "notebook; ask the model for a smaller extract (a sample, an aggregate, the columns you "
+                f"need), or raise the cap, e.g. %config CodeInterpreter.download_size_cap = {bigger} "
+                f"({size_text(bigger)})."
+            ) from None
+        stem = local.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        common: dict[str, Any] = {
+            "name": local,
+            "path": saved,
+            "container_path": file.path,
+            "file_id": file.id,
+            "size": size,
+            "variable": "" if _MACHINE_NAMED.match(stem) else variable_name_for(local),
+        }
+        try:
+            value, fmt = await asyncio.to_thread(decode, saved, max_bytes=self.pull_memory_cap)
+        except ContainerFileError as error:
+            if strict:
+                raise
+            return PulledFile(kind="bytes", value=saved.read_bytes(), error=error.message, **common)
+        kind = fmt.holds if fmt is not None and fmt.read is not None else "bytes"
+        if kind == "image" and isinstance(value, bytes):  # Pillow is not installed
+            kind = "bytes"
+        return PulledFile(
+            kind=kind, value=value, mime=fmt.mime if kind == "image" and fmt else None, **common
+        )
+
+    def _source_of(self, file: ContainerFile) -> Literal["notebook", "model"]:
+        if self.registry.by_file_id(file.id) is not None:
+            return "notebook"
+        return "notebook" if file.source == "user" else "model"
+
+    def _local_name(self, file: ContainerFile) -> str:
+        # Our own uploads get a hash prefix on OpenAI; save them under the name the notebook gave them.
+        entry = self.registry.by_file_id(file.id)
+        return entry.filename if entry is not None else file.name
+
+    def _find(self, files: Sequence[ContainerFile], name: str) -> ContainerFile:
+        wanted = name.strip()
+        if wanted.startswith("sandbox:"):
+            wanted = wanted[len("sandbox:") :]
+        rel = wanted[len("/mnt/data/") :] if wanted.startswith("/mnt/data/") else wanted
+        tests: list[Callable[[ContainerFile], bool]] = [
+            lambda f: f.id == wanted,
+            lambda f: f.path == wanted or f.name == rel,
+            lambda f: self._local_name(f) == rel,
+        ]
+        for test in tests:
+            match = [f for f in files if test(f)]
+            if match:
+                return max(match, key=lambda f: f.created_at)  # the newest when a name was written twice
+        by_base = [f for f in files if f.name.rsplit("/", 1)[-1] == rel.rsplit("/", 1)[-1]]
+        if len(by_base) == 1:
+            return by_base[0]
+        listing = ", ".join(sorted(self._local_name(f) for f in files)[:30]) or "no files at all"
+        more = f" and {len(files) - 30} more" if len(files) > 30 else ""
+        raise ContainerFileError(
+            f"There is no file {name!r} in the container. It holds: {listing}{more}. Use one of those names "
+            "(%ci_files lists them with sizes)."
+        )
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+
+
+def decode(path: Path, *, max_bytes: int = DEFAULT_PULL_MEMORY_CAP) -> tuple[Any, FileFormat | None]:
+    """The object a saved container file holds, by its extension; unknown ones stay bytes.
+
+    Refuses (``ContainerFileError``) a file whose decoded size, estimated from its metadata, is
+    over ``max_bytes``, and one that does not parse as its extension says; either way the message
+    says where the raw bytes were kept. Never unpickles.
+    """
+    fmt = format_of(path.name)
+    if fmt is None or fmt.read is None:
+        return path.read_bytes(), fmt
+    try:
+        expected = fmt.decoded_size(path) if fmt.decoded_size is not None else path.stat().st_size
+        if expected > max_bytes:
+            raise _too_big_to_decode(path, fmt, expected, max_bytes)
+        return fmt.read(path), fmt
+    except ContainerFileError:
+        raise
+    except Exception as exc:
+        missing = f" (install `{exc.name}` to read it)" if isinstance(exc, ImportError) and exc.name else ""
+        raise ContainerFileError(
+            f"{path.name} could not be read as {fmt.label}{missing}: {type(exc).__name__}: "
+            f"{str(exc)[:300]}. The raw bytes were kept at {path}; open them yourself, or ask the model to "
+            "write the file again."
+        ) from exc
+
+
+def _too_big_to_decode(path: Path, fmt: FileFormat, expected: int, limit: int) -> ContainerFileError:
+    bigger = 2 ** (expected.bit_length())  # the next power of two above the estimate
+    hint = {
+        "parquet": " (e.g. `pd.read_parquet(path, columns=[...])`, or `ParquetFile(path).iter_batches()`)",
+        "feather": " (e.g. `pd.read_feather(path, columns=[...])`)",
+    }.get(fmt.ext, "")
+    return ContainerFileError(
+        f"{path.name} is {format_size(path.stat().st_size)} on disk but would take about "
+        f"{format_size(expected)} in memory once decoded (read from its {fmt.label} metadata), over the "
+        f"{format_size(limit)} limit for pulling a file into the notebook, so it was not loaded. It was "
+        f"saved at {path}: read part of it yourself{hint}, ask the model for a smaller extract, or raise the "
+        f"limit with %config CodeInterpreter.pull_memory_cap = {bigger}."
+    )
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def _same(entry: PushedFile | None, p: Prepared) -> bool:
+    return entry is not None and entry.fingerprint == p.fingerprint
+
+
+def _here(entry: PushedFile | None, container_id: str) -> bool:
+    return entry is not None and entry.in_container(container_id)
+
+
+def _reuse_spool(p: Prepared, entry: PushedFile) -> None:
+    """Send the bytes we spooled for ``entry`` instead of encoding again."""
+    assert entry.spool is not None
+    p.source, p.size, p.card_body = entry.spool, entry.size, entry.card_body
+    p.filename, p.fmt, p.reader = entry.filename, entry.fmt, entry.reader
+
+
+def _encode_all(batch: Sequence[Prepared]) -> None:
+    for p in batch:
+        if not p.encoded or not p.card_body:
+            p.encode()
+
+
+def _summary(p: Prepared) -> str:
+    if p.value is None and p.kind != "json":
+        return ""
+    try:
+        return p.codec.summary(p.value)
+    except Exception:  # a report line is a courtesy
+        return ""
+
+
+def _outcome(
+    entry: PushedFile, status: PushStatus, seconds: float, *, note: str = "", summary: str = ""
+) -> PushOutcome:
+    return PushOutcome(
+        entry.name, entry.filename, entry.path, status, entry.size, entry.file_id, seconds, note, summary
+    )
+
+
+def _raise_partial(batch: Sequence[Prepared], results: Sequence[object], verb: str) -> None:
+    """After a failed upload: one error naming what is in the container now and what is not."""
+    failed = [(p, r) for p, r in zip(batch, results, strict=True) if isinstance(r, BaseException)]
+    if not failed:
+        return
+    first = failed[0][1]
+    assert isinstance(first, BaseException)
+    if not isinstance(first, Exception):
+        raise first  # KeyboardInterrupt, cancellation: not ours to reword
+    arrived = [p.filename for p, r in zip(batch, results, strict=True) if isinstance(r, PushOutcome)]
+    missing = ", ".join(p.filename for p, _ in failed)
+    there = (
+        f"In the container now: {', '.join(arrived)}. " if arrived else "None of them is in the container. "
+    )
+    reason = first.message if isinstance(first, CIError) else f"{type(first).__name__}: {first}"
+    message = (
+        f"Not {verb}: {missing} ({reason}). {there}Run it again to send what is missing; what arrived is "
+        "not sent twice."
+    )
+    if isinstance(first, CIError):
+        error = copy.copy(first)
+        error.message, error.args = message, (message,)
+        raise error from first
+    raise ContainerFileError(message) from first
 
 
 async def _bounded(limit: int, thunks: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
@@ -134,76 +598,11 @@ async def _bounded(limit: int, thunks: Sequence[Callable[[], Awaitable[T]]]) -> 
     return await asyncio.gather(*(run(t) for t in thunks), return_exceptions=True)
 
 
-async def _send_all(
-    backend: Backend,
-    container_id: str,
-    registry: PushRegistry,
-    jobs: Sequence[_Job],
-    progress: Progress | None,
-    verb: str,
-    concurrency: int,
-) -> list[PushOutcome | BaseException]:
-    """Upload ``jobs`` at most ``concurrency`` at a time, with one progress display for all."""
-    with _Reporter(progress, [j.filename for j in jobs], sum(j.size for j in jobs), verb) as reporter:
-        return await _bounded(
-            concurrency,
-            [lambda job=job: _send(backend, container_id, registry, job, reporter) for job in jobs],
-        )
-
-
-def _raise_first(results: Iterable[object]) -> None:
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-
-
-def _check_batch(items: Sequence[PushItem]) -> list[PushItem]:
-    by_name: dict[str, PushItem] = {}
-    for item in items:
-        by_name[item.name] = item  # the same name twice: the last mention wins
-    return list(by_name.values())
-
-
-def _prepare_all(items: Sequence[PushItem], registry: PushRegistry) -> list[Prepared]:
-    prepared = []
-    for i in items:
-        previous = registry.get(i.name)
-        snapshot = previous.snapshot if previous is not None else None
-        prepared.append(
-            prepare(
-                i.value,
-                i.name,
-                fmt=i.fmt,
-                filename=i.filename,
-                allow_pickle=i.allow_pickle,
-                snapshot=snapshot,
-            )
-        )
-    seen: dict[str, str] = {}
-    for p in prepared:
-        if p.filename in seen:
-            raise VariableError(
-                f"`{seen[p.filename]}` and `{p.name}` would both become /mnt/data/{p.filename}. "
-                "Give one of them another name with --as."
-            )
-        seen[p.filename] = p.name
-    return prepared
-
-
-def _encode_missing(jobs: Sequence[_Job]) -> None:
-    for job in jobs:
-        if job.source is None:
-            job.encode()
-
-
-def _check_size(job: _Job, size_cap: int) -> None:
-    if job.size > size_cap:
-        raise VariableError(
-            f"`{job.item.name}` is {format_size(job.size)} as {job.prepared.filename}, over the "
-            f"{format_size(size_cap)} upload limit, so nothing was sent. Push a subset or a sample (e.g. "
-            "`df.sample(frac=0.1)` or the columns you need), or raise CodeInterpreter.upload_size_cap if "
-            "your backend accepts more."
-        )
+def _write_spool(path: Path, data: bytes) -> Path:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
 
 
 class _Reporter:
@@ -256,389 +655,3 @@ class _Reporter:
                 self.progress.close(f"{self.verb} {shown}: {format_size(self.total)} in {self._elapsed()}")
             else:
                 self.progress.close(f"{self.verb} failed after {self._elapsed()}: {exc}", ok=False)
-
-
-async def _delete_quietly(backend: Backend, container_id: str, file_id: str) -> None:
-    """Delete a file we are replacing; one that is already gone (the model removed it) is fine."""
-    try:
-        await backend.delete_file(container_id, file_id)
-    except ContainerFileError:  # the local sandbox: "has no file with id"
-        return
-    except BackendError as exc:
-        if exc.status_code != 404:
-            raise
-
-
-async def _live_file_ids(backend: Backend, container_id: str) -> set[str]:
-    return {f.id for f in await backend.list_files(container_id)}
-
-
-def _write_spool(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
-
-
-async def push(
-    backend: Backend,
-    container_id: str,
-    registry: PushRegistry,
-    items: Iterable[PushItem],
-    *,
-    size_cap: int = DEFAULT_SIZE_CAP,
-    progress: Progress | None = None,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    verify: bool = True,
-) -> list[PushOutcome]:
-    """Send ``items`` to ``container_id`` as files, skipping unchanged ones; one outcome per item.
-
-    ``verify`` lists the container once to confirm "unchanged" files are still there (the model
-    may have deleted one). Raises ``VariableError`` before any upload for an unknown type, a
-    format that cannot hold the value, or a file over ``size_cap``; an upload failure raises the
-    backend's error after the other uploads finish (those are kept and recorded).
-    """
-    items = _check_batch(list(items))
-    if not items:
-        return []
-    prepared = await asyncio.to_thread(_prepare_all, items, registry)
-    try:
-        return await _push_prepared(
-            backend, container_id, registry, items, prepared, size_cap, progress, concurrency, verify
-        )
-    finally:
-        # A snapshot keeps a shallow copy of the frame alive: free the ones no entry adopted.
-        kept = {id(e.snapshot) for e in registry if e.snapshot is not None}
-        for prep in prepared:
-            if prep.snapshot is not None and id(prep.snapshot) not in kept:
-                prep.snapshot.release()
-
-
-async def _push_prepared(
-    backend: Backend,
-    container_id: str,
-    registry: PushRegistry,
-    items: Sequence[PushItem],
-    prepared: Sequence[Prepared],
-    size_cap: int,
-    progress: Progress | None,
-    concurrency: int,
-    verify: bool,
-) -> list[PushOutcome]:
-    jobs = [_Job(item, prep, registry.get(item.name)) for item, prep in zip(items, prepared, strict=True)]
-
-    unchanged = [
-        j for j in jobs if j.previous is not None and j.previous.fingerprint == j.prepared.fingerprint
-    ]
-    if verify and any(j.previous.in_container(container_id) for j in unchanged if j.previous is not None):
-        live = await _live_file_ids(backend, container_id)
-        for job in unchanged:
-            if (
-                job.previous is not None
-                and job.previous.in_container(container_id)
-                and job.previous.file_id not in live
-            ):
-                registry.detach(job.item.name)
-                job.previous = registry.get(job.item.name)
-    outcomes: dict[str, PushOutcome] = {}
-    to_send: list[_Job] = []
-    for job in jobs:
-        prev = job.previous
-        same = prev is not None and prev.fingerprint == job.prepared.fingerprint
-        if same and prev is not None and prev.in_container(container_id):
-            if job.prepared.snapshot is not prev.snapshot:
-                registry.put(replace(prev, snapshot=job.prepared.snapshot))
-            outcomes[job.item.name] = PushOutcome(
-                job.item.name, prev.filename, prev.path, "unchanged", prev.size, prev.file_id, 0.0
-            )
-        elif same and prev is not None and prev.spool is not None and prev.spool.exists():
-            to_send.append(job.reuse(prev))
-        else:
-            to_send.append(job)
-
-    await asyncio.to_thread(_encode_missing, to_send)
-    for job in to_send:
-        _check_size(job, size_cap)
-
-    results = await _send_all(backend, container_id, registry, to_send, progress, "pushed", concurrency)
-    for job, result in zip(to_send, results, strict=True):
-        if isinstance(result, PushOutcome):
-            outcomes[job.item.name] = result
-    _raise_first(results)
-    return [outcomes[item.name] for item in items]
-
-
-async def _send(
-    backend: Backend, container_id: str, registry: PushRegistry, job: _Job, reporter: _Reporter
-) -> PushOutcome:
-    started = time.perf_counter()
-    # Replace: whatever holds this name or this file name in the container goes first, so a backend
-    # that keys files by path never ends up deleting the new upload.
-    stale = [
-        e
-        for e in registry
-        if (e.name == job.item.name or e.filename == job.filename) and e.in_container(container_id)
-    ]
-    for old in stale:
-        assert old.file_id is not None
-        await _delete_quietly(backend, container_id, old.file_id)
-        registry.detach(old.name)
-    reporter.starting(job.filename)
-    assert job.source is not None
-    uploading = backend.upload_file(container_id, job.filename, job.source)
-    spool: Path | None = None
-    if isinstance(job.source, bytes) and job.item.origin == "variable":
-        spool = registry.spool_path(job.item.name, job.prepared.fingerprint)
-        # Spool while the upload runs: the copy only matters if this container later expires.
-        created, _ = await asyncio.gather(uploading, asyncio.to_thread(_write_spool, spool, job.source))
-    else:
-        created = await uploading
-        if job.previous is not None and job.source == job.previous.spool:
-            spool = job.previous.spool
-    reporter.advance(job.filename, job.size)
-    entry = PushedFile(
-        name=job.item.name,
-        filename=job.filename,
-        fingerprint=job.prepared.fingerprint,
-        kind=job.prepared.kind,
-        fmt=job.fmt,
-        size=job.size,
-        origin=job.item.origin,
-        card_body=job.body,
-        reader=job.reader,
-        container_id=container_id,
-        file_id=created.id,
-        container_path=created.path,
-        spool=spool,
-        source_path=job.prepared.value if job.prepared.kind == "file" else None,
-        snapshot=job.prepared.snapshot,
-    )
-    registry.put(entry)
-    return PushOutcome(
-        entry.name,
-        entry.filename,
-        entry.path,
-        "replaced" if stale else "uploaded",
-        entry.size,
-        entry.file_id,
-        time.perf_counter() - started,
-        job.note,
-    )
-
-
-async def reupload_all(
-    backend: Backend,
-    new_container_id: str,
-    registry: PushRegistry,
-    *,
-    size_cap: int = DEFAULT_SIZE_CAP,
-    progress: Progress | None = None,
-    concurrency: int = DEFAULT_CONCURRENCY,
-) -> list[PushOutcome]:
-    """Restore every registered file in a new container (after expiry or ``%ci_reset``).
-
-    Variables come back from the spooled bytes; files pushed by path are re-read from disk (their
-    current version). A file whose source is gone (``missing``) or no longer fits the size cap
-    (``skipped``) is dropped from the registry, so its card stops being sent; the others still go.
-    After an upload error, calling it again retries what is not in the container yet.
-    """
-    entries = [e for e in registry if not e.in_container(new_container_id)]
-    outcomes: dict[str, PushOutcome] = {}
-    jobs: list[_Job] = []
-
-    def drop(entry: PushedFile, status: PushStatus, why: str) -> None:
-        registry.remove(entry.name)
-        outcomes[entry.name] = PushOutcome(entry.name, entry.filename, "", status, entry.size, None, 0.0, why)
-
-    for entry in entries:
-        registry.detach(entry.name)
-        if entry.source_path is not None and entry.source_path.is_file():
-            item = PushItem(entry.name, entry.source_path, entry.origin, filename=entry.filename)
-            try:
-                job = _Job(item, prepare(entry.source_path, entry.name, filename=entry.filename), None)
-                job.encode()
-                _check_size(job, size_cap)
-            except VariableError as exc:
-                drop(entry, "skipped", exc.message)
-                continue
-            jobs.append(job)
-        elif entry.spool is not None and entry.spool.exists():
-            prep = Prepared(
-                None,
-                entry.name,
-                entry.kind,
-                entry.fmt,
-                entry.filename,
-                entry.fingerprint,
-                snapshot=entry.snapshot,
-            )
-            jobs.append(_Job(PushItem(entry.name, None, entry.origin), prep, entry).reuse(entry))
-        else:
-            drop(entry, "missing", f"{entry.source_path or entry.spool} no longer exists")
-    results = await _send_all(backend, new_container_id, registry, jobs, progress, "re-uploaded", concurrency)
-    for job, result in zip(jobs, results, strict=True):
-        if isinstance(result, PushOutcome):
-            outcomes[job.item.name] = replace(result, status="reuploaded")
-    _raise_first(results)
-    return [outcomes[e.name] for e in entries]
-
-
-# ---------------------------------------------------------------------------------------------
-# pull and list
-
-
-def _source_of(file: ContainerFile, registry: PushRegistry | None) -> Literal["notebook", "model"]:
-    if registry is not None and registry.by_file_id(file.id) is not None:
-        return "notebook"
-    return "notebook" if file.source == "user" else "model"
-
-
-def _local_name(file: ContainerFile, registry: PushRegistry | None) -> str:
-    # Our own uploads get a hash prefix on OpenAI; save them under the name the notebook gave them.
-    entry = registry.by_file_id(file.id) if registry is not None else None
-    return entry.filename if entry is not None else file.name
-
-
-def _find(files: Sequence[ContainerFile], name: str, registry: PushRegistry | None) -> ContainerFile:
-    wanted = name.strip()
-    if wanted.startswith("sandbox:"):
-        wanted = wanted[len("sandbox:") :]
-    rel = wanted[len("/mnt/data/") :] if wanted.startswith("/mnt/data/") else wanted
-    for test in (
-        lambda f: f.id == wanted,
-        lambda f: f.path == wanted or f.name == rel,
-        lambda f: _local_name(f, registry) == rel,
-    ):
-        match = [f for f in files if test(f)]
-        if match:
-            return max(match, key=lambda f: f.created_at)  # the newest when a name was written twice
-    by_base = [f for f in files if f.name.rsplit("/", 1)[-1] == rel.rsplit("/", 1)[-1]]
-    if len(by_base) == 1:
-        return by_base[0]
-    listing = ", ".join(sorted(_local_name(f, registry) for f in files)[:30]) or "no files at all"
-    more = f" and {len(files) - 30} more" if len(files) > 30 else ""
-    raise ContainerFileError(
-        f"There is no file {name!r} in the container. It holds: {listing}{more}. Use one of those names "
-        "(%ci_files lists them with sizes)."
-    )
-
-
-async def _fetch(
-    backend: Backend,
-    container_id: str,
-    file: ContainerFile,
-    output_dir: Path,
-    registry: PushRegistry | None,
-    *,
-    strict: bool,
-    max_bytes: int = DEFAULT_DOWNLOAD_SIZE_CAP,
-) -> PulledFile:
-    local = safe_relative_name(_local_name(file, registry))
-    try:
-        # Streamed to disk and bounded before anything is read into memory.
-        saved, _ = await download_into(backend, container_id, file.id, output_dir, local, max_bytes=max_bytes)
-    except FileTooLarge as error:
-        raise ContainerFileError(
-            f"{local} was not pulled: {error.message} A file this large is rarely worth holding in the "
-            "notebook; ask the model for a smaller extract (a sample, an aggregate, the columns you "
-            f"need), or raise the cap, e.g. %config CodeInterpreter.download_size_cap = "
-            f"{max(2 * max_bytes, error.size or 0)} ({size_text(max(2 * max_bytes, error.size or 0))})."
-        ) from None
-    data = await asyncio.to_thread(saved.read_bytes)
-    decoded = await asyncio.to_thread(_decode_or_error, local, data, saved)
-    common = {
-        "name": local,
-        "path": saved,
-        "container_path": file.path,
-        "file_id": file.id,
-        "size": len(data),
-        "variable": variable_name_for(local),
-    }
-    if isinstance(decoded, ContainerFileError):
-        if strict:
-            raise decoded
-        return PulledFile(kind="bytes", value=data, error=decoded.message, **common)
-    if isinstance(decoded, BaseException):
-        raise decoded
-    return PulledFile(kind=decoded.kind, value=decoded.value, mime=decoded.mime, **common)
-
-
-def _decode_or_error(local: str, data: bytes, kept_at: Path) -> DecodedFile | BaseException:
-    try:
-        return decode(local, data, kept_at=kept_at)
-    except Exception as error:  # handed back like gather(return_exceptions=True) did
-        return error
-
-
-async def pull(
-    backend: Backend,
-    container_id: str,
-    name: str,
-    output_dir: Path,
-    *,
-    registry: PushRegistry | None = None,
-    max_bytes: int = DEFAULT_DOWNLOAD_SIZE_CAP,
-) -> PulledFile:
-    """Download one container file into ``output_dir`` and decode it (never unpickles).
-
-    ``name`` may be a file name, a ``/mnt/data/...`` path, a ``sandbox:`` link or a file id.
-    Raises ``ContainerFileError`` when it is not there (listing what is) or cannot be decoded
-    (after saving the bytes, which the message points to).
-    """
-    files = await backend.list_files(container_id)
-    file = _find(files, name, registry)
-    return await _fetch(
-        backend, container_id, file, Path(output_dir), registry, strict=True, max_bytes=max_bytes
-    )
-
-
-async def pull_all(
-    backend: Backend,
-    container_id: str,
-    output_dir: Path,
-    *,
-    registry: PushRegistry | None = None,
-    include_notebook: bool = False,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    max_bytes: int = DEFAULT_DOWNLOAD_SIZE_CAP,
-) -> list[PulledFile]:
-    """Download every file the model made (``include_notebook``: ours too).
-
-    Undecodable files come back as bytes with ``error`` set instead of stopping the others; a file
-    name that cannot be saved safely raises ``ContainerFileError`` before anything is downloaded.
-    """
-    files = [
-        f
-        for f in await backend.list_files(container_id)
-        if include_notebook or _source_of(f, registry) == "model"
-    ]
-    for file in files:  # refuse an unsafe name before anything is downloaded or written
-        safe_relative_name(_local_name(file, registry))
-    results = await _bounded(
-        concurrency,
-        [
-            lambda f=f: _fetch(
-                backend, container_id, f, Path(output_dir), registry, strict=False, max_bytes=max_bytes
-            )
-            for f in files
-        ],
-    )
-    _raise_first(results)
-    return [r for r in results if isinstance(r, PulledFile)]
-
-
-async def list_files(
-    backend: Backend, container_id: str, registry: PushRegistry | None = None
-) -> list[FileRow]:
-    """Rows for ``%ci_files``: name, size, source (notebook/model), created; oldest first."""
-    rows = []
-    for file in await backend.list_files(container_id):
-        entry = registry.by_file_id(file.id) if registry is not None else None
-        size = file.bytes if file.bytes is not None else (entry.size if entry is not None else None)
-        created = datetime.fromtimestamp(file.created_at, tz=timezone.utc).astimezone()
-        rows.append(
-            FileRow(
-                _local_name(file, registry), size, _source_of(file, registry), created, file.id, file.path
-            )
-        )
-    return sorted(rows, key=lambda r: (r.created, r.name))
