@@ -18,6 +18,8 @@ import shutil
 import sys
 from typing import Any, Literal, Protocol, TextIO
 
+from ci_magic.render.safe_html import outgoing_bundle
+
 __all__ = [
     "Frontend",
     "JupyterFrontend",
@@ -68,7 +70,7 @@ class _JupyterSlot:
         if bundle == self._shown:
             return  # an unchanged update is a wasted message to every connected frontend
         self._shown = bundle
-        self._handle.update(bundle, raw=True)
+        self._handle.update(outgoing_bundle(bundle), raw=True)
 
 
 class JupyterFrontend:
@@ -76,12 +78,14 @@ class JupyterFrontend:
 
     What stays in the cell is plain ``display_data`` (updated in place through
     ``update_display_data``), so saved notebooks, nbconvert and GitHub show the final state.
+    Every bundle's HTML gets a last nh3 pass on its way out (``outgoing_bundle``): this is the one
+    door to the user's page, so it holds even if a renderer upstream forgot to sanitize.
     """
 
     def open(self, bundle: MimeBundle, *, role: SlotRole = "output", final: bool = False) -> Slot:
         from IPython.display import display
 
-        handle = display(bundle, raw=True, display_id=True)
+        handle = display(outgoing_bundle(bundle), raw=True, display_id=True)
         return _JupyterSlot(handle, bundle)
 
 

@@ -1,46 +1,64 @@
 """Making model and sandbox output safe to show in the user's Jupyter origin.
 
-Trusted notebook outputs run with the notebook's privileges (JupyterLab executes ``<script>`` in
-trusted HTML), so nothing the model or the sandbox produced may reach the page as live HTML:
+Trusted notebook outputs run with the notebook's privileges (JupyterLab executes ``<script>`` and
+event handlers in trusted HTML), so nothing the model or the sandbox produced may reach the page
+as Markdown or HTML that we did not build and sanitize ourselves. Every HTML fragment made from
+their text goes through ``nh3`` (the binding to Rust's ammonia, an HTML5 parser-based sanitizer),
+never a hand-written filter:
 
-- **Model text** (Markdown): rendered with mistune with raw HTML escaped and link targets limited
-  to http(s)/mailto/tel/relative paths; the ``text/markdown`` copy gets its raw HTML escaped too
-  (``escape_markdown``), because some frontends render that instead of ``text/html``.
-- **Sandbox ``text/html``** (DataFrames, styled tables): a strict allow-list sanitizer built on
-  ``html.parser`` (``sanitize_html``). Decision: sanitize rather than iframe, because a table then
-  sizes to its content, takes the notebook's styling and survives nbconvert and GitHub (both
-  strip iframes). It keeps table and text-formatting tags, drops every attribute except a few
-  numeric/class ones, drops ``script``/``style``/``iframe``/``svg``... with their content, and
-  lets no URL through, so the result can neither run nor load anything.
-- **Generated .html/.svg files**: whole documents, shown only inside
-  ``<iframe sandbox="" srcdoc=...>`` (no ``allow-scripts``, no ``allow-same-origin``) with a
+- **Model text and sandbox ``text/markdown``**: rendered to HTML by our own mistune with raw HTML
+  escaped, then cleaned with a text allow-list whose links may only be http(s), mailto or relative
+  (our local file links) and whose images become links (``markdown_to_html``). It is never passed
+  on as ``text/markdown``: JupyterLab, nbconvert and GitHub each parse Markdown differently (a code
+  fence inside a list item, a link definition whose destination is on the next line, ``\\:``
+  escapes), and any such difference turns escaped text back into live HTML. ``answer_bundle`` is
+  the answer's bundle: HTML + plain text.
+- **Sandbox ``text/html``** (DataFrames, styled tables): tables and basic formatting only, no
+  style, no event attributes, no URLs, only the ``dataframe`` class (``sanitize_html``).
+  Decision: sanitize rather than iframe, so a table sizes to its content, takes the notebook's
+  styling and survives nbconvert and GitHub (both strip iframes).
+- **SVG from the sandbox**: only ever an ``<img src="data:image/svg+xml;base64,...">``; browsers
+  draw SVG images in a static mode with no scripts and no loads (``svg_image_html``).
+- **Generated .html files**: whole documents, cleaned with a document allow-list and shown only
+  inside ``<iframe sandbox="" srcdoc=...>`` (no ``allow-scripts``, no ``allow-same-origin``) with a
   Content-Security-Policy that blocks network loads (``sandboxed_iframe``), size-capped.
-- **Rich bundles from the sandbox** keep only mime types that cannot carry code (``safe_bundle``).
+- **Rich bundles from the sandbox** keep only mime types that cannot carry code, each in a form we
+  built (``safe_bundle``).
+- **Everything leaving for the notebook** (``outgoing_bundle``, used by the Jupyter frontend) gets
+  one last nh3 pass with the allow-list of what we build ourselves (our styled wrappers, our
+  frames): a mistake anywhere upstream cannot put a script, a handler or a ``javascript:`` link on
+  the page.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import html
 import re
 from functools import lru_cache
-from html.parser import HTMLParser
 from typing import Any
+
+import nh3
 
 __all__ = [
     "DISPLAYED_MIMES",
     "IFRAME_MAX_BYTES",
+    "answer_bundle",
     "escape",
     "escape_markdown",
     "markdown_to_html",
+    "outgoing_bundle",
     "safe_bundle",
     "sandboxed_iframe",
     "sanitize_html",
     "strip_ansi",
+    "svg_image_html",
 ]
 
 IFRAME_MAX_BYTES = 2_000_000
 SANITIZE_MAX_CHARS = 2_000_000
+SVG_MAX_BYTES = 2_000_000
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -57,279 +75,275 @@ def strip_ansi(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
-# -- model Markdown ------------------------------------------------------------------------------
+# -- allow-lists ---------------------------------------------------------------------------------
+
+_TEXT_TAGS = frozenset(
+    {
+        *("p", "br", "hr", "b", "i", "u", "s", "em", "strong", "del", "code", "pre", "small"),
+        *("sub", "sup", "ul", "ol", "li", "dl", "dt", "dd", "blockquote", "div", "span"),
+        *("h1", "h2", "h3", "h4", "h5", "h6"),
+    }
+)
+_TABLE_TAGS = frozenset({"table", "thead", "tbody", "tfoot", "tr", "th", "td", "caption", "colgroup", "col"})
+# Removed together with everything inside them: their content is code, styling or a second
+# parsing mode (mutation XSS lives in svg/math/style/template/noscript).
+_DROPPED_WITH_CONTENT = frozenset(
+    {
+        *("script", "style", "svg", "math", "template", "noscript", "iframe", "frame", "frameset"),
+        *("object", "embed", "applet", "title", "textarea", "select", "xmp", "noembed", "noframes"),
+        *("plaintext", "audio", "video", "canvas", "head"),
+    }
+)
+_CELL_ATTRIBUTES = frozenset({"colspan", "rowspan", "align", "valign"})
+_LINK_SCHEMES = frozenset({"http", "https", "mailto"})
+
+
+def _clean_sandbox_html(fragment: str) -> str:
+    return nh3.clean(
+        fragment,
+        tags=set(_TEXT_TAGS | _TABLE_TAGS),
+        clean_content_tags=set(_DROPPED_WITH_CONTENT),
+        attributes={"table": {"border"}, "th": set(_CELL_ATTRIBUTES), "td": set(_CELL_ATTRIBUTES)},
+        allowed_classes={"table": {"dataframe"}},
+        url_schemes=set(),
+        strip_comments=True,
+        link_rel=None,
+    )
+
+
+def _clean_text_html(fragment: str) -> str:
+    """The allow-list for HTML we rendered from Markdown: text, tables and safe links."""
+    return nh3.clean(
+        fragment,
+        tags=set(_TEXT_TAGS | _TABLE_TAGS | {"a"}),
+        clean_content_tags=set(_DROPPED_WITH_CONTENT),
+        attributes={"a": {"href", "title"}, "ol": {"start"}, "th": {"colspan"}, "td": {"colspan"}},
+        url_schemes=set(_LINK_SCHEMES),
+        strip_comments=True,
+        link_rel="noopener noreferrer nofollow",
+    )
+
+
+# What we build ourselves on top of sanitized pieces: styled wrappers, highlighted code
+# (Pygments inline styles), collapsible logs, file links, SVG images, sandboxed frames.
+_OWN_TAGS = _TEXT_TAGS | _TABLE_TAGS | {"a", "img", "details", "summary", "iframe"}
+_OWN_STYLE_PROPERTIES = {
+    *("color", "background", "background-color", "font-weight", "font-style", "font-size"),
+    *("text-decoration", "text-align", "vertical-align", "white-space", "line-height"),
+    *("border", "border-left", "border-radius", "padding", "margin", "width", "max-width"),
+    *("height", "max-height", "overflow", "overflow-x", "resize", "cursor", "display"),
+}
+_IMAGE_DATA_URL = re.compile(r"data:image/(?:png|jpeg|gif|svg\+xml);base64,[A-Za-z0-9+/=]*")
+
+
+def _own_attribute(tag: str, attribute: str, value: str) -> str | None:
+    # nh3 has already dropped disallowed schemes; images may only be data: images we encoded.
+    if tag == "img" and attribute == "src" and not _IMAGE_DATA_URL.fullmatch(value):
+        return None
+    if tag == "a" and attribute == "href" and value.lower().startswith("data:"):
+        return None
+    return value
+
+
+def _clean_own_html(fragment: str) -> str:
+    return nh3.clean(
+        fragment,
+        tags=set(_OWN_TAGS),
+        clean_content_tags=set(_DROPPED_WITH_CONTENT - {"iframe"}),
+        attributes={
+            "*": {"style", "title"},
+            "a": {"href", "target"},
+            "img": {"src", "alt"},
+            "iframe": {"srcdoc", "referrerpolicy", "loading"},
+            "ol": {"start"},
+            "table": {"border"},
+            "th": set(_CELL_ATTRIBUTES),
+            "td": set(_CELL_ATTRIBUTES),
+        },
+        # A frame is ours only if it allows nothing: sandbox="" exactly, and no src.
+        tag_attribute_values={"iframe": {"sandbox": {""}}},
+        allowed_classes={"table": {"dataframe"}},
+        filter_style_properties=set(_OWN_STYLE_PROPERTIES),
+        attribute_filter=_own_attribute,
+        url_schemes=set(_LINK_SCHEMES | {"data"}),
+        strip_comments=True,
+        link_rel="noopener noreferrer",
+    )
+
+
+# -- Markdown from the model or the sandbox ------------------------------------------------------
 
 
 @lru_cache(maxsize=1)
 def _markdown() -> Any:
     import mistune
 
-    return mistune.create_markdown(escape=True, plugins=["strikethrough", "table", "url"])
+    class _Renderer(mistune.HTMLRenderer):
+        def image(self, text: str, url: str, title: str | None = None) -> str:
+            # An image would load a URL the text chose (a tracking beacon, a same-origin GET):
+            # show it as a link the user may follow instead.
+            return self.link(text or escape(url), url, title)
+
+    return mistune.create_markdown(
+        escape=True, renderer=_Renderer(escape=True), plugins=["strikethrough", "table", "url"]
+    )
 
 
 def markdown_to_html(text: str) -> str:
-    """Markdown as HTML with any raw HTML shown as text and unsafe link targets neutralised."""
-    return str(_markdown()(text))
+    """Markdown as sanitized HTML: raw HTML shown as text, links only http(s)/mailto/relative."""
+    if len(text) > SANITIZE_MAX_CHARS:
+        text = text[:SANITIZE_MAX_CHARS]
+    return _clean_text_html(str(_markdown()(strip_ansi(text))))
 
 
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
-_SAFE_SCHEMES = ("http", "https", "mailto", "tel")
-# A link destination may hold balanced parentheses: javascript:alert(1)
-_INLINE_TARGET = re.compile(r"(\]\(\s*)([^\s()]*(?:\([^\s()]*\)[^\s()]*)*)")
-_REFERENCE_TARGET = re.compile(r"^( {0,3}\[[^\]]+\]:\s*)(\S+)", re.MULTILINE)
-_SCHEME = re.compile(r"^([a-z][a-z0-9+.\-]*):")
+def answer_bundle(text: str) -> dict[str, object]:
+    """The model's answer (untrusted: data it read can steer it) as HTML we rendered + plain text."""
+    return {"text/html": f"<div>{markdown_to_html(text)}</div>", "text/plain": strip_ansi(text)}
+
+
+# Every ASCII character that can start or end a Markdown construct (HTML, links, definitions,
+# code spans and fences, entities, math, emphasis, tables): escaped, none of them can.
+_MARKDOWN_ACTIVE = re.compile(r"([\\`*_{}\[\]()<>#+!|~&$^\"'=:-])")
 
 
 def escape_markdown(text: str) -> str:
-    """Markdown source with raw HTML escaped (outside fenced code) and unsafe link targets replaced.
+    """Markdown that any CommonMark/GFM parser shows as the literal ``text``: nothing in it is active.
 
-    Code inside fences stays verbatim; everywhere else ``<`` becomes ``&lt;``, which Markdown shows
-    as a literal ``<`` (inline code spans then show the entity: a cosmetic cost accepted for safety,
-    since guessing span boundaries wrong would let HTML through).
+    Prefer ``answer_bundle`` (no ``text/markdown`` at all); this is for a frontend that can only
+    take Markdown. Every ASCII punctuation character that Markdown gives meaning to is
+    backslash-escaped, so there is no fence, code span, link, HTML or entity for parsers to
+    disagree about.
     """
-    out: list[str] = []
-    fence: str | None = None
-    for line in text.split("\n"):
-        match = _FENCE.match(line)
-        if fence is None:
-            # A backtick fence's info string may not contain backticks (CommonMark 4.5).
-            if match and not (match.group(1)[0] == "`" and "`" in match.group(2)):
-                fence = match.group(1)
-                out.append(line.replace("<", "&lt;"))
-            else:
-                out.append(_neutralise_targets(line.replace("<", "&lt;")))
-        else:
-            closes = match is not None and match.group(1)[0] == fence[0] and len(match.group(1)) >= len(fence)
-            if closes and not match.group(2).strip():
-                fence = None
-            out.append(line)
-    return "\n".join(out)
-
-
-def _neutralise_targets(line: str) -> str:
-    def check(match: re.Match[str]) -> str:
-        target = html.unescape(match.group(2)).strip().lower()
-        target = re.sub(r"[\s\x00-\x1f]", "", target)
-        scheme = _SCHEME.match(target)
-        if scheme is not None and scheme.group(1) not in _SAFE_SCHEMES:
-            return match.group(1) + "#harmful-link"
-        return match.group(0)
-
-    return _REFERENCE_TARGET.sub(check, _INLINE_TARGET.sub(check, line))
+    return _MARKDOWN_ACTIVE.sub(r"\\\1", strip_ansi(text))
 
 
 # -- sandbox HTML ---------------------------------------------------------------------------------
-
-_ALLOWED_TAGS = frozenset(
-    {
-        "table",
-        "thead",
-        "tbody",
-        "tfoot",
-        "tr",
-        "th",
-        "td",
-        "caption",
-        "colgroup",
-        "col",
-        "div",
-        "span",
-        "p",
-        "br",
-        "hr",
-        "b",
-        "i",
-        "u",
-        "em",
-        "strong",
-        "code",
-        "pre",
-        "small",
-        "sub",
-        "sup",
-        "ul",
-        "ol",
-        "li",
-        "dl",
-        "dt",
-        "dd",
-        "blockquote",
-        "h1",
-        "h2",
-        "h3",
-        "h4",
-        "h5",
-        "h6",
-    }
-)
-_VOID_TAGS = frozenset({"br", "hr", "col"})
-# Dropped together with everything inside them.
-_DROP_TAGS = frozenset(
-    {
-        "script",
-        "style",
-        "iframe",
-        "frame",
-        "frameset",
-        "object",
-        "embed",
-        "applet",
-        "svg",
-        "math",
-        "template",
-        "noscript",
-        "textarea",
-        "select",
-        "title",
-        "head",
-        "audio",
-        "video",
-        "canvas",
-        "xmp",
-        "noembed",
-        "noframes",
-        "plaintext",
-    }
-)
-_ATTRIBUTE_RULES: dict[str, re.Pattern[str]] = {
-    "colspan": re.compile(r"\d{1,3}"),
-    "rowspan": re.compile(r"\d{1,3}"),
-    "border": re.compile(r"\d{1,2}"),
-    "class": re.compile(r"[A-Za-z0-9_\- ]{1,100}"),
-    "align": re.compile(r"left|right|center|justify", re.IGNORECASE),
-    "valign": re.compile(r"top|middle|bottom|baseline", re.IGNORECASE),
-}
-
-
-class _Sanitizer(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.open: list[str] = []  # allowed tags emitted and not yet closed
-        self.skipping: list[str] = []  # dropped elements we are inside
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _DROP_TAGS:
-            self.skipping.append(tag)
-            return
-        if self.skipping or tag not in _ALLOWED_TAGS:
-            return
-        kept = []
-        for name, value in attrs:
-            rule = _ATTRIBUTE_RULES.get(name)
-            if rule is not None and value is not None and rule.fullmatch(value):
-                kept.append(f' {name}="{escape(value)}"')
-        self.out.append(f"<{tag}{''.join(kept)}>")
-        if tag not in _VOID_TAGS:
-            self.open.append(tag)
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _DROP_TAGS:
-            return
-        self.handle_starttag(tag, attrs)
-        if tag in self.open and self.open[-1] == tag and tag not in _VOID_TAGS:
-            self.handle_endtag(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        if self.skipping:
-            if tag == self.skipping[-1]:
-                self.skipping.pop()
-            return
-        if tag not in self.open:
-            return
-        # Close anything left open inside it, so the output is always balanced.
-        while self.open:
-            top = self.open.pop()
-            self.out.append(f"</{top}>")
-            if top == tag:
-                break
-
-    def handle_data(self, data: str) -> None:
-        if not self.skipping:
-            self.out.append(html.escape(data, quote=False))
-
-    def result(self) -> str:
-        self.close()
-        self.out.extend(f"</{tag}>" for tag in reversed(self.open))
-        self.open.clear()
-        return "".join(self.out)
 
 
 def sanitize_html(fragment: str) -> str:
     """An allow-listed copy of sandbox HTML (empty when nothing displayable is left, or too big)."""
     if len(fragment) > SANITIZE_MAX_CHARS:
         return ""
-    parser = _Sanitizer()
-    parser.feed(fragment)
-    return parser.result()
+    return _clean_sandbox_html(fragment)
 
 
-# -- whole documents -------------------------------------------------------------------------------
+# -- whole documents and images -------------------------------------------------------------------
 
 _CSP = (
     '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
     "img-src data:; style-src 'unsafe-inline'; font-src data:\">"
 )
-_DOCTYPE = re.compile(r"^\s*<!doctype[^>]*>", re.IGNORECASE)
+_DOCUMENT_TAGS = frozenset(
+    nh3.ALLOWED_TAGS | _TEXT_TAGS | _TABLE_TAGS | {"style", "section", "main", "label", "font"}
+)
+
+
+def _clean_document(document: str) -> str:
+    # Inside a frame that allows nothing, under a CSP that loads nothing: styling may stay, code
+    # and anything that loads or navigates may not.
+    return nh3.clean(
+        document,
+        tags=set(_DOCUMENT_TAGS - {"img", "area", "map"}),
+        clean_content_tags=set(_DROPPED_WITH_CONTENT - {"style", "head"}),
+        attributes={"*": {"style", "class", "id", "title", "colspan", "rowspan", "align"}, "a": {"href"}},
+        url_schemes=set(_LINK_SCHEMES),
+        strip_comments=True,
+        link_rel="noopener noreferrer",
+    )
 
 
 def sandboxed_iframe(document: str, *, title: str, height: int = 420) -> str:
-    """A generated HTML/SVG document inside an iframe that can neither script nor reach the origin."""
-    doctype = _DOCTYPE.match(document)
-    if doctype is not None:
-        document = document[: doctype.end()] + _CSP + document[doctype.end() :]
-    else:
-        document = _CSP + document
+    """A generated HTML document, cleaned, inside a frame that can neither script nor load anything."""
+    cleaned = "<!DOCTYPE html>" + _CSP + _clean_document(document)
     return (
         f'<iframe sandbox="" referrerpolicy="no-referrer" loading="lazy" title="{escape(title)}" '
-        f'srcdoc="{escape(document)}" '
+        f'srcdoc="{escape(cleaned)}" '
         f'style="width:100%;height:{int(height)}px;resize:vertical;border:1px solid #ccc;background:#fff">'
         "</iframe>"
     )
 
 
+def svg_image_html(svg: bytes, *, alt: str) -> str:
+    """SVG as an image: browsers draw it in static mode (no scripts, no loads, no handlers)."""
+    data = base64.b64encode(svg).decode("ascii")
+    return f'<img src="data:image/svg+xml;base64,{data}" style="max-width:100%" alt="{escape(alt)}">'
+
+
 # -- rich outputs from the sandbox ----------------------------------------------------------------
 
 _TAGS = re.compile(r"<[^>]*>")
-_PASSTHROUGH = ("image/png", "image/jpeg", "image/gif", "application/json")
-DISPLAYED_MIMES = frozenset({*_PASSTHROUGH, "text/html", "text/markdown", "image/svg+xml"})
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]*")
+_RASTER = ("image/png", "image/jpeg", "image/gif")
+DISPLAYED_MIMES = frozenset({*_RASTER, "application/json", "text/html", "text/markdown", "image/svg+xml"})
 """The sandbox mime types ``safe_bundle`` shows (in some safe form) besides ``text/plain``."""
 
 
-def safe_bundle(bundle: dict[str, object]) -> dict[str, object]:
-    """The parts of a sandbox mime bundle that are safe to display here.
+def _base64_image(value: object) -> str | None:
+    """The image as clean base64, or None when it is not base64 at all (a string meant to break out)."""
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, str) and _BASE64.fullmatch(value):
+        compact = re.sub(r"\s", "", value)
+        try:
+            base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return compact
+    return None
 
-    JavaScript, widget views (their model lives in the sandbox) and vendor types that execute
-    code (bokeh's exec mime type, for one) are dropped; HTML is sanitized, Markdown escaped, SVG
-    shown in a sandboxed iframe. Every result has a ``text/plain``.
+
+def safe_bundle(bundle: dict[str, object]) -> dict[str, object]:
+    """The parts of a sandbox mime bundle that are safe to display here, in forms we built.
+
+    JavaScript, widget views (their model lives in the sandbox), LaTeX and vendor types that
+    execute code (bokeh's exec mime type, for one) are dropped. HTML is sanitized; Markdown is
+    rendered by us and sanitized, never passed on as Markdown; SVG becomes an image. Every result
+    has a ``text/plain``.
     """
     safe: dict[str, object] = {}
-    for mime in _PASSTHROUGH:
-        value = bundle.get(mime)
-        if isinstance(value, str) and mime.startswith("image/"):
-            safe[mime] = value.replace("\n", "")
-        elif isinstance(value, (bytes, bytearray)) and mime.startswith("image/"):
-            safe[mime] = base64.b64encode(value).decode("ascii")
-        elif value is not None and mime == "application/json":
-            safe[mime] = value
-    markdown = bundle.get("text/markdown")
-    if isinstance(markdown, str):
-        safe["text/markdown"] = escape_markdown(markdown)
-    raw_html = bundle.get("text/html")
+    for mime in _RASTER:
+        image = _base64_image(bundle.get(mime))
+        if image is not None:
+            safe[mime] = image
+    if "application/json" in bundle and bundle["application/json"] is not None:
+        safe["application/json"] = bundle["application/json"]
+    raw_html, markdown, svg = (
+        bundle.get("text/html"),
+        bundle.get("text/markdown"),
+        bundle.get("image/svg+xml"),
+    )
+    shown = ""
     if isinstance(raw_html, str):
-        clean = sanitize_html(raw_html)
+        shown = sanitize_html(raw_html)
         # Script-only HTML (Plotly, Bokeh) sanitizes to empty tags: fall back to the other types.
-        if _TAGS.sub("", clean).strip():
-            safe["text/html"] = clean
-    elif isinstance(markdown, str):
-        safe["text/html"] = markdown_to_html(markdown)
-    svg = bundle.get("image/svg+xml")
-    if isinstance(svg, str) and "text/html" not in safe and len(svg) <= IFRAME_MAX_BYTES:
-        safe["text/html"] = sandboxed_iframe(svg, title="SVG output", height=360)
+        if not _TAGS.sub("", shown).strip():
+            shown = ""
+    if not shown and isinstance(markdown, str):
+        shown = markdown_to_html(markdown)
+    if not shown and isinstance(svg, (str, bytes)) and len(svg) <= SVG_MAX_BYTES:
+        shown = svg_image_html(svg.encode("utf-8") if isinstance(svg, str) else svg, alt="SVG output")
+    if shown:
+        safe["text/html"] = shown
     plain = bundle.get("text/plain")
     if isinstance(plain, str):
         safe["text/plain"] = strip_ansi(plain)
+    elif isinstance(markdown, str):
+        safe["text/plain"] = strip_ansi(markdown)
     else:
         kinds = ", ".join(sorted(bundle)) or "empty"
         safe["text/plain"] = f"[display output: {kinds}]"
     return safe
+
+
+# -- the last step before the notebook ------------------------------------------------------------
+
+
+def outgoing_bundle(bundle: dict[str, Any]) -> dict[str, Any]:
+    """A bundle as it may reach the notebook: HTML cleaned with the allow-list of what we build.
+
+    Idempotent and cheap for our own output (ammonia is fast); a no-op for bundles without HTML.
+    """
+    value = bundle.get("text/html")
+    if not isinstance(value, str):
+        return bundle
+    return {**bundle, "text/html": _clean_own_html(value)}
