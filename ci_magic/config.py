@@ -17,6 +17,8 @@ from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, TraitType,
 from traitlets.config import Configurable
 from traitlets.utils.text import indent
 
+from ci_magic.errors import ConfigurationError
+
 __all__ = [
     "DEFAULT_INSTRUCTIONS",
     "MaskedHeaders",
@@ -46,6 +48,36 @@ MEMORY_LIMITS = ("1g", "4g", "16g", "64g")
 def _env(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else None
+
+
+def _bad_env(variable: str, value: str, expected: str, setting: str, example: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"The environment variable {variable} is {value!r}, but it must be {expected}. Fix or unset it "
+        "in the environment the kernel starts from and restart the kernel, or set it for this session "
+        f"with %config CodeInterpreter.{setting} = {example}"
+    )
+
+
+def _env_choice(variable: str, setting: str, choices: list[str], fallback: str) -> str:
+    """An environment value that must be one of ``choices`` (case-insensitive)."""
+    value = _env(variable)
+    if value is None:
+        return fallback
+    if value.strip().lower() not in choices:
+        allowed = [c for c in choices if c]
+        expected = "one of " + ", ".join(repr(c) for c in allowed)
+        raise _bad_env(variable, value, expected, setting, json.dumps(allowed[0]))
+    return value.strip().lower()
+
+
+def _env_int(variable: str, setting: str, fallback: int) -> int:
+    value = _env(variable)
+    if value is None:
+        return fallback
+    try:
+        return int(value)
+    except ValueError:
+        raise _bad_env(variable, value, "a whole number", setting, str(fallback)) from None
 
 
 def _env_bytes(name: str, fallback: int) -> int:
@@ -346,15 +378,17 @@ class Settings(Configurable):
 
     @default("tool_choice")
     def _default_tool_choice(self) -> str:
-        return (_env("CI_MAGIC_TOOL_CHOICE") or "").lower()
+        return _env_choice(
+            "CI_MAGIC_TOOL_CHOICE", "tool_choice", list(self.traits()["tool_choice"].values or ()), ""
+        )
 
     @default("max_tokens")
     def _default_max_tokens(self) -> int:
-        return int(_env("CI_MAGIC_MAX_TOKENS") or 0)
+        return _env_int("CI_MAGIC_MAX_TOKENS", "max_tokens", 0)
 
     @default("context_tokens")
     def _default_context_tokens(self) -> int:
-        return int(_env("CI_MAGIC_CONTEXT_TOKENS") or 8192)
+        return _env_int("CI_MAGIC_CONTEXT_TOKENS", "context_tokens", 8192)
 
     @validate("context_tokens")
     def _check_context_tokens(self, proposal: dict[str, Any]) -> int:
@@ -381,10 +415,10 @@ class Settings(Configurable):
 
     @default("backend")
     def _default_backend(self) -> str:
-        chosen = _env("CI_MAGIC_BACKEND")
-        if chosen:
-            return chosen.lower()
-        return "openai" if openai_key_configured() else "local"
+        fallback = "openai" if openai_key_configured() else "local"
+        return _env_choice(
+            "CI_MAGIC_BACKEND", "backend", list(self.traits()["backend"].values or ()), fallback
+        )
 
     @default("model")
     def _default_model(self) -> str:
@@ -392,11 +426,11 @@ class Settings(Configurable):
 
     @default("memory_limit")
     def _default_memory_limit(self) -> str:
-        return (_env("CI_MAGIC_MEMORY_LIMIT") or "1g").lower()
+        return _env_choice("CI_MAGIC_MEMORY_LIMIT", "memory_limit", list(MEMORY_LIMITS), "1g")
 
     @default("expires_after_minutes")
     def _default_expiry(self) -> int:
-        return int(_env("CI_MAGIC_EXPIRES_MINUTES") or 20)
+        return _env_int("CI_MAGIC_EXPIRES_MINUTES", "expires_after_minutes", 20)
 
     @default("extra_headers")
     def _default_headers(self) -> dict[str, str]:

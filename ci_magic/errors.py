@@ -8,15 +8,21 @@
     │   └── StreamError          a stream broke mid-way (what arrived stays on screen)
     ├── SandboxError             the local sandbox could not start, died, or hit a limit
     ├── VariableError            unknown variable, unsupported type, over the size cap
-    └── ContainerFileError       a file missing from the container, unsafe name, undecodable
-        └── FileTooLarge         a container file over the download cap (nothing was written)
+    ├── ContainerFileError       a file missing from the container, unsafe name, undecodable
+    │   └── FileTooLarge         a container file over the download cap (nothing was written)
+    └── Interrupted              Ctrl-C during a turn or a transfer (nothing was lost)
 
+A turn's error carries what the turn produced before it failed (``error.result``).
 Anything else raised from ci_magic is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
-import textwrap
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ci_magic.result import Result
 
 __all__ = [
     "BackendError",
@@ -24,9 +30,11 @@ __all__ = [
     "ConfigurationError",
     "ContainerFileError",
     "FileTooLarge",
+    "Interrupted",
     "SandboxError",
     "StreamError",
     "VariableError",
+    "for_scripts",
 ]
 
 
@@ -34,6 +42,7 @@ class CIError(Exception):
     """Base class of ci-magic's user-facing errors."""
 
     title = "ci-magic"
+    result: Result | None = None  # a failed turn: everything it produced before it failed
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -41,8 +50,9 @@ class CIError(Exception):
 
     def _render_traceback_(self) -> list[str]:
         # IPython calls this instead of formatting a traceback (see IPython.core.interactiveshell).
-        text = f"{self.title}: {self.message}"
-        return textwrap.wrap(text, width=100, break_long_words=False, break_on_hyphens=False) or [text]
+        # One line, never hard-wrapped: the notebook or terminal wraps it, and a command in it
+        # (%config CodeInterpreter.model_base_url = "http://...") stays copyable in one piece.
+        return [f"{self.title}: {self.message}"]
 
     def __str__(self) -> str:
         return self.message
@@ -87,3 +97,23 @@ class FileTooLarge(ContainerFileError):
         super().__init__(message)
         self.size = size
         self.limit = limit
+
+
+class Interrupted(CIError):
+    """Ctrl-C (or the kernel's interrupt) during a turn or a transfer."""
+
+
+# `%config CodeInterpreter.name = value` (value optional): what a notebook user types.
+_CONFIG_COMMAND = re.compile(r'%config CodeInterpreter\.(\w+)(?: = ("[^"]*"|[\w.\-]*\w|\.\.\.))?')
+
+
+def for_scripts(message: str) -> str:
+    """``message`` with notebook commands said the plain-Python way (``CodeInterpreter(model=...)``)."""
+
+    def keyword(match: re.Match[str]) -> str:
+        return f"CodeInterpreter({match.group(1)}={match.group(2) or '...'})"
+
+    message = _CONFIG_COMMAND.sub(keyword, message)
+    return message.replace("%ci_reset", "ci.reset()").replace(
+        "%reload_ext ci_magic", "a new CodeInterpreter()"
+    )

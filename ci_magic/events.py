@@ -161,8 +161,10 @@ class ThinkingDelta:
 class FileCited:
     """The model cited (or produced) a container file.
 
-    ``start_index == end_index == 0`` marks OpenAI's zero-length citations of ``plt.show()``
-    images, which are already shown through an ``Image`` event.
+    ``displayed``: the file is an image the code displayed, already shown through an ``Image``
+    event, so it is neither downloaded nor shown again. (OpenAI cites each ``plt.show()`` image
+    as a zero-length ``cfile_*.png`` citation; its translator sets the flag only when the call's
+    outputs carried the image, since without them the cited file is the only copy.)
     """
 
     container_id: str
@@ -170,10 +172,7 @@ class FileCited:
     filename: str
     start_index: int = 0
     end_index: int = 0
-
-    @property
-    def zero_length(self) -> bool:
-        return self.start_index == self.end_index == 0
+    displayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,10 +192,15 @@ class Completed:
 
 @dataclass(frozen=True)
 class Failed:
-    """The turn ended without completing (API error, broken stream, interrupt, step cap)."""
+    """The stream itself said the turn failed: the API reported an error or an incomplete response
+    (``api``), or the turn hit a limit such as the step cap (``limit``).
+
+    Only in-band failures are events; errors raised on our side (HTTP, broken stream, sandbox,
+    interrupt, configuration) stay exceptions and reach the user with their own class.
+    """
 
     message: str
-    kind: Literal["api", "stream", "interrupted", "sandbox", "limit", "config"] = "api"
+    kind: Literal["api", "limit"] = "api"
 
 
 Event = (

@@ -1,7 +1,9 @@
-"""The IPython magics: parse arguments, look up variables, delegate to ``CodeInterpreter``."""
+"""The IPython magics: parse arguments, look up variables, delegate to ``CodeInterpreter``, show
+what it returns (through ``render/reports.py``)."""
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable
 from typing import Any
@@ -10,11 +12,12 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ci_magic.errors import CIError
+from ci_magic.errors import CIError, VariableError
 from ci_magic.interpreter import CodeInterpreter
+from ci_magic.render import reports
 from ci_magic.result import Result
 
-__all__ = ["CIMagics", "split_options"]
+__all__ = ["CIMagics", "line_prompts_keep_question_marks", "split_options"]
 
 # Options of %ci that take a value: the words after them belong to the option, not the prompt.
 VALUED_OPTIONS = {"--model", "-m", "-o", "--output", "-v", "--vars"}
@@ -38,6 +41,27 @@ def split_options(line: str) -> tuple[str, str]:
     for word in taken:
         prompt_start = line.index(word, prompt_start) + len(word)
     return " ".join(shlex.quote(w) for w in taken), line[prompt_start:].strip()
+
+
+# `%ci what files do we have?` or `answer = %ci ...?`: a prompt, not IPython's `name?` help.
+# (`%ci?` alone, with nothing after the magic's name, still shows the magic's help.)
+_LINE_PROMPT = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<target>[\w.]+[ \t]*=[ \t]*)?%ci[ \t]+(?P<prompt>\S.*\?)[ \t]*$"
+)
+
+
+def line_prompts_keep_question_marks(lines: list[str]) -> list[str]:
+    """An input transformer (``shell.input_transformers_cleanup``): a ``%ci`` line ending in ``?``
+    becomes an explicit ``run_line_magic`` call before IPython's help syntax would claim it."""
+    changed = []
+    for line in lines:
+        match = _LINE_PROMPT.match(line.rstrip("\n"))
+        if match is not None:
+            target = match["target"] or ""
+            call = f"get_ipython().run_line_magic('ci', {match['prompt']!r})"
+            line = f"{match['indent']}{target}{call}\n"
+        changed.append(line)
+    return changed
 
 
 @magics_class
@@ -131,12 +155,13 @@ class CIMagics(Magics):
     def ci_status(self, line: str) -> None:
         """Show the backend, model, container (id, status, expiry), files and tokens used this session."""
         parse_argstring(self.ci_status, line)
-        self.interpreter.show_status()
+        _show(reports.status_bundle(self.interpreter.status()))
 
     @magic_arguments()
     @line_magic
     def ci_reset(self, line: str) -> None:
-        """Start over: delete the container, forget the conversation (pushed variables are re-sent)."""
+        """Start over: delete the container, forget the conversation, and rebuild the backend from the
+        current configuration and environment (a new API key takes effect). Pushed variables are re-sent."""
         parse_argstring(self.ci_reset, line)
         self.interpreter.reset()
         print("ci-magic: the next cell starts a new container and a fresh conversation.")
@@ -156,13 +181,15 @@ class CIMagics(Magics):
     def ci_push(self, line: str) -> None:
         """Send notebook variables or files to the sandbox's /mnt/data (unchanged ones are not re-sent)."""
         args = parse_argstring(self.ci_push, line)
-        self.interpreter.push_names(
+        outcomes, notices = self.interpreter.push_names(
             args.names,
             namespace=self.shell.user_ns,
             as_name=args.as_name,
             fmt=args.fmt,
             allow_pickle=args.pickle,
         )
+        for text in reports.push_lines(outcomes, notices):
+            print(text)
 
     @magic_arguments()
     @argument("filename", nargs="?", help="A file in /mnt/data (see %%ci_files).")
@@ -175,13 +202,40 @@ class CIMagics(Magics):
         args = parse_argstring(self.ci_pull, line)
         if args.all == bool(args.filename):
             raise UsageError("Give one file name (%ci_pull clean.csv) or --all, not both or neither.")
-        return self.interpreter.pull_into(
-            self.shell.user_ns, filename=args.filename, output=args.output, pull_all=args.all
-        )
+        if args.output is not None and not args.output.isidentifier():
+            raise VariableError(f"-o needs a Python identifier, not {args.output!r}.")
+        namespace = self.shell.user_ns
+        if args.all:
+            pulled = self.interpreter.pull_all()
+            for item in pulled:
+                namespace[item.variable] = item.value
+                print(reports.pull_line(item.variable, item))
+            if not pulled:
+                print("The model has not made any files yet.")
+            return None
+        item = self.interpreter.pull(args.filename)
+        name = args.output or item.variable
+        namespace[name] = item.value
+        if item.kind == "image":
+            _show(
+                {item.mime or "image/png": item.path.read_bytes(), "text/plain": f"{item.name} ({item.path})"}
+            )
+        print(reports.pull_line(name, item))
+        return item.value
 
     @magic_arguments()
     @line_magic
     def ci_files(self, line: str) -> None:
         """List the container's files: name, size, source (notebook / model), created."""
         parse_argstring(self.ci_files, line)
-        self.interpreter.show_files()
+        table = reports.files_bundle(self.interpreter.files())
+        if table is None:
+            print(reports.NO_FILES)
+        else:
+            _show(table)
+
+
+def _show(bundle: dict[str, Any]) -> None:
+    from IPython.display import display
+
+    display(bundle, raw=True)

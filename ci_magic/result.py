@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from ci_magic.errors import BackendError, CIError
 from ci_magic.events import (
     CallStarted,
     CallStatus,
@@ -27,11 +30,70 @@ from ci_magic.events import (
     Usage,
 )
 
-__all__ = ["CallRecord", "Output", "Result", "ResultBuilder", "SavedFile"]
+__all__ = [
+    "LOG_KEEP_CHARS",
+    "CallRecord",
+    "LogText",
+    "Output",
+    "Result",
+    "ResultBuilder",
+    "SavedFile",
+    "TextSegment",
+]
 
-Output = Logs | Image | RichOutput | ExecutionError
+# A call's output longer than twice this is shown as its first and last LOG_KEEP_CHARS characters,
+# and saved whole as a file in the output folder.
+LOG_KEEP_CHARS = 20_000
 
 SANDBOX_LINK = re.compile(r"sandbox:/mnt/data/([^\s)\]\"'<>]+)")
+
+
+class LogText:
+    """Consecutive text one call printed on one stream, as it grows (appending is O(1)).
+
+    ``head_tail`` reads only the ends, so showing a 10 MB log costs what is shown, not 10 MB.
+    ``saved_as`` is the local file holding all of it, once the session wrote it (long logs only).
+    """
+
+    def __init__(self, call_id: str, stream: str) -> None:
+        self.call_id = call_id
+        self.stream = stream
+        self.size = 0  # characters
+        self._parts: list[str] = []
+        self.saved_as: Path | None = None
+
+    def append(self, text: str) -> None:
+        self._parts.append(text)
+        self.size += len(text)
+
+    @property
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    def head_tail(self, keep: int) -> tuple[str, str]:
+        """The first and last ``keep`` characters; ("all of it", "") when it is not longer than 2 x keep."""
+        if self.size <= 2 * keep:
+            return self.text, ""
+        return _take(self._parts, keep), _take(reversed(self._parts), keep, from_end=True)
+
+    def __repr__(self) -> str:
+        return f"LogText({self.stream}, {self.size:,} characters)"
+
+
+def _take(parts: Iterable[str], count: int, *, from_end: bool = False) -> str:
+    taken: list[str] = []
+    for part in parts:
+        piece = part[-count:] if from_end else part[:count]
+        taken.append(piece)
+        count -= len(piece)
+        if count <= 0:
+            break
+    return "".join(reversed(taken) if from_end else taken)
+
+
+Output = LogText | Image | RichOutput | ExecutionError
 
 
 @dataclass
@@ -46,7 +108,7 @@ class CallRecord:
 
     @property
     def logs(self) -> str:
-        return "".join(o.text for o in self.outputs if isinstance(o, Logs))
+        return "".join(o.text for o in self.outputs if isinstance(o, LogText))
 
     @property
     def images(self) -> list[bytes]:
@@ -55,6 +117,25 @@ class CallRecord:
     @property
     def error(self) -> ExecutionError | None:
         return next((o for o in self.outputs if isinstance(o, ExecutionError)), None)
+
+
+class TextSegment:
+    """One piece of the answer: text between calls (or ended by ``TextDone``)."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self.done: str | None = None  # TextDone's authoritative text
+
+    def append(self, delta: str) -> None:
+        self._parts.append(delta)
+
+    @property
+    def text(self) -> str:
+        if self.done is not None:
+            return self.done
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
 
 @dataclass(frozen=True)
@@ -67,6 +148,7 @@ class SavedFile:
     file_id: str
     size: int
     cited: bool  # the model linked it in its answer (False: found by listing the container)
+    displayed: bool = False  # an image the code displayed: on screen already, listed only
 
     @property
     def suffix(self) -> str:
@@ -86,7 +168,12 @@ class Result:
     model: str | None = None
     usage: Usage = field(default_factory=Usage)
     wall_time: float = 0.0
-    error: Failed | None = None
+    error: CIError | None = None  # why the turn stopped (raised by run()); None: it completed
+
+    @property
+    def failed_calls(self) -> list[CallRecord]:
+        """Calls whose code raised or was stopped (the turn itself may still have completed)."""
+        return [c for c in self.calls if c.status == "failed"]
 
     @property
     def code(self) -> str:
@@ -127,18 +214,21 @@ class Result:
             f"tokens: {self.usage.total_tokens}; {self.wall_time:.1f}s>"
         )
 
-    def _repr_pretty_(self, p, cycle: bool) -> None:
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(repr(self))
 
 
 class ResultBuilder:
-    """Folds events into a Result; the only place that interprets the stream for the record."""
+    """Folds events into a Result: the only place that interprets the stream.
+
+    The live view renders from this state (``calls``, ``segments``) instead of folding again.
+    """
 
     def __init__(self, prompt: str) -> None:
         self.result = Result(prompt=prompt)
         self._calls: dict[str, CallRecord] = {}
-        self._segments: list[str] = []  # finished assistant text segments
-        self._current: list[str] = []  # deltas of the segment being streamed
+        self.segments: list[TextSegment] = []  # the answer's pieces, in order
+        self._open: TextSegment | None = None  # the segment text deltas go to now
 
     def call(self, call_id: str) -> CallRecord:
         record = self._calls.get(call_id)
@@ -146,7 +236,13 @@ class ResultBuilder:
             record = CallRecord(call_id=call_id)
             self._calls[call_id] = record
             self.result.calls.append(record)
+        if self._open is not None:
+            self._open = None  # text after a call is a new segment below it
         return record
+
+    @property
+    def open_segment(self) -> TextSegment | None:
+        return self._open
 
     def feed(self, event: Event) -> None:
         result = self.result
@@ -162,16 +258,35 @@ class ResultBuilder:
             case CodeDone(call_id=cid, code=code):
                 self.call(cid).code = code
             case CallStatus(call_id=cid, status=status):
-                self.call(cid).status = status
-            case Logs() | Image() | RichOutput() | ExecutionError():
+                record = self.call(cid)
+                if not (record.status == "failed" and status == "completed"):
+                    record.status = status
+            case Logs(call_id=cid, text=text, stream=stream):
+                record = self.call(cid)
+                last = record.outputs[-1] if record.outputs else None
+                if not (isinstance(last, LogText) and last.stream == stream):
+                    last = LogText(cid, stream)
+                    record.outputs.append(last)
+                last.append(text)
+            case ExecutionError():
+                record = self.call(event.call_id)
+                record.outputs.append(event)
+                record.status = "failed"  # the code raised (or was stopped): not "done"
+            case Image() | RichOutput():
                 self.call(event.call_id).outputs.append(event)
             case TextDelta(delta=delta):
-                self._current.append(delta)
+                if self._open is None or self._open.done is not None:
+                    self._open = TextSegment()
+                    self.segments.append(self._open)
+                self._open.append(delta)
                 self._update_text()
             case TextDone(text=text):
-                # The segment's authoritative text replaces its deltas.
-                self._current.clear()
-                self._segments.append(text)
+                segment = self._open if self._open is not None and self._open.done is None else None
+                if segment is None:
+                    segment = TextSegment()
+                    self.segments.append(segment)
+                segment.done = text  # the segment's authoritative text replaces its deltas
+                self._open = None
                 self._update_text()
             case FileCited():
                 result.citations.append(event)
@@ -181,10 +296,14 @@ class ResultBuilder:
                 result.response_id = rid or result.response_id
                 result.container_id = container or result.container_id
                 result.usage = usage
-            case Failed():
-                result.error = event
+            case Failed(message=message):
+                self.fail(BackendError(message))
+
+    def fail(self, error: CIError) -> None:
+        """The turn stops with ``error``; it carries this Result (what arrived before it)."""
+        error.result = self.result
+        self.result.error = error
 
     def _update_text(self) -> None:
-        parts = [*self._segments, "".join(self._current)] if self._current else self._segments
         # Segments are separate messages (before and after a tool call): keep them paragraphs apart.
-        self.result.text = "\n\n".join(p.strip("\n") for p in parts if p)
+        self.result.text = "\n\n".join(t.strip("\n") for t in (s.text for s in self.segments) if t)

@@ -25,10 +25,10 @@ from ci_magic.backends.base import (
     TurnRequest,
     size_text,
 )
-from ci_magic.errors import BackendError, CIError, ContainerFileError, FileTooLarge, StreamError
-from ci_magic.events import CallStarted, Event, Failed, FileCited, Image, Notice, TextDelta, Usage
+from ci_magic.errors import BackendError, CIError, ContainerFileError, FileTooLarge, Interrupted
+from ci_magic.events import CallStarted, Event, FileCited, Image, Notice, TextDelta, Usage
 from ci_magic.filenames import download_into, safe_relative_name, save_into
-from ci_magic.result import Result, ResultBuilder, SavedFile
+from ci_magic.result import LOG_KEEP_CHARS, LogText, Result, ResultBuilder, SavedFile
 from ci_magic.variables.discover import always_push_items
 from ci_magic.variables.progress import Progress
 from ci_magic.variables.registry import PushRegistry, PushRequest
@@ -53,23 +53,30 @@ RECREATED_NOTE = (
 
 
 class View(Protocol):
-    """What a turn reports to (the renderer's TurnView, or a silent one)."""
+    """What a turn reports to: it folds each event into its ``builder`` and shows what changed."""
+
+    builder: ResultBuilder
 
     def handle(self, event: Event) -> None: ...
 
     def tick(self) -> None: ...
 
-    def finish(self, result: Result, *, link_base: Path | None = None) -> None: ...
+    def finish(self, result: Result | None = None, *, link_base: Path | None = None) -> None: ...
 
 
 class SilentView:
+    """Folds the events into the Result and shows nothing (``display=False``)."""
+
+    def __init__(self, prompt: str = "") -> None:
+        self.builder = ResultBuilder(prompt)
+
     def handle(self, event: Event) -> None:
-        pass
+        self.builder.feed(event)
 
     def tick(self) -> None:
         pass
 
-    def finish(self, result: Result, *, link_base: Path | None = None) -> None:
+    def finish(self, result: Result | None = None, *, link_base: Path | None = None) -> None:
         pass
 
 
@@ -121,8 +128,9 @@ class Session:
         self.conversation = Conversation()
         self.usage = Usage()
         self.turns = 0
+        self._made_by_exec: set[str] = set()  # file ids %%ci_exec code wrote: the user's, not the model's
+        self._sizes: dict[str, int] = {}  # file id -> bytes saved locally (listings may not say)
         self._seen_files: set[str] = set()  # container file ids already known: not "new" in a turn
-        self.last_result: Result | None = None
 
     # -- container lifecycle -------------------------------------------------------------------
 
@@ -154,13 +162,27 @@ class Session:
         notices.extend(await self._restore_files(self.container))
         return self.container, notices
 
-    async def reset(self) -> None:
-        """A new container and a fresh conversation (the push registry is kept)."""
+    async def reset(self, backend: Backend | None = None) -> None:
+        """A new container and a fresh conversation (the push registry is kept); turns count from 0.
+
+        ``backend``: replace the backend too (built from the current configuration and environment).
+        """
         old, self.container = self.container, None
         self.conversation.reset()
+        self.turns = 0
         if old is not None:
-            with contextlib.suppress(CIError):
+            with contextlib.suppress(CIError, OSError):
                 await self.backend.delete_container(old.id)
+        if backend is not None:
+            previous, self.backend = self.backend, backend
+            with contextlib.suppress(CIError, OSError, RuntimeError):
+                await previous.aclose()
+
+    def describe_file(self, row: FileRow) -> FileRow:
+        """A listing row with what the session knows: its size once saved, and who wrote it."""
+        size = row.size if row.size is not None else self._sizes.get(row.file_id)
+        source = "notebook" if row.file_id in self._made_by_exec else row.source
+        return dataclasses.replace(row, size=size, source=source)
 
     async def close(self, *, delete_container: bool) -> None:
         if delete_container and self.container is not None:
@@ -239,26 +261,27 @@ class Session:
         push: Sequence[PushRequest] = (),
         link_base: Path | None = None,
     ) -> Result:
-        """One turn, after pushing ``push`` (one notice per file sent); returns its Result."""
+        """One turn, after pushing ``push`` (one notice per file sent); returns its Result. A failure
+        is ``result.error`` (raised by the caller), whose ``result`` is this Result: what arrived
+        before it stays shown and recorded."""
         started = time.monotonic()
-        builder = ResultBuilder(prompt)
+        builder = view.builder
+        builder.result.prompt = prompt
         if options.new_conversation:
             self.conversation.reset()
         ticker = asyncio.ensure_future(_tick_every(view, 0.1))
         try:
             await self._run_in_container(prompt, options, view, builder, push)
         except asyncio.CancelledError:
-            _emit(
-                Failed(
-                    "Interrupted. The container, its files and the conversation are intact.", "interrupted"
-                ),
-                builder,
-                view,
+            # Ctrl-C: the bridge cancelled this task and waits for what it returns.
+            builder.fail(
+                Interrupted(
+                    "Interrupted. The kernel, the container, its files and the conversation are intact; "
+                    "run the cell again when ready."
+                )
             )
-        except BackendError as error:
-            _emit(Failed(error.message, "stream" if isinstance(error, StreamError) else "api"), builder, view)
         except CIError as error:
-            _emit(Failed(error.message, "config"), builder, view)
+            builder.fail(error)
         finally:
             ticker.cancel()
         result = builder.result
@@ -267,7 +290,12 @@ class Session:
             result.container_id = result.container_id or self.container.id
         self.turns += 1
         self.usage = self.usage + result.usage
-        self.last_result = result
+        self._save_long_logs(result)
+        for saved in result.files:
+            if saved.file_id:
+                self._sizes[saved.file_id] = saved.size
+                if options.exec_code is not None:
+                    self._made_by_exec.add(saved.file_id)
         view.finish(result, link_base=link_base)
         return result
 
@@ -290,7 +318,7 @@ class Session:
             unverified = attempt == 1 and self.container is not None
             container, notices = await self.ensure_container(verify=not unverified)
             for notice in notices:
-                _emit(notice, builder, view)
+                view.handle(notice)
             check = asyncio.ensure_future(self.backend.get_container(container.id)) if unverified else None
             downloads = _Downloads(
                 self.backend,
@@ -308,7 +336,7 @@ class Session:
                     model=options.model,
                     instructions=options.instructions,
                     conversation=self.conversation,
-                    context=await self._push_for_turn(container, push, lambda n: _emit(n, builder, view)),
+                    context=await self._push_for_turn(container, push, view.handle),
                     exec_code=options.exec_code,
                     extra_headers=dict(options.extra_headers or {}),
                 )
@@ -337,7 +365,6 @@ class Session:
         async for event in self.backend.stream(request):
             if not streamed:
                 streamed.append(event)
-            builder.feed(event)
             view.handle(event)
             downloads.observe(event)
 
@@ -348,7 +375,7 @@ class Session:
         listing = await downloads.final_listing()
         self._seen_files.update(f.id for f in listing or [])
         outcomes = await downloads.finished()
-        shown_images = {c.file_id for c in result.citations if c.zero_length}
+        shown_images = {c.file_id for c in result.citations if c.displayed}
         saved = [o for o in outcomes if isinstance(o, SavedFile) and o.file_id not in shown_images]
         result.notices.extend(o for o in outcomes if isinstance(o, Notice))
         saved.extend(self._save_figures(result))
@@ -366,8 +393,17 @@ class Session:
                     path = save_into(self.output_dir, name, image.data)
                 except (ContainerFileError, OSError):
                     continue
-                saved.append(SavedFile(name, path, "", "", len(image.data), False))
+                saved.append(SavedFile(name, path, "", "", len(image.data), False, displayed=True))
         return saved
+
+    def _save_long_logs(self, result: Result) -> None:
+        """Output too long to show whole is kept whole in a file, which the view links."""
+        for call in result.calls:
+            for output in call.outputs:
+                if isinstance(output, LogText) and output.size > 2 * LOG_KEEP_CHARS:
+                    name = f"logs/{_short(call.call_id)}-{output.stream}.txt"
+                    with contextlib.suppress(ContainerFileError, OSError):
+                        output.saved_as = save_into(self.output_dir, name, output.text.encode("utf-8", "replace"))
 
     async def refresh_container(self) -> ContainerInfo | None:
         """The container as the backend sees it now (None: gone). Never replaces it: the next turn does."""
@@ -478,7 +514,7 @@ class _Downloads:
         self.code_ran = False  # no code, no new files: a chat-only turn skips the listing
 
     def observe(self, event: Event) -> None:
-        if isinstance(event, FileCited) and not event.zero_length:
+        if isinstance(event, FileCited) and not event.displayed:
             self.cited.add(event.file_id)
             self.start(event.file_id, event.container_id, event.filename)
         elif isinstance(event, CallStarted):
@@ -557,11 +593,6 @@ def _short(call_id: str) -> str:
 def _is_show_image(file: ContainerFile) -> bool:
     """OpenAI stores each plt.show() image as /mnt/data/cfile_<id>.png; it is shown from the outputs."""
     return file.name.startswith("cfile_") and file.name.endswith(".png")
-
-
-def _emit(event: Event, builder: ResultBuilder, view: View) -> None:
-    builder.feed(event)
-    view.handle(event)
 
 
 async def _tick_every(view: View, seconds: float) -> None:

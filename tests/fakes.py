@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +24,12 @@ from ci_magic.backends.base import (
     open_download_target,
     stream_past_cap,
 )
-from ci_magic.errors import BackendError
-from ci_magic.events import Event, Failed
+from ci_magic.errors import BackendError, ConfigurationError
+from ci_magic.events import Event
 
-__all__ = ["FakeBackend"]
+__all__ = ["FakeBackend", "Script"]
+
+Script = Callable[[TurnRequest, "FakeBackend"], AsyncIterator[Event]]
 
 
 @dataclass
@@ -49,6 +51,8 @@ class FakeBackend:
         self._clock = itertools.count(1_760_000_000)
         self._ids = itertools.count(1)
         self.fail_uploads: set[str] = set()  # file names whose upload answers 500
+        self.turns: list[Script] = []  # what stream() plays, one script per turn
+        self.requests: list[TurnRequest] = []
 
     # -- containers ------------------------------------------------------------------------------
 
@@ -154,7 +158,14 @@ class FakeBackend:
         return sum(1 for c in self.calls if c[0] == call)
 
     async def stream(self, request: TurnRequest) -> AsyncIterator[Event]:
-        yield Failed("The fake backend moves files only; it runs no model.", kind="config")
+        """Play the next scripted turn: ``script(request, backend)`` yields events (and may write
+        files with ``add_model_file`` or raise as a real backend would)."""
+        self.calls.append(("stream", request.container_id))
+        self.requests.append(request)
+        if not self.turns:
+            raise ConfigurationError("The fake backend has no scripted turn left; it runs no model.")
+        async for event in self.turns.pop(0)(request, self):
+            yield event
 
     async def aclose(self) -> None:
         self._containers.clear()

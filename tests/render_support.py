@@ -177,7 +177,7 @@ def chart_turn(png: bytes, *, answer: str = CHART_ANSWER, call_id: str = "ci_cha
     events += [TextDelta(piece) for piece in chunked(answer, 4)]
     events += [
         TextDone(answer),
-        FileCited("cntr_1", "cfile_show", "cfile_show.png", 0, 0),
+        FileCited("cntr_1", "cfile_show", "cfile_show.png", 0, 0, displayed=True),
         FileCited("cntr_1", "cfile_chart", "chart.png", answer.find("sandbox:"), len(answer) - 1),
         Completed("resp_chart", "cntr_1", Usage(1200, 300, 1500)),
     ]
@@ -193,13 +193,19 @@ def play(
     prompt: str = "plot revenue by month",
     on_event: Callable[[Event], None] | None = None,
 ) -> Result:
-    """Feed events like the session does: one every ``step`` seconds, a tick every 100 ms."""
-    builder = ResultBuilder(prompt)
+    """Feed events like the session does: one every ``step`` seconds, a tick every 100 ms.
+
+    A view with a ``builder`` folds the events itself (the session's TurnView); others get a builder here.
+    """
+    own = getattr(view, "builder", None)
+    builder = own if own is not None else ResultBuilder(prompt)
+    builder.result.prompt = prompt
     start = clock()
     next_tick = start + 0.1
     for event in events:
         clock.advance(step)
-        builder.feed(event)
+        if own is None:
+            builder.feed(event)
         view.handle(event)  # type: ignore[attr-defined]
         while clock() >= next_tick:
             view.tick()  # type: ignore[attr-defined]

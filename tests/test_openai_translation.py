@@ -20,8 +20,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def translate(name: str) -> tuple[list, ResultBuilder]:
+def translate(name: str, *, without_outputs: bool = False) -> tuple[list, ResultBuilder]:
     raw = [e.json for e in load_stream(resolve_recording(name))]
+    if without_outputs:  # as a request without `include` (or some gateways) streams it
+        for item in raw:
+            if item.get("type") == "response.output_item.done" and "outputs" in item["item"]:
+                item["item"]["outputs"] = None
     translator = ResponsesTranslator()
     builder = ResultBuilder("recorded prompt")
     events = []
@@ -64,9 +68,16 @@ def test_image_output_and_zero_length_citation() -> None:
     images = [e for e in events if isinstance(e, Image)]
     assert len(images) == 1 and images[0].data.startswith(b"\x89PNG")
     cites = [e for e in events if isinstance(e, FileCited)]
-    assert [c.zero_length for c in cites] == [True, False]
+    assert [c.displayed for c in cites] == [True, False], "the zero-length citation is the image shown"
     assert cites[0].filename.startswith("cfile_") and cites[0].filename.endswith(".png")
     assert [c.code for c in result.calls] == [item["code"] for item in recorded_calls(PYDANTIC_IMAGE_STREAM)]
     assert any(isinstance(e, Logs) for e in events)
     started = [e for e in events if isinstance(e, CallStarted)]
     assert started[0].container_id and started[0].container_id.startswith("cntr_")
+
+
+def test_without_call_outputs_the_zero_length_cited_image_is_the_only_copy_and_is_fetched() -> None:
+    events, _ = translate(PYDANTIC_IMAGE_STREAM, without_outputs=True)
+    assert not [e for e in events if isinstance(e, Image)]
+    cites = [e for e in events if isinstance(e, FileCited)]
+    assert cites[0].filename.startswith("cfile_") and not cites[0].displayed, "nothing shown it: fetch it"

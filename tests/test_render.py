@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -30,7 +31,7 @@ from ci_magic.events import (
 from ci_magic.render.files import file_bundle
 from ci_magic.render.frontend import JupyterFrontend, TerminalFrontend, detect_frontend
 from ci_magic.render.live import TurnView
-from ci_magic.result import Result, SavedFile
+from ci_magic.result import SavedFile
 from tests.render_support import (
     CHART_CODE,
     RECORDING,
@@ -334,16 +335,16 @@ def test_a_plt_show_image_is_shown_once_and_its_saved_copies_are_only_listed(tmp
     other = png_bytes(color=(200, 30, 30))
     result = play(chart_turn(chart), view, clock)
     out = tmp_path / "ci_outputs"
+    copy = save(out, "figures/chart_0001-1.png", chart, cited=False)  # the session's copy of the Image
     result.files = [
-        save(out, "cfile_show.png", chart, file_id="cfile_show"),  # the zero-length citation's file
-        save(out, "figures/chart_0001-1.png", chart, cited=False),  # the session's copy of the Image
+        dataclasses.replace(copy, displayed=True),
         save(out, "other.png", other, file_id="cfile_other"),  # a different image: shown
     ]
     view.finish(result, link_base=tmp_path)
     images = [b["image/png"] for b in frontend.bundles() if "image/png" in b]
     assert sorted(images) == sorted([base64.b64encode(chart).decode(), base64.b64encode(other).decode()])
     listed = next(b for b in frontend.bundles() if "image shown above" in str(b.get("text/html")))
-    assert "figures/chart_0001-1.png" in listed["text/plain"] and "cfile_show.png" in listed["text/plain"]
+    assert "figures/chart_0001-1.png" in listed["text/plain"] and "other.png" not in listed["text/plain"]
     assert "image saved: ci_outputs/figures/chart_0001-1.png" in listed["text/plain"], "terminal: the path"
     assert "[image: PNG 64×48" in frontend.all_text("text/plain")
 
@@ -366,7 +367,7 @@ def test_long_logs_are_collapsible_and_short_ones_are_shown_plainly() -> None:
     view.finish(play(events, view, clock))
     short, long = (s.bundle for s in frontend.slots if s.role == "stream")
     assert "<details" not in short["text/html"] and "hi" in visible_text(short["text/html"])
-    assert re.search(r"<details><summary[^>]*>stdout · 40 lines</summary>", long["text/html"])
+    assert re.search(r"<details><summary[^>]*>output · 40 lines</summary>", long["text/html"])
     assert long_logs.rstrip() in visible_text(long["text/html"])
     assert long_logs.rstrip() in long["text/plain"]
 
@@ -565,8 +566,8 @@ def test_the_jupyter_frontend_sends_nothing_for_an_unchanged_update(monkeypatch:
     assert sent == [{"text/plain": "b", "text/html": "<b>b</b>"}]
 
 
-def test_result_text_is_bound_even_if_the_view_missed_the_events(tmp_path: Path) -> None:
-    view, frontend, _ = live_view()
-    result = Result(prompt="p", text="Only the record has this answer.")
+def test_an_answer_that_arrives_only_whole_is_shown(tmp_path: Path) -> None:
+    view, frontend, clock = live_view()
+    result = play([TextDone("Only the whole answer arrived."), Completed()], view, clock)
     view.finish(result, link_base=tmp_path)
-    assert any("Only the record" in str(b.get("text/plain")) for b in frontend.bundles())
+    assert any("Only the whole answer" in str(b.get("text/plain")) for b in frontend.bundles())

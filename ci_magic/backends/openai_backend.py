@@ -60,9 +60,6 @@ NO_KEY_MESSAGE = (
     "CI_MAGIC_MODEL_BASE_URL), then restart with %ci_reset."
 )
 
-EXPIRED_STATUSES = ("expired", "deleted")
-
-
 def make_client(*, max_retries: int, timeout: float, headers: dict[str, str]) -> openai.AsyncOpenAI:
     """An async client from the standard OpenAI / Azure OpenAI environment variables."""
     azure_endpoint = os.environ.get("AZURE_OPENAI_ENDPOINT")
@@ -166,6 +163,8 @@ class ResponsesTranslator:
         self.response_id: str | None = None
         self.container_id: str | None = None
         self.finished = False
+        # Images the calls' outputs carried and no zero-length citation has claimed yet.
+        self._images_unclaimed = 0
 
     def translate(self, event: Mapping[str, Any]) -> list[Event]:
         kind = event.get("type")
@@ -219,19 +218,28 @@ class ResponsesTranslator:
                 decoded = _decode_data_url(output.get("url") or "")
                 if decoded is not None:
                     events.append(Image(item["id"], decoded[0], decoded[1]))
+                    self._images_unclaimed += 1
         events.append(CallStatus(item["id"], "completed" if item.get("status") == "completed" else "failed"))
         return events
 
     def _annotation(self, annotation: Mapping[str, Any]) -> list[Event]:
         if annotation.get("type") != "container_file_citation":
             return []
+        start, end = int(annotation.get("start_index") or 0), int(annotation.get("end_index") or 0)
+        # OpenAI cites each plt.show() image as a zero-length citation of /mnt/data/cfile_*.png. When
+        # the call's outputs carried that image it is on screen already; without them (a request
+        # without `include`, some gateways) the cited file is the only copy, to fetch and show.
+        displayed = start == end == 0 and self._images_unclaimed > 0
+        if displayed:
+            self._images_unclaimed -= 1
         return [
             FileCited(
                 container_id=annotation["container_id"],
                 file_id=annotation["file_id"],
                 filename=annotation["filename"],
-                start_index=int(annotation.get("start_index") or 0),
-                end_index=int(annotation.get("end_index") or 0),
+                start_index=start,
+                end_index=end,
+                displayed=displayed,
             )
         ]
 

@@ -1,26 +1,26 @@
-"""The view of one turn: events in, throttled display updates out, plain final outputs at the end.
+"""The view of one turn: throttled display updates while it streams, plain final outputs at the end.
 
 Layout (each item is one display, in the order it first appeared)::
 
     status line            writing code (call 2) · 4 s   ->   done in 9.1 s · 2 calls · 7,670 tokens
-    call block             code (highlighted), logs (collapsed past 20 lines), errors, plain results
+    call block             code (highlighted), output (collapsed past 20 lines), errors, plain results
     image / rich output    one display per plt.show() image or rich (HTML, JSON...) output
     answer                 the assistant's Markdown (raw HTML escaped); one display per text segment
     notices                one line each
     files                  previews from render/files.py (images already shown are only listed)
 
-``handle`` only records the event and marks what changed (appending a delta is O(1)); rendering
-(highlighting, Markdown) happens in ``_flush``, which runs at most ``max_updates_per_second``
-times a second counted in frontend messages, so a fast stream of deltas costs a bounded number of
-display updates. ``--quiet`` shows nothing until ``finish``, which then shows final outputs only,
-the code collapsed.
+The view folds nothing itself: ``handle`` feeds its ``ResultBuilder`` (the one fold of the
+stream) and marks which display changed; each display draws from the builder's records. Drawing
+(highlighting, Markdown) happens in ``_flush``, at most ``max_updates_per_second`` messages a
+second and ``LIVE_BYTES_PER_SECOND`` bytes a second, so a fast stream of deltas, or a call
+printing megabytes, costs a bounded number and size of display updates. A call's output is
+shown capped: while it streams its first and last few KB, at the end its first and last
+``LOG_KEEP_CHARS`` (the whole of it saved as a file and linked). ``--quiet`` shows nothing
+until ``finish``, which then shows final outputs only, the code collapsed.
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import hashlib
 import re
 import struct
 import time
@@ -32,17 +32,16 @@ from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
+from ci_magic.errors import Interrupted
 from ci_magic.events import (
     CallStarted,
     CallStatus,
-    CallStatusName,
     CodeDelta,
     CodeDone,
     Completed,
     Event,
     ExecutionError,
     Failed,
-    FileCited,
     Image,
     Logs,
     Notice,
@@ -61,12 +60,15 @@ from ci_magic.render.safe_html import (
     safe_bundle,
     strip_ansi,
 )
-from ci_magic.result import Result, SavedFile
+from ci_magic.result import CallRecord, LogText, Result, ResultBuilder, TextSegment
 
 __all__ = ["TurnView"]
 
+
 LOG_COLLAPSE_LINES = 20
-LOG_MAX_CHARS = 200_000
+LOG_KEEP_CHARS = 20_000  # final outputs: a call's output keeps its first and last 20 KB
+LIVE_LOG_KEEP_CHARS = 2_000  # while streaming: the first and last 2 KB (the rest comes at the end)
+LIVE_BYTES_PER_SECOND = 100_000  # live updates, all displays together
 # stripnl=False: chunks highlighted separately must keep their blank lines to join back exactly.
 _LEXER = PythonLexer(stripnl=False)
 _FORMATTER = HtmlFormatter(nowrap=True, noclasses=True, style="default")
@@ -124,27 +126,6 @@ class _Status(_Piece):
         }
 
 
-class _Logs:
-    def __init__(self, stream: str) -> None:
-        self.stream = stream
-        self.parts: list[str] = []
-
-    def text(self) -> str:
-        if len(self.parts) > 1:
-            self.parts[:] = ["".join(self.parts)]
-        return _clean_logs(self.parts[0]) if self.parts else ""
-
-
-@dataclasses.dataclass
-class _Plain:
-    """A rich output with nothing but text (an expression's value): shown with the logs."""
-
-    text: str
-
-
-_Item = _Logs | _Plain | ExecutionError
-
-
 class _Highlighter:
     """Highlights growing code, re-lexing only what follows the last top-level statement boundary.
 
@@ -189,45 +170,69 @@ class _Highlighter:
         return found, found_quotes
 
 
+class _Plain:
+    """A rich output with nothing but text (an expression's value): shown with the output."""
+
+    def __init__(self, output: RichOutput) -> None:
+        plain = output.bundle.get("text/plain")
+        self.text = strip_ansi(plain) if isinstance(plain, str) else "[display output]"
+
+
+_Item = LogText | _Plain | ExecutionError
+
+
 class _Block(_Piece):
-    """One code interpreter call: its code as it streams, then what running it printed."""
+    """One code interpreter call, drawn from its record: the code as it streams, then its output."""
 
     role: ClassVar[SlotRole] = "stream"
 
-    def __init__(self, index: int, number: int, call_id: str) -> None:
+    def __init__(self, index: int, number: int, record: CallRecord) -> None:
         super().__init__(index)
         self.number = number
-        self.call_id = call_id
-        self.parts: list[str] = []
-        self.done_code: str | None = None  # CodeDone: authoritative
-        self.status: CallStatusName = "writing"
-        self.items: list[_Item] = []
+        self.record = record
+        self.live = True  # while streaming, output is cut shorter
         self._highlight = _Highlighter()
+        self._plain: dict[int, _Plain] = {}  # id(RichOutput) -> its text item
+
+    def items(self) -> list[_Item]:
+        items: list[_Item] = []
+        for output in self.record.outputs:
+            if isinstance(output, (LogText, ExecutionError)):
+                items.append(output)
+            elif (
+                isinstance(output, RichOutput)
+                and not output.update
+                and output.bundle.keys().isdisjoint(DISPLAYED_MIMES)
+            ):
+                plain = self._plain.get(id(output))
+                if plain is None:
+                    plain = self._plain[id(output)] = _Plain(output)
+                items.append(plain)
+        return items
 
     def code(self) -> str:
-        if self.done_code is not None:
-            return self.done_code
-        if len(self.parts) > 1:
-            self.parts[:] = ["".join(self.parts)]
-        return self.parts[0] if self.parts else ""
+        return self.record.code
 
     def code_html(self) -> str:
         code = self.code().replace("\r\n", "\n").rstrip("\n")
         return f'<pre style="{_CODE_STYLE}">{self._highlight(code)}</pre>'
 
     def items_html(self) -> str:
-        return "".join(_item_html(item) for item in self.items)
+        keep = LIVE_LOG_KEEP_CHARS if self.live else LOG_KEEP_CHARS
+        return "".join(_item_html(item, keep) for item in self.items())
 
     def plain(self) -> str:
         text = f"── call {self.number} {'─' * 30}\n" + self.code().replace("\r\n", "\n").rstrip("\n")
-        if self.done_code is not None or self.status != "writing" or self.items:
+        items = self.items()
+        if self.record.status != "writing" or items:
             # Only a finished code ends its last line: a terminal prints complete lines only.
-            text += "\n" + "".join(_item_plain(item) + "\n" for item in self.items)
+            text += "\n" + "".join(_item_plain(item, live=self.live) + "\n" for item in items)
         return text
 
     def bundle(self) -> MimeBundle:
-        label = _CALL_LABELS.get(self.status, self.status)
-        color = "#b00020" if self.status == "failed" else "#777"
+        status = self.record.status
+        label = _CALL_LABELS.get(status, status)
+        color = "#b00020" if status == "failed" else "#777"
         header = f'<div style="font-size:0.85em;color:{color}">call {self.number} · {escape(label)}</div>'
         return {
             "text/html": f'<div style="{_BLOCK_STYLE}">{header}{self.code_html()}{self.items_html()}</div>',
@@ -266,25 +271,17 @@ class _RichOut(_Piece):
 
 
 class _Text(_Piece):
-    """One segment of the assistant's answer."""
+    """One segment of the assistant's answer, drawn from the builder's segment."""
 
     role: ClassVar[SlotRole] = "text"
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, segment: TextSegment) -> None:
         super().__init__(index)
-        self.parts: list[str] = []
-        self.done: str | None = None  # TextDone (or the final text with local links)
-        self.closed = False
-
-    def text(self) -> str:
-        if self.done is not None:
-            return self.done
-        if len(self.parts) > 1:
-            self.parts[:] = ["".join(self.parts)]
-        return self.parts[0] if self.parts else ""
+        self.segment = segment
+        self.final: str | None = None  # the segment with its sandbox: links made local
 
     def bundle(self) -> MimeBundle:
-        text = self.text()
+        text = self.final if self.final is not None else self.segment.text
         return {
             "text/markdown": escape_markdown(text),
             "text/html": f"<div>{markdown_to_html(text)}</div>",
@@ -324,16 +321,18 @@ class _Fixed(_Piece):
 
 
 class TurnView:
-    """Turns one turn's events into displays on ``frontend``: live while streaming, final at the end."""
+    """Shows one turn on ``frontend``: live while streaming, final at the end."""
 
     def __init__(
         self,
         frontend: Frontend,
         *,
+        prompt: str = "",
         quiet: bool = False,
         max_updates_per_second: float = 12.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.builder = ResultBuilder(prompt)
         self._frontend = frontend
         self._quiet = quiet
         self._interval = 1.0 / max_updates_per_second if max_updates_per_second > 0 else 0.0
@@ -345,36 +344,18 @@ class TurnView:
         self._dirty: list[_Piece] = []
         self._status = self._add(_Status)
         self._blocks: dict[str, _Block] = {}
-        self._current_block: _Block | None = None
-        self._text: _Text | None = None
+        self._texts: dict[int, _Text] = {}  # id(segment) -> its display
         self._notices: _Notices | None = None
         self._rich: dict[str, list[_RichOut]] = {}
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            TurnStarted: self._on_turn_started,
-            CallStarted: self._on_call_started,
-            CodeDelta: self._on_code_delta,
-            CodeDone: self._on_code_done,
-            CallStatus: self._on_call_status,
-            Logs: self._on_logs,
-            Image: self._on_image,
-            RichOutput: self._on_rich,
-            ExecutionError: self._on_error,
-            TextDelta: self._on_text_delta,
-            TextDone: self._on_text_done,
-            FileCited: _ignore,  # shown through the files and the answer's links at the end
-            Notice: self._on_notice,
-            Completed: self._on_completed,
-            Failed: self._on_failed,
-        }
 
     # -- public ------------------------------------------------------------------------------------
 
     def handle(self, event: Event) -> None:
-        """Record one event; redraw only if the update budget allows (``tick`` catches up later)."""
+        """Fold one event into the record; redraw only if the budget allows (``tick`` catches up)."""
+        self.builder.feed(event)
         if self._quiet or self._finished:
-            return  # quiet mode renders from the Result alone
-        # An event type newer than this view is recorded in the Result, just not drawn live.
-        self._handlers.get(type(event), _ignore)(event)
+            return  # quiet mode draws from the record at the end
+        self._changed(event)
         now = self._clock()
         if now >= self._next_flush:
             self._flush(now)
@@ -387,33 +368,42 @@ class TurnView:
         if now >= self._next_flush:
             self._flush(now)
 
-    def finish(self, result: Result, *, link_base: Path | None = None) -> None:
-        """Bring every display to its final, persistent state and show notices and files."""
+    def finish(self, result: Result | None = None, *, link_base: Path | None = None) -> None:
+        """Bring every display to its final, persistent state and show notices and files.
+
+        ``result`` is the builder's own (accepted from callers that hold it; anything else is a bug).
+        """
+        if result is not None and result is not self.builder.result:
+            raise ValueError("finish() shows the view's own Result (view.builder.result)")
         if self._finished:
             return
         self._finished = True
+        result = self.builder.result
         link_base = link_base if link_base is not None else Path.cwd()
-        self._reconcile(result)
-        shown_images = self._shown_images()
+        for record in result.calls:
+            self._block(record.call_id).live = False
         if result.notices:
             self._notice_piece().notices = list(result.notices)
         if self._quiet:
             shown: list[_Piece] = [self._quiet_summary()] if self._blocks else []
-            shown += [p for p in self._pieces if isinstance(p, (_ImageOut, _RichOut))]
+            for record in result.calls:
+                for output in record.outputs:
+                    if isinstance(output, Image):
+                        shown.append(_ImageOut(-1, output.data, output.mime))
+                    elif isinstance(output, RichOutput):
+                        self._changed(output)  # the latest state of each display, in order
+            shown += [p for p in self._pieces if isinstance(p, _RichOut)]
             if result.text.strip():
-                answer = _Text(-1)
-                answer.done = result.text_with_local_links(link_base)
+                answer = _Text(-1, TextSegment())
+                answer.final = result.text_with_local_links(link_base)
                 shown.append(answer)
             if self._notices is not None:
                 shown.append(self._notices)
         else:
-            texts = [p for p in self._pieces if isinstance(p, _Text)]
-            for text in texts:
-                text.done = _local_links(text.text(), result, link_base)
-            if not texts and result.text.strip():
-                self._add(_Text).done = result.text_with_local_links(link_base)
+            for segment in self.builder.segments:
+                self._segment(segment).final = _local_links(segment.text, result, link_base)
             shown = [p for p in self._pieces if p is not self._status]
-        shown += self._file_pieces(result, link_base, shown_images)
+        shown += self._file_pieces(result, link_base)
         self._status.text = self._final_status(result)
         self._status.failed = result.error is not None
         if self._status.slot is None:
@@ -423,45 +413,42 @@ class TurnView:
         self._send(self._status, final=True)
         self._dirty.clear()
 
-    # -- events ------------------------------------------------------------------------------------
+    # -- what an event changed ----------------------------------------------------------------------
 
-    def _on_turn_started(self, event: TurnStarted) -> None:
-        self._set_phase(f"waiting for {event.model}" if event.model else "waiting for the model")
-
-    def _on_call_started(self, event: CallStarted) -> None:
-        self._block(event.call_id)
-
-    def _on_code_delta(self, event: CodeDelta) -> None:
-        block = self._block(event.call_id)
-        block.parts.append(event.delta)
-        self._mark(block)
-
-    def _on_code_done(self, event: CodeDone) -> None:
-        block = self._block(event.call_id)
-        block.done_code = event.code
-        self._mark(block)
-
-    def _on_call_status(self, event: CallStatus) -> None:
-        block = self._block(event.call_id)
-        block.status = event.status
-        if event.status in ("running", "interpreting"):
-            self._set_phase(f"running call {block.number}")
-        elif event.status != "writing":
-            self._set_phase("reading results")
-        self._mark(block)
-
-    def _on_logs(self, event: Logs) -> None:
-        block = self._block(event.call_id)
-        last = block.items[-1] if block.items else None
-        if not (isinstance(last, _Logs) and last.stream == event.stream):
-            last = _Logs(event.stream)
-            block.items.append(last)
-        last.parts.append(event.text)
-        self._mark(block)
-
-    def _on_image(self, event: Image) -> None:
-        self._block(event.call_id)
-        self._add(_ImageOut, event.data, event.mime)
+    def _changed(self, event: Event) -> None:
+        match event:
+            case TurnStarted(model=model):
+                self._set_phase(f"waiting for {model}" if model else "waiting for the model")
+            case CallStarted(call_id=cid) | CodeDelta(call_id=cid) | CodeDone(call_id=cid):
+                self._mark(self._block(cid))
+            case CallStatus(call_id=cid, status=status):
+                block = self._block(cid)
+                if status in ("running", "interpreting"):
+                    self._set_phase(f"running call {block.number}")
+                elif status != "writing":
+                    self._set_phase("reading results")
+                self._mark(block)
+            case Logs(call_id=cid) | ExecutionError(call_id=cid):
+                self._mark(self._block(cid))
+            case Image(call_id=cid, data=data, mime=mime):
+                self._block(cid)
+                self._add(_ImageOut, data, mime)
+            case RichOutput():
+                self._on_rich(event)
+            case TextDelta() | TextDone():
+                segment = self.builder.segments[-1] if self.builder.segments else None
+                if segment is not None:
+                    if id(segment) not in self._texts:
+                        self._set_phase("writing the answer")
+                    self._mark(self._segment(segment))
+            case Notice():
+                notices = self._notice_piece()
+                notices.notices.append(event)
+                self._mark(notices)
+            case Completed():
+                self._set_phase("saving files")
+            case Failed():
+                self._set_phase("stopped")
 
     def _on_rich(self, event: RichOutput) -> None:
         block = self._block(event.call_id)
@@ -471,47 +458,15 @@ class TurnView:
                 self._mark(piece)
             return
         if event.bundle.keys().isdisjoint(DISPLAYED_MIMES):
-            plain = event.bundle.get("text/plain")
-            block.items.append(_Plain(strip_ansi(plain) if isinstance(plain, str) else "[display output]"))
-            self._mark(block)
+            self._mark(block)  # text only: drawn with the call's output
             return
         piece = self._add(_RichOut, event.bundle)
         if event.display_id is not None:
             self._rich.setdefault(event.display_id, []).append(piece)
 
-    def _on_error(self, event: ExecutionError) -> None:
-        block = self._block(event.call_id)
-        block.items.append(event)
-        self._mark(block)
-
-    def _on_text_delta(self, event: TextDelta) -> None:
-        text = self._text
-        if text is None or text.closed:
-            text = self._text = self._add(_Text)
-            self._set_phase("writing the answer")
-        text.parts.append(event.delta)
-        self._mark(text)
-
-    def _on_text_done(self, event: TextDone) -> None:
-        text = self._text if self._text is not None and not self._text.closed else self._add(_Text)
-        text.done = event.text
-        text.closed = True
-        self._mark(text)
-
-    def _on_notice(self, event: Notice) -> None:
-        notices = self._notice_piece()
-        notices.notices.append(event)
-        self._mark(notices)
-
-    def _on_completed(self, event: Completed) -> None:
-        self._set_phase("saving files")
-
-    def _on_failed(self, event: Failed) -> None:
-        self._set_phase("stopped")
-
     # -- state -------------------------------------------------------------------------------------
 
-    def _add(self, kind: type, *args: object) -> _Piece:
+    def _add(self, kind: type, *args: object) -> Any:
         piece = kind(len(self._pieces), *args)
         self._pieces.append(piece)
         self._mark(piece)
@@ -525,14 +480,16 @@ class TurnView:
     def _block(self, call_id: str) -> _Block:
         block = self._blocks.get(call_id)
         if block is None:
-            block = self._add(_Block, len(self._blocks) + 1, call_id)
+            block = self._add(_Block, len(self._blocks) + 1, self.builder.call(call_id))
             self._blocks[call_id] = block
             self._set_phase(f"writing code (call {block.number})")
-        if block is not self._current_block:
-            self._current_block = block
-            if self._text is not None:
-                self._text.closed = True  # text after this call is a new segment below it
         return block
+
+    def _segment(self, segment: TextSegment) -> _Text:
+        piece = self._texts.get(id(segment))
+        if piece is None:
+            piece = self._texts[id(segment)] = self._add(_Text, segment)
+        return piece
 
     def _notice_piece(self) -> _Notices:
         if self._notices is None:
@@ -555,41 +512,34 @@ class TurnView:
             return
         dirty = sorted(self._dirty, key=lambda p: p.index)
         self._dirty.clear()
-        for piece in dirty:
-            self._send(piece)
-        # The budget counts messages, not flushes: three displays updated at once cost three.
-        self._next_flush = now + len(dirty) * self._interval
+        sent = sum(self._send(piece) for piece in dirty)
+        # The budget counts messages and bytes: three displays updated at once cost three, and a
+        # call printing megabytes slows its own redraws down instead of flooding the frontend.
+        self._next_flush = now + max(len(dirty) * self._interval, sent / LIVE_BYTES_PER_SECOND)
 
-    def _send(self, piece: _Piece, *, final: bool = False) -> None:
+    def _send(self, piece: _Piece, *, final: bool = False) -> int:
+        """Show ``piece`` as it is now; returns the bytes of text sent."""
         piece.dirty = False
         bundle = piece.bundle()
         if piece.slot is None:
             piece.slot = self._frontend.open(bundle, role=piece.role, final=final)
         else:
             piece.slot.update(bundle, final=final)
+        return sum(len(value) for value in bundle.values() if isinstance(value, (str, bytes)))
 
     # -- the end -----------------------------------------------------------------------------------
 
-    def _reconcile(self, result: Result) -> None:
-        """Take the record's code and status; calls this view never saw are added with their outputs."""
-        for record in result.calls:
-            known = record.call_id in self._blocks
-            block = self._block(record.call_id)
-            if record.code:
-                block.done_code = record.code
-            block.status = record.status
-            if not known:
-                for output in record.outputs:
-                    self._handlers.get(type(output), _ignore)(output)
-
     def _final_status(self, result: Result) -> str:
         elapsed = result.wall_time if result.wall_time > 0 else self._clock() - self._start
-        calls = len(self._blocks)
+        calls = len(result.calls)
         if result.error is not None:
-            verb = "interrupted" if result.error.kind == "interrupted" else "failed"
+            verb = "interrupted" if isinstance(result.error, Interrupted) else "failed"
             # The message itself is the error the cell raises: said once, below the outputs.
             return f"{verb} after {elapsed:.1f} s"
         parts = [f"done in {elapsed:.1f} s", f"{calls} call{'s' if calls != 1 else ''}"]
+        failed = len(result.failed_calls)
+        if failed:
+            parts[-1] += f" ({failed} failed)"
         usage = result.usage
         if usage.total_tokens:
             parts.append(
@@ -601,7 +551,7 @@ class TurnView:
         blocks = list(self._blocks.values())
         lines = sum(len(b.code().strip("\n").splitlines()) for b in blocks)
         what = f"{len(blocks)} call{'s' if len(blocks) != 1 else ''}, {lines} lines of code"
-        failed = [b.number for b in blocks if any(isinstance(i, ExecutionError) for i in b.items)]
+        failed = [b.number for b in blocks if b.record.status == "failed"]
         if failed:
             what += f"; errors in call {', '.join(map(str, failed))}"
         inner = "".join(
@@ -618,33 +568,13 @@ class TurnView:
             },
         )
 
-    def _shown_images(self) -> set[bytes]:
-        digests: set[bytes] = set()
-        for piece in self._pieces:
-            if isinstance(piece, _ImageOut):
-                digests.add(_digest(piece.data))
-            elif isinstance(piece, _RichOut):
-                bundle = piece.bundle()
-                for mime in ("image/png", "image/jpeg", "image/gif"):
-                    if isinstance(bundle.get(mime), str):
-                        digests.add(_digest(base64.b64decode(bundle[mime])))
-        return digests
-
-    def _file_pieces(self, result: Result, link_base: Path, shown: set[bytes]) -> list[_Piece]:
-        """One display per saved file; images already on screen are only listed, in one line each."""
-        show_ids = {c.file_id for c in result.citations if c.zero_length}
+    def _file_pieces(self, result: Result, link_base: Path) -> list[_Piece]:
+        """One display per saved file; images the code displayed are on screen already: listed only."""
         pieces: list[_Piece] = []
-        already: list[SavedFile] = []
+        already = [saved for saved in result.files if saved.displayed]
         for saved in result.files:
-            if saved.suffix in _IMAGE_SUFFIXES:
-                # A zero-length citation is the plt.show() image itself, already shown if any was.
-                if (saved.file_id and saved.file_id in show_ids and shown) or _file_digest(saved) in shown:
-                    already.append(saved)
-                    continue
-                digest = _file_digest(saved)
-                if digest is not None:
-                    shown.add(digest)
-            pieces.append(self._add(_Fixed, file_bundle(saved, link_base=link_base)))
+            if not saved.displayed:
+                pieces.append(self._add(_Fixed, file_bundle(saved, link_base=link_base)))
         if already:
             links = [link_bundle(s, link_base=link_base, note="image shown above") for s in already]
             pieces.append(
@@ -666,35 +596,36 @@ class TurnView:
 # -- helpers ------------------------------------------------------------------------------------------
 
 
-def _ignore(event: object) -> None:
-    pass
-
-
 def _local_links(text: str, result: Result, link_base: Path) -> str:
     """One answer segment with its sandbox: links pointing at the local copies (Result's rule)."""
-    return dataclasses.replace(result, text=text).text_with_local_links(link_base)
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _file_digest(saved: SavedFile) -> bytes | None:
-    try:
-        return _digest(saved.path.read_bytes())
-    except OSError:
-        return None
+    return Result(prompt="", text=text, files=result.files).text_with_local_links(link_base)
 
 
 def _clean_logs(text: str) -> str:
-    """Logs as a terminal would leave them: no escape codes, progress bars at their last state."""
+    """Output as a terminal would leave it: no escape codes, progress bars at their last state."""
     text = strip_ansi(text.replace("\r\n", "\n"))
     if "\r" in text:
         text = "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
     return text
 
 
-def _item_html(item: _Item) -> str:
+def _stream_label(stream: str) -> str:
+    # OpenAI's "logs" are stdout and stderr together; the local sandbox's stdout is the same thing.
+    return "error output" if stream == "stderr" else "output"
+
+
+def _log_parts(log: LogText, keep: int) -> tuple[str, str, str]:
+    """(head, what was cut, tail) of a call's output; the middle is "" when all of it fits."""
+    head, tail = log.head_tail(keep)
+    if not tail:
+        return _clean_logs(head), "", ""
+    omitted = log.size - len(head) - len(tail)
+    where = f"; all of it is in {log.saved_as.as_posix()}" if log.saved_as is not None else ""
+    note = f"[... {omitted:,} characters not shown{where} ...]"
+    return _clean_logs(head), note, _clean_logs(tail)
+
+
+def _item_html(item: _Item, keep: int) -> str:
     if isinstance(item, ExecutionError):
         head = f"{item.name}: {strip_ansi(item.value)}"
         html_text = f'<pre style="{_PRE_STYLE};color:#b00020">{escape(head)}</pre>'
@@ -706,31 +637,40 @@ def _item_html(item: _Item) -> str:
         return html_text
     if isinstance(item, _Plain):
         return f'<pre style="{_PRE_STYLE}">{escape(item.text)}</pre>'
-    text = item.text()
-    note = ""
-    if len(text) > LOG_MAX_CHARS:
-        note = f"showing the last {human_size(LOG_MAX_CHARS)}; the result's .calls[i].logs has all of it"
-        text = text[-LOG_MAX_CHARS:]
+    head, cut, tail = _log_parts(item, keep)
     color = ";color:#b00020" if item.stream == "stderr" else ""
-    body = f'<pre style="{_PRE_STYLE}{color}">{escape(text.rstrip(chr(10)))}</pre>'
-    if note:
-        body = f'<div style="{_SMALL}">{escape(note)}</div>' + body
-    lines = text.count("\n") + (0 if text.endswith("\n") else 1)
-    if lines <= LOG_COLLAPSE_LINES:
+    body = f'<pre style="{_PRE_STYLE}{color}">{escape(head.rstrip(chr(10)))}</pre>'
+    if cut:
+        link = ""
+        if item.saved_as is not None:
+            link = f' <a href="{escape(item.saved_as.as_posix())}" target="_blank">open all of it</a>'
+        body += f'<div style="{_SMALL}">{escape(cut)}{link}</div>'
+        body += f'<pre style="{_PRE_STYLE}{color}">{escape(tail.rstrip(chr(10)))}</pre>'
+    lines = (head + tail).count("\n") + (0 if (tail or head).endswith("\n") else 1)
+    if lines <= LOG_COLLAPSE_LINES and not cut:
         return body
+    size = f"{item.size:,} characters" if cut else f"{lines:,} lines"
     return (
-        f'<details><summary style="{_SMALL};cursor:pointer">{escape(item.stream)} · {lines:,} lines'
+        f'<details><summary style="{_SMALL};cursor:pointer">{_stream_label(item.stream)} · {size}'
         f"</summary>{body}</details>"
     )
 
 
-def _item_plain(item: _Item) -> str:
+def _item_plain(item: _Item, *, live: bool) -> str:
     if isinstance(item, ExecutionError):
         trace = strip_ansi(item.traceback).rstrip("\n")
         return "── error ──\n" + (trace or f"{item.name}: {strip_ansi(item.value)}")
     if isinstance(item, _Plain):
         return "── result ──\n" + item.text.rstrip("\n")
-    return f"── {item.stream} ──\n" + item.text().rstrip("\n")
+    label = f"── {_stream_label(item.stream)} ──\n"
+    if live:
+        # Only the head while streaming: a terminal prints lines once, so the text must only grow.
+        head, _tail = item.head_tail(LOG_KEEP_CHARS)
+        return label + _clean_logs(head[: 2 * LIVE_LOG_KEEP_CHARS]).rstrip("\n")
+    head, cut, tail = _log_parts(item, LOG_KEEP_CHARS)
+    if not cut:
+        return label + head.rstrip("\n")
+    return label + head.rstrip("\n") + "\n" + cut + "\n" + tail.rstrip("\n")
 
 
 def _describe_image(data: bytes, mime: str) -> str:

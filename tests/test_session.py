@@ -1,0 +1,209 @@
+"""The Session's turn flow on a scripted in-memory backend: retries, downloads, and errors that keep
+their class from where they were raised to the Result the user gets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ci_magic.backends.base import TurnRequest
+from ci_magic.errors import BackendError, ConfigurationError, Interrupted, StreamError, VariableError
+from ci_magic.events import (
+    CallStarted,
+    CallStatus,
+    CodeDone,
+    Completed,
+    Event,
+    ExecutionError,
+    Failed,
+    FileCited,
+    Image,
+    Logs,
+    TextDelta,
+    TextDone,
+    TurnStarted,
+)
+from ci_magic.result import LOG_KEEP_CHARS, LogText
+from ci_magic.session import Session, SilentView, TurnOptions
+from ci_magic.variables.registry import PushRequest
+from tests.fakes import FakeBackend
+from tests.render_support import png_bytes
+
+OPTIONS = TurnOptions(model="fake-model", instructions="Be brief.")
+
+
+def make_session(backend: FakeBackend, tmp_path: Path, **options: object) -> Session:
+    return Session(
+        backend,
+        session_id="test",
+        memory_limit="1g",
+        expires_after_minutes=20,
+        output_dir=tmp_path / "ci_outputs",
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def turn(session: Session, runner: asyncio.Runner, prompt: str = "go", **kwargs: object):
+    return runner.run(session.run_turn(prompt, kwargs.pop("options", OPTIONS), SilentView(), **kwargs))  # type: ignore[arg-type]
+
+
+def answer(text: str, *before: Event):
+    """A turn script: optional events, then ``text`` as the answer, then Completed."""
+
+    async def script(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+        backend._usable(request.container_id)  # a real backend fails on a container that is gone
+        yield TurnStarted("resp_1", "fake-model")
+        for event in before:
+            yield event
+        yield TextDelta(text)
+        yield TextDone(text)
+        yield Completed("resp_1", request.container_id)
+
+    return script
+
+
+def test_a_container_gone_between_cells_is_replaced_and_the_turn_runs_again(tmp_path, runner) -> None:
+    backend = FakeBackend()
+    session = make_session(backend, tmp_path)
+    backend.turns += [answer("first"), answer("second"), answer("second")]
+    first = turn(session, runner)
+    backend.expire(first.container_id)
+    second = turn(session, runner)
+    assert second.ok and second.text == "second"
+    assert second.container_id != first.container_id and backend.count("create_container") == 2
+    assert [r.container_id for r in backend.requests] == [
+        first.container_id,
+        first.container_id,
+        second.container_id,
+    ]
+    assert any("previous container expired" in n for n in session.conversation.notes), "the model is told"
+
+
+def test_a_broken_stream_is_not_retried_and_keeps_its_class_and_what_arrived(tmp_path, runner) -> None:
+    async def breaks(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+        yield TurnStarted()
+        yield TextDelta("Half an ans")
+        raise StreamError("The stream broke mid-way.")
+
+    backend = FakeBackend()
+    session = make_session(backend, tmp_path)
+    backend.turns.append(breaks)
+    result = turn(session, runner)
+    assert isinstance(result.error, StreamError) and result.error.result is result
+    assert result.text == "Half an ans" and backend.count("stream") == 1
+
+
+def test_errors_keep_their_class_variable_configuration_and_in_band_failures(tmp_path, runner) -> None:
+    backend = FakeBackend()
+    session = make_session(backend, tmp_path, upload_size_cap=10)
+    backend.turns.append(answer("never"))
+    pushed = turn(session, runner, push=[PushRequest("notes", "x" * 100)])
+    assert isinstance(pushed.error, VariableError), pushed.error
+    assert pushed.error._render_traceback_()[0].startswith("ci-magic variable: ")
+    assert backend.count("stream") == 0, "nothing was asked of the model"
+
+    backend.turns.clear()  # no script: the fake raises ConfigurationError like a backend missing a model
+    assert isinstance(turn(session, runner).error, ConfigurationError)
+
+    async def refused(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+        yield TurnStarted()
+        yield Failed("The response failed: quota exceeded (insufficient_quota).")
+
+    backend.turns.append(refused)
+    failed = turn(session, runner)
+    assert type(failed.error) is BackendError and "quota exceeded" in failed.error.message
+
+
+def test_an_interrupt_ends_the_turn_with_interrupted_and_keeps_what_arrived(tmp_path, runner) -> None:
+    started = asyncio.Event()
+
+    async def slow(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+        yield TextDelta("Working on it")
+        started.set()
+        await asyncio.sleep(60)
+        yield Completed()
+
+    backend = FakeBackend()
+    session = make_session(backend, tmp_path)
+    backend.turns.append(slow)
+
+    async def interrupted():
+        task = asyncio.ensure_future(session.run_turn("go", OPTIONS, SilentView()))
+        await started.wait()
+        task.cancel()  # what the bridge does on Ctrl-C
+        return await task
+
+    result = runner.run(asyncio.wait_for(interrupted(), 10))
+    assert isinstance(result.error, Interrupted) and result.text == "Working on it"
+    assert session.container is not None, "the container is kept"
+
+
+def test_cited_and_new_files_are_downloaded_and_a_displayed_image_is_not(tmp_path, runner) -> None:
+    backend = FakeBackend()
+    session = make_session(backend, tmp_path)
+    chart = png_bytes()
+    made: dict[str, str] = {}
+
+    async def writes_files(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+        cid = request.container_id
+        made["cited"] = backend.add_model_file(cid, "/mnt/data/report.csv", b"a,b\n1,2\n").id
+        backend.add_model_file(cid, "/mnt/data/notes.txt", b"uncited but new")
+        shown = backend.add_model_file(cid, "/mnt/data/cfile_shown.png", chart).id
+        only_copy = backend.add_model_file(cid, "/mnt/data/cfile_only.png", chart).id
+        yield TurnStarted()
+        yield CallStarted("call_1", cid)
+        yield CodeDone("call_1", "df.to_csv('report.csv')")
+        yield Image("call_1", chart)
+        yield CallStatus("call_1", "completed")
+        yield TextDelta("See report.csv.")
+        yield FileCited(cid, shown, "cfile_shown.png", displayed=True)
+        yield FileCited(cid, only_copy, "cfile_only.png")  # zero-length, but no output carried it
+        yield FileCited(cid, made["cited"], "report.csv", 4, 14)
+        yield Completed(container_id=cid)
+
+    backend.turns.append(writes_files)
+    result = turn(session, runner)
+    saved = {f.name: f for f in result.files}
+    assert set(saved) == {"report.csv", "notes.txt", "cfile_only.png", "figures/call_1-1.png"}
+    assert saved["report.csv"].cited and not saved["notes.txt"].cited
+    assert saved["figures/call_1-1.png"].displayed and not saved["cfile_only.png"].displayed
+    assert saved["report.csv"].path.read_bytes() == b"a,b\n1,2\n"
+    rows = runner.run(session.file_rows())
+    sizes = {row.name: session.describe_file(row).size for row in rows}
+    assert sizes["report.csv"] == 8, "a model file's size is known once saved (the listing says None)"
+
+
+def test_long_output_is_saved_whole_and_the_record_keeps_it(tmp_path, runner) -> None:
+    backend = FakeBackend()
+    session = make_session(backend, tmp_path)
+    line = "".join(f"row {i}\n" for i in range(20_000))
+    backend.turns.append(
+        answer("done", CallStarted("c1"), Logs("c1", line, "stdout"), ExecutionError("c1", "E", "x"))
+    )
+    result = turn(session, runner)
+    [log] = [o for o in result.calls[0].outputs if isinstance(o, LogText)]
+    assert log.size > 2 * LOG_KEEP_CHARS and log.saved_as is not None
+    assert log.saved_as.read_text() == line == result.calls[0].logs
+    assert result.calls[0].status == "failed", "a call whose code raised is not done"
+    assert result.failed_calls == result.calls
+
+
+def test_files_written_by_exec_are_the_users_and_reset_counts_turns_from_zero(tmp_path, runner) -> None:
+    async def exec_writes(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+        backend.add_model_file(request.container_id, "/mnt/data/mine.txt", b"by %%ci_exec")
+        yield CallStarted("c1", request.container_id)
+        yield CodeDone("c1", request.exec_code or "")
+        yield CallStatus("c1", "completed")
+        yield Completed(container_id=request.container_id)
+
+    backend = FakeBackend()
+    session = make_session(backend, tmp_path)
+    backend.turns.append(exec_writes)
+    turn(session, runner, options=TurnOptions("m", "", exec_code="open('mine.txt','w')"))
+    [row] = runner.run(session.file_rows())
+    assert session.describe_file(row).source == "notebook"
+    assert session.turns == 1
+    replacement = FakeBackend()
+    runner.run(session.reset(replacement))
+    assert session.turns == 0 and session.backend is replacement and session.container is None
