@@ -582,3 +582,318 @@ def test_the_cli_serves_the_quickstart_scenario() -> None:
         finally:
             process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+# -- real servers' ways (issue 11) ------------------------------------------------------------------
+
+LLAMA_SERVER_LISTING = {  # the shape llama-server answers GET /v1/models with (fixtures/chat/)
+    "object": "list",
+    "data": [{"id": "smol.gguf", "object": "model", "owned_by": "llamacpp", "meta": {"n_ctx": 4096}}],
+}
+LLAMA_CPP_PYTHON_LISTING = {  # llama_cpp.server's documented ModelList
+    "object": "list",
+    "data": [{"id": "gemma-3-270m", "object": "model", "owned_by": "me", "permissions": []}],
+}
+OLLAMA_LISTING = {
+    "object": "list",
+    "data": [{"id": "qwen2.5-coder:7b", "object": "model", "created": 1, "owned_by": "library"}],
+}
+
+
+def test_an_assistant_tool_call_is_sent_with_empty_content_not_null(chat_server: StartServer) -> None:
+    # llama-cpp-python answers HTTP 500 to "content": null on the assistant message with tool_calls.
+    server = chat_server(
+        [Reply.calls("x = 41"), "Set x.", Reply.calls("print(x + 1)"), "42."], refuse_null_content=True
+    )
+    conversation = Conversation()
+
+    _, first = run_turn(server, make_request("Set x to 41", conversation), FakeSandbox())
+    _, second = run_turn(server, make_request("Add one", conversation), FakeSandbox())
+
+    assert first is None and second is None
+    sent = server.chat_requests[1].messages[2]
+    assert sent["role"] == "assistant" and sent["content"] == "" and sent["tool_calls"]
+
+
+def test_a_refused_request_leaves_the_conversation_as_it_was(chat_server: StartServer) -> None:
+    refusal = Fault(400, "messages[3]: this server cannot read that message", "invalid_request_error")
+    server = chat_server(["Hello.", Reply.calls("frame = 1"), refusal, "Fine again."])
+    conversation = Conversation()
+    sandbox = FakeSandbox()
+    run_turn(server, make_request("Hi", conversation), sandbox)
+    before = list(conversation.messages)
+
+    _, error = run_turn(server, make_request("Make a frame", conversation), sandbox)
+
+    assert isinstance(error, BackendError) and error.status_code == 400
+    assert "tool calling" not in error.message  # the old, wrong hint
+    assert conversation.messages == before
+    # The code did run, so the model hears about it in the next cell, not through a poisoned history.
+    assert len(conversation.notes) == 1 and "frame = 1" in conversation.notes[0]
+    _, error = run_turn(server, make_request("Again", conversation), sandbox)
+    assert error is None
+    assert roles(server.chat_requests[-1].messages) == ["system", "user", "assistant", "user"]
+    assert "frame = 1" in server.chat_requests[-1].messages[-1]["content"]
+
+
+def test_tool_choice_and_max_tokens_go_on_every_request(chat_server: StartServer) -> None:
+    server = chat_server([Reply.calls("print(1)"), "One."])
+
+    run_turn(server, make_request("Print one"), FakeSandbox())
+
+    bodies = [r.body for r in server.chat_requests]
+    assert [b["tool_choice"] for b in bodies] == ["auto", "auto"]
+    assert [b["max_tokens"] for b in bodies] == [2048, 2048]  # a quarter of context_tokens (8192)
+
+
+def test_llama_server_is_recognised_and_its_context_size_used(chat_server: StartServer) -> None:
+    server = chat_server([Reply.calls("print(1)"), "One."], listing=LLAMA_SERVER_LISTING)
+
+    _, error = run_turn(
+        server, make_request("Print one", model=""), FakeSandbox(), model="", tool_choice="named"
+    )
+
+    assert error is None
+    first, second = (r.body for r in server.chat_requests)
+    assert first["model"] == "smol.gguf"
+    assert first["max_tokens"] == 1024  # n_ctx 4096 / 4
+    # llama-server ignores the named form: "required" is what forces a call there; later steps are free.
+    assert first["tool_choice"] == "required" and second["tool_choice"] == "auto"
+
+
+def test_llama_cpp_python_gets_the_named_tool_choice_on_the_first_step_only(chat_server: StartServer) -> None:
+    server = chat_server([Reply.calls("print(1)"), "One."], listing=LLAMA_CPP_PYTHON_LISTING)
+
+    _, error = run_turn(server, make_request("Print one"), FakeSandbox())
+
+    assert error is None
+    first, second = (r.body for r in server.chat_requests)
+    assert first["tool_choice"] == {"type": "function", "function": {"name": "python"}}
+    assert second["tool_choice"] == "none"  # "auto" while streaming fails inside that server
+
+
+def test_ollama_gets_no_tool_choice_it_would_ignore(chat_server: StartServer) -> None:
+    server = chat_server(["Hi."], listing=OLLAMA_LISTING)
+
+    run_turn(server, make_request("Hi"), FakeSandbox())
+
+    assert "tool_choice" not in server.chat_requests[0].body
+    assert server.chat_requests[0].body["max_tokens"] == 2048
+
+
+def test_the_server_is_listed_once_per_backend_not_every_cell(chat_server: StartServer) -> None:
+    from ci_magic.backends.local.backend import LocalBackend
+
+    server = chat_server(["One.", "Two.", "Three."], listing=LLAMA_SERVER_LISTING)
+    sandbox = FakeSandbox()
+    sandbox.take_notices = list  # type: ignore[attr-defined]  # what LocalBackend asks the sandbox for
+    conversation = Conversation()
+
+    async def three_cells() -> None:
+        async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0) as client:
+            backend = LocalBackend(sandbox, model_client=client, model="")  # type: ignore[arg-type]
+            for prompt in ("a", "b", "c"):
+                async for _ in backend.stream(make_request(prompt, conversation, model="")):
+                    pass
+
+    asyncio.run(three_cells())
+
+    assert [r.path for r in server.requests if r.method == "GET"] == ["/v1/models"]
+    assert len(server.chat_requests) == 3
+
+
+def test_code_written_in_a_python_fence_runs_as_a_call(chat_server: StartServer) -> None:
+    fenced = "Here is the code:\n```python\nprint(sum(i * i for i in range(1, 11)))\n```\nThis prints 999."
+    server = chat_server([fenced, "The sum of squares is 385."])
+    sandbox = FakeSandbox(lambda code, call_id: [Logs(call_id, "385\n", "stdout")])
+    conversation = Conversation()
+
+    events, error = run_turn(server, make_request("Sum of squares", conversation), sandbox)
+
+    assert error is None
+    assert sandbox.ran == ["print(sum(i * i for i in range(1, 11)))"]
+    call = of_type(events, CallStarted)[0].call_id
+    assert "".join(e.delta for e in of_type(events, CodeDelta) if e.call_id == call) == sandbox.ran[0]
+    assert any("wrote its code as text" in n.text and "```python" in n.text for n in of_type(events, Notice))
+    # The invented output after the block is neither shown as the answer nor kept.
+    assert "999" not in "".join(e.delta for e in of_type(events, TextDelta))
+    assert of_type(events, TextDone)[-1].text == "The sum of squares is 385."
+    # The model reads the result the way it wrote the call: as text, after its own block.
+    told = server.chat_requests[1].messages
+    assert told[-2] == {"role": "assistant", "content": fenced.split("\nThis prints")[0]}
+    assert told[-1]["role"] == "user" and "```\nstdout:\n385\n```" in told[-1]["content"]
+    assert roles(conversation.messages) == ["user", "assistant", "user", "assistant"]
+
+
+def test_a_hermes_tool_call_in_the_text_runs_and_gets_a_tool_response(chat_server: StartServer) -> None:
+    hermes = '<tool_call>\n{"name": "python", "arguments": {"code": "print(6 * 7)"}}\n</tool_call>'
+    server = chat_server([hermes, "It is 42."])
+    sandbox = FakeSandbox(lambda code, call_id: [Logs(call_id, "42\n", "stdout")])
+
+    events, error = run_turn(server, make_request("Six times seven"), sandbox)
+
+    assert error is None and sandbox.ran == ["print(6 * 7)"]
+    assert any("<tool_call>" in n.text for n in of_type(events, Notice))
+    assert server.chat_requests[1].messages[-1] == {
+        "role": "user",
+        "content": "<tool_response>\nstdout:\n42\n</tool_response>",
+    }
+
+
+def test_with_text_tool_calls_off_a_fence_is_just_the_answer(chat_server: StartServer) -> None:
+    server = chat_server(["```python\nprint(1)\n```"])
+    sandbox = FakeSandbox()
+
+    events, error = run_turn(server, make_request("Show code"), sandbox, text_tool_calls=False)
+
+    assert error is None and sandbox.ran == [] and isinstance(events[-1], Completed)
+
+
+def test_a_server_without_tools_is_asked_for_code_blocks_instead(chat_server: StartServer) -> None:
+    no_tools = Fault(400, "registry.ollama.ai/library/gemma:2b does not support tools", "api_error")
+    server = chat_server([no_tools, "```python\nprint(2 + 2)\n```", "Four."])
+    sandbox = FakeSandbox()
+
+    events, error = run_turn(server, make_request("Add"), sandbox)
+
+    assert error is None and sandbox.ran == ["print(2 + 2)"]
+    retry = server.chat_requests[1].body
+    assert "tools" not in retry and "tool_choice" not in retry
+    assert "```python block" in retry["messages"][0]["content"]
+    assert any("does not take tools" in n.text for n in of_type(events, Notice))
+
+
+def test_old_turns_are_left_out_to_fit_the_context(chat_server: StartServer) -> None:
+    server = chat_server(["Short answer."], context_tokens=1500)
+    conversation = Conversation()
+    rambling = "blah " * 4000  # a 20,000-character answer from an earlier cell
+    conversation.messages += [
+        {"role": "user", "content": "Tell me everything"},
+        {"role": "assistant", "content": rambling},
+        {"role": "user", "content": "And the weather?"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+
+    _, error = run_turn(server, make_request("Thanks", conversation), FakeSandbox(), context_tokens=1500)
+
+    assert error is None
+    sent = server.chat_requests[0].messages
+    assert sent[-1]["content"] == "Thanks"
+    assert len(json.dumps(sent)) < 1500 * 3
+    assert {"role": "assistant", "content": "Sunny."} in sent  # the recent turn is kept whole
+    assert len(conversation.messages) == 6  # history itself is not rewritten
+
+
+def test_long_tool_outputs_are_cut_to_fit_a_small_context(chat_server: StartServer) -> None:
+    server = chat_server([Reply.calls("print('x' * 50000)"), "Lots of x."], listing=LLAMA_SERVER_LISTING)
+    sandbox = FakeSandbox(lambda code, call_id: [Logs(call_id, "x" * 50000 + "\n", "stdout")])
+
+    run_turn(server, make_request("Print"), sandbox)
+
+    told = server.chat_requests[1].messages[-1]["content"]
+    assert len(told) <= (4096 - 1024 - 200) * 3 // 4  # a quarter of what the 4096-token context holds
+
+
+def test_a_context_overflow_is_trimmed_and_sent_once_more(chat_server: StartServer) -> None:
+    overflow = Fault(400, "request (9000 tokens) exceeds the available context size (4096 tokens)", "x")
+    server = chat_server([overflow, "Fits now."])
+    conversation = Conversation()
+    conversation.messages += [
+        {"role": "user", "content": "Earlier"},
+        {"role": "assistant", "content": "word " * 3000},
+    ]
+
+    events, error = run_turn(server, make_request("Now", conversation), FakeSandbox())
+
+    assert error is None and isinstance(events[-1], Completed)
+    first, retry = server.chat_requests
+    assert len(json.dumps(retry.messages)) < len(json.dumps(first.messages))
+    assert retry.messages[-1]["content"] == "Now"
+
+
+def test_a_prompt_too_long_for_the_context_names_its_size(chat_server: StartServer) -> None:
+    server = chat_server(["never sent"], context_tokens=300)
+    conversation = Conversation()
+
+    _, error = run_turn(server, make_request("word " * 2000, conversation), FakeSandbox())
+
+    assert isinstance(error, BackendError) and error.status_code == 400
+    assert "context of 300 tokens" in error.message
+    assert "%ci_reset" in error.message and "tool calling" not in error.message
+    assert len(server.chat_requests) == 2  # trimmed and retried once, no more
+    assert conversation.messages == []
+
+
+def test_an_empty_answer_says_so(chat_server: StartServer) -> None:
+    server = chat_server([""])
+
+    events, error = run_turn(server, make_request("Say nothing"), FakeSandbox())
+
+    assert error is None and isinstance(events[-1], Completed)
+    assert any("empty answer" in n.text for n in of_type(events, Notice))
+
+
+def test_invalid_json_arguments_show_the_user_why_the_call_did_not_run(chat_server: StartServer) -> None:
+    broken = ToolCall(arguments='{"code": "print(1)')
+    server = chat_server([Reply(tool_calls=(broken,)), "Sorry."])
+
+    events, _ = run_turn(server, make_request("Print one"), FakeSandbox())
+
+    shown = [n.text for n in of_type(events, Notice)]
+    assert any("not valid JSON" in text and "Unterminated string" in text for text in shown)
+
+
+def test_an_empty_200_body_says_the_server_failed(chat_server: StartServer) -> None:
+    server = chat_server([Cut(Reply(text="never"), after_chunks=0, clean=True)])
+
+    _, error = run_turn(server, make_request("Hi"), FakeSandbox())
+
+    assert isinstance(error, StreamError)
+    assert "empty body" in error.message and "server failed" in error.message
+    assert "Run the cell again" not in error.message
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_streams_as_thinking(chat_server: StartServer, field: str) -> None:
+    from ci_magic.events import ThinkingDelta
+
+    server = chat_server([Reply(text="It is 4.", reasoning="Two plus two is four.", reasoning_field=field)])
+
+    events, error = run_turn(server, make_request("2 + 2?"), FakeSandbox())
+
+    assert error is None
+    assert "".join(e.delta for e in of_type(events, ThinkingDelta)) == "Two plus two is four."
+    assert of_type(events, TextDone)[-1].text == "It is 4."
+
+
+@pytest.mark.parametrize("style", ["whole", "no_index", "repeat_id"])
+def test_documented_call_shapes_run_each_call_once(chat_server: StartServer, style: str) -> None:
+    reply = Reply(
+        text="Two calls.", tool_calls=(ToolCall("a = 1"), ToolCall("print(a + 1)")), call_style=style
+    )
+    server = chat_server([reply, "Done."])
+    sandbox = FakeSandbox()
+    conversation = Conversation()
+
+    events, error = run_turn(server, make_request("Two", conversation), sandbox)
+
+    assert error is None
+    assert sandbox.ran == ["a = 1", "print(a + 1)"]
+    assert len(of_type(events, CallStarted)) == 2
+    assert [len(m.get("tool_calls") or ()) for m in conversation.messages if m["role"] == "assistant"] == [
+        2,
+        0,
+    ]
+
+
+def test_a_python_block_cut_off_by_max_tokens_never_runs(chat_server: StartServer) -> None:
+    server = chat_server([Reply(text="```python\nfor i in range(10):\n    print(i", finish_reason="length")])
+    sandbox = FakeSandbox()
+
+    events, error = run_turn(server, make_request("Count"), sandbox, max_tokens=12)
+
+    assert error is None and sandbox.ran == []
+    call = of_type(events, CallStarted)[0].call_id
+    assert CallStatus(call, "incomplete") in events
+    assert any("max_tokens (12 tokens)" in n.text for n in of_type(events, Notice))
+    assert server.chat_requests[0].body["max_tokens"] == 12

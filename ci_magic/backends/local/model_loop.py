@@ -684,13 +684,20 @@ class ChatModelLoop:
             raise BackendError(
                 f"The model server at {self.base_url} reported an error mid-answer: {_server_message(err)}"
             ) from err
-        if scanner is not None and step.text_call is None and not step.calls:
+        if scanner is not None and not scanner.done and not step.calls:
             for event in self._text_pieces(scanner.finish(), step, request.container_id):
                 yield event
         if step.segment:
             yield TextDone(step.segment)
             step.segment = ""
         if step.text_call is not None:
+            call = step.text_call.text_call
+            if call is not None and not call.closed and step.finish_reason == "length":
+                # Cut off by max_tokens mid-block: the code is incomplete and must not run.
+                if step.text_call.started:
+                    yield CallStatus(step.text_call.call_id, "incomplete")
+                step.text_call = None
+                return
             step.finish_reason = step.finish_reason or "tool_calls"
             return
         if step.finish_reason is None:
@@ -731,8 +738,10 @@ class ChatModelLoop:
             if thinking:
                 step.thinking += len(thinking)
                 events.append(ThinkingDelta(thinking))
-            if delta.content and step.text_call is None:
-                if scanner is not None and not step.calls:
+            if delta.content:
+                if step.text_call is not None and step.text_call.text_call is not None:
+                    pass  # after a call written as text comes the model inventing its output
+                elif scanner is not None and not scanner.done and not step.calls:
                     events += self._text_pieces(scanner.feed(delta.content), step, container_id)
                 else:
                     events += _text(step, delta.content)

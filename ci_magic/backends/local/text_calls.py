@@ -15,6 +15,7 @@ output), so the caller stops reading the stream.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class TextCall:
     raw: str  # the model's text up to and including the call, as it goes back into history
     name: str = "python"
     error: str | None = None
+    closed: bool = True  # False: the text ended before the closing marker
 
 
 @dataclass(frozen=True)
@@ -170,11 +172,11 @@ class TextCallScanner:
                 break  # "```" at the end so far: it may go on as "```bash"; wait
             self._emit_code(text[: close.start()], pieces)
             self._consume(close.end() + (1 if text[close.end() : close.end() + 1] == "\n" else 0))
-            self._finish_fence(pieces)
+            self._finish_fence(pieces, closed=True)
             return
         if final:
             self._emit_code(self._consume(len(text)), pieces)
-            self._finish_fence(pieces)
+            self._finish_fence(pieces, closed=False)
             return
         tail = _FENCE_CLOSE_PREFIX.search(text)
         keep = (
@@ -189,12 +191,11 @@ class TextCallScanner:
             self._code.append(code)
             pieces.append(Piece("code", code))
 
-    def _finish_fence(self, pieces: list[Piece]) -> None:
+    def _finish_fence(self, pieces: list[Piece], *, closed: bool) -> None:
         code = "".join(self._code)
         error = None if code.strip() else "The ```python block was empty; put the code to run inside it."
-        pieces.append(
-            Piece("call", call=TextCall("fence", code, "".join(self._released).rstrip(), error=error))
-        )
+        raw = "".join(self._released).rstrip()
+        pieces.append(Piece("call", call=TextCall("fence", code, raw, error=error, closed=closed)))
         self._mode = "done"
 
     def _scan_hermes(self, pieces: list[Piece], final: bool) -> None:
@@ -204,7 +205,10 @@ class TextCallScanner:
             return  # the JSON is short: wait for all of it
         body = text[:close] if close >= 0 else text
         self._consume(close + len(_HERMES_CLOSE) if close >= 0 else len(text))
-        pieces.append(Piece("call", call=_hermes_call(body, "".join(self._released).rstrip())))
+        call = _hermes_call(body, "".join(self._released).rstrip())
+        if close < 0:
+            call = dataclasses.replace(call, closed=False)
+        pieces.append(Piece("call", call=call))
         self._mode = "done"
 
 
