@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets import TraitError
 
+from ci_magic.errors import BackendError, ConfigurationError, VariableError
 from ci_magic.interpreter import CodeInterpreter
 from ci_magic.magics import split_options
 
@@ -138,3 +141,96 @@ def test_azure_variables_make_an_azure_client(monkeypatch) -> None:
     v1 = make_client(max_retries=1, timeout=5, headers={})
     assert str(v1.base_url) == "https://example-resource.openai.azure.com/openai/v1/"
     assert v1.api_key == "azure-key"
+
+
+# -- rough edges a new user hit ---------------------------------------------------------------------
+
+
+def test_a_line_prompt_ending_in_a_question_mark_reaches_the_model(shell, openai_server) -> None:
+    outcome = shell.run_cell("%ci what files do we have?")
+    assert outcome.success, outcome.error_in_exec
+    [request] = openai_server.requests_to("/v1/responses", "POST")
+    assert str(request.json["input"]).endswith("what files do we have?")
+    assignment = shell.run_cell("answer = %ci -q and how big are they?")
+    assert assignment.success and shell.user_ns["answer"] is None  # %ci binds _ci, returns nothing
+    assert str(openai_server.requests_to("/v1/responses", "POST")[-1].json["input"]).endswith(
+        "how big are they?"
+    )
+    help_outcome = shell.run_cell("%ci?")
+    assert help_outcome.success and len(openai_server.requests_to("/v1/responses", "POST")) == 2
+
+
+def test_after_a_401_a_new_key_and_ci_reset_are_enough(shell, openai_server, monkeypatch, capsys) -> None:
+    openai_server.api_key = "the-right-key"
+    refused = shell.run_cell("%ci hello")
+    assert isinstance(refused.error_in_exec, BackendError) and refused.error_in_exec.status_code == 401
+    monkeypatch.setenv("OPENAI_API_KEY", "the-right-key")
+    shell.run_line_magic("ci_reset", "")
+    shell.run_line_magic("ci", "hello again")
+    assert shell.user_ns["_ci"].ok
+
+
+def test_a_backend_changed_with_config_shows_in_status_at_once(shell, capsys) -> None:
+    shell.run_line_magic("ci", "What is in /mnt/data?")
+    shell.run_line_magic("config", 'CodeInterpreter.backend = "local"')
+    capsys.readouterr()
+    shell.run_line_magic("ci_status", "")
+    shown = capsys.readouterr().out
+    assert re.search(r"backend\s+local", shown) and "the next cell starts one on this backend" in shown
+
+
+def test_reset_counts_turns_from_zero(shell, capsys) -> None:
+    shell.run_line_magic("ci", "What is in /mnt/data?")
+    shell.run_line_magic("ci_reset", "")
+    capsys.readouterr()
+    shell.run_line_magic("ci_status", "")
+    assert re.search(r"turns\s+0\b", capsys.readouterr().out)
+
+
+def test_a_bad_environment_value_is_one_paragraph_naming_it(shell, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("CI_MAGIC_BACKEND", "bogus")
+    shell.run_line_magic("unload_ext", "ci_magic")
+    shell.run_line_magic("load_ext", "ci_magic")
+    outcome = shell.run_cell("%%ci\nhello")
+    assert isinstance(outcome.error_in_exec, ConfigurationError)
+    printed = capsys.readouterr().out
+    assert "TraitError" not in printed and "Traceback" not in printed
+    assert "CI_MAGIC_BACKEND is 'bogus'" in printed and "'openai', 'local'" in printed
+
+
+def test_a_variable_that_cannot_be_sent_is_a_variable_error_not_configuration(shell, capsys) -> None:
+    shell.run_line_magic("config", "CodeInterpreter.upload_size_cap = 10")
+    shell.user_ns["notes"] = "far more than ten bytes of notes"
+    outcome = shell.run_cell("%%ci -v notes\nSummarize notes")
+    assert isinstance(outcome.error_in_exec, VariableError), outcome.error_in_exec
+    assert "\nci-magic variable: " in capsys.readouterr().out, "the title says what went wrong"
+
+
+def test_a_command_in_an_error_is_never_wrapped_mid_command(shell, capsys) -> None:
+    command = '%config CodeInterpreter.model_base_url = "http://localhost:11434/v1/with/a/long/path"'
+    error = ConfigurationError(f"{'The local backend needs a model server. ' * 3}Point it with {command}.")
+    shell.user_ns["error"] = error
+    shell.run_cell("raise error")
+    assert any(command in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_the_plain_api_is_a_context_manager_and_speaks_python_in_its_errors(
+    openai_server, monkeypatch, tmp_path
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.url)
+    with CodeInterpreter(output_dir=str(tmp_path), expires_after_minutes=60) as ci:
+        with pytest.raises(ConfigurationError) as refused:
+            ci.run("hello", display=False)
+        assert ci._session is not None
+    assert ci._session is None, "leaving the block closes the session"
+    assert (
+        "%config" not in refused.value.message
+        and "CodeInterpreter(expires_after_minutes=20)" in refused.value.message
+    )
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with CodeInterpreter(backend="openai") as ci, pytest.raises(ConfigurationError) as no_key:
+        ci.run("hello", display=False)
+    assert (
+        "%config" not in no_key.value.message and 'CodeInterpreter(backend="local")' in no_key.value.message
+    )
