@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import pickle
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -192,11 +193,15 @@ def test_pull_all_takes_every_model_file_and_reports_undecodable_ones(backend, c
     model_writes(backend, container, "result.csv", frame_bytes("csv"))
     model_writes(backend, container, "charts/a.png", png())
     model_writes(backend, container, "bad.json", b"{not json")
+    model_writes(backend, container, "cfile_69f0c0b7a1d8819188d3.png", png())  # what plt.show() leaves
     pulled = {
         p.name: p
         for p in asyncio.run(ContainerFiles(backend, container, registry).pull_all(tmp_path / "out"))
     }
-    assert set(pulled) == {"result.csv", "charts/a.png", "bad.json"}  # not the notebook's df.parquet
+    # Not the notebook's df.parquet; everything the model made is saved.
+    assert set(pulled) == {"result.csv", "charts/a.png", "bad.json", "cfile_69f0c0b7a1d8819188d3.png"}
+    # Each file offers its stem as a variable name, but a machine-made name is no one's variable.
+    assert {p.variable for p in pulled.values()} == {"result", "a", "bad", ""}
     pd.testing.assert_frame_equal(pulled["result.csv"].value, FRAME)
     assert pulled["charts/a.png"].kind == "image"
     bad = pulled["bad.json"]
@@ -205,7 +210,7 @@ def test_pull_all_takes_every_model_file_and_reports_undecodable_ones(backend, c
     everything = asyncio.run(
         ContainerFiles(backend, container, registry).pull_all(tmp_path / "all", include_notebook=True)
     )
-    assert len(everything) == 4
+    assert len(everything) == 5
 
 
 def test_ci_files_rows_say_where_each_file_came_from(backend, container, tmp_path) -> None:
@@ -226,3 +231,109 @@ def test_ci_files_rows_say_where_each_file_came_from(backend, container, tmp_pat
     assert rows[2].size is None and rows[2].cells()[1] == "?"  # OpenAI reports no size for model files
     assert rows[0].created <= rows[2].created
     assert rows[2].path == "/mnt/data/summary.txt"
+
+
+# ---- decompression bombs -------------------------------------------------------------------------
+
+ZERO_ROWS = 1_000_000  # one batch of int64 zeros: 8 MB in memory, a few hundred bytes compressed
+
+
+def parquet_bomb(batches: int) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"n": np.zeros(ZERO_ROWS, dtype=np.int64)})
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, table.schema, compression="zstd") as writer:
+        for _ in range(batches):
+            writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def feather_bomb(batches: int) -> bytes:
+    import pyarrow as pa
+
+    batch = pa.record_batch({"n": np.zeros(ZERO_ROWS, dtype=np.int64)})
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_file(sink, batch.schema, options=options) as writer:
+        for _ in range(batches):
+            writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.mark.parametrize("ext", ["parquet", "feather"])
+def test_a_small_file_that_decodes_huge_is_refused_and_names_the_override(
+    backend, container, tmp_path, ext
+) -> None:
+    bomb = (parquet_bomb if ext == "parquet" else feather_bomb)(100)  # 100 million rows: 800 MB decoded
+    assert len(bomb) < 2**20
+    model_writes(backend, container, f"totals.{ext}", bomb)
+    files = ContainerFiles(backend, container, PushRegistry(tmp_path / "spool"), pull_memory_cap=64 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ContainerFileError) as info:
+            asyncio.run(files.pull(f"totals.{ext}", tmp_path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert f"totals.{ext} is " in message and "would take about 762.9 MB in memory once decoded" in message
+    assert "over the 64.0 MB limit" in message
+    assert "%config CodeInterpreter.pull_memory_cap = 1073741824" in message, "the override, ready to copy"
+    assert f"saved at {tmp_path / f'totals.{ext}'}" in message
+    assert (tmp_path / f"totals.{ext}").read_bytes() == bomb
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MB allocated while refusing"
+
+
+def test_a_bomb_among_others_in_pull_all_comes_back_as_its_bytes(backend, container, tmp_path) -> None:
+    bomb = parquet_bomb(20)
+    model_writes(backend, container, "bomb.parquet", bomb)
+    model_writes(backend, container, "fine.parquet", frame_bytes("parquet"))
+    files = ContainerFiles(backend, container, PushRegistry(tmp_path / "spool"), pull_memory_cap=64 * 2**20)
+    pulled = {p.name: p for p in asyncio.run(files.pull_all(tmp_path))}
+    assert pulled["bomb.parquet"].kind == "bytes" and pulled["bomb.parquet"].value == bomb
+    assert "pull_memory_cap" in (pulled["bomb.parquet"].error or "")
+    pd.testing.assert_frame_equal(pulled["fine.parquet"].value, FRAME)
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("grid.npy", lambda: _npy_header_only((40_000, 40_000))),
+        ("parts.npz", lambda: _zipped("x.npy", b"\0" * (80 * 2**20))),
+        ("sheet.xlsx", lambda: _zipped("xl/worksheets/sheet1.xml", b" " * (80 * 2**20))),
+        ("huge.png", lambda: _png_header(6_000, 6_000)),  # 108 MB of pixels, under Pillow's own limit
+    ],
+)
+def test_other_formats_are_sized_from_their_headers_first(backend, container, tmp_path, name, make) -> None:
+    model_writes(backend, container, name, make())
+    files = ContainerFiles(backend, container, PushRegistry(tmp_path / "spool"), pull_memory_cap=64 * 2**20)
+    with pytest.raises(ContainerFileError, match="pull_memory_cap"):
+        asyncio.run(files.pull(name, tmp_path))
+
+
+def _npy_header_only(shape: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return buf.getvalue()  # a header promising 12.8 GB, and no data
+
+
+def _zipped(member: str, data: bytes) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(member, data)
+    return buf.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")

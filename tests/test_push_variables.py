@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import pickle
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -422,8 +423,11 @@ def test_the_size_cap_is_checked_before_anything_is_uploaded(backend, container,
 
 def test_a_failed_upload_keeps_the_others_and_is_retried_next_time(backend, container, registry) -> None:
     backend.fail_uploads.add("b.json")
-    with pytest.raises(BackendError):
+    with pytest.raises(BackendError) as info:
         send(backend, container, registry, a=[1], b=[2], c=[3])
+    # The error says exactly what is in the container now, and what to do.
+    assert str(info.value).startswith("Not pushed: b.json (The server failed while uploading b.json.).")
+    assert "In the container now: a.json, c.json." in str(info.value) and "Run it again" in str(info.value)
     assert sorted(e.name for e in registry) == ["a", "c"]
     assert "b.json" not in registry.cards()
     backend.fail_uploads.clear()
@@ -673,3 +677,109 @@ def test_the_private_spool_exists_only_while_needed(backend, container) -> None:
     folder = registry.spool_dir
     registry.close()
     assert not folder.exists()
+
+
+# ---- folders into fresh containers, and frames too big to send -----------------------------------
+
+
+class FolderMakingBackend(FakeBackend):
+    """Makes a missing parent folder on upload as a file system does: look, then create.
+
+    Between "not there" and "create" another upload can make the folder first; the loser then
+    fails with FileExistsError, as ``os.mkdir`` does on the local sandbox's data folder.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folders: set[tuple[str, str]] = set()
+
+    async def upload_file(self, container_id: str, filename: str, source: Path | bytes) -> Any:
+        parts = filename.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            folder = (container_id, "/".join(parts[:depth]))
+            if folder not in self.folders:
+                await asyncio.sleep(0.002)  # the window between the check and the mkdir
+                if folder in self.folders:
+                    raise FileExistsError(17, "File exists", parts[depth - 1])
+                self.folders.add(folder)
+        return await super().upload_file(container_id, filename, source)
+
+
+def reference_folder(tmp_path: Path, folders: int = 4, files: int = 6) -> Path:
+    root = tmp_path / "refdata"
+    for k in range(folders):
+        for sub in (f"region{k}", f"region{k}/daily"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            for i in range(files):
+                (root / sub / f"rates{i}.csv").write_text(f"day,rate\n{k},{i}\n")
+    return root
+
+
+def test_a_folder_pushed_into_a_fresh_container_arrives_whole(tmp_path, registry) -> None:
+    backend = FolderMakingBackend()
+    root = reference_folder(tmp_path)
+    for _ in range(5):
+        container = asyncio.run(backend.create_container()).id
+        items = push_items([str(root)], {}, cwd=tmp_path)
+        outcomes = asyncio.run(ContainerFiles(backend, container, registry, concurrency=8).push(items))
+        assert {o.status for o in outcomes} == {"uploaded"}
+        listed = {f.name for f in asyncio.run(backend.list_files(container))}
+        assert listed == {i.filename for i in items} and len(listed) == 48
+
+
+@pytest.mark.slow
+def test_a_folder_pushed_into_new_local_containers_never_races_itself(tmp_path) -> None:
+    """20 fresh containers of the real local sandbox, each sent a folder with nested sub-folders."""
+    from ci_magic.backends.local.backend import LocalBackend
+    from ci_magic.backends.local.sandbox import SandboxManager
+
+    root = reference_folder(tmp_path, folders=3, files=8)
+    backend = LocalBackend(SandboxManager(tmp_path / "containers", pool_size=0), model_client=None, model="")
+
+    async def twenty_pushes() -> list[int]:
+        counts = []
+        try:
+            for _ in range(20):
+                info = await backend.create_container(
+                    name="fresh", memory_limit="1g", expires_after_minutes=5
+                )
+                items = push_items([str(root)], {}, cwd=tmp_path)
+                registry = PushRegistry(tmp_path / "spool")
+                await ContainerFiles(backend, info.id, registry, concurrency=8).push(items)
+                registry.close()
+                counts.append(len(await backend.list_files(info.id)))
+                await backend.delete_container(info.id)
+        finally:
+            await backend.aclose()
+        return counts
+
+    assert asyncio.run(twenty_pushes()) == [48] * 20
+
+
+def test_a_frame_too_big_for_the_cap_is_refused_before_it_is_encoded(backend, container, registry) -> None:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.random((2_000_000, 5)), columns=list("abcde"))  # 80 MB, incompressible
+    cap = 8 * 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(VariableError) as info:
+            asyncio.run(
+                ContainerFiles(backend, container, registry, size_cap=cap).push([PushRequest("frame", frame)])
+            )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert "`frame` is " in message and "over the 8.0 MB upload limit" in message
+    assert "estimated from the value, before encoding it" in message and "upload_size_cap" in message
+    assert peak < cap, f"{peak / 2**20:.1f} MB allocated: the frame was encoded before it was refused"
+    assert backend.count("upload") == 0 and len(registry) == 0
+
+
+def test_a_big_frame_that_compresses_well_still_goes(backend, container, registry) -> None:
+    frame = pd.DataFrame({"zeros": np.zeros(6_000_000), "ones": np.ones(6_000_000)})  # 96 MB in memory
+    [outcome] = asyncio.run(
+        ContainerFiles(backend, container, registry, size_cap=8 * 2**20).push([PushRequest("frame", frame)])
+    )
+    assert outcome.status == "uploaded" and outcome.size < 8 * 2**20
+    assert outcome.line.startswith(f"frame -> {outcome.path} (6,000,000 x 2): sent, ")
