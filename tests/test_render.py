@@ -7,6 +7,7 @@ import dataclasses
 import html
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -327,6 +328,117 @@ def test_other_files_are_links_relative_to_the_notebook_folder_with_their_size(t
     assert shown["text/plain"] == expected
     broken = save(tmp_path / "ci_outputs", "broken.parquet", b"not parquet at all")
     assert "no preview" in file_bundle(broken, link_base=tmp_path)["text/plain"]
+
+
+# A sandbox makes these for free: kilobytes on disk, hundreds of megabytes once decoded.
+BOMB_MAKERS = {
+    "strings.parquet": """
+import pyarrow as pa, pyarrow.parquet as pq
+value = "0" * (16 << 20)  # ten 16 MB strings in one plain-encoded page: 160 MB from ~6 KB
+column = pa.array([value] * 10, type=pa.large_string())
+pq.write_table(pa.table({"text": column}), PATH, use_dictionary=False, compression="zstd")
+""",
+    "zeros.feather": """
+import numpy as np, pyarrow as pa, pyarrow.feather as feather
+zeros = pa.array(np.zeros(1 << 25, dtype=np.int64))  # one record batch: 256 MB from ~9 KB
+feather.write_feather(pa.table({"n": zeros}), PATH, compression="zstd", chunksize=1 << 25)
+""",
+}
+
+PREVIEW_IN_A_FRESH_PROCESS = """
+import json, resource, sys
+from pathlib import Path
+import pyarrow.feather, pyarrow.parquet, openpyxl, PIL.Image  # imports are not the preview's cost
+from ci_magic.render.files import file_bundle
+from ci_magic.result import SavedFile
+path = Path(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+bundle = file_bundle(SavedFile(path.name, path, "/mnt/data/" + path.name, "f", path.stat().st_size, True))
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"plain": bundle["text/plain"], "html": bundle.get("text/html", ""), "grown_kb": grown}))
+"""
+
+
+def preview_in_a_fresh_process(path: Path) -> dict[str, object]:
+    """The preview's bundle and how much the process's peak memory grew while making it."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", PREVIEW_IN_A_FRESH_PROCESS, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", sorted(BOMB_MAKERS))
+def test_a_decompression_bomb_from_the_sandbox_costs_the_preview_nothing(name: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "ci_outputs" / name
+    bomb.parent.mkdir()
+    subprocess.run(
+        [sys.executable, "-c", f"PATH = {str(bomb)!r}\n" + BOMB_MAKERS[name]], check=True, timeout=120
+    )
+    assert bomb.stat().st_size < 64_000, "a small file, as a sandbox would write it"
+
+    shown = preview_in_a_fresh_process(bomb)
+
+    assert re.fullmatch(
+        rf"file {re.escape(name)} \(.+\): .+ \[preview skipped: file expands to ~\d+\.\d MB\]",
+        str(shown["plain"]),
+    ), shown["plain"]
+    assert "preview skipped: file expands to" in str(shown["html"]) and 'href="' in str(shown["html"])
+    grown_mb = int(shown["grown_kb"]) / 1024  # type: ignore[call-overload]
+    print(f"{name}: {bomb.stat().st_size / 1024:.1f} KB on disk, preview peak memory +{grown_mb:.1f} MB")
+    assert grown_mb < 32, f"the preview's peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_an_ordinary_large_parquet_and_feather_still_preview_from_their_first_batch(tmp_path: Path) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({f"c{i}": range(300_000) for i in range(4)})
+    out = tmp_path / "ci_outputs"
+    out.mkdir()
+    frame.to_parquet(out / "big.parquet", row_group_size=100_000)
+    frame.to_feather(out / "big.feather", chunksize=100_000)
+    for name in ("big.parquet", "big.feather"):
+        path = out / name
+        bundle = file_bundle(SavedFile(name, path, f"/mnt/data/{name}", "f", path.stat().st_size, True))
+        assert "300,000 rows × 4 columns; first 10 rows" in bundle["text/plain"], bundle["text/plain"]
+
+
+def png_header_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header for a huge grey image, with a few bytes of pixel data: what a browser inflates."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * (width + 1) * 4, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def test_an_image_whose_header_declares_billions_of_pixels_is_not_inlined(tmp_path: Path) -> None:
+    out = tmp_path / "ci_outputs"
+    huge = save(out, "huge.png", png_header_bomb(100_000, 100_000))
+    large = save(out, "large.png", png_header_bomb(8_000, 6_000))  # 48 megapixels: over the budget too
+    fine = save(out, "fine.png", png_bytes())
+    for saved in (huge, large):
+        bundle = file_bundle(saved, link_base=tmp_path)
+        assert "image/png" not in bundle, saved.name
+        assert "preview skipped" in bundle["text/plain"], bundle["text/plain"]
+    assert "image/png" in file_bundle(fine, link_base=tmp_path)
 
 
 def test_a_plt_show_image_is_shown_once_and_its_saved_copies_are_only_listed(tmp_path: Path) -> None:
