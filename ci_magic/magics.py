@@ -3,8 +3,10 @@ what it returns (through ``render/reports.py``)."""
 
 from __future__ import annotations
 
+import dis
 import re
 import shlex
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -208,14 +210,23 @@ class CIMagics(Magics):
         if args.all:
             pulled = self.interpreter.pull_all()
             for item in pulled:
-                namespace[item.variable] = item.value
-                print(reports.pull_line(item.variable, item))
+                if item.variable:
+                    namespace[item.variable] = item.value
+                    print(reports.pull_line(item.variable, item))
+                else:  # cfile_<hex>.png: a name the backend made, no one's variable
+                    print(f"{item.name}: saved to {item.path} (not bound: the backend named it)")
             if not pulled:
                 print("The model has not made any files yet.")
             return None
+        # Bind only what the user asked for: -o NAME, or the file's stem when the value is not
+        # already being assigned (``sq2 = %ci_pull squares.csv`` must leave ``squares`` alone).
+        target = _assigned_to()
         item = self.interpreter.pull(args.filename)
-        name = args.output or item.variable
-        namespace[name] = item.value
+        if args.output or target is None:
+            name = args.output or item.variable
+            namespace[name] = item.value
+        else:
+            name = target or "the value"
         if item.kind == "image":
             _show(
                 {item.mime or "image/png": item.path.read_bytes(), "text/plain": f"{item.name} ({item.path})"}
@@ -233,6 +244,30 @@ class CIMagics(Magics):
             print(reports.NO_FILES)
         else:
             _show(table)
+
+
+def _assigned_to() -> str | None:
+    """Where the cell running this line magic stores its value: ``x = %ci_pull f`` -> ``"x"``,
+    another target (``d["k"] = ...``) -> ``""``, a bare statement -> None.
+
+    IPython turns the line into ``x = get_ipython().run_line_magic(...)``: the instruction after
+    that call in the calling frame says whether the value is stored, and under which name.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "run_line_magic":
+        frame = frame.f_back
+    caller = frame.f_back if frame is not None else None
+    if caller is None:
+        return None
+    for op in dis.get_instructions(caller.f_code):
+        if op.offset <= caller.f_lasti or op.opname in ("CACHE", "EXTENDED_ARG", "NOP"):
+            continue
+        if op.opname.startswith("LOAD_"):  # the target's parts: ``d`` and ``"k"`` in d["k"] = ...
+            continue
+        if op.opname in ("STORE_NAME", "STORE_FAST", "STORE_GLOBAL", "STORE_DEREF"):
+            return str(op.argval)
+        return "" if op.opname.startswith(("STORE_", "UNPACK_")) else None
+    return None
 
 
 def _show(bundle: dict[str, Any]) -> None:

@@ -35,10 +35,18 @@ def test_a_prompt_naming_df_sends_it_with_a_card_and_the_result_comes_back_equal
         "%%ci\nSummarize df and plot it",
         "summary = %ci_pull df_summary.csv -o summary\nprint(type(summary).__name__, summary.shape)",
         "%ci_files",
+        "squares = 'my own notes'",
+        "%%ci_exec\nimport pandas as pd\n"
+        "pd.DataFrame({'n': [1, 2, 3], 'sq': [1, 4, 9]}).to_csv('squares.csv', index=False)",
+        "sq2 = %ci_pull squares.csv\n"
+        "print(type(squares).__name__, squares, '|', type(sq2).__name__, sq2.shape)",
+        "%ci_pull --all\nprint('machine-named:', sorted(n for n in globals() if n.startswith('cfile_')))",
     ]
     with kernel_env(**openai_env(openai_server.url)):
         notebook = run_cells(cells, tmp_path)
-    ok(notebook.cells[2])
+    turn = ok(notebook.cells[2])
+    # Auto-push is not silent: one line per variable sent, with where it went and its shape.
+    assert re.search(r"df -> /mnt/data/[0-9a-f]{32}-df\.parquet \(12 x 2\): sent, ", turn), turn
     request = openai_server.requests_to("/v1/responses", "POST")[0].json
     prompt = str(request["input"])
     # OpenAI stores an upload as /mnt/data/<32 hex>-<name>: the card gives the model that real path.
@@ -57,6 +65,11 @@ def test_a_prompt_naming_df_sends_it_with_a_card_and_the_result_comes_back_equal
     files = ok(notebook.cells[4])
     assert "df.parquet" in files and "notebook" in files and "df_summary.csv" in files and "model" in files
     assert re.search(r"path in the container.*/mnt/data/[0-9a-f]{32}-df\.parquet", files, re.DOTALL), files
+    # Bind only what the user asked for: the assignment names the variable; `squares` stays theirs.
+    assert "str my own notes | DataFrame (3, 2)" in ok(notebook.cells[7])
+    everything = ok(notebook.cells[8])
+    assert "(not bound: the backend named it)" in everything, "the plot's cfile_<hex>.png is saved, not bound"
+    assert "machine-named: []" in everything
 
 
 def test_bad_inputs_are_clear_errors_and_nothing_is_lost(openai_server, tmp_path: Path) -> None:
