@@ -8,6 +8,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -253,7 +254,7 @@ def _assigned_to() -> str | None:
     IPython turns the line into ``x = get_ipython().run_line_magic(...)``: the instruction after
     that call in the calling frame says whether the value is stored, and under which name.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_name != "run_line_magic":
         frame = frame.f_back
     caller = frame.f_back if frame is not None else None
