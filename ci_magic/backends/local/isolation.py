@@ -65,6 +65,10 @@ MEMORY_TIERS = {"1g": GIB, "4g": 4 * GIB, "16g": 16 * GIB, "64g": 64 * GIB}
 # RLIMIT_DATA counts private writable memory, so an idle kernel with pandas and matplotlib
 # loaded already uses ~300 MB of it (thread stacks, interpreter heap): give the tier on top.
 DATA_HEADROOM = 512 << 20
+# An idle kernel maps ~470 MB (libraries, thread stacks, malloc arenas) of which ~90 MB are
+# private pages, so the tier plus this lets one process allocate about the tier.
+ADDRESS_HEADROOM = 512 << 20
+KERNEL_ALLOWANCE = 256 << 20  # the idle kernel's own ~120 MB, on top of the tier, for the tree
 
 LAUNCHER_SOURCE = (Path(__file__).with_name("_launcher.py")).read_text(encoding="utf-8")
 REQUIRED_MODULE = "ipykernel"
@@ -76,17 +80,26 @@ SANDBOX_UID_BASE = 2_000_000_000
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits of one sandbox kernel (and every process it starts)."""
+    """Resource limits of one sandbox: per process (rlimits) and for its whole tree (the budget).
+
+    ``memory_bytes`` is the tier. The whole tree (every process's private and shared memory plus
+    what its tmpfs folders hold) may use ``budget_bytes``: the tier plus the idle kernel's own
+    footprint. The tmpfs folders are cut from the tier, so files there can never use it all.
+    """
 
     memory_bytes: int = GIB
     max_processes: int = 256  # threads count too: an idle ipykernel has about a dozen
     max_file_bytes: int = 8 * GIB
-    tmp_bytes: int | None = None  # size of the sandbox's tmpfs /tmp and home; default: memory_bytes
+    tmp_bytes: int | None = None  # size of the sandbox's tmpfs /tmp; default: a quarter of the tier
+    disk_bytes: int | None = None  # what /mnt/data may hold (allocated); None: not enforced
 
     def rlimits(self, *, processes_already_running: int = 0) -> dict[str, int]:
         """setrlimit values; RLIMIT_NPROC counts every process of the user, hence the offset."""
         return {
             "RLIMIT_DATA": self.memory_bytes + DATA_HEADROOM,
+            # Address space counts shared mappings too, which RLIMIT_DATA does not: one process
+            # alone meets a MemoryError near the tier; the watchdog holds the sum of all of them.
+            "RLIMIT_AS": self.memory_bytes + ADDRESS_HEADROOM,
             "RLIMIT_FSIZE": self.max_file_bytes,
             "RLIMIT_CORE": 0,  # a crash must not drop a core file into /mnt/data
             "RLIMIT_NPROC": processes_already_running + self.max_processes,
@@ -94,17 +107,33 @@ class Limits:
 
     @property
     def tmpfs_bytes(self) -> int:
-        return self.tmp_bytes if self.tmp_bytes is not None else self.memory_bytes
+        """Size of /tmp (the largest of the three tmpfs folders)."""
+        return self.tmp_bytes if self.tmp_bytes is not None else self.memory_bytes // 4
+
+    @property
+    def tmpfs_sizes(self) -> tuple[int, int, int]:
+        """Sizes of /tmp, /dev/shm and home: together at most half the tier."""
+        small = self.memory_bytes // 8
+        return (min(self.tmpfs_bytes, self.memory_bytes // 4), small, small)
+
+    @property
+    def budget_bytes(self) -> int:
+        """Memory of the whole tree, tmpfs included (cgroup memory.max or the watchdog)."""
+        return self.memory_bytes + KERNEL_ALLOWANCE
 
 
-def limits_for_tier(tier: str) -> Limits:
+def limits_for_tier(tier: str, *, disk_bytes: int | None = None) -> Limits:
     try:
-        return Limits(memory_bytes=MEMORY_TIERS[tier])
+        memory = MEMORY_TIERS[tier]
     except KeyError:
         raise ConfigurationError(
             f"Unknown memory limit {tier!r} for a local container: use one of "
             f"{', '.join(MEMORY_TIERS)} (the same tiers as OpenAI's containers)."
         ) from None
+    if disk_bytes is None:
+        return Limits(memory_bytes=memory)
+    # No single file larger than the disk limit (RLIMIT_FSIZE); the watchdog holds the sum.
+    return Limits(memory_bytes=memory, disk_bytes=disk_bytes, max_file_bytes=disk_bytes)
 
 
 @dataclass(frozen=True)
@@ -290,9 +319,11 @@ def mount_plan(python: PythonInfo, paths: LaunchPaths, limits: Limits) -> list[t
     ops += [
         ("proc", "/proc"),
         ("dev", "/dev"),
-        ("tmpfs", "/dev/shm", limits.tmpfs_bytes),  # multiprocessing's semaphores live here
-        ("tmpfs", "/tmp", limits.tmpfs_bytes),
-        ("tmpfs", HOME_INSIDE, limits.tmpfs_bytes),
+        # Cut from the memory budget (budget.py counts what they hold): multiprocessing's
+        # semaphores live in /dev/shm.
+        ("tmpfs", "/dev/shm", limits.tmpfs_sizes[1]),
+        ("tmpfs", "/tmp", limits.tmpfs_sizes[0]),
+        ("tmpfs", HOME_INSIDE, limits.tmpfs_sizes[2]),
     ]
     # The interpreter stays visible even under the (hidden) home folder or /tmp: pyenv, conda, venvs.
     # Its parent folders are created world-traversable (bwrap would make them 0700).

@@ -8,6 +8,10 @@ Jupyter Enterprise/Kernel Gateway would be another implementation of the same pr
 :func:`execute` turns one execution's Jupyter messages into :mod:`ci_magic.events` and owns the
 failure policy: a per-execution timeout (interrupt, then kill and restart) and a kernel that
 dies (out of memory, segfault, ``os._exit``) reported and restarted with /mnt/data intact.
+After a stopped execution nothing of it may keep running: every process but the sandbox's PID 1
+and the kernel is killed, and a kernel whose own threads keep using the CPU is restarted.
+The container's budget (:mod:`.budget`) is watched from the host while the kernel lives; going
+over the disk limit stops the running code with an error that says so.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -32,6 +37,18 @@ import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 
 from ci_magic.backends.kernel_messages import events_from_message, idle_after
+from ci_magic.backends.local.budget import (
+    Breach,
+    CgroupV2,
+    SandboxTree,
+    Watched,
+    cpu_seconds,
+    format_size,
+    is_running,
+    kill_all_but,
+    start_time,
+    watchdog,
+)
 from ci_magic.backends.local.isolation import Isolation, LaunchPaths, Limits, PythonInfo
 from ci_magic.errors import SandboxError
 from ci_magic.events import CallStatus, Event, ExecutionError, Notice
@@ -46,12 +63,19 @@ __all__ = [
     "warm_up",
 ]
 
+log = logging.getLogger(__name__)
+
 # Kernel settings: no history database to open, no ANSI colours in tracebacks (the model and the
 # renderer read them as text).
 KERNEL_ARGS = ("--HistoryManager.enabled=False", "--InteractiveShell.colors=nocolor")
 CHANNEL_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 INTERRUPT_GRACE = 3.0  # seconds an interrupted execution gets to stop before the kernel is killed
 POLL = 0.25  # how often a silent execution checks that the kernel is still alive
+# After a stopped execution the kernel's CPU time is measured this long; more than BUSY_SHARE of
+# it means threads of the stopped code still run, and the kernel is restarted. An idle kernel
+# uses next to none; a spinning thread gets a quarter of a core even on a loaded 2-core machine.
+IDLE_PROBE = 0.5
+BUSY_SHARE = 0.1
 SIGNAL_HINTS = {
     signal.SIGKILL: "was killed by SIGKILL (usually a sign it ran out of memory)",
     signal.SIGSEGV: "crashed with a segmentation fault (SIGSEGV)",
@@ -93,6 +117,20 @@ class Kernel(Protocol):
     def death_reason(self) -> str:
         """Why the kernel stopped, as a verb phrase ("crashed with a segmentation fault (SIGSEGV)")."""
 
+    async def stop_strays(self) -> None:
+        """Kill every process of the sandbox except its PID 1 and the kernel."""
+
+    def kernel_cpu_seconds(self) -> float | None:
+        """CPU time the kernel process has used so far (None when unknown)."""
+
+    def take_breaches(self) -> list[Breach]:
+        """What the budget watchdog did since the last call (processes killed, disk over its limit)."""
+
+    def begin_execution(self) -> None:
+        """Code starts running (if /mnt/data is over its limit already, only growth counts now)."""
+
+    def end_execution(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class KernelSetup:
@@ -105,6 +143,8 @@ class KernelSetup:
     user: tuple[int, int] | None = None  # uid/gid the kernel runs as (root hosts only)
     startup_timeout: float = 60.0
     font_cache: Path | None = None  # matplotlib's font list, built once outside the sandbox
+    cgroup: CgroupV2 | None = None  # a delegated cgroup v2 subtree holds the memory budget
+    tier: str = "1g"  # the memory tier's name, for messages
 
 
 class LocalKernel:
@@ -118,6 +158,9 @@ class LocalKernel:
         self._paths: LaunchPaths | None = None
         self._ctl: int | None = None
         self._reason = ""
+        self._tree: SandboxTree | None = None
+        self._watched: Watched | None = None
+        self._group: Path | None = None
 
     @property
     def client(self) -> AsyncKernelClient:
@@ -169,6 +212,14 @@ class LocalKernel:
             ctl_fd=read_fd,
             kernel_argv=["-f", f"{runtime_inside}/kernel.json", *KERNEL_ARGS],
         )
+        limits = setup.limits
+        if setup.cgroup is not None:
+            self._group = setup.cgroup.create(
+                paths.runtime_dir.parent.name,
+                memory_bytes=limits.budget_bytes,
+                max_processes=limits.max_processes + 16,  # PID 1 and bwrap are not the code's
+            )
+            argv = CgroupV2.wrap(self._group, argv)
         try:
             with open(paths.runtime_dir / "kernel.log", "wb") as log:
                 self._process = subprocess.Popen(
@@ -189,6 +240,7 @@ class LocalKernel:
         finally:
             os.close(read_fd)
         self._ctl = write_fd
+        self._tree = SandboxTree(self._process.pid, namespaced=isolation.namespaced)
         client = AsyncKernelClient(context=self._context)
         client.load_connection_info({**connection, "ip": str(paths.runtime_dir / "k")})
         client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
@@ -198,6 +250,17 @@ class LocalKernel:
         except BaseException:
             await self.kill()
             raise
+        # Found now, before any code ran: which process is the kernel must not be the code's say.
+        self._tree.locate()
+        self._watched = Watched(
+            tree=self._tree,
+            memory_budget=limits.budget_bytes,
+            tmpfs_sizes=limits.tmpfs_sizes if setup.isolation.namespaced else (),
+            data_dir=setup.data_dir if limits.disk_bytes is not None else None,
+            disk_limit=limits.disk_bytes,
+            check_memory=self._group is None,
+        )
+        watchdog().watch(self._watched)
 
     async def _wait_ready(self, timeout: float) -> None:
         """Until the kernel answers kernel_info and our iopub subscription demonstrably works."""
@@ -241,10 +304,32 @@ class LocalKernel:
                 os.write(self._ctl, b"i")
 
     async def kill(self) -> None:
+        """End the whole sandbox, whatever its processes did, and check that none is left.
+
+        PID 1 of the sandbox's PID namespace is killed from the host: the kernel then kills
+        every process of the namespace (double-forked, ``setsid``, ignoring SIGTERM alike), and
+        PID 1 is not gone until they are. The processes seen just before are checked afterwards.
+        """
         process, self._process = self._process, None
+        tree, self._tree = self._tree, None
+        if self._watched is not None:
+            watchdog().forget(self._watched)
         if self._client is not None:
             self._client.stop_channels()
             self._client = None
+        seen: list[tuple[int, int | None]] = []
+        if tree is not None and process is not None and process.poll() is None:
+            tree.locate()
+            seen = [(pid, start_time(pid)) for pid in [tree.init_pid or 0, *tree.members()]]
+            if tree.init_pid is not None and tree.alive():
+                with contextlib.suppress(OSError):
+                    os.kill(tree.init_pid, signal.SIGKILL)
+                # bwrap reaps PID 1 and exits once the namespace is empty; killing bwrap first
+                # would leave PID 1 a zombie for the host's init to reap.
+                for _ in range(400):
+                    if process.poll() is not None:
+                        break
+                    await asyncio.sleep(0.005)
         if self._ctl is not None:
             with contextlib.suppress(OSError):
                 os.write(self._ctl, b"k")
@@ -253,16 +338,60 @@ class LocalKernel:
         if process is not None:
             with contextlib.suppress(OSError):
                 os.killpg(process.pid, signal.SIGKILL)
-            for _ in range(200):
+            for _ in range(400):
                 if process.poll() is not None:
                     break
                 await asyncio.sleep(0.005)
             else:
                 process.kill()
                 process.wait()
+        if self._group is not None:
+            CgroupV2.kill(self._group)
+            await asyncio.to_thread(CgroupV2.remove, self._group)
+            self._group = None
+        survivors = await asyncio.to_thread(_kill_survivors, seen)
+        if survivors:
+            log.error("ci-magic: %d process(es) of a closed sandbox had to be killed one by one", survivors)
         if self._paths is not None:
             self._paths.remove()
             self._paths = None
+
+    async def stop_strays(self) -> None:
+        tree = self._tree
+        if tree is None or not tree.locate():
+            return
+        if self._ctl is not None:
+            # The launcher kills them from inside too (where it knows this byte); the host's own
+            # pass below does not depend on it.
+            with contextlib.suppress(OSError):
+                os.write(self._ctl, b"c")
+        await asyncio.to_thread(kill_all_but, tree, [tree.init_pid, tree.reaper_pid, tree.kernel_pid])
+
+    def kernel_cpu_seconds(self) -> float | None:
+        tree = self._tree
+        return cpu_seconds(tree.kernel_pid) if tree is not None and tree.kernel_pid is not None else None
+
+    def take_breaches(self) -> list[Breach]:
+        return self._watched.take_breaches() if self._watched is not None else []
+
+    def begin_execution(self) -> None:
+        watched = self._watched
+        if watched is None:
+            return
+        if watched.disk_limit is not None:
+            watched.disk_allowed = watched.disk_used if watched.disk_used > watched.disk_limit else 0
+        watched.executing = True
+
+    def end_execution(self) -> None:
+        if self._watched is not None:
+            self._watched.executing = False
+
+    @property
+    def peak_memory(self) -> int:
+        """The most memory the sandbox tree held while watched (bytes; the budget's own measure)."""
+        if self._group is not None:
+            return CgroupV2.peak(self._group) or 0
+        return self._watched.peak_memory if self._watched is not None else 0
 
     async def restart(self) -> None:
         await self.kill()
@@ -273,6 +402,15 @@ class LocalKernel:
 
     def death_reason(self) -> str:
         if self._reason:
+            return self._reason
+        watched = self._watched
+        if watched is not None and watched.kernel_killed_for:
+            budget = format_size(watched.memory_budget)
+            self._reason = (
+                f"was killed because the container held {watched.kernel_killed_for}, over its memory "
+                f"budget of {budget} (the {self.setup.tier} tier; processes, shared memory and files in "
+                "/tmp, /dev/shm and home count together)"
+            )
             return self._reason
         status = ""
         if self._paths is not None:
@@ -312,40 +450,112 @@ def _describe_status(status: str) -> str:
     return "stopped for an unknown reason"
 
 
+@dataclass
+class _Stop:
+    """Why ci-magic interrupted the running code, and when."""
+
+    at: float
+    name: str  # the ExecutionError's name
+    why: str  # what happened
+    advice: str  # what to do about it
+    reported: bool = False
+
+    @property
+    def message(self) -> str:
+        return f"{self.why} (variables defined so far are kept). {self.advice}"
+
+    @property
+    def message_after_restart(self) -> str:
+        return (
+            f"{self.why}; it ignored the interrupt, so the sandbox was restarted: variables and imports "
+            f"are gone, files in /mnt/data are intact. {self.advice}"
+        )
+
+
+def _timeout_stop(timeout: float, now: float) -> _Stop:
+    return _Stop(
+        now,
+        "TimeoutError",
+        f"The code was stopped after {timeout:g} s, the {timeout:g} s limit set by "
+        "CodeInterpreter.execution_timeout",
+        "Raise the limit for longer work, or make the code faster.",
+    )
+
+
+def _disk_stop(breach: Breach, now: float) -> _Stop:
+    return _Stop(
+        now,
+        "DiskLimitExceeded",
+        f"The container wrote more than its disk_limit to /mnt/data (it now holds {breach.message}), "
+        "so the code was stopped and the container kept",
+        "Delete files you no longer need or raise CodeInterpreter.disk_limit.",
+    )
+
+
+def _memory_notice(breach: Breach) -> Notice:
+    return Notice(
+        f"A process in the sandbox was killed: the container held {breach.message}, over its memory "
+        "budget (processes, shared memory and files in /tmp, /dev/shm and home count together). "
+        "Use less memory or a larger CodeInterpreter.memory_limit.",
+        "warning",
+    )
+
+
 async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) -> AsyncIterator[Event]:
     """Run ``code`` and yield its outputs, then ``CallStatus(completed|failed)``.
 
     A kernel found dead beforehand is restarted first (with a ``Notice``). If the code outlives
-    ``timeout`` it is interrupted; if it ignores the interrupt the kernel is restarted. If the
-    kernel dies while running, that is reported as an ``ExecutionError`` and it is restarted.
+    ``timeout``, or the container goes over its disk limit, the code is interrupted; if it
+    ignores the interrupt the kernel is restarted. Either way nothing the code started keeps
+    running afterwards. If the kernel dies while running, that is reported as an
+    ``ExecutionError`` and it is restarted.
     """
     if not kernel.is_alive():
         reason = kernel.death_reason()
         await kernel.restart()
         yield Notice(f"Since the last run, the sandbox's Python process {reason}. {RESTARTED}", "warning")
+    stop: _Stop | None = None
+    for breach in kernel.take_breaches():  # from background processes, between two runs
+        if breach.kind == "memory" and not breach.killed_kernel:
+            yield _memory_notice(breach)
+        elif breach.kind == "disk":
+            yield Notice(
+                f"The container wrote more than its disk_limit to /mnt/data (it now holds {breach.message}), "
+                "so processes still writing in the background were stopped. Delete files you no longer "
+                "need or raise CodeInterpreter.disk_limit.",
+                "warning",
+            )
+    kernel.begin_execution()
     client = kernel.client
     msg_id = client.execute(code, silent=False, store_history=True, allow_stdin=False, stop_on_error=True)
     deadline = time.monotonic() + timeout
     failed = False
     finished = False
-    interrupted_at: float | None = None
     try:
         while True:
             now = time.monotonic()
-            if interrupted_at is None and now >= deadline:
+            stop, news, interrupt = _budget_news(kernel, stop, now)
+            for notice in news:
+                yield notice
+            if interrupt:
                 await kernel.interrupt()
-                interrupted_at = now
-            if interrupted_at is not None and now >= interrupted_at + INTERRUPT_GRACE:
+                await kernel.stop_strays()
+            if stop is None and now >= deadline:
+                stop = _timeout_stop(timeout, now)
+                await kernel.interrupt()
+                # At once, not after the code stopped: what it started competes for the CPU the
+                # kernel needs to stop.
+                await kernel.stop_strays()
+            if stop is not None and now >= stop.at + INTERRUPT_GRACE:
                 await kernel.restart()
                 finished = True
-                yield ExecutionError(
-                    call_id, "TimeoutError",
-                    f"The code ran longer than the {timeout:g} s limit and did not stop when interrupted. "
-                    + RESTARTED.replace("It was", "The sandbox was"),
-                )  # fmt: skip
+                if stop.reported:  # interrupted, but the kernel never became idle again
+                    yield Notice(f"The sandbox did not settle after this. {RESTARTED}", "warning")
+                else:
+                    yield ExecutionError(call_id, stop.name, stop.message_after_restart)
                 yield CallStatus(call_id, "failed")
                 return
-            wait = POLL if interrupted_at is not None else min(POLL, max(deadline - now, 0.001))
+            wait = POLL if stop is not None else min(POLL, max(deadline - now, 0.001))
             try:
                 msg = await client.get_iopub_msg(timeout=wait)
             except Empty:
@@ -365,24 +575,83 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
             for event in events_from_message(msg, call_id):
                 if isinstance(event, ExecutionError):
                     failed = True
-                    if interrupted_at is not None and event.name == "KeyboardInterrupt":
-                        event = ExecutionError(
-                            call_id, "TimeoutError",
-                            f"The code ran longer than the {timeout:g} s limit and was interrupted "
-                            "(variables defined so far are kept).",
-                            event.traceback,
-                        )  # fmt: skip
+                    if stop is None and event.name == "KeyboardInterrupt":
+                        # The watchdog may have interrupted the code since this loop last looked.
+                        stop, news, _ = _budget_news(kernel, stop, time.monotonic())
+                        for notice in news:
+                            yield notice
+                    if stop is not None and event.name == "KeyboardInterrupt":
+                        # Our interrupt, not the user's: say why, without the interrupt's traceback.
+                        event = ExecutionError(call_id, stop.name, stop.message)
+                        stop.reported = True
                 yield event
         finished = True
         await _drain_reply(client, msg_id)
-        yield CallStatus(call_id, "failed" if failed or interrupted_at is not None else "completed")
+        if stop is None:
+            stop, news, _ = _budget_news(kernel, stop, time.monotonic())  # found as the code finished
+            for notice in news:
+                yield notice
+        if stop is not None:
+            if not stop.reported:  # the code caught the interrupt and finished quietly
+                yield ExecutionError(call_id, stop.name, stop.message)
+            async for event in _end_leftovers(kernel):
+                yield event
+        yield CallStatus(call_id, "failed" if failed or stop is not None else "completed")
     finally:
+        kernel.end_execution()
         if not finished and kernel.is_alive():
             # The consumer stopped listening (Ctrl-C in the notebook): stop the code too, and wait
             # until it has stopped, so a late interrupt cannot hit the next execution.
             await kernel.interrupt()
             if not await _wait_idle(kernel, msg_id, INTERRUPT_GRACE):
                 await kernel.restart()
+
+
+def _budget_news(kernel: Kernel, stop: _Stop | None, now: float) -> tuple[_Stop | None, list[Notice], bool]:
+    """What the watchdog reported: notices to show, a disk stop, and whether to interrupt now."""
+    news: list[Notice] = []
+    interrupt = False
+    for breach in kernel.take_breaches():
+        if breach.kind == "memory":
+            if not breach.killed_kernel:  # the kernel's own death is reported as such
+                news.append(_memory_notice(breach))
+        elif stop is None:
+            stop = _disk_stop(breach, now)
+            interrupt = not breach.interrupted
+    return stop, news, interrupt
+
+
+async def _end_leftovers(kernel: Kernel) -> AsyncIterator[Event]:
+    """After a stopped execution: no process but PID 1 and the kernel, and no busy kernel thread."""
+    await kernel.stop_strays()
+    before = kernel.kernel_cpu_seconds()
+    await asyncio.sleep(IDLE_PROBE)
+    after = kernel.kernel_cpu_seconds()
+    if before is not None and after is not None and after - before > BUSY_SHARE * IDLE_PROBE:
+        await kernel.restart()
+        yield Notice(
+            f"Threads started by the stopped code kept using the CPU ({after - before:.2f} s in "
+            f"{IDLE_PROBE:g} s), so the sandbox was restarted: variables and imports are gone, files "
+            "in /mnt/data are intact.",
+            "warning",
+        )
+
+
+def _kill_survivors(seen: list[tuple[int, int | None]], *, patience: float = 3.0) -> int:
+    """Wait until every process seen in a killed sandbox is gone; SIGKILL any that is not.
+
+    Dying takes a moment (a large process frees its memory first); a zombie holds nothing.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        left = [pid for pid, started in seen if started is not None and is_running(pid, started)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return len(left)
 
 
 async def warm_up(kernel: Kernel, *, timeout: float = 10.0) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import zmq.asyncio
 
 from ci_magic.backends.base import ContainerFile, ContainerInfo
+from ci_magic.backends.local.budget import CgroupV2, parse_size
 from ci_magic.backends.local.datadir import (
     DATA_PREFIX,
     container_path,
@@ -64,6 +65,7 @@ DATA = "data"
 SWEEP_SECONDS = 30.0
 STALE_POOL_SECONDS = 24 * 3600  # folders of pool kernels a crashed session left behind
 EXPIRED_KEEP_SECONDS = 7 * 24 * 3600  # expired containers' files stay this long, then go
+DISK_PER_MEMORY = 2  # default disk_limit: twice the memory tier ("2g" for "1g")
 
 
 def default_root() -> Path:
@@ -159,8 +161,10 @@ class SandboxManager:
         pool_size: int = 1,
         execution_timeout: float = 120.0,
         isolation: str = "auto",
+        disk_limit: str | int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``disk_limit``: what /mnt/data may hold, e.g. ``"2g"``; default: twice the memory tier."""
         if pool_size < 0:
             raise ConfigurationError(f"The sandbox pool size must be 0 or more, not {pool_size}.")
         if not execution_timeout > 0:
@@ -173,6 +177,8 @@ class SandboxManager:
         self.pool_size = pool_size
         self.execution_timeout = float(execution_timeout)
         self.isolation_request = isolation
+        self.disk_limit = parse_size(disk_limit, what="CodeInterpreter.disk_limit") if disk_limit else None
+        self._cgroup: CgroupV2 | None = None
         self._clock = clock  # wall-clock seconds; a parameter so expiry can be tested without waiting
         self._containers: dict[str, _Container] = {}
         self._loaded = False
@@ -203,6 +209,8 @@ class SandboxManager:
             if self._setup is None:
                 python = await asyncio.to_thread(probe_python, self.python)
                 isolation = await asyncio.to_thread(detect_isolation, self.isolation_request, python)
+                if isolation.namespaced:
+                    self._cgroup = await asyncio.to_thread(CgroupV2.detect)
                 if isolation.warning:
                     self._notices.append(Notice(isolation.warning, "warning"))
                 if python.missing:
@@ -581,11 +589,16 @@ class SandboxManager:
             isolation=isolation,
             python=python,
             data_dir=self._data_dir(cid),
-            limits=limits_for_tier(memory_limit),
+            limits=limits_for_tier(memory_limit, disk_bytes=self._disk_limit_for(memory_limit)),
             user=isolation.sandbox_user(cid),
             font_cache=self._font_cache,
+            cgroup=self._cgroup,
+            tier=memory_limit,
         )
         return LocalKernel(setup, context=self._context)
+
+    def _disk_limit_for(self, memory_limit: str) -> int:
+        return self.disk_limit or DISK_PER_MEMORY * limits_for_tier(memory_limit).memory_bytes
 
     def _save(self, container: _Container) -> None:
         folder = self._folder(container.id)

@@ -1,0 +1,642 @@
+"""One resource budget per container, held for the sandbox's whole process tree.
+
+A sandbox may start any number of processes, map shared memory, fill its tmpfs folders and write
+to /mnt/data. Per-process rlimits alone do not add up to a container limit (four processes and a
+shared mapping reached 7.6 GiB from a ``1g`` container), so the budget is held from the host:
+
+* **cgroup v2**, where the host delegates a writable subtree with the ``memory`` and ``pids``
+  controllers (:class:`CgroupV2`): ``memory.max`` (tmpfs and shared memory are charged to it too),
+  ``memory.swap.max = 0`` and ``pids.max``; ``cgroup.kill`` ends the container.
+* Otherwise the :class:`Watchdog`, one host thread for every sandbox of the process: every
+  ``MEMORY_TICK`` it adds up the tree's private and shared memory and what its tmpfs folders hold,
+  and kills the largest process when the sum is over the budget (then everything but PID 1 if
+  that did not help). Every process also has ``RLIMIT_AS`` (set by the launcher from
+  :class:`~.isolation.Limits`), so one process alone meets a ``MemoryError`` first.
+* The data folder has no quota here: the watchdog measures its allocated size every
+  ``DISK_TICK`` (more rarely when the folder is large) and flags the sandbox, which stops the
+  running code with a clear error (:mod:`.kernel`).
+
+The tree is found from the host's side, through ``/proc/<pid>/task/*/children`` starting at the
+sandbox's PID 1: processes that double-fork or call ``setsid`` are re-parented to that PID 1 and
+stay in the tree. Nothing here trusts the sandbox: it only reads ``/proc`` files the kernel writes
+and ``statvfs`` of the sandbox's tmpfs mounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ci_magic.errors import ConfigurationError
+
+__all__ = [
+    "CgroupV2",
+    "DiskUse",
+    "MemoryUse",
+    "SandboxTree",
+    "Watchdog",
+    "cpu_seconds",
+    "data_usage",
+    "format_size",
+    "is_running",
+    "kill_all_but",
+    "parse_size",
+    "start_time",
+    "watchdog",
+]
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+GIB = 1 << 30
+MEMORY_TICK = 0.05  # seconds between two memory checks of every sandbox
+DISK_TICK = 0.05  # seconds between two measurements of a small data folder
+DISK_CPU_SHARE = 0.05  # a large data folder is measured at most this share of the time
+MAX_DATA_ENTRIES = 200_000  # more files than this in /mnt/data counts as over the disk limit
+LAUNCHER_MARK = "kernel_module"  # in the launcher's JSON argument (isolation.Isolation.command)
+TMPFS_INSIDE = ("tmp", "dev/shm", "home/sandbox")  # the sandbox's tmpfs mounts, below its root
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+UNITS = {"": 1, "k": 1 << 10, "m": MIB, "g": GIB, "t": 1 << 40}
+
+
+def parse_size(text: str | int, *, what: str) -> int:
+    """``"2g"``, ``"512m"``, ``"1.5GiB"`` or a number of bytes; a ConfigurationError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = SIZE.match(str(text))
+        if match is None:
+            raise ConfigurationError(
+                f"{what} must be a size such as '2g', '500m' or a number of bytes, not {text!r}."
+            )
+        value = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if value < MIB:
+        raise ConfigurationError(f"{what} must be at least 1m (one mebibyte), not {text!r}.")
+    return value
+
+
+def format_size(size: int) -> str:
+    for unit, factor in (("GiB", GIB), ("MiB", MIB), ("KiB", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:.3g} {unit}"
+    return f"{size} B"
+
+
+# ------------------------------------------------------------------------------- the process tree
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(65536).decode("ascii", "replace")
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (a child belongs to the thread that forked it)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        text = _read(f"/proc/{pid}/task/{tid}/children")
+        if text:
+            found.extend(int(child) for child in text.split())
+    return found
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks after boot): tells a pid from its reuse."""
+    text = _read(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def is_running(pid: int, started: int) -> bool:
+    """``pid`` is still the process that started at ``started`` and has not finished dying."""
+    text = _read(f"/proc/{pid}/stat")
+    if text is None:
+        return False
+    fields = text[text.rfind(")") + 2 :].split()
+    return len(fields) > 19 and int(fields[19]) == started and fields[0] not in ("Z", "X")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of ``pid`` (all its threads), or None once it is gone."""
+    text = _read(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class SandboxTree:
+    """The host's view of one sandbox: its PID 1, the launcher (reaper) and the kernel.
+
+    With namespaces the outer process (bwrap) has one child, PID 1 of the sandbox's PID
+    namespace; without, the outer process is the launcher itself. The launcher is the first
+    process on the way down whose command line is the launcher's, and the kernel is its oldest
+    child. All three are found once, as the kernel starts, before any code ran.
+    """
+
+    outer_pid: int
+    namespaced: bool = True
+    init_pid: int | None = None
+    reaper_pid: int | None = None
+    kernel_pid: int | None = None
+    _init_started: int | None = None
+    _kernel_started: int | None = None
+
+    def locate(self) -> bool:
+        """Find PID 1, the launcher and the kernel; False while they do not all exist yet."""
+        if self.init_pid is None:
+            if not self.namespaced or _namespace_init(self.outer_pid):
+                init = self.outer_pid
+            else:
+                inner = _children(self.outer_pid)
+                if not inner:
+                    return False
+                init = inner[0]
+            started = start_time(init)
+            if started is None:
+                return False
+            self.init_pid, self._init_started = init, started
+        if self.kernel_pid is None:
+            reaper = self.init_pid
+            for _ in range(3):  # bwrap may keep its own init above the launcher
+                if LAUNCHER_MARK in (_read(f"/proc/{reaper}/cmdline") or ""):
+                    break
+                oldest = _oldest_child(reaper)
+                if oldest is None:
+                    return False
+                reaper = oldest
+            kernel = _oldest_child(reaper)
+            if kernel is None:
+                return False
+            self.reaper_pid, self.kernel_pid = reaper, kernel
+            self._kernel_started = start_time(kernel)
+        return True
+
+    def alive(self) -> bool:
+        return self.init_pid is not None and start_time(self.init_pid) == self._init_started
+
+    def signal_kernel(self, signum: int) -> bool:
+        """Signal the kernel process from the host (the same process it was: start time checked)."""
+        if self.kernel_pid is None or start_time(self.kernel_pid) != self._kernel_started:
+            return False
+        try:
+            os.kill(self.kernel_pid, signum)
+        except OSError:
+            return False
+        return True
+
+    def members(self) -> list[int]:
+        """Every process below PID 1 (not PID 1 itself), parents first."""
+        if self.init_pid is None or not self.alive():
+            return []
+        found: list[int] = []
+        queue = _children(self.init_pid)
+        seen: set[int] = set()
+        while queue and len(found) < 65536:
+            pid = queue.pop(0)
+            if pid in seen:
+                continue
+            seen.add(pid)
+            found.append(pid)
+            queue.extend(_children(pid))
+        return found
+
+    def tmpfs_root(self) -> str | None:
+        """A /proc/<pid>/root of the sandbox that the host may read (PID 1 may refuse: non-dumpable)."""
+        if not self.namespaced:
+            return None
+        for pid in (self.kernel_pid, self.reaper_pid, self.init_pid):
+            if pid is not None and os.access(f"/proc/{pid}/root/tmp", os.R_OK):
+                return f"/proc/{pid}/root"
+        return None
+
+
+def _oldest_child(pid: int) -> int | None:
+    born = [(started, child) for child in _children(pid) if (started := start_time(child)) is not None]
+    return min(born)[1] if born else None
+
+
+def _namespace_init(pid: int) -> bool:
+    """True when ``pid`` is PID 1 of a PID namespace below ours (its NSpid ends in 1)."""
+    text = _read(f"/proc/{pid}/status") or ""
+    for line in text.splitlines():
+        if line.startswith("NSpid:"):
+            ids = line.split()[1:]
+            return len(ids) > 1 and ids[-1] == "1"
+    return False
+
+
+def kill_all_but(tree: SandboxTree, keep: Sequence[int | None], *, rounds: int = 20) -> int:
+    """SIGKILL every process of the tree except ``keep``, until none is left; how many were killed.
+
+    Repeated because a process may fork between two passes; each pass kills the parents, so the
+    next one sees only the last children.
+    """
+    kept = {pid for pid in keep if pid is not None}
+    killed = 0
+    for _ in range(rounds):
+        victims = [pid for pid in tree.members() if pid not in kept]
+        if not victims:
+            break
+        for pid in victims:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.005)
+    return killed
+
+
+# --------------------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Memory the sandbox holds on the host, in bytes."""
+
+    processes: int  # private (anonymous) and shared-memory pages of every process but PID 1
+    tmpfs: int  # what /tmp, /dev/shm and home hold
+    largest: int | None = None  # the process holding the most
+    largest_bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.processes + self.tmpfs
+
+
+def _status_bytes(pid: int) -> int | None:
+    """RssAnon + RssShmem from /proc/<pid>/status: cheap, and an upper bound of what it holds."""
+    text = _read(f"/proc/{pid}/status")
+    if text is None:
+        return None
+    total = 0
+    for line in text.splitlines():
+        if line.startswith(("RssAnon:", "RssShmem:")):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def _proportional_bytes(pid: int) -> int | None:
+    """Pss_Anon + Pss_Shmem: pages shared by several processes counted once in all (page-table walk)."""
+    text = _read(f"/proc/{pid}/smaps_rollup")
+    if not text:
+        return None  # not ours to read (non-dumpable): the caller keeps the upper bound
+    total = 0
+    for line in text.splitlines():
+        if line.startswith(("Pss_Anon:", "Pss_Shmem:")):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def tmpfs_bytes(root: str | None, sizes: Sequence[int]) -> int:
+    """Bytes the sandbox's tmpfs mounts hold; their whole size when the host cannot look."""
+    if root is None:
+        return sum(sizes)
+    used = 0
+    for inside, size in zip(TMPFS_INSIDE, sizes, strict=False):
+        try:
+            info = os.statvfs(f"{root}/{inside}")
+        except OSError:
+            used += size
+            continue
+        used += (info.f_blocks - info.f_bfree) * info.f_frsize
+    return used
+
+
+def memory_use(tree: SandboxTree, tmpfs_sizes: Sequence[int], budget: int) -> MemoryUse:
+    """What the tree holds: a cheap upper bound first, the exact (proportional) sum only near the budget."""
+    members = tree.members()
+    tmpfs = tmpfs_bytes(tree.tmpfs_root(), tmpfs_sizes)
+    rough = {pid: size for pid in members if (size := _status_bytes(pid)) is not None}
+    if sum(rough.values()) + tmpfs <= budget:
+        largest = max(rough, key=rough.__getitem__, default=None)
+        return MemoryUse(sum(rough.values()), tmpfs, largest, rough.get(largest, 0) if largest else 0)
+    exact = {pid: _proportional_bytes(pid) for pid in rough}
+    sizes = {pid: exact[pid] if exact[pid] is not None else rough[pid] for pid in rough}
+    largest = max(sizes, key=lambda pid: sizes[pid] or 0, default=None)
+    return MemoryUse(
+        sum(v or 0 for v in sizes.values()), tmpfs, largest, (sizes.get(largest) or 0) if largest else 0
+    )
+
+
+# ----------------------------------------------------------------------------------------- disk
+
+
+@dataclass(frozen=True)
+class DiskUse:
+    bytes: int  # allocated (st_blocks), not apparent: sparse files cost what they hold
+    entries: int
+    complete: bool  # False when the walk stopped at MAX_DATA_ENTRIES
+
+
+def data_usage(folder: Path, *, max_entries: int = MAX_DATA_ENTRIES) -> DiskUse:
+    """Allocated size of everything under ``folder``, never following a symlink."""
+    total, entries = 0, 0
+    stack = [str(folder)]
+    while stack:
+        path = stack.pop()
+        try:
+            with os.scandir(path) as listing:
+                for entry in listing:
+                    entries += 1
+                    if entries > max_entries:
+                        return DiskUse(total, entries, complete=False)
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += info.st_blocks * 512
+                    if stat.S_ISDIR(info.st_mode):
+                        stack.append(entry.path)
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+                raise
+    return DiskUse(total, entries, complete=True)
+
+
+# ------------------------------------------------------------------------------------ watchdog
+
+
+@dataclass
+class Breach:
+    """What the watchdog did about a sandbox over its budget (read and cleared by the kernel)."""
+
+    kind: str  # "memory" | "disk"
+    message: str
+    killed_kernel: bool = False
+    interrupted: bool = False  # the running code was interrupted already
+
+
+@dataclass
+class Watched:
+    """One sandbox under the watchdog."""
+
+    tree: SandboxTree
+    memory_budget: int
+    tmpfs_sizes: tuple[int, ...]
+    data_dir: Path | None
+    disk_limit: int | None
+    check_memory: bool = True  # False when a cgroup holds the memory budget
+    executing: bool = False  # code is running now: a disk breach interrupts it at once
+    breaches: list[Breach] = field(default_factory=list)
+    disk_allowed: int = 0  # over the limit already when the execution started: only growth counts
+    disk_used: int = 0
+    peak_memory: int = 0
+    kernel_killed_for: str | None = None  # what the container held when the kernel was killed
+    _next_disk: float = 0.0
+    _killed: tuple[int, int | None] | None = None  # the process killed last (pid, start time)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take_breaches(self) -> list[Breach]:
+        with self.lock:
+            found, self.breaches = self.breaches, []
+        return found
+
+    def _add(self, breach: Breach) -> None:
+        with self.lock:
+            self.breaches.append(breach)
+
+
+class Watchdog:
+    """One daemon thread that checks every watched sandbox each ``MEMORY_TICK``."""
+
+    def __init__(
+        self, *, tick: float = MEMORY_TICK, on_breach: Callable[[Watched], None] | None = None
+    ) -> None:
+        self.tick = tick
+        self.on_breach = on_breach
+        self._watched: dict[int, Watched] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.cpu_seconds = 0.0  # this thread's own CPU time, for the benchmark
+
+    def watch(self, item: Watched) -> None:
+        with self._lock:
+            self._watched[id(item)] = item
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="ci-magic-watchdog", daemon=True)
+                self._thread.start()
+
+    def forget(self, item: Watched) -> None:
+        with self._lock:
+            self._watched.pop(id(item), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                items = list(self._watched.values())
+                if not items:
+                    self._thread = None
+                    return
+            started = time.thread_time()
+            for item in items:
+                try:
+                    self.check(item)
+                except Exception:  # a sandbox vanishing mid-check must not stop the others'
+                    log.debug("ci-magic watchdog: check failed", exc_info=True)
+            self.cpu_seconds += time.thread_time() - started
+            time.sleep(self.tick)
+
+    def check(self, item: Watched) -> None:
+        tree = item.tree
+        if not tree.locate():
+            return
+        if item.check_memory:
+            self._check_memory(item)
+        now = time.monotonic()
+        if item.data_dir is not None and item.disk_limit is not None and now >= item._next_disk:
+            started = time.monotonic()
+            use = data_usage(item.data_dir)
+            spent = time.monotonic() - started
+            item._next_disk = time.monotonic() + max(DISK_TICK, spent / DISK_CPU_SHARE)
+            item.disk_used = use.bytes
+            over = use.bytes > max(item.disk_limit, item.disk_allowed) or not use.complete
+            if over:
+                # Background writers stop now; the kernel's own code is interrupted by execute().
+                kill_all_but(tree, [tree.init_pid, tree.kernel_pid])
+                what = (
+                    f"more than {MAX_DATA_ENTRIES:,} files"
+                    if not use.complete
+                    else f"{format_size(use.bytes)} (limit {format_size(item.disk_limit)})"
+                )
+                item.disk_allowed = max(item.disk_allowed, use.bytes)
+                # At once (every 50 ms of delay is more written), as the launcher would: SIGINT.
+                interrupted = item.executing and tree.signal_kernel(signal.SIGINT)
+                item._add(Breach("disk", what, interrupted=interrupted))
+                if self.on_breach:
+                    self.on_breach(item)
+
+    def _check_memory(self, item: Watched) -> None:
+        tree = item.tree
+        use = memory_use(tree, item.tmpfs_sizes, item.memory_budget)
+        item.peak_memory = max(item.peak_memory, use.total)
+        if use.total <= item.memory_budget or use.largest is None:
+            item._killed = None
+            return
+        if item._killed is not None and start_time(item._killed[0]) == item._killed[1]:
+            return  # the process killed last is still releasing its memory
+        held = (
+            f"{format_size(use.total)} ({format_size(use.processes)} in processes, "
+            f"{format_size(use.tmpfs)} in /tmp, /dev/shm and home)"
+        )
+        if item._killed is not None:
+            # Killing the largest process did not bring the sum down (memory shared by several):
+            # everything but PID 1 goes, the kernel included.
+            item.kernel_killed_for = held
+            kill_all_but(tree, [tree.init_pid, tree.reaper_pid])
+            item._add(Breach("memory", held, killed_kernel=True))
+            item._killed = None
+        else:
+            victim = use.largest
+            if victim == tree.kernel_pid:
+                item.kernel_killed_for = held
+            item._killed = (victim, start_time(victim))
+            with contextlib.suppress(OSError):
+                os.kill(victim, signal.SIGKILL)
+            item._add(Breach("memory", held, killed_kernel=victim == tree.kernel_pid))
+        if self.on_breach:
+            self.on_breach(item)
+
+
+_WATCHDOG: Watchdog | None = None
+
+
+def watchdog() -> Watchdog:
+    """The process's one watchdog thread (started with the first sandbox, ended with the last)."""
+    global _WATCHDOG
+    if _WATCHDOG is None:
+        _WATCHDOG = Watchdog()
+    return _WATCHDOG
+
+
+# ---------------------------------------------------------------------------------- cgroup v2
+
+
+class CgroupV2:
+    """A delegated cgroup v2 subtree that holds one child cgroup per sandbox.
+
+    Usable when our own cgroup (``0::/path`` in /proc/self/cgroup, below a ``cgroup2`` mount) is
+    writable by us and offers the ``memory`` and ``pids`` controllers. A cgroup that has
+    processes cannot enable controllers for children, so the host process first moves itself
+    into a ``leaf`` child (what systemd's ``Delegate=`` expects of a delegated subtree).
+    """
+
+    CONTROLLERS = ("memory", "pids")
+    PREFIX = "ci-magic-"
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    @classmethod
+    def detect(cls, proc: Path = Path("/proc/self")) -> CgroupV2 | None:
+        """The delegated subtree, or None (cgroup v1, no delegation, controllers missing)."""
+        mount_point = _cgroup2_mount(proc / "mountinfo")
+        own = _own_cgroup(proc / "cgroup")
+        if mount_point is None or own is None:
+            return None
+        base = mount_point / own.lstrip("/")
+        controllers = (_read(str(base / "cgroup.controllers")) or "").split()
+        if not all(name in controllers for name in cls.CONTROLLERS):
+            return None
+        files = ("cgroup.subtree_control", "cgroup.procs")
+        if not os.access(base, os.W_OK) or not all(os.access(base / f, os.W_OK) for f in files):
+            return None
+        tree = cls(base)
+        try:
+            tree._enable_controllers()
+        except OSError as err:
+            log.info("ci-magic: cgroup v2 at %s is not usable: %s", base, err)
+            return None
+        return tree
+
+    def _enable_controllers(self) -> None:
+        enabled = (_read(str(self.base / "cgroup.subtree_control")) or "").split()
+        if all(name in enabled for name in self.CONTROLLERS):
+            return
+        procs = (_read(str(self.base / "cgroup.procs")) or "").split()
+        if procs:
+            leaf = self.base / f"{self.PREFIX}leaf"
+            leaf.mkdir(exist_ok=True)
+            for pid in procs:
+                with contextlib.suppress(OSError):  # processes that exited meanwhile
+                    (leaf / "cgroup.procs").write_text(pid)
+        (self.base / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in self.CONTROLLERS))
+
+    def create(self, name: str, *, memory_bytes: int, max_processes: int) -> Path:
+        """A child cgroup for one sandbox with its limits written (before anything runs in it)."""
+        group = self.base / f"{self.PREFIX}{name}"
+        group.mkdir(exist_ok=True)
+        (group / "memory.max").write_text(str(memory_bytes))
+        if (group / "memory.swap.max").exists():
+            (group / "memory.swap.max").write_text("0")
+        (group / "pids.max").write_text(str(max_processes))
+        return group
+
+    @staticmethod
+    def wrap(group: Path, argv: Sequence[str]) -> list[str]:
+        """``argv`` started inside ``group``: the shell moves itself there, then execs (same pid)."""
+        return ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', str(group / "cgroup.procs"), *argv]
+
+    @staticmethod
+    def kill(group: Path) -> None:
+        """SIGKILL every process in the cgroup (``cgroup.kill``, Linux 5.14+; else one by one)."""
+        if (group / "cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                (group / "cgroup.kill").write_text("1")
+                return
+        for pid in (_read(str(group / "cgroup.procs")) or "").split():
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), signal.SIGKILL)
+
+    @staticmethod
+    def remove(group: Path) -> None:
+        for _ in range(100):
+            try:
+                group.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:  # still busy: its last processes are exiting
+                time.sleep(0.01)
+
+    @staticmethod
+    def peak(group: Path) -> int | None:
+        text = _read(str(group / "memory.peak"))
+        return int(text) if text and text.strip().isdigit() else None
+
+
+def _cgroup2_mount(mountinfo: Path) -> Path | None:
+    text = _read(str(mountinfo)) or ""
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split()[:1] == ["cgroup2"]:
+            return Path(left.split()[4].encode().decode("unicode_escape"))
+    return None
+
+
+def _own_cgroup(cgroup_file: Path) -> str | None:
+    for line in (_read(str(cgroup_file)) or "").splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip() or "/"
+    return None

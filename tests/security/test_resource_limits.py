@@ -1,0 +1,251 @@
+"""Class 4 of issue 9: one budget per container that holds for the whole process tree.
+
+Each test is an attack written as hostile sandbox code would be (run through the sandbox
+manager, as the model's tool calls and ``%%ci_exec`` run it), as root and as ``nobody``. What
+the host then holds is measured from the host, through /proc, not taken from ci-magic.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ci_magic.backends.local.budget import CgroupV2, parse_size
+from ci_magic.errors import ConfigurationError
+from tests.security.sandbox_support import (
+    USERS,
+    Attacker,
+    MemorySampler,
+    allocated_bytes,
+    attacker_as,
+    errors,
+    final_status,
+    notices,
+    sandbox_namespace,
+    stdout,
+)
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+@pytest.fixture(params=USERS)
+def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
+    with attacker_as(request.param) as found:
+        yield found
+
+
+def test_processes_sharing_a_mapping_stay_within_a_1g_containers_budget(attacker: Attacker) -> None:
+    """The issue's attack: several processes plus a shared mapping, each under its own limit."""
+    attacker.start(execution_timeout=60)
+    attacker.create("1g")
+    attacker.call("upload", name="keep.csv", text="region,total\nnorth,3\n")
+    namespace = sandbox_namespace(attacker.pid or 0)
+    assert namespace is not None
+    bomb = textwrap.dedent(
+        """
+        import mmap, os, time
+        shared = mmap.mmap(-1, 2**30)  # MAP_SHARED | MAP_ANONYMOUS: not "data" for RLIMIT_DATA
+        for offset in range(0, len(shared), 2**20):
+            shared[offset:offset + 2**20] = b"s" * 2**20
+        children = []
+        for _ in range(4):
+            pid = os.fork()
+            if pid == 0:
+                hoard = []
+                try:
+                    while len(hoard) < 16:
+                        hoard.append(b"p" * (64 * 2**20))  # 1 GiB each, page by page
+                except MemoryError:
+                    pass
+                time.sleep(8)
+                os._exit(0)
+            children.append(pid)
+        for pid in children:
+            os.waitpid(pid, 0)
+        print("every process kept its memory")
+        """
+    )
+    with MemorySampler(namespace) as sampler:
+        events = attacker.execute(bomb, timeout=40)
+    print(f"peak host memory of the 1g container's tree: {sampler.peak / GIB:.2f} GiB")
+    assert sampler.peak < 1.5 * GIB, f"the tree reached {sampler.peak / GIB:.2f} GiB"
+    assert "every process kept its memory" not in stdout(events)
+    assert final_status(events) == "failed" or notices(events)
+    after = attacker.execute("print(open('keep.csv').read().splitlines()[1])")
+    assert stdout(after) == "north,3\n", after  # the container survives, its files too
+
+
+def test_filling_tmp_shm_and_home_stops_within_the_memory_tier(attacker: Attacker) -> None:
+    attacker.start()
+    attacker.create("1g")
+    fill = textwrap.dedent(
+        """
+        import os
+        written = {}
+        for folder in ("/tmp", "/dev/shm", os.path.expanduser("~")):
+            written[folder] = 0
+            try:
+                with open(os.path.join(folder, "fill.bin"), "wb") as f:
+                    while written[folder] < 2 * 2**30:
+                        f.write(b"f" * 2**20)
+                        f.flush()
+                        written[folder] += 2**20
+            except OSError:
+                pass
+        print(sum(written.values()) // 2**20)
+        """
+    )
+    events = attacker.execute(fill, timeout=60)
+    total_mib = int(stdout(events).strip() or 0)
+    # Each tmpfs was the whole tier (3 GiB in all); now they share half of it.
+    assert 0 < total_mib <= 512 + 16, events
+    assert stdout(attacker.execute("print('still here')")) == "still here\n"
+
+
+def test_writing_past_the_disk_limit_stops_the_code_with_a_clear_error(attacker: Attacker) -> None:
+    attacker.start(disk_limit="200m")
+    attacker.create("1g")
+    flood = textwrap.dedent(
+        """
+        import os
+        os.makedirs("flood", exist_ok=True)
+        written = 0
+        for n in range(64):  # 2 GiB in 32 MiB files, each under any single-file limit
+            with open(f"flood/part-{n}.bin", "wb") as f:
+                for _ in range(32):
+                    f.write(os.urandom(2**20))
+                    written += 2**20
+        print("wrote", written // 2**20, "MiB")
+        """
+    )
+    events = attacker.execute(flood, timeout=120)
+    assert "wrote 2048 MiB" not in stdout(events)
+    (error,) = errors(events)
+    assert error["name"] == "DiskLimitExceeded"
+    assert "disk_limit" in error["value"] and "CodeInterpreter.disk_limit" in error["value"]
+    assert "KeyboardInterrupt" not in error.get("traceback", "")
+    assert final_status(events) == "failed"
+    assert attacker.data is not None
+    assert allocated_bytes(attacker.data) < 400 * MIB
+    # The container survives: the user deletes files and goes on.
+    cleanup = attacker.execute(
+        "import shutil\nshutil.rmtree('flood')\nopen('small.txt', 'w').write('ok')\nprint('ok')"
+    )
+    assert stdout(cleanup) == "ok\n" and final_status(cleanup) == "completed"
+
+
+def test_a_background_writer_is_stopped_at_the_disk_limit_too(attacker: Attacker) -> None:
+    attacker.start(disk_limit="100m")
+    attacker.create("1g")
+    detached = textwrap.dedent(
+        """
+        import subprocess, sys
+        writer = "import os\\nfor n in range(4096):\\n    open(f'bg-{n}.bin', 'wb').write(os.urandom(2**20))"
+        subprocess.Popen([sys.executable, "-c", writer], start_new_session=True)
+        print("started")
+        """
+    )
+    assert stdout(attacker.execute(detached)) == "started\n"
+    import time
+
+    time.sleep(3)
+    assert attacker.data is not None
+    assert allocated_bytes(attacker.data) < 300 * MIB
+    later = attacker.execute("print('next cell')")
+    assert stdout(later) == "next cell\n"
+    assert any("disk_limit" in text for text in notices(later)), later
+
+
+def test_a_fork_bomb_stays_within_the_process_limit(attacker: Attacker) -> None:
+    attacker.start()
+    attacker.create("1g")
+    events = attacker.execute(
+        """
+import os, signal, subprocess, sys, time
+forever = "import os\\nwhile True:\\n    try: os.fork()\\n    except OSError: pass"
+bomb = subprocess.Popen([sys.executable, "-c", forever], start_new_session=True)
+time.sleep(2)
+running = sum(name.isdigit() for name in os.listdir("/proc"))
+os.killpg(bomb.pid, signal.SIGKILL)
+print(running)
+""",
+        timeout=30,
+    )
+    running = int(stdout(events))
+    assert 50 < running <= 256 + 8, events
+
+
+# ---------------------------------------------------------------------- configuration and cgroup v2
+
+
+def test_disk_limit_sizes_are_read_like_memory_tiers_and_nonsense_is_refused() -> None:
+    assert parse_size("2g", what="disk_limit") == 2 * GIB
+    assert parse_size("500M", what="disk_limit") == 500 * MIB
+    assert parse_size("1.5GiB", what="disk_limit") == int(1.5 * GIB)
+    with pytest.raises(ConfigurationError, match="such as '2g'"):
+        parse_size("lots", what="CodeInterpreter.disk_limit")
+    with pytest.raises(ConfigurationError, match="at least 1m"):
+        parse_size("10k", what="CodeInterpreter.disk_limit")
+
+
+def fake_cgroupfs(tmp_path: Path, *, controllers: str, own: str = "/user.slice/app.scope") -> Path:
+    """A cgroup2 mount as the kernel shows it: mountinfo, /proc/self/cgroup and the files."""
+    mount = tmp_path / "cgroup"
+    base = mount / own.lstrip("/")
+    base.mkdir(parents=True)
+    (base / "cgroup.controllers").write_text(controllers + "\n")
+    (base / "cgroup.subtree_control").write_text("")
+    (base / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "mountinfo").write_text(
+        f"22 1 0:21 / /proc rw,nosuid - proc proc rw\n30 22 0:26 / {mount} rw,nosuid - cgroup2 cgroup2 rw\n"
+    )
+    (proc / "cgroup").write_text(f"0::{own}\n")
+    return proc
+
+
+def test_a_delegated_cgroup_v2_subtree_holds_the_budget(tmp_path: Path) -> None:
+    proc = fake_cgroupfs(tmp_path, controllers="cpu io memory pids")
+    tree = CgroupV2.detect(proc)
+    assert tree is not None
+    base = tree.base
+    # Our process moved to a leaf, so the controllers could be enabled for the children.
+    assert (base / "ci-magic-leaf" / "cgroup.procs").read_text() == str(os.getpid())
+    assert (base / "cgroup.subtree_control").read_text() == "+memory +pids"
+    group = tree.create("cim-abc", memory_bytes=GIB + 256 * MIB, max_processes=272)
+    (group / "memory.swap.max").write_text("max")  # as the kernel creates it
+    group = tree.create("cim-abc", memory_bytes=GIB + 256 * MIB, max_processes=272)
+    assert (group / "memory.max").read_text() == str(GIB + 256 * MIB)
+    assert (group / "memory.swap.max").read_text() == "0"
+    assert (group / "pids.max").read_text() == "272"
+    argv = CgroupV2.wrap(group, ["bwrap", "--", "python"])
+    assert argv[:3] == ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"']
+    assert argv[3:] == [str(group / "cgroup.procs"), "bwrap", "--", "python"]
+    (group / "cgroup.kill").write_text("")
+    CgroupV2.kill(group)
+    assert (group / "cgroup.kill").read_text() == "1"
+
+
+def test_without_memory_and_pids_controllers_the_watchdog_holds_the_budget(tmp_path: Path) -> None:
+    assert CgroupV2.detect(fake_cgroupfs(tmp_path / "v1-hybrid", controllers="hugetlb")) is None
+    assert CgroupV2.detect(fake_cgroupfs(tmp_path / "memory-only", controllers="memory")) is None
+    readonly = fake_cgroupfs(tmp_path / "not-delegated", controllers="memory pids")
+    base = tmp_path / "not-delegated" / "cgroup" / "user.slice" / "app.scope"
+    for path in (base / "cgroup.subtree_control", base / "cgroup.procs", base):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        if os.geteuid() != 0:  # root writes regardless of modes; the check is for users
+            assert CgroupV2.detect(readonly) is None
+    finally:
+        base.chmod(0o755)
+    no_mount = tmp_path / "no-cgroup2"
+    no_mount.mkdir()
+    (no_mount / "mountinfo").write_text("22 1 0:21 / /proc rw - proc proc rw\n")
+    (no_mount / "cgroup").write_text("4:memory:/x\n0::/\n")
+    assert CgroupV2.detect(no_mount) is None
