@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -91,3 +94,40 @@ def test_dataframe_named_in_prompt_reaches_the_sandbox_with_its_schema_card(
     )
     assert "/mnt/data/sales_df.parquet" in content and "revenue" in content and "float64" in content
     assert "7.0" in output_text(notebook.cells[3])
+
+
+class MessageBytes:
+    """A frontend that measures what Jupyter would send: every display and update, JSON-encoded."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.messages = 0
+        self.last: dict[str, object] = {}
+
+    def open(self, bundle: dict, *, role: str = "output", final: bool = False) -> MessageBytes:
+        self.update(bundle)
+        return self
+
+    def update(self, bundle: dict, *, final: bool = False) -> None:
+        encoded = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in bundle.items()}
+        self.sent += len(json.dumps(encoded))
+        self.messages += 1
+        if "── output ──" in str(bundle.get("text/plain")):
+            self.last = bundle
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the local sandbox needs Linux namespaces")
+def test_a_call_printing_10_mb_sends_well_under_1_mb_and_keeps_the_whole_log(tmp_path: Path) -> None:
+    from ci_magic.interpreter import CodeInterpreter
+
+    frontend = MessageBytes()
+    code = "for i in range(100_000):\n    print(f'line {i:06d} ' + 'x' * 93)"  # 10.6 MB
+    with CodeInterpreter(backend="local", frontend=frontend, output_dir=str(tmp_path)) as ci:
+        result = ci.exec(code)
+    log = result.calls[0].logs
+    assert len(log) == 10_600_000, "the Result keeps all of it"
+    assert frontend.sent < 1_000_000, f"{frontend.sent:,} bytes in {frontend.messages} display messages"
+    shown = str(frontend.last["text/plain"])
+    assert "line 000000" in shown and "line 099999" in shown, "the head and the tail are shown"
+    saved = next((tmp_path / "logs").glob("*-stdout.txt"))
+    assert saved.read_text() == log and saved.name in str(frontend.last["text/html"]), "saved whole, linked"

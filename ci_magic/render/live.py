@@ -68,7 +68,7 @@ __all__ = ["TurnView"]
 LOG_COLLAPSE_LINES = 20
 LOG_KEEP_CHARS = 20_000  # final outputs: a call's output keeps its first and last 20 KB
 LIVE_LOG_KEEP_CHARS = 2_000  # while streaming: the first and last 2 KB (the rest comes at the end)
-LIVE_BYTES_PER_SECOND = 100_000  # live updates, all displays together
+LIVE_BYTES_PER_SECOND = 50_000  # live updates, all displays together (slower as more has been sent)
 # stripnl=False: chunks highlighted separately must keep their blank lines to join back exactly.
 _LEXER = PythonLexer(stripnl=False)
 _FORMATTER = HtmlFormatter(nowrap=True, noclasses=True, style="default")
@@ -191,6 +191,7 @@ class _Block(_Piece):
         self.number = number
         self.record = record
         self.live = True  # while streaming, output is cut shorter
+        self.link_base: Path | None = None  # where links to saved logs are relative to (set at the end)
         self._highlight = _Highlighter()
         self._plain: dict[int, _Plain] = {}  # id(RichOutput) -> its text item
 
@@ -219,14 +220,15 @@ class _Block(_Piece):
 
     def items_html(self) -> str:
         keep = LIVE_LOG_KEEP_CHARS if self.live else LOG_KEEP_CHARS
-        return "".join(_item_html(item, keep) for item in self.items())
+        return "".join(_item_html(item, keep, self.link_base) for item in self.items())
 
     def plain(self) -> str:
         text = f"── call {self.number} {'─' * 30}\n" + self.code().replace("\r\n", "\n").rstrip("\n")
         items = self.items()
         if self.record.status != "writing" or items:
             # Only a finished code ends its last line: a terminal prints complete lines only.
-            text += "\n" + "".join(_item_plain(item, live=self.live) + "\n" for item in items)
+            plain = (_item_plain(item, live=self.live, link_base=self.link_base) for item in items)
+            text += "\n" + "".join(p + "\n" for p in plain)
         return text
 
     def bundle(self) -> MimeBundle:
@@ -347,6 +349,7 @@ class TurnView:
         self._texts: dict[int, _Text] = {}  # id(segment) -> its display
         self._notices: _Notices | None = None
         self._rich: dict[str, list[_RichOut]] = {}
+        self._live_bytes = 0  # text sent by live updates so far
 
     # -- public ------------------------------------------------------------------------------------
 
@@ -381,7 +384,8 @@ class TurnView:
         result = self.builder.result
         link_base = link_base if link_base is not None else Path.cwd()
         for record in result.calls:
-            self._block(record.call_id).live = False
+            block = self._block(record.call_id)
+            block.live, block.link_base = False, link_base
         if result.notices:
             self._notice_piece().notices = list(result.notices)
         if self._quiet:
@@ -513,9 +517,12 @@ class TurnView:
         dirty = sorted(self._dirty, key=lambda p: p.index)
         self._dirty.clear()
         sent = sum(self._send(piece) for piece in dirty)
+        self._live_bytes += sent
         # The budget counts messages and bytes: three displays updated at once cost three, and a
-        # call printing megabytes slows its own redraws down instead of flooding the frontend.
-        self._next_flush = now + max(len(dirty) * self._interval, sent / LIVE_BYTES_PER_SECOND)
+        # call printing megabytes slows its own redraws down, more so the more it has already sent
+        # (each MB sent halves the byte rate again), instead of flooding every connected frontend.
+        byte_rate = LIVE_BYTES_PER_SECOND / (1 + self._live_bytes / 1_000_000)
+        self._next_flush = now + max(len(dirty) * self._interval, sent / byte_rate)
 
     def _send(self, piece: _Piece, *, final: bool = False) -> int:
         """Show ``piece`` as it is now; returns the bytes of text sent."""
@@ -614,18 +621,18 @@ def _stream_label(stream: str) -> str:
     return "error output" if stream == "stderr" else "output"
 
 
-def _log_parts(log: LogText, keep: int) -> tuple[str, str, str]:
+def _log_parts(log: LogText, keep: int, link_base: Path | None) -> tuple[str, str, str]:
     """(head, what was cut, tail) of a call's output; the middle is "" when all of it fits."""
     head, tail = log.head_tail(keep)
     if not tail:
         return _clean_logs(head), "", ""
     omitted = log.size - len(head) - len(tail)
-    where = f"; all of it is in {log.saved_as.as_posix()}" if log.saved_as is not None else ""
+    where = f"; all of it is in {relative_path(log.saved_as, link_base)}" if log.saved_as is not None else ""
     note = f"[... {omitted:,} characters not shown{where} ...]"
     return _clean_logs(head), note, _clean_logs(tail)
 
 
-def _item_html(item: _Item, keep: int) -> str:
+def _item_html(item: _Item, keep: int, link_base: Path | None) -> str:
     if isinstance(item, ExecutionError):
         head = f"{item.name}: {strip_ansi(item.value)}"
         html_text = f'<pre style="{_PRE_STYLE};color:#b00020">{escape(head)}</pre>'
@@ -637,13 +644,14 @@ def _item_html(item: _Item, keep: int) -> str:
         return html_text
     if isinstance(item, _Plain):
         return f'<pre style="{_PRE_STYLE}">{escape(item.text)}</pre>'
-    head, cut, tail = _log_parts(item, keep)
+    head, cut, tail = _log_parts(item, keep, link_base)
     color = ";color:#b00020" if item.stream == "stderr" else ""
     body = f'<pre style="{_PRE_STYLE}{color}">{escape(head.rstrip(chr(10)))}</pre>'
     if cut:
         link = ""
         if item.saved_as is not None:
-            link = f' <a href="{escape(item.saved_as.as_posix())}" target="_blank">open all of it</a>'
+            href = escape(relative_path(item.saved_as, link_base))
+            link = f' <a href="{href}" target="_blank">open all of it</a>'
         body += f'<div style="{_SMALL}">{escape(cut)}{link}</div>'
         body += f'<pre style="{_PRE_STYLE}{color}">{escape(tail.rstrip(chr(10)))}</pre>'
     lines = (head + tail).count("\n") + (0 if (tail or head).endswith("\n") else 1)
@@ -656,7 +664,7 @@ def _item_html(item: _Item, keep: int) -> str:
     )
 
 
-def _item_plain(item: _Item, *, live: bool) -> str:
+def _item_plain(item: _Item, *, live: bool, link_base: Path | None) -> str:
     if isinstance(item, ExecutionError):
         trace = strip_ansi(item.traceback).rstrip("\n")
         return "── error ──\n" + (trace or f"{item.name}: {strip_ansi(item.value)}")
@@ -667,7 +675,7 @@ def _item_plain(item: _Item, *, live: bool) -> str:
         # Only the head while streaming: a terminal prints lines once, so the text must only grow.
         head, _tail = item.head_tail(LOG_KEEP_CHARS)
         return label + _clean_logs(head[: 2 * LIVE_LOG_KEEP_CHARS]).rstrip("\n")
-    head, cut, tail = _log_parts(item, LOG_KEEP_CHARS)
+    head, cut, tail = _log_parts(item, LOG_KEEP_CHARS, link_base)
     if not cut:
         return label + head.rstrip("\n")
     return label + head.rstrip("\n") + "\n" + cut + "\n" + tail.rstrip("\n")
