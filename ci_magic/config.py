@@ -342,6 +342,12 @@ class Settings(Configurable):
         config=True
     )
 
+    disk_limit = Unicode(
+        help="local backend: what a container's /mnt/data may hold, e.g. '2g' or '500m'; code that "
+        "writes more is stopped with an error saying so. Default: twice the memory tier. Env: "
+        "CI_MAGIC_DISK_LIMIT.",
+    ).tag(config=True)
+
     pool_size = Int(1, help="local backend: containers kept warm so a new one is ready at once.").tag(
         config=True
     )
@@ -477,6 +483,23 @@ class Settings(Configurable):
     @default("model_api_key")
     def _default_model_api_key(self) -> str:
         return _env("CI_MAGIC_MODEL_API_KEY") or ""
+
+    @default("disk_limit")
+    def _default_disk_limit(self) -> str:
+        return (_env("CI_MAGIC_DISK_LIMIT") or "").strip()
+
+    @validate("disk_limit")
+    def _check_disk_limit(self, proposal: dict[str, Any]) -> str:
+        from ci_magic.backends.local.budget import parse_size
+        from ci_magic.errors import ConfigurationError
+
+        text = str(proposal["value"]).strip()
+        if text:
+            try:
+                parse_size(text, what="disk_limit")
+            except ConfigurationError as err:
+                raise TraitError(str(err)) from None
+        return text
 
     @default("gateway_url")
     def _default_gateway_url(self) -> str:

@@ -58,6 +58,7 @@ BACKEND_TRAITS = (
     "max_retries",
     "request_timeout",
     "execution_timeout",
+    "disk_limit",
     "max_steps",
     "extra_headers",
     "gateway_url",

@@ -83,6 +83,7 @@ def _build_local(settings: Settings) -> Backend:
         python=settings.sandbox_python or None,
         pool_size=settings.pool_size,
         execution_timeout=settings.execution_timeout,
+        disk_limit=settings.disk_limit or None,
     )
     return LocalBackend(
         sandbox,

@@ -193,6 +193,22 @@ def test_disk_limit_sizes_are_read_like_memory_tiers_and_nonsense_is_refused() -
         parse_size("10k", what="CodeInterpreter.disk_limit")
 
 
+def test_the_disk_limit_setting_reaches_the_local_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    from traitlets import TraitError
+
+    from ci_magic.backends.factory import build_backend
+    from ci_magic.config import Settings
+
+    monkeypatch.setenv("CI_MAGIC_DISK_LIMIT", "3g")
+    settings = Settings(backend="local")
+    assert settings.disk_limit == "3g"
+    settings.disk_limit = "300m"
+    backend = build_backend(settings)
+    assert backend.sandbox.disk_limit == 300 * MIB  # type: ignore[attr-defined]
+    with pytest.raises(TraitError, match="such as '2g'"):
+        settings.disk_limit = "plenty"
+
+
 def fake_cgroupfs(tmp_path: Path, *, controllers: str, own: str = "/user.slice/app.scope") -> Path:
     """A cgroup2 mount as the kernel shows it: mountinfo, /proc/self/cgroup and the files."""
     mount = tmp_path / "cgroup"
