@@ -110,6 +110,16 @@ class TurnRequest:
     # Headers may carry credentials (Authorization, api-key): never in a repr or a log line.
     extra_headers: dict[str, str] = field(default_factory=dict, repr=False)
 
+    def user_text(self) -> str:
+        """What the model reads as the user's turn: this turn's notes, the notebook files' schema
+        cards, then the prompt. (Notes ride here, not in a system message: many chat templates
+        reject a system message mid-conversation.)"""
+        parts = [f"Note: {note}" for note in self.conversation.notes]
+        if self.context.strip():
+            parts.append(self.context.strip())
+        parts.append(self.prompt)
+        return "\n\n".join(parts)
+
 
 @runtime_checkable
 class Backend(Protocol):

@@ -275,14 +275,6 @@ def _stream_problem(error: Exception) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _input_text(request: TurnRequest) -> str:
-    parts = [f"Note: {note}" for note in request.conversation.notes]
-    if request.context:
-        parts.append(request.context)
-    parts.append(request.prompt)
-    return "\n\n".join(parts)
-
-
 EXEC_PROMPT = (
     "Run the following Python code exactly as written with the code interpreter, without changing it, "
     "then reply with one short sentence.\n\n```python\n{code}\n```"
@@ -405,7 +397,7 @@ class OpenAIBackend:
             params["input"] = EXEC_PROMPT.format(code=request.exec_code)
             params["tool_choice"] = {"type": "code_interpreter"}
         else:
-            params["input"] = _input_text(request)
+            params["input"] = request.user_text()
         if request.conversation.previous_response_id:
             params["previous_response_id"] = request.conversation.previous_response_id
         if request.extra_headers:
