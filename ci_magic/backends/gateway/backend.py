@@ -71,6 +71,7 @@ MAX_REPLY_CHARS = 4 * CHUNK_BYTES  # an io answer bigger than this is not ours
 IO_TIMEOUT = 120.0  # seconds one file operation may take in the kernel
 INTERRUPT_GRACE = 3.0
 POLL = 0.25
+SILENCE_CHECK = 3.0  # seconds without a message before asking the gateway whether the kernel still exists
 MAX_DROPS = 3  # reconnects one file transfer may need before it gives up
 
 Progress = Callable[[str, int, int], None]
@@ -268,6 +269,15 @@ class GatewayBackend:
                 raise
         return kernel.channels
 
+    async def _check_alive(self, kernel: _Kernel) -> None:
+        """Raise KernelGone when the gateway no longer has the kernel (its socket just goes quiet)."""
+        if await self.client.get_kernel(kernel.id) is None:
+            await self._forget(kernel)
+            raise KernelGone(
+                f"The gateway kernel {kernel.id} disappeared (culled, deleted, or the gateway restarted); "
+                "the next cell starts a new one and re-sends your files."
+            )
+
     async def _reconnect(self, kernel: _Kernel) -> None:
         try:
             await kernel.channels.reconnect()
@@ -288,7 +298,9 @@ class GatewayBackend:
     async def _run_code(self, request: TurnRequest, code: str) -> AsyncIterator[Event]:
         """%%ci_exec: the code as one call, exactly as the model loop would run it."""
         kernel = self._usable(request.container_id)
-        await self._connected(kernel)  # a gone kernel fails here, before any event: the session replaces it
+        # A gone kernel fails here, before any event, so the session replaces it and runs the turn again.
+        await self._check_alive(kernel)
+        await self._connected(kernel)
         call_id = "ci_" + secrets.token_hex(12)
         yield TurnStarted()
         yield CallStarted(call_id=call_id, container_id=kernel.id)
@@ -306,6 +318,7 @@ class GatewayBackend:
         from ci_magic.backends.local.model_loop import ChatModelLoop
 
         kernel = self._usable(request.container_id)
+        await self._check_alive(kernel)
         await self._connected(kernel)
         if kernel.data_dir != SANDBOX_DATA:
             request = dataclasses.replace(
@@ -346,6 +359,7 @@ class GatewayBackend:
             }
             msg_id = await self._send(kernel, "execute_request", content)
             deadline = time.monotonic() + limit
+            heard = time.monotonic()
             failed = finished = reconnected = False
             interrupted_at: float | None = None
             try:
@@ -369,6 +383,9 @@ class GatewayBackend:
                         return
                     try:
                         msg = await channels.next_message(msg_id, POLL)
+                        if msg is None and time.monotonic() - heard >= SILENCE_CHECK:
+                            heard = time.monotonic()
+                            await self._check_alive(kernel)
                     except ChannelClosed:
                         if reconnected:
                             raise StreamError(
@@ -379,7 +396,10 @@ class GatewayBackend:
                         reconnected = True
                         await self._reconnect(kernel)
                         continue
-                    if msg is None or msg.get("channel") not in (None, "iopub"):
+                    if msg is None:
+                        continue
+                    heard = time.monotonic()
+                    if msg.get("channel") not in (None, "iopub"):
                         continue
                     if idle_after(msg, msg_id):
                         break
@@ -472,10 +492,15 @@ class GatewayBackend:
         answer: dict[str, Any] | None = None
         idle = replied = False
         deadline = time.monotonic() + IO_TIMEOUT
+        heard = time.monotonic()
         while time.monotonic() < deadline:
             msg = await channels.next_message(msg_id, POLL)
             if msg is None:
+                if time.monotonic() - heard >= SILENCE_CHECK:
+                    heard = time.monotonic()
+                    await self._check_alive(kernel)
                 continue
+            heard = time.monotonic()
             kind = msg["header"].get("msg_type")
             content = msg.get("content") or {}
             if kind == "display_data" and answer is None:

@@ -285,6 +285,11 @@ class KernelChannels:
                 except (ValueError, KeyError, TypeError, struct.error):
                     log.debug("ci-magic: skipped an undecodable gateway message")
                     continue
+                if msg["header"].get("msg_type") == "shutdown_reply":
+                    # The kernel was shut down (deleted, culled): the gateway keeps the socket open but
+                    # silent, so close it; the next request reconnects and learns whether it is gone.
+                    ws.close()
+                    break
                 parent = msg.get("parent_header") or {}
                 queue = self._queues.get(parent.get("msg_id", ""))
                 if queue is not None:
