@@ -26,6 +26,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell
 
 from tests.browser.lab import CellView, LabPage, browser_missing, make_driver
 from tests.browser.processes import JupyterLab, ModelServer
+from tests.security.output_payloads import CANARY_FILE, MARKDOWN_PAYLOADS, sandbox_display_code
 
 MISSING = browser_missing()
 pytestmark = [
@@ -40,6 +41,13 @@ README_SCREENSHOT = REPO / "docs" / "quickstart.png"
 EVENT_DELAY = 0.03  # ~230 events: about 7 s of streaming, enough to watch it grow
 CELL_TIMEOUT = 120
 HOSTILE_PROMPT = "%%ci\nMake me an untrusted page: a small report with a script in it."
+# The sandbox's own displays (display_data bundles) exist on the local backend: a second notebook
+# runs the payloads there with %%ci_exec, no model involved.
+DISPLAYS_NOTEBOOK = "displays.ipynb"
+DISPLAYS_CELLS = [
+    '%load_ext ci_magic\n%config CodeInterpreter.backend = "local"',
+    "%%ci_exec\n" + sandbox_display_code(),
+]
 MAX_FRAME_LATENCY_MS = 1000
 
 
@@ -70,6 +78,10 @@ class Visit:
     reloaded_hostile: CellView | None = None
     pwned_after_reload: Any = None
     trusted: dict[str, bool | None] = field(default_factory=dict)  # the hostile cell's trust, by moment
+    chart_boxes: dict[str, Any] = field(default_factory=dict)  # where the images sit in the screenshot
+    displays: CellView | None = None  # the local sandbox's display() payloads
+    displays_reloaded: CellView | None = None
+    displays_pwned: dict[str, Any] = field(default_factory=dict)  # window.__pwned, by moment
 
 
 def quickstart_notebook(path: Path) -> list[int]:
@@ -117,6 +129,9 @@ def visit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Visit]:
     state = tmp_path_factory.mktemp("lab-state")
     notebook = root / "quickstart.ipynb"
     code_cells = quickstart_notebook(notebook)
+    nbformat.write(
+        nbformat.v4.new_notebook(cells=[new_code_cell(c) for c in DISPLAYS_CELLS]), root / DISPLAYS_NOTEBOOK
+    )
     result = Visit(notebook, code_cells, quickstart_index=code_cells[-2], hostile_index=code_cells[-1])
     model = ModelServer(ARTIFACTS, event_delay=EVENT_DELAY)
     lab = driver = None
@@ -161,6 +176,7 @@ def visit_notebook(page: LabPage, lab: JupyterLab, visit: Visit) -> None:
     (ARTIFACTS / "quickstart-timeline.json").write_text(json.dumps(timeline, indent=1, ensure_ascii=False))
     visit.quickstart = page.wait_until_executed(visit.quickstart_index, timeout=CELL_TIMEOUT)
     shot = page.cell_screenshot(visit.quickstart_index, "quickstart-output")
+    visit.chart_boxes = page.image_boxes(visit.quickstart_index)
     if os.environ.get("CI_MAGIC_UPDATE_SCREENSHOT") == "1":
         README_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, README_SCREENSHOT)
@@ -184,6 +200,17 @@ def visit_notebook(page: LabPage, lab: JupyterLab, visit: Visit) -> None:
     visit.pwned_after_reload = page.pwned()
     visit.trusted["after reloading the saved notebook"] = page.cell_trusted(visit.hostile_index)
     page.screenshot("reloaded")
+
+    page.open_notebook(lab.notebook_url(DISPLAYS_NOTEBOOK))
+    page.run_cell_and_wait(0, timeout=CELL_TIMEOUT)
+    visit.displays = page.run_cell_and_wait(1, timeout=CELL_TIMEOUT)
+    visit.displays_pwned["after running"] = page.pwned()
+    page.screenshot("displays")
+    page.save()
+    page.reload()
+    visit.displays_reloaded = page.wait_until_executed(1)
+    time.sleep(1)  # handlers of reloaded images fire when they fail to load
+    visit.displays_pwned["after reloading the saved notebook"] = page.pwned()
 
 
 def phase(status: str) -> str:
@@ -267,7 +294,11 @@ def test_outputs_are_the_same_after_save_and_reload(visit: Visit) -> None:
     assert before is not None and after is not None
     assert after.status == before.status
     assert after.code == before.code
+    assert before.images, "the cell had images to reload"
     assert [i["shown"] for i in after.images] == [True] * len(before.images), after.images
+    for image_before, image_after in zip(before.images, after.images, strict=True):
+        assert image_after["pixels"] is not None and image_after["pixels"]["colours"] > 1, image_after
+        assert image_after["pixels"] == image_before["pixels"], "the same picture is drawn after reload"
     assert after.tables == before.tables
     assert [a["text"] for a in after.links] == [a["text"] for a in before.links]
     assert after.list_items == before.list_items
@@ -282,8 +313,33 @@ def test_quickstart_screenshot_is_written(visit: Visit) -> None:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
     assert width >= 700 and height >= 900, f"the whole cell is in the picture: {width}×{height}"
     assert colours is None or len(colours) > 50, "the picture shows rendered output, not a blank page"
-    if os.environ.get("CI_MAGIC_UPDATE_SCREENSHOT") == "1":
-        assert README_SCREENSHOT.read_bytes() == shot.read_bytes()
+
+
+def test_the_screenshot_shows_the_chart_where_the_page_drew_it(visit: Visit) -> None:
+    import base64
+    import io
+
+    from PIL import Image, ImageChops, ImageStat
+
+    boxes = visit.chart_boxes
+    charts = [
+        b for b in boxes["images"] if b["src"].startswith("data:image/png;base64,") and b["width"] >= 300
+    ]
+    assert len(charts) == 1, f"one chart on the page: {boxes}"
+    chart = charts[0]
+    with Image.open(ARTIFACTS / "quickstart-output.png") as shot:
+        scale = shot.width / boxes["cell"]["width"]  # device pixels per CSS pixel
+        left, top = round(chart["x"] * scale), round(chart["y"] * scale)
+        size = (round(chart["width"] * scale), round(chart["height"] * scale))
+        assert top + size[1] <= shot.height, "the chart is inside the screenshot"
+        seen = shot.convert("RGB").crop((left, top, left + size[0], top + size[1]))
+    drawn = (
+        Image.open(io.BytesIO(base64.b64decode(chart["src"].split(",", 1)[1]))).convert("RGB").resize(size)
+    )
+    difference = ImageStat.Stat(ImageChops.difference(seen, drawn)).mean
+    blank = ImageStat.Stat(ImageChops.difference(Image.new("RGB", size, "white"), drawn)).mean
+    assert max(difference) < 12, f"the screenshot's pixels there differ from the chart by {difference}"
+    assert min(blank) > 2 * max(difference), "the chart is not a blank image that any screenshot would match"
 
 
 # -- hostile content ---------------------------------------------------------------------------------
@@ -307,4 +363,30 @@ def test_scripts_from_the_model_or_its_files_never_run_in_jupyterlab(visit: Visi
     assert len(view.iframes) == 1, f"evil.html previewed in a frame: {view.iframes}"
     svg_images = [i for i in view.images if i["src"].startswith("data:image/svg+xml;base64,")]
     assert len(svg_images) == 1 and svg_images[0]["shown"], f"evil.svg shown as a static image: {view.images}"
+    assert svg_images[0]["pixels"] and svg_images[0]["pixels"]["colours"] > 1, "the SVG really drew"
     assert all(f["sandbox"] == "" for f in view.iframes), f"frames allow nothing: {view.iframes}"
+    assert "onerror='window.__pwned=101'" in view.text, "the list-fence payload is shown as text"
+    assert "javascript:window.__pwned=105" in view.text, "the reference definition is text, not a link"
+    assert not (visit.notebook.parent / CANARY_FILE).exists(), (
+        "injected code wrote a file through /api/contents"
+    )
+
+
+@pytest.mark.parametrize("moment", ["after running", "after reloading the saved notebook"])
+def test_the_sandboxs_own_displays_never_run_script_in_jupyterlab(visit: Visit, moment: str) -> None:
+    view = visit.displays if moment == "after running" else visit.displays_reloaded
+    assert view is not None
+    pwned = visit.displays_pwned[moment]
+    assert pwned is None, f"window.__pwned = {pwned!r} {moment}: a sandbox display ran script in JupyterLab"
+    assert view.scripts == 0 and view.handlers == [], (view.scripts, view.handlers)
+    assert not view.svgs, f"no inline SVG: {view.svgs}"
+    assert not any(a["href"].lower().startswith(("javascript:", "data:")) for a in view.links), view.links
+    displays = [o for o in view.outputs if o.strip()]
+    assert len(displays) >= 3 * len(MARKDOWN_PAYLOADS), f"every display is shown: {len(displays)}"
+    assert "window.__pwned=101" in view.text, "Markdown displays show their text: " + describe(view)
+    svg_images = [i for i in view.images if i["src"].startswith("data:image/svg+xml;base64,")]
+    assert svg_images, f"the displayed SVG, as an image: {view.images}"
+    assert all(i["shown"] and i["pixels"] and i["pixels"]["colours"] > 1 for i in svg_images), svg_images
+    assert not (visit.notebook.parent / CANARY_FILE).exists(), (
+        "injected code wrote a file through /api/contents"
+    )

@@ -48,6 +48,26 @@ T = TypeVar("T")
 _READ_CELL = """
 const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[arguments[0]];
 if (!cell) return null;
+// What an image really drew: its pixels scaled to 24x24, as distinct colours and a checksum.
+const drawn = (img) => {
+  if (!img.naturalWidth) return null;
+  try {
+    const canvas = document.createElement('canvas');
+    canvas.width = 24; canvas.height = 24;
+    const context = canvas.getContext('2d');
+    context.drawImage(img, 0, 0, 24, 24);
+    const data = context.getImageData(0, 0, 24, 24).data;
+    const colours = new Set();
+    let sum = 0;
+    for (let k = 0; k < data.length; k += 4) {
+      colours.add((data[k] << 16) | (data[k + 1] << 8) | data[k + 2]);
+      sum = (sum * 31 + data[k] + 3 * data[k + 1] + 7 * data[k + 2] + 11 * data[k + 3]) % 1000000007;
+    }
+    return {colours: colours.size, checksum: sum};
+  } catch (error) {
+    return {colours: 0, checksum: 0, error: String(error)};
+  }
+};
 const outputs = [...cell.querySelectorAll('.jp-OutputArea-output')];
 const prompt = cell.querySelector('.jp-InputPrompt');
 return {
@@ -56,7 +76,7 @@ return {
   code: [...cell.querySelectorAll('.jp-OutputArea-output pre')].map(p => p.innerText),
   images: [...cell.querySelectorAll('.jp-OutputArea-output img')].map(i => ({
     src: i.getAttribute('src') || '', width: i.naturalWidth, shown: i.complete && i.naturalWidth > 0
-      && i.getBoundingClientRect().width > 0})),
+      && i.getBoundingClientRect().width > 0, pixels: drawn(i)})),
   tables: [...cell.querySelectorAll('.jp-OutputArea-output table')].map(t => ({
     rows: t.querySelectorAll('tr').length,
     header: [...t.querySelectorAll('th')].map(h => h.innerText.trim())})),
@@ -97,6 +117,19 @@ const done = arguments[arguments.length - 1];
 const start = performance.now();
 requestAnimationFrame(() => requestAnimationFrame(
   () => setTimeout(() => done(performance.now() - start), 0)));
+"""
+
+
+# Where each image of a cell sits inside the cell's box (CSS pixels), to find it in a screenshot.
+_IMAGE_BOXES = """
+const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[arguments[0]];
+const box = cell.getBoundingClientRect();
+return {cell: {width: box.width, height: box.height},
+  images: [...cell.querySelectorAll('.jp-OutputArea-output img')].map(i => {
+    const r = i.getBoundingClientRect();
+    return {src: i.getAttribute('src') || '', x: r.left - box.left, y: r.top - box.top,
+      width: r.width, height: r.height};
+  })};
 """
 
 
@@ -263,6 +296,10 @@ class LabPage:
         path = self.artifacts / f"{name}.png"
         self.driver.save_screenshot(str(path))
         return path
+
+    def image_boxes(self, index: int) -> dict[str, Any]:
+        """The cell's size and each image's ``src`` and box inside the cell (CSS pixels)."""
+        return dict(self.driver.execute_script(_IMAGE_BOXES, index))
 
     def cell_screenshot(self, index: int, name: str) -> Path:
         """Only the cell (input and outputs), scrolled to the top of the notebook view."""

@@ -42,7 +42,7 @@ from ci_magic.render.live import TurnView
 from ci_magic.render.safe_html import outgoing_bundle
 from ci_magic.result import SavedFile
 from tests.render_support import FakeClock, RecordingFrontend, chunked, play
-from tests.security.output_payloads import MARKDOWN_PAYLOADS, SVG_PAYLOAD
+from tests.security.output_payloads import MARKDOWN_PAYLOADS, SVG_PAYLOAD, sandbox_display_code
 
 SAFE_SCHEMES = frozenset({"http", "https", "mailto"})
 URL_ATTRIBUTES = frozenset(
@@ -314,28 +314,6 @@ def test_file_names_cells_and_documents_from_the_sandbox_stay_inert(tmp_path: Pa
 
 # -- through a real notebook ------------------------------------------------------------------------
 
-SANDBOX_CODE = """
-import csv
-import json
-from IPython.display import display
-payloads = json.loads({payloads!r})
-for name, text in payloads.items():
-    display({{"text/markdown": text, "text/plain": name}}, raw=True)
-    display({{"text/html": "<script>window.__pwned=1</script>", "text/markdown": text}}, raw=True)
-    display({{"text/html": text, "text/plain": name}}, raw=True)
-display({{"image/svg+xml": {svg!r}, "text/plain": "svg"}}, raw=True)
-display({{"image/png": 'iVBORw0KGgo=" onerror="window.__pwned=140', "text/plain": "png"}}, raw=True)
-with open({name!r}, "w", newline="") as f:
-    rows = csv.writer(f)
-    rows.writerow(["name", "<b onmouseover=window.__pwned=151>note</b>"])
-    rows.writerows(payloads.items())
-with open("report.html", "w") as f:
-    f.write("<h1>Q1</h1><script>top.__pwned=152</script>" + "".join(payloads.values()))
-with open("drawing.svg", "w") as f:
-    f.write({svg!r})
-print("<script>window.__pwned=160</script> done")
-"""
-
 
 def local_env(model_base_url: str) -> dict[str, str | None]:
     return {
@@ -360,9 +338,7 @@ def test_a_real_notebook_and_its_nbconvert_export_hold_no_live_markup(chat_serve
     answer = "\n\n".join(
         ["I made the report.", *MARKDOWN_PAYLOADS.values(), "[report](sandbox:/mnt/data/report.html)"]
     )
-    code = SANDBOX_CODE.format(
-        payloads=json.dumps(MARKDOWN_PAYLOADS), svg=SVG_PAYLOAD, name="notes <b>1</b>.csv"
-    )
+    code = sandbox_display_code()
     server = chat_server([Reply.calls(code), Reply(text=answer)])
     with kernel_env(**local_env(server.base_url)):
         notebook = run_cells(

@@ -80,6 +80,34 @@ def test_processes_sharing_a_mapping_stay_within_a_1g_containers_budget(attacker
     assert stdout(after) == "north,3\n", after  # the container survives, its files too
 
 
+def test_memory_in_memfd_files_counts_against_the_budget(attacker: Attacker) -> None:
+    """Shared memory that no mount shows and no mapping needs: ``memfd_create`` + ``write``."""
+    attacker.start(execution_timeout=60)
+    attacker.create("1g")
+    events = attacker.execute(
+        textwrap.dedent(
+            """
+            import os
+            files, written = [], 0
+            for n in range(3):  # three files under any single-file limit, 3 GiB in all
+                files.append(os.memfd_create(f"hoard-{n}"))
+                for _ in range(16):
+                    os.write(files[-1], b"m" * (64 * 2**20))
+                    written += 64
+                    print(written, flush=True)
+            print("held", written, "MiB")
+            """
+        ),
+        timeout=50,
+    )
+    progress = [int(line) for line in stdout(events).split() if line.isdigit()]
+    assert "held 3072 MiB" not in stdout(events)
+    assert progress and max(progress) <= 1536, progress[-3:]
+    (error,) = errors(events)
+    assert error["name"] == "SandboxRestarted" and "memory budget" in error["value"], error
+    assert stdout(attacker.execute("print('back')")) == "back\n"
+
+
 def test_filling_tmp_shm_and_home_stops_within_the_memory_tier(attacker: Attacker) -> None:
     attacker.start()
     attacker.create("1g")

@@ -62,6 +62,8 @@ GIB = 1 << 30
 MEMORY_TICK = 0.05  # seconds between two memory checks of every sandbox
 DISK_TICK = 0.05  # seconds between two measurements of a small data folder
 DISK_CPU_SHARE = 0.05  # a large data folder is measured at most this share of the time
+MEMFD_EVERY = 5  # memory ticks between two walks of the tree's open files (memfd)
+MAX_OPEN_FILES = 4096  # RLIMIT_NOFILE of sandbox processes (isolation.Limits)
 MAX_DATA_ENTRIES = 200_000  # more files than this in /mnt/data counts as over the disk limit
 LAUNCHER_MARK = "kernel_module"  # in the launcher's JSON argument (isolation.Isolation.command)
 TMPFS_INSIDE = ("tmp", "dev/shm", "home/sandbox")  # the sandbox's tmpfs mounts, below its root
@@ -278,10 +280,11 @@ class MemoryUse:
     tmpfs: int  # what /tmp, /dev/shm and home hold
     largest: int | None = None  # the process holding the most
     largest_bytes: int = 0
+    memfd: int = 0  # memfd files (shared memory no mount shows), counted apart from mappings
 
     @property
     def total(self) -> int:
-        return self.processes + self.tmpfs
+        return self.processes + self.tmpfs + self.memfd
 
 
 def _status_bytes(pid: int) -> int | None:
@@ -323,20 +326,54 @@ def tmpfs_bytes(root: str | None, sizes: Sequence[int]) -> int:
     return used
 
 
-def memory_use(tree: SandboxTree, tmpfs_sizes: Sequence[int], budget: int) -> MemoryUse:
-    """What the tree holds: a cheap upper bound first, the exact (proportional) sum only near the budget."""
+def memfd_bytes(pids: Sequence[int]) -> dict[int, int]:
+    """Bytes held in memfd files, per process holding them open, each file counted once.
+
+    ``memfd_create`` memory is shared memory on no mount the host can ``statvfs``, and needs no
+    mapping (``write`` fills it): only the open descriptors show it. Each process has at most
+    ``MAX_OPEN_FILES`` of them (RLIMIT_NOFILE), which bounds this walk.
+    """
+    seen: set[tuple[int, int]] = set()
+    held: dict[int, int] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to look at
+        for fd in fds[:MAX_OPEN_FILES]:
+            link = f"/proc/{pid}/fd/{fd}"
+            try:
+                if not os.readlink(link).startswith("/memfd:"):
+                    continue
+                info = os.stat(link)
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                held[pid] = held.get(pid, 0) + info.st_blocks * 512
+    return held
+
+
+def memory_use(
+    tree: SandboxTree, tmpfs_sizes: Sequence[int], budget: int, memfd: dict[int, int] | None = None
+) -> MemoryUse:
+    """What the tree holds: a cheap upper bound first, the exact (proportional) sum only near the budget.
+
+    ``memfd``: what :func:`memfd_bytes` found (measured less often: it lists every descriptor).
+    """
     members = tree.members()
     tmpfs = tmpfs_bytes(tree.tmpfs_root(), tmpfs_sizes)
+    files = memfd or {}
+    in_files = sum(files.values())
     rough = {pid: size for pid in members if (size := _status_bytes(pid)) is not None}
-    if sum(rough.values()) + tmpfs <= budget:
-        largest = max(rough, key=rough.__getitem__, default=None)
-        return MemoryUse(sum(rough.values()), tmpfs, largest, rough.get(largest, 0) if largest else 0)
-    exact = {pid: _proportional_bytes(pid) for pid in rough}
-    sizes = {pid: exact[pid] if exact[pid] is not None else rough[pid] for pid in rough}
-    largest = max(sizes, key=lambda pid: sizes[pid] or 0, default=None)
-    return MemoryUse(
-        sum(v or 0 for v in sizes.values()), tmpfs, largest, (sizes.get(largest) or 0) if largest else 0
-    )
+    sizes: dict[int, int] = rough
+    if sum(rough.values()) + tmpfs + in_files > budget:
+        exact = {pid: _proportional_bytes(pid) for pid in rough}
+        sizes = {pid: exact_size if (exact_size := exact[pid]) is not None else rough[pid] for pid in rough}
+    # The process to kill first holds the most, its memfd files included.
+    holding = {pid: size + files.get(pid, 0) for pid, size in sizes.items()}
+    largest = max(holding, key=holding.__getitem__, default=None)
+    return MemoryUse(sum(sizes.values()), tmpfs, largest, holding.get(largest, 0) if largest else 0, in_files)
 
 
 # ----------------------------------------------------------------------------------------- disk
@@ -405,6 +442,8 @@ class Watched:
     kernel_killed_for: str | None = None  # what the container held when the kernel was killed
     _next_disk: float = 0.0
     _killed: tuple[int, int | None] | None = None  # the process killed last (pid, start time)
+    _memfd: dict[int, int] = field(default_factory=dict)
+    _ticks: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take_breaches(self) -> list[Breach]:
@@ -489,16 +528,20 @@ class Watchdog:
 
     def _check_memory(self, item: Watched) -> None:
         tree = item.tree
-        use = memory_use(tree, item.tmpfs_sizes, item.memory_budget)
+        item._ticks += 1
+        if item._ticks % MEMFD_EVERY == 1:
+            item._memfd = memfd_bytes(tree.members())
+        use = memory_use(tree, item.tmpfs_sizes, item.memory_budget, item._memfd)
         item.peak_memory = max(item.peak_memory, use.total)
         if use.total <= item.memory_budget or use.largest is None:
             item._killed = None
             return
         if item._killed is not None and start_time(item._killed[0]) == item._killed[1]:
             return  # the process killed last is still releasing its memory
+        memfd = f", {format_size(use.memfd)} in memfd files" if use.memfd else ""
         held = (
             f"{format_size(use.total)} ({format_size(use.processes)} in processes, "
-            f"{format_size(use.tmpfs)} in /tmp, /dev/shm and home)"
+            f"{format_size(use.tmpfs)} in /tmp, /dev/shm and home{memfd})"
         )
         if item._killed is not None:
             # Killing the largest process did not bring the sum down (memory shared by several):
