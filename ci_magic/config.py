@@ -338,6 +338,14 @@ class Settings(Configurable):
         help="local backend: the Python interpreter of the sandbox (default: this kernel's).",
     ).tag(config=True)
 
+    isolation = Enum(
+        ["auto", "bwrap", "none"],
+        help="local backend: how sandbox code is isolated. 'auto' (default) and 'bwrap' use bubblewrap "
+        "and refuse to run code without it; 'none' runs the code as you, with your files, secrets and "
+        "network (only for code you trust; every status line then says 'not isolated'). Env: "
+        "CI_MAGIC_ISOLATION.",
+    ).tag(config=True)
+
     execution_timeout = Float(120.0, help="local backend: seconds one code execution may run.").tag(
         config=True
     )
@@ -500,6 +508,10 @@ class Settings(Configurable):
             except ConfigurationError as err:
                 raise TraitError(str(err)) from None
         return text
+
+    @default("isolation")
+    def _default_isolation(self) -> str:
+        return (_env("CI_MAGIC_ISOLATION") or "auto").strip().lower()
 
     @default("gateway_url")
     def _default_gateway_url(self) -> str:

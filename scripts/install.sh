@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES="bubblewrap chromium chromium-driver tmux"
+APT_PACKAGES="bubblewrap libseccomp2 util-linux chromium chromium-driver tmux"
 
 if command -v apt-get >/dev/null 2>&1; then
   missing=""

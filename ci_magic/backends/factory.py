@@ -84,6 +84,7 @@ def _build_local(settings: Settings) -> Backend:
         pool_size=settings.pool_size,
         execution_timeout=settings.execution_timeout,
         disk_limit=settings.disk_limit or None,
+        isolation=settings.isolation,
     )
     return LocalBackend(
         sandbox,

@@ -1,19 +1,36 @@
 """How a sandbox kernel is isolated: the command line, its environment and its resource limits.
 
-Three modes, picked once per process by :func:`detect_isolation`:
+One mechanism, bubblewrap (``bwrap``), picked by :func:`detect_isolation`:
 
-``bwrap``    bubblewrap builds a new root (system folders and the interpreter read-only,
-             tmpfs ``/tmp`` and home, the data folder at ``/mnt/data``) in fresh user, mount,
-             PID, network, IPC and UTS namespaces.
-``unshare``  util-linux ``unshare`` creates the same namespaces and the launcher builds the
-             same root itself (``_launcher.py``, mount + pivot_root through ctypes).
-``none``     no namespaces (macOS, locked-down hosts): resource limits and a clean environment
-             only, announced once as reduced isolation.
+``bwrap``  a new root (``/usr``, a few ``/etc`` files, the interpreter's standard library and
+           site-packages read-only; tmpfs ``/tmp`` and home; the data folder at ``/mnt/data``) in
+           fresh user, mount, PID, network, IPC and UTS namespaces, with every capability gone,
+           a seccomp filter (:mod:`.seccomp`) and no further user namespaces.
+``none``   no namespaces, only resource limits and a clean environment. Never chosen by
+           ``auto``: only a user who sets ``isolation = "none"`` gets it, and every status line
+           then says "not isolated".
 
-Both namespace modes read one list of bwrap-like mount operations (:func:`mount_plan`), so what
-the sandbox sees does not depend on the tool. As root, neither mode uses a user namespace: the
-launcher drops the kernel to a per-container unprivileged uid, because root's files would
-otherwise stay readable and the kernel exempts root from ``RLIMIT_NPROC``.
+Without bubblewrap ``auto`` fails closed with :data:`NO_ISOLATION` (how to install it). The
+earlier hand-written ``unshare`` + ``pivot_root`` path is gone: it did what bwrap does, with more
+of our own code to get wrong, and bwrap is packaged wherever unprivileged namespaces work.
+
+Who the sandbox is. As an ordinary user, bwrap maps sandbox uid 1000 to that user in a new user
+namespace. As root, bwrap runs as root only to build the mount tree: the host itself writes the
+namespace's uid map (``--userns-block-fd``), mapping sandbox uid 1000 to a per-container
+unprivileged host uid (:meth:`Isolation.sandbox_user`), and bwrap switches to it and drops every
+capability before the launcher starts. Either way no sandbox process has host root or any
+capability, and the launcher (PID 1) makes itself non-dumpable before anything else.
+
+What the sandbox can see is only what the interpreter needs (:func:`mount_plan`): never the
+venv root (a ``pip.conf`` with credentials), never folders that ``.pth`` files add (the project
+checkout and its ``.git/config``), nothing of the host's home. ``/proc/self/mountinfo`` still names
+the host paths of the binds (the data folder, the interpreter): names only, nothing behind them.
+
+What the host reads back. The runtime folder is two folders: ``k`` (the sandbox's
+``/run/ci-magic``: connection file, ipc sockets, matplotlib's config) and ``h`` (host only: the
+kernel's output log, the passwd file, and hard links to the kernel's sockets, each checked to be
+a socket owned by the sandbox's uid before the host connects through it). Exit status comes back
+over a pipe (see ``_launcher.py``), never through a file the sandbox could replace.
 """
 
 from __future__ import annotations
@@ -23,23 +40,27 @@ import functools
 import json
 import logging
 import os
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ci_magic.errors import ConfigurationError, SandboxError
 
 __all__ = [
     "DATA_INSIDE",
     "MEMORY_TIERS",
+    "NO_ISOLATION",
     "RUNTIME_INSIDE",
     "Isolation",
     "IsolationMode",
+    "Launch",
     "LaunchPaths",
     "Limits",
     "PythonInfo",
@@ -52,13 +73,32 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IsolationMode = Literal["bwrap", "unshare", "none"]
-ISOLATION_CHOICES = ("auto", "bwrap", "unshare", "none")
+IsolationMode = Literal["bwrap", "none"]
+ISOLATION_CHOICES = ("auto", "bwrap", "none")
 
 DATA_INSIDE = "/mnt/data"
-RUNTIME_PREFIX = "cim-"  # host folders of running kernels: /tmp/cim-XXXX/{k,r,owner}
+RUNTIME_PREFIX = "cim-"  # host folders of running kernels: /tmp/cim-XXXX/{k,h,owner}
 RUNTIME_INSIDE = "/run/ci-magic"
 HOME_INSIDE = "/home/sandbox"
+NEUTRAL_DIR = "/"  # PID 1's working directory: read-only, never on an import path
+SANDBOX_UID_INSIDE = 1000  # the sandbox's uid and gid as it sees them
+DROP_TO_SANDBOX_USER = (
+    f"--reuid={SANDBOX_UID_INSIDE}",
+    f"--regid={SANDBOX_UID_INSIDE}",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+    "--no-new-privs",
+)
+
+NO_ISOLATION = (
+    "Local sandboxes need bubblewrap to isolate the code a model writes, and it {problem}. "
+    "Install it (`sudo apt-get install bubblewrap` on Debian/Ubuntu, `sudo dnf install bubblewrap` "
+    "on Fedora; in a container, also allow user namespaces) and run the cell again. Only for "
+    "code you trust, you can knowingly turn isolation off with "
+    '`%config CodeInterpreter.isolation = "none"`: the code then runs as you, with your files, '
+    'secrets and network, and every status line says "not isolated".'
+)
 
 GIB = 1 << 30
 MEMORY_TIERS = {"1g": GIB, "4g": 4 * GIB, "16g": 16 * GIB, "64g": 64 * GIB}
@@ -74,7 +114,15 @@ MAX_OPEN_FILES = 4096  # per process; budget.MAX_OPEN_FILES reads as many
 LAUNCHER_SOURCE = (Path(__file__).with_name("_launcher.py")).read_text(encoding="utf-8")
 REQUIRED_MODULE = "ipykernel"
 EXPECTED_MODULES = ("pandas", "numpy", "matplotlib")
-SYSTEM_DIRS = ("/usr", "/etc")
+SYSTEM_DIRS = ("/usr",)
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+# What libraries read from /etc: certificates, fonts, time zone, the dynamic loader's cache.
+ETC_ENTRIES = (
+    "alternatives", "ca-certificates", "ca-certificates.conf", "debian_version", "fonts",
+    "gai.conf", "host.conf", "hosts", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "locale.alias",
+    "localtime", "mime.types", "nsswitch.conf", "os-release", "protocols", "services", "ssl",
+    "timezone",
+)  # fmt: skip
 SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SANDBOX_UID_BASE = 2_000_000_000
 
@@ -143,28 +191,46 @@ class PythonInfo:
     """What the sandbox interpreter needs visible, as reported by the interpreter itself."""
 
     executable: str  # as configured (a venv's bin/python must be run through the venv's path)
-    visible_paths: tuple[str, ...]  # read-only inside the sandbox, symlinks resolved as well
+    visible_paths: tuple[str, ...]  # folders bound read-only, parents first (no system folders)
     version: str
     missing: tuple[str, ...] = ()  # expected data packages it lacks
     user_base: str | None = None
+    site_dirs: tuple[str, ...] = ()  # site-packages folders, in sys.path order
+    files: tuple[tuple[str, str], ...] = ()  # (host file, path inside): pyvenv.cfg, libpython
+    links: tuple[tuple[str, str], ...] = ()  # (target, path inside): the venv's python symlink
 
 
 PROBE_SOURCE = r"""
-import importlib.util, json, os, site, sys
-paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
-paths += [p for p in sys.path if p and os.path.exists(p)]
+import importlib.util, json, os, site, sys, sysconfig
+def real_dir(p):
+    return bool(p) and os.path.isdir(p)
+# The standard library and its extension modules (in a venv, sysconfig's "platstdlib" is the
+# venv's own lib folder, which holds site-packages: not used).
+stdlib = [os.path.dirname(os.__file__)]
+stdlib += [p for p in sys.path if os.path.basename(p) == "lib-dynload" and real_dir(p)]
+stdlib += [p for p in sys.path if p.endswith(".zip") and os.path.isfile(p)]
 user_site = site.getusersitepackages() if site.ENABLE_USER_SITE else None
-if user_site and os.path.isdir(user_site):
-    paths.append(user_site)
-else:
-    user_site = None
+sites = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and real_dir(p)]
+sites += [p for p in site.getsitepackages() if real_dir(p) and p not in sites]
+if user_site and real_dir(user_site) and user_site not in sites:
+    sites.append(user_site)
+files = []
+if sys.prefix != sys.base_prefix:
+    files.append(os.path.join(sys.prefix, "pyvenv.cfg"))
+if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+    for name in (sysconfig.get_config_var("INSTSONAME"), sysconfig.get_config_var("LDLIBRARY")):
+        lib = os.path.join(sysconfig.get_config_var("LIBDIR") or "", name or "")
+        if name and os.path.isfile(lib):
+            files.append(lib)
 mods = sys.argv[1].split(",")
 print(json.dumps({
-    "paths": paths,
+    "stdlib": stdlib,
+    "sites": sites,
+    "files": [f for f in files if os.path.isfile(f)],
     "realexe": os.path.realpath(sys.executable),
     "version": "%d.%d.%d" % sys.version_info[:3],
     "missing": [m for m in mods if importlib.util.find_spec(m) is None],
-    "user_base": site.getuserbase() if user_site else None,
+    "user_base": site.getuserbase() if user_site and real_dir(user_site) else None,
 }))
 """
 
@@ -188,6 +254,7 @@ def probe_python(python: str) -> PythonInfo:
             text=True,
             timeout=60,
             check=False,
+            cwd=NEUTRAL_DIR,
         )
     except (OSError, subprocess.TimeoutExpired) as err:
         raise ConfigurationError(f"The sandbox Python {executable} could not be started: {err}.") from err
@@ -201,13 +268,23 @@ def probe_python(python: str) -> PythonInfo:
             f"(`{executable} -m pip install ipykernel pandas numpy matplotlib`) or point "
             "CodeInterpreter.sandbox_python at an interpreter that has it."
         )
-    paths = [executable, report["realexe"], *report["paths"]]
+    realexe = report["realexe"]
+    links: list[tuple[str, str]] = []
+    files = [(path, path) for path in report["files"]]
+    if os.path.realpath(executable) != executable:
+        # The venv's bin/python stays a symlink inside, so the interpreter (and ld.so's $ORIGIN)
+        # see the real binary; the folder around the real binary stays hidden.
+        links.append((realexe, executable))
+    files.append((realexe, realexe))
     return PythonInfo(
         executable=executable,
-        visible_paths=_visible(paths),
+        visible_paths=_visible([*report["stdlib"], *report["sites"]]),
         version=report["version"],
         missing=tuple(report["missing"]),
         user_base=report["user_base"],
+        site_dirs=tuple(report["sites"]),
+        files=tuple(files),
+        links=tuple(links),
     )
 
 
@@ -227,7 +304,7 @@ def build_font_cache(python: PythonInfo, folder: Path) -> None:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(
                 [python.executable, "-c", "import matplotlib.font_manager"],
-                env=env, capture_output=True, timeout=300, check=False,
+                env=env, capture_output=True, timeout=300, check=False, cwd=NEUTRAL_DIR,
             )  # fmt: skip
         for built in work.glob("fontlist-*.json"):
             os.replace(built, folder / built.name)
@@ -236,13 +313,11 @@ def build_font_cache(python: PythonInfo, folder: Path) -> None:
 
 
 def _visible(paths: Sequence[str]) -> tuple[str, ...]:
-    """Each path and its symlink-free form, minus what the system folders or a parent already show."""
+    """Each folder and its symlink-free form, minus what ``/usr`` or a parent already shows."""
     found: set[str] = set()
     for raw in paths:
         for path in (os.path.abspath(raw), os.path.realpath(raw)):
-            if os.path.isfile(path):
-                path = os.path.dirname(path)
-            if not _shown_by_system(path):
+            if os.path.isdir(path) and not _shown_by_system(path):
                 found.add(path)
     kept = [p for p in found if not any(_shows(parent, p) for parent in found if parent != p)]
     # Parents first: a child bound before its parent would be hidden by the parent's bind.
@@ -265,18 +340,18 @@ class LaunchPaths:
     """Host-side folders of one kernel launch."""
 
     data_dir: Path  # becomes /mnt/data
-    runtime_dir: Path  # connection file, ipc sockets, exit status (becomes /run/ci-magic)
-    mount_dir: Path  # empty folder the unshare launcher builds the new root on
+    runtime_dir: Path  # sandbox-writable (becomes /run/ci-magic): connection file, ipc sockets
+    host_dir: Path  # the host's only: kernel.log, checked links to the sockets, passwd
 
     @classmethod
     def create(cls, data_dir: Path) -> LaunchPaths:
         # Unix socket paths are limited to ~107 bytes, so the sockets live in a short temp path
         # rather than next to the data (whose root may be deep in the user's home).
         base = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX, dir=_short_tmp()))
-        (base / "k").mkdir()
-        (base / "r").mkdir()
+        (base / "k").mkdir(mode=0o700)
+        (base / "h").mkdir(mode=0o700)
         (base / "owner").write_text(str(os.getpid()))
-        return cls(data_dir=data_dir, runtime_dir=base / "k", mount_dir=base / "r")
+        return cls(data_dir=data_dir, runtime_dir=base / "k", host_dir=base / "h")
 
     def remove(self) -> None:
         shutil.rmtree(self.runtime_dir.parent, ignore_errors=True)
@@ -287,7 +362,7 @@ class LaunchPaths:
         removed = 0
         for base in Path(_short_tmp()).glob(f"{RUNTIME_PREFIX}*"):
             try:
-                if base.stat().st_uid != os.getuid():
+                if base.is_symlink() or base.stat().st_uid != os.getuid():
                     continue
                 os.kill(int((base / "owner").read_text()), 0)
             except ProcessLookupError:
@@ -306,7 +381,7 @@ def _short_tmp() -> str:
 
 
 def mount_plan(python: PythonInfo, paths: LaunchPaths, limits: Limits) -> list[tuple[str | int, ...]]:
-    """What the sandbox sees, as bwrap-like operations; everything not listed is invisible."""
+    """What the sandbox sees, as bwrap operations; everything not listed is invisible."""
     ops: list[tuple[str | int, ...]] = []
     for system_dir in SYSTEM_DIRS:
         if os.path.isdir(system_dir):
@@ -316,8 +391,14 @@ def mount_plan(python: PythonInfo, paths: LaunchPaths, limits: Limits) -> list[t
             ops.append(("symlink", os.readlink(name), name))
         elif os.path.isdir(name):
             ops.append(("ro-bind", name, name))
-    made = {"/home", "/mnt", "/run"}  # parents of our own mount points, made traversable
+    made = {"/etc", "/home", "/mnt", "/run"}  # parents of our own mount points, made traversable
     ops += [("dir", d) for d in sorted(made)]
+    # Of /etc only what libraries read (certificates, fonts, time zone, the loader's cache):
+    # never the whole folder, whose other files (pip.conf, credentials of tools) are the host's.
+    ops += [
+        ("ro-bind", f"/etc/{name}", f"/etc/{name}") for name in ETC_ENTRIES if os.path.exists(f"/etc/{name}")
+    ]
+    ops += [("ro-bind", str(paths.host_dir / name), f"/etc/{name}") for name in ("passwd", "group")]
     ops += [
         ("proc", "/proc"),
         ("dev", "/dev"),
@@ -329,13 +410,16 @@ def mount_plan(python: PythonInfo, paths: LaunchPaths, limits: Limits) -> list[t
     ]
     # The interpreter stays visible even under the (hidden) home folder or /tmp: pyenv, conda, venvs.
     # Its parent folders are created world-traversable (bwrap would make them 0700).
+    inside = [*python.visible_paths, *(dest for _, dest in python.files), *(dest for _, dest in python.links)]
     parents = sorted(
-        {str(p) for path in python.visible_paths for p in Path(path).parents if str(p) != "/"},
+        {str(p) for path in inside for p in Path(path).parents if str(p) != "/"},
         key=lambda p: (p.count("/"), p),
     )
     mounted = made | {"/tmp", HOME_INSIDE}
     ops += [("dir", parent) for parent in parents if not _shown_by_system(parent) and parent not in mounted]
     ops += [("ro-bind", path, path) for path in python.visible_paths]
+    ops += [("ro-bind", source, dest) for source, dest in python.files if not _shown_by_system(dest)]
+    ops += [("symlink", target, dest) for target, dest in python.links if not _shown_by_system(dest)]
     ops += [
         ("bind", str(paths.data_dir), DATA_INSIDE),
         ("bind", str(paths.runtime_dir), RUNTIME_INSIDE),
@@ -361,39 +445,121 @@ def _bwrap_args(ops: list[tuple[str | int, ...]]) -> list[str]:
 
 def _base_env() -> dict[str, str]:
     """A minimal environment: nothing inherited from the host (API keys stay outside)."""
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    return {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"}
+
+
+@dataclass
+class Launch:
+    """One start of the launcher: its argv and the pipes between host and sandbox.
+
+    The host keeps ``control_fd`` (write: the control bytes) and ``status_fd`` (read: how the
+    kernel ended). ``child_fds`` are the sandbox's ends and the seccomp filter, inherited by the
+    spawned process under the same numbers and closed here right after the spawn. As root,
+    :meth:`map_user` must be called right after the spawn: bwrap waits for the uid map.
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    child_fds: tuple[int, ...]
+    control_fd: int
+    status_fd: int
+    user: tuple[int, int] | None = None  # root: the host uid/gid the sandbox's uid 1000 maps to
+    info_fd: int | None = None  # root: bwrap's --info-fd (child-pid)
+    release_fd: int | None = None  # root: bwrap's --userns-block-fd, written once mapped
+    # As root, bwrap starts with no supplementary groups (root's would reach the sandbox).
+    extra_groups: list[int] | None = field(default_factory=lambda: [] if _is_root() else None)
+
+    def spawned(self) -> None:
+        """Close the sandbox's ends of the pipes in the host (the child has its own copies)."""
+        for fd in self.child_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.child_fds = ()
+
+    def map_user(self, timeout: float = 10.0) -> None:
+        """As root: map uid/gid 1000 of bwrap's new user namespace to the container's host uid.
+
+        Host root stays mapped as the namespace's root only for bwrap's own setup (it creates
+        the mount points); bwrap switches to uid 1000 and drops every capability before the
+        launcher starts, and no_new_privs plus nosuid mounts keep anything from going back.
+        """
+        if self.info_fd is None or self.release_fd is None or self.user is None:
+            return
+        info = _read_json_bounded(self.info_fd, timeout)
+        pid = int(info["child-pid"])
+        uid, gid = self.user
+        # As root no "deny" in setgroups is needed; bwrap starts with no supplementary groups.
+        for name, outside in (("uid_map", uid), ("gid_map", gid)):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(f"0 0 1\n{SANDBOX_UID_INSIDE} {outside} 1\n")
+        os.write(self.release_fd, b"1")
+
+    def close(self) -> None:
+        self.spawned()
+        for fd in (self.control_fd, self.status_fd, self.info_fd, self.release_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.info_fd = self.release_fd = None
+
+
+def _read_json_bounded(fd: int, timeout: float, limit: int = 4096) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while len(data) < limit:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise SandboxError("bubblewrap did not report its sandbox in time.")
+        chunk = os.read(fd, limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+        with contextlib.suppress(ValueError):
+            return dict(json.loads(data))
+    raise SandboxError(f"bubblewrap stopped before reporting its sandbox ({data[:200]!r}).")
 
 
 @dataclass(frozen=True)
 class Isolation:
     mode: IsolationMode
     as_root: bool = field(default_factory=lambda: _is_root())
-    reason: str = ""  # why a stronger mode was not used (for the warning)
+    reason: str = ""  # why isolation is off (for the warning)
+    bwrap: str = "bwrap"  # the bubblewrap found on PATH when the mode was chosen
+    setpriv: str | None = None  # util-linux setpriv: as root, how the sandbox leaves uid 0
 
     @property
     def namespaced(self) -> bool:
         return self.mode != "none"
 
     @property
+    def label(self) -> str:
+        """What a status line shows about the sandbox: empty when isolated."""
+        return "" if self.namespaced else "not isolated"
+
+    @property
     def warning(self) -> str | None:
         if self.namespaced:
             return None
-        why = self.reason or "user namespaces are not available here"
         return (
-            f"Local sandbox isolation is reduced ({why}): sandbox code runs as you, can read your "
-            "files and reach the network; only resource limits and a clean environment apply, and "
-            "/mnt/data paths do not exist (the working directory is the container's data folder). "
-            "On Linux install bubblewrap or enable unprivileged user namespaces; for untrusted work "
-            "use the openai backend."
+            f"Local sandbox isolation is reduced to none, the code is not isolated "
+            f"({self.reason or 'isolation is off'}): it runs as you, can read your files and "
+            "secrets and reach the network; only resource limits and a clean environment apply, "
+            "and /mnt/data paths do not exist (the working directory is the container's data "
+            "folder). Remove the setting to isolate it with bubblewrap again."
         )
 
     def sandbox_user(self, container_id: str) -> tuple[int, int] | None:
-        """As root, each container runs as its own unprivileged uid (its process count is its own)."""
+        """As root, each container runs as its own unprivileged host uid (its process count is its own)."""
         if not (self.namespaced and self.as_root):
             return None
         digits = "".join(c for c in container_id if c in "0123456789abcdef")[-6:] or "0"
         uid = SANDBOX_UID_BASE + int(digits, 16)
         return uid, uid
+
+    def host_uid(self, user: tuple[int, int] | None) -> int:
+        """The host uid every sandbox process runs as (what owns the kernel's sockets)."""
+        return user[0] if user else os.getuid()
 
     def data_inside(self, paths: LaunchPaths) -> str:
         return DATA_INSIDE if self.namespaced else str(paths.data_dir)
@@ -430,59 +596,107 @@ class Isolation:
             env["PYTHONUSERBASE"] = python.user_base
         return env
 
-    def command(
+    def launch(
         self,
         python: PythonInfo,
         paths: LaunchPaths,
         limits: Limits,
         *,
         user: tuple[int, int] | None,
-        ctl_fd: int,
         kernel_argv: Sequence[str],
         probe: bool = False,
-    ) -> list[str]:
-        """The argv that starts the launcher (and through it the kernel) inside the sandbox."""
-        runtime = self.runtime_inside(paths)
-        ops = mount_plan(python, paths, limits) if self.namespaced else None
+        seccomp: bool = True,
+    ) -> Launch:
+        """How to start the launcher (and through it the kernel) inside the sandbox.
+
+        ``seccomp=False`` exists for the benchmark's cost-of-each-protection figures only.
+        """
+        ctl_read, ctl_write = os.pipe()
+        status_read, status_write = os.pipe()
+        os.set_blocking(status_read, False)
+        child_fds = [ctl_read, status_write]
         config = {
-            "mounts": ops if self.mode == "unshare" else None,
-            "new_root": str(paths.mount_dir),
             "pid_namespace": self.namespaced,
-            "user": list(user) if user else None,
-            "drop_caps": self.mode == "unshare" and not self.as_root,
             # In a namespace the sandbox's user counts only the sandbox's processes; without one
             # it is the host user, who already runs some.
             "rlimits": limits.rlimits(processes_already_running=0 if self.namespaced else _user_tasks()),
             "cwd": self.data_inside(paths),
-            "status_file": f"{runtime}/exit-status",
-            "ctl_fd": ctl_fd,
+            "site_dirs": list(python.site_dirs),
+            "ctl_fd": ctl_read,
+            "status_fd": status_write,
             "kernel_module": "ipykernel_launcher",
             "block_modules": ["debugpy"],
             "kernel_argv": ["ipykernel_launcher", *kernel_argv],
             "probe": probe,
         }
-        launcher = [python.executable, "-c", LAUNCHER_SOURCE, json.dumps(config)]
-        if self.mode == "none":
-            return launcher
-        if self.mode == "unshare":
-            namespaces = ["--mount", "--net", "--ipc", "--pid", "--uts", "--fork", "--kill-child"]
-            user_ns = [] if self.as_root else ["--user", "--map-root-user"]
-            return ["unshare", *user_ns, *namespaces, "--", *launcher]
-        privilege = (
-            ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_KILL"]
-            if self.as_root
-            else ["--unshare-user"]
+        # -I: no PYTHON* variables, user site, script or working folder on sys.path; -S: no .pth.
+        launcher = [python.executable, "-I", "-S", "-c", LAUNCHER_SOURCE]
+        plan = Launch(
+            argv=[],
+            env=self.environment(python, paths),
+            cwd=str(paths.host_dir),
+            child_fds=(),
+            control_fd=ctl_write,
+            status_fd=status_read,
         )
-        return [
-            "bwrap",
-            *privilege,
-            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--as-pid-1",
-            *_bwrap_args(ops or []),
-            "--chdir", DATA_INSIDE,
-            "--",
-            *launcher,
-        ]  # fmt: skip
+        try:
+            if not self.namespaced:
+                plan.argv = [*launcher, json.dumps(config)]
+                plan.child_fds = tuple(child_fds)
+                return plan
+            _write_identity(paths.host_dir)
+            privilege: list[str] = []
+            if self.as_root and user is not None:
+                # bwrap refuses --disable-userns with a uid map written by its caller, so nested
+                # user namespaces are refused by the seccomp filter (unshare, clone flags, clone3).
+                info_read, info_write = os.pipe()
+                release_read, release_write = os.pipe()
+                child_fds += [info_write, release_read]
+                plan.info_fd, plan.release_fd, plan.user = info_read, release_write, user
+                privilege = ["--userns-block-fd", str(release_read), "--info-fd", str(info_write)]
+                # bwrap does not change uid itself here (its uid is the caller's, root): setpriv
+                # (util-linux) switches to uid 1000 with only these three capabilities, which it
+                # needs to do that and to empty the bounding set, and which are gone once it has.
+                privilege += ["--cap-drop", "ALL"]
+                for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"):
+                    privilege += ["--cap-add", cap]
+                launcher = [self.setpriv or "setpriv", *DROP_TO_SANDBOX_USER, "--", *launcher]
+            else:
+                privilege = ["--disable-userns"]
+            if seccomp:
+                from ci_magic.backends.local.seccomp import filter_pipe
+
+                seccomp_fd = filter_pipe()
+                child_fds.append(seccomp_fd)
+                privilege += ["--seccomp", str(seccomp_fd)]
+            plan.child_fds = tuple(child_fds)
+            plan.argv = [
+                self.bwrap,
+                "--unshare-user", "--uid", str(SANDBOX_UID_INSIDE), "--gid", str(SANDBOX_UID_INSIDE),
+                *privilege,
+                "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                "--hostname", "sandbox",
+                "--die-with-parent", "--new-session", "--as-pid-1",
+                *_bwrap_args(mount_plan(python, paths, limits)),
+                "--chdir", NEUTRAL_DIR,
+                "--",
+                *launcher, json.dumps(config),
+            ]  # fmt: skip
+            return plan
+        except BaseException:
+            plan.child_fds = tuple(child_fds)
+            plan.close()
+            raise
+
+
+def _write_identity(folder: Path) -> None:
+    """The sandbox's own /etc/passwd and /etc/group: its user, not the host's list of users."""
+    uid = SANDBOX_UID_INSIDE
+    (folder / "passwd").write_text(
+        f"root:x:0:0::/nonexistent:/usr/sbin/nologin\nsandbox:x:{uid}:{uid}::{HOME_INSIDE}:/bin/sh\n"
+        "nobody:x:65534:65534::/nonexistent:/usr/sbin/nologin\n"
+    )
+    (folder / "group").write_text(f"root:x:0:\nsandbox:x:{uid}:\nnogroup:x:65534:\n")
 
 
 def _is_root() -> bool:
@@ -503,65 +717,75 @@ def _user_tasks() -> int:
 
 
 def detect_isolation(requested: str = "auto", python: PythonInfo | None = None) -> Isolation:
-    """The strongest isolation that works here (checked by really launching a sandbox once)."""
+    """The isolation to use: bubblewrap, checked by really launching a sandbox once; never less.
+
+    ``auto`` and ``bwrap`` raise :class:`SandboxError` (:data:`NO_ISOLATION`) when bubblewrap is
+    missing or does not work here. Only ``none``, set knowingly, runs without isolation.
+    """
     if requested not in ISOLATION_CHOICES:
         raise ConfigurationError(
-            f"Unknown sandbox isolation {requested!r}: use one of {', '.join(ISOLATION_CHOICES)}."
+            f"Unknown sandbox isolation {requested!r}: use one of {', '.join(ISOLATION_CHOICES)} "
+            '("auto" uses bubblewrap and never runs code unisolated).'
         )
+    if requested == "none":
+        return Isolation("none", reason="isolation='none' was configured")
     python = python or probe_python(sys.executable)
-    return _detect(requested, python)
+    return _detect(shutil.which("bwrap"), python)
 
 
 @functools.cache
-def _detect(requested: str, python: PythonInfo) -> Isolation:
-    if requested == "none":
-        return Isolation("none", reason="isolation='none' was configured")
-    candidates: list[IsolationMode] = ["bwrap", "unshare"] if requested == "auto" else [requested]  # type: ignore[list-item]
-    reasons: list[str] = []
-    for mode in candidates:
-        problem = _try_mode(Isolation(mode), python)
-        if problem is None:
-            return Isolation(mode)
-        reasons.append(f"{mode}: {problem}")
-    if requested != "auto":
-        raise SandboxError(
-            f"Sandbox isolation {requested!r} does not work on this machine ({'; '.join(reasons)}). "
-            "Use isolation='auto' to fall back to the strongest mode that works."
-        )
-    reason = "; ".join(reasons)
-    log.warning("ci-magic: local sandboxes run without namespaces: %s", reason)
-    return Isolation("none", reason=reason)
-
-
-def _try_mode(isolation: Isolation, python: PythonInfo) -> str | None:
-    tool = "bwrap" if isolation.mode == "bwrap" else "unshare"
+def _detect(bwrap: str | None, python: PythonInfo) -> Isolation:
     if not sys.platform.startswith("linux"):
-        return "namespaces exist only on Linux"
-    if shutil.which(tool) is None:
-        return f"{tool} is not installed"
+        problem = "cannot run here: namespaces exist only on Linux (use the openai backend)"
+        raise SandboxError(NO_ISOLATION.format(problem=problem))
+    if bwrap is None:
+        raise SandboxError(NO_ISOLATION.format(problem="is not installed (no `bwrap` on PATH)"))
+    setpriv = shutil.which("setpriv", path=SYSTEM_PATH)
+    if _is_root() and setpriv is None:
+        problem = "cannot leave root without util-linux's setpriv (`apt-get install util-linux`)"
+        raise SandboxError(NO_ISOLATION.format(problem=problem))
+    isolation = Isolation("bwrap", bwrap=bwrap, setpriv=setpriv)
+    trouble = _try(isolation, python)
+    if trouble is not None:
+        raise SandboxError(NO_ISOLATION.format(problem=f"does not work here ({trouble})"))
+    return isolation
+
+
+def _try(isolation: Isolation, python: PythonInfo) -> str | None:
+    """Start a probe sandbox (no kernel); None when it worked, else bwrap's complaint."""
     work = Path(tempfile.mkdtemp(prefix="cim-probe-", dir=_short_tmp()))
     paths = LaunchPaths.create(work)
-    read_fd, write_fd = os.pipe()
+    plan: Launch | None = None
     try:
         user = isolation.sandbox_user("cntr_probe0")
         if user:
             os.chown(paths.runtime_dir, *user)
             os.chown(work, *user)
-        argv = isolation.command(
-            python, paths, Limits(), user=user, ctl_fd=read_fd, kernel_argv=[], probe=True
-        )
-        done = subprocess.run(
-            argv, env=_base_env(), pass_fds=(read_fd,), capture_output=True, text=True, timeout=30,
-            check=False,
+        plan = isolation.launch(python, paths, Limits(), user=user, kernel_argv=[], probe=True)
+        process = subprocess.Popen(
+            plan.argv, env=plan.env, cwd=plan.cwd, pass_fds=plan.child_fds, extra_groups=plan.extra_groups,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
+        plan.spawned()
+        try:
+            plan.map_user()
+        except (OSError, SandboxError, ValueError, KeyError) as err:
+            process.kill()
+            _, stderr = process.communicate(timeout=30)
+            return _last_line(stderr) or str(err)
+        _, stderr = process.communicate(timeout=30)
     except (OSError, subprocess.TimeoutExpired) as err:
         return str(err)
     finally:
-        os.close(read_fd)
-        os.close(write_fd)
+        if plan is not None:
+            plan.close()
         paths.remove()
         shutil.rmtree(work, ignore_errors=True)
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        return lines[-1] if lines else f"exit status {done.returncode}"
+    if process.returncode != 0:
+        return _last_line(stderr) or f"exit status {process.returncode}"
     return None
+
+
+def _last_line(stderr: bytes | None) -> str:
+    lines = (stderr or b"").decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""

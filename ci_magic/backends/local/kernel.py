@@ -21,16 +21,18 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import zmq
 import zmq.asyncio
@@ -49,7 +51,7 @@ from ci_magic.backends.local.budget import (
     start_time,
     watchdog,
 )
-from ci_magic.backends.local.isolation import Isolation, LaunchPaths, Limits, PythonInfo
+from ci_magic.backends.local.isolation import Isolation, Launch, LaunchPaths, Limits, PythonInfo
 from ci_magic.errors import SandboxError
 from ci_magic.events import CallStatus, Event, ExecutionError, Notice
 
@@ -69,6 +71,11 @@ log = logging.getLogger(__name__)
 # renderer read them as text).
 KERNEL_ARGS = ("--HistoryManager.enabled=False", "--InteractiveShell.colors=nocolor")
 CHANNEL_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
+USED_CHANNELS = ("shell_port", "iopub_port", "control_port")  # the host never uses stdin or heartbeat
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+LOG_TAIL = 4096  # bytes of the kernel's output log read to explain a failed start
+STATUS_MAX = 64  # bytes read from the launcher's status pipe
+STATUS_LINE = re.compile(r"(exit|signal) (\d{1,3})\n")
 INTERRUPT_GRACE = 3.0  # seconds an interrupted execution gets to stop before the kernel is killed
 POLL = 0.25  # how often a silent execution checks that the kernel is still alive
 # After a stopped execution the kernel's CPU time is measured this long; more than BUSY_SHARE of
@@ -157,6 +164,9 @@ class LocalKernel:
         self._client: AsyncKernelClient | None = None
         self._paths: LaunchPaths | None = None
         self._ctl: int | None = None
+        self._launch: Launch | None = None
+        self._connection: dict[str, Any] = {}
+        self._exit_status: str | None = None  # the launcher's status line, once read
         self._reason = ""
         self._tree: SandboxTree | None = None
         self._watched: Watched | None = None
@@ -170,12 +180,13 @@ class LocalKernel:
 
     @property
     def pid(self) -> int | None:
-        """The host pid of the sandbox's outermost process (bwrap, unshare or the launcher)."""
+        """The host pid of the sandbox's outermost process (bwrap, or the launcher without isolation)."""
         return self._process.pid if self._process else None
 
     @property
     def log_path(self) -> Path | None:
-        return self._paths.runtime_dir / "kernel.log" if self._paths else None
+        """The kernel's stdout and stderr, in the host-only folder (the sandbox writes, never names it)."""
+        return self._paths.host_dir / "kernel.log" if self._paths else None
 
     async def start(self) -> None:
         if self._process is not None:
@@ -195,6 +206,7 @@ class LocalKernel:
             "signature_scheme": "hmac-sha256",
             "kernel_name": "ci-magic",
         }
+        self._connection = connection
         connection_file = paths.runtime_dir / "kernel.json"
         connection_file.write_text(json.dumps(connection))
         mpl_dir = paths.runtime_dir / "matplotlib"
@@ -203,15 +215,14 @@ class LocalKernel:
         if setup.user:
             for path in (paths.runtime_dir, connection_file, mpl_dir, *seeded):
                 os.chown(path, *setup.user)
-        read_fd, write_fd = os.pipe()
-        argv = isolation.command(
+        plan = isolation.launch(
             setup.python,
             paths,
             setup.limits,
             user=setup.user,
-            ctl_fd=read_fd,
             kernel_argv=["-f", f"{runtime_inside}/kernel.json", *KERNEL_ARGS],
         )
+        argv = plan.argv
         limits = setup.limits
         if setup.cgroup is not None:
             self._group = setup.cgroup.create(
@@ -220,33 +231,35 @@ class LocalKernel:
                 max_processes=limits.max_processes + 16,  # PID 1 and bwrap are not the code's
             )
             argv = CgroupV2.wrap(self._group, argv)
+        self._launch, self._ctl, self._exit_status = plan, plan.control_fd, None
         try:
-            with open(paths.runtime_dir / "kernel.log", "wb") as log:
+            log_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW
+            log_fd = os.open(paths.host_dir / "kernel.log", log_flags, 0o600)
+            try:
                 self._process = subprocess.Popen(
                     argv,
-                    env=isolation.environment(setup.python, paths),
+                    env=plan.env,
                     stdin=subprocess.DEVNULL,
-                    stdout=log,
+                    stdout=log_fd,
                     stderr=subprocess.STDOUT,
-                    pass_fds=(read_fd,),
+                    pass_fds=plan.child_fds,
                     start_new_session=True,
-                    cwd=paths.runtime_dir,
+                    cwd=plan.cwd,
+                    extra_groups=plan.extra_groups,
                 )
-        except OSError as err:
-            os.close(write_fd)
-            paths.remove()
-            self._paths = None
-            raise SandboxError(f"The sandbox could not be started ({argv[0]}: {err}).") from err
-        finally:
-            os.close(read_fd)
-        self._ctl = write_fd
+            finally:
+                os.close(log_fd)
+            plan.spawned()
+            plan.map_user()  # as root: bwrap waits for the uid map before it goes on
+        except (OSError, SandboxError, ValueError, KeyError) as err:
+            failure = self._startup_failure() if self._process is not None else ""
+            await self.kill()
+            raise SandboxError(f"The sandbox could not be started ({argv[0]}: {failure or err}).") from err
         self._tree = SandboxTree(self._process.pid, namespaced=isolation.namespaced)
-        client = AsyncKernelClient(context=self._context)
-        client.load_connection_info({**connection, "ip": str(paths.runtime_dir / "k")})
-        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
-        self._client = client
         try:
-            await self._wait_ready(setup.startup_timeout)
+            deadline = time.monotonic() + setup.startup_timeout
+            await self._connect(isolation.host_uid(setup.user), deadline)
+            await self._wait_ready(max(deadline - time.monotonic(), 0.1))
         except BaseException:
             await self.kill()
             raise
@@ -261,6 +274,32 @@ class LocalKernel:
             check_memory=self._group is None,
         )
         watchdog().watch(self._watched)
+
+    async def _connect(self, sandbox_uid: int, deadline: float) -> None:
+        """Connect to the kernel's sockets once it has made them, through checked hard links.
+
+        The sockets lie in a folder the sandbox can write, so the host never connects by that
+        path: a symlink or another file put there could send it elsewhere (a host service's
+        socket). Each socket is hard-linked into the host-only folder without following
+        symlinks, and used only if the link is a socket owned by the sandbox's uid; a link
+        cannot be swapped afterwards, and reconnects reach the same socket.
+        """
+        paths = self._paths
+        assert paths is not None
+        pending = [CHANNEL_PORTS[name] for name in USED_CHANNELS]
+        while pending:
+            pending = [port for port in pending if not _link_socket(paths, port, sandbox_uid)]
+            if not pending:
+                break
+            if not self.is_alive():
+                raise SandboxError(f"The sandbox kernel failed to start: {self._startup_failure()}")
+            if time.monotonic() > deadline:
+                raise SandboxError(f"The sandbox kernel did not start in time. {self._startup_failure()}")
+            await asyncio.sleep(0.002)
+        client = AsyncKernelClient(context=self._context)
+        client.load_connection_info({**self._connection, "ip": str(paths.host_dir / "k")})  # type: ignore[typeddict-item]
+        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
+        self._client = client
 
     async def _wait_ready(self, timeout: float) -> None:
         """Until the kernel answers kernel_info and our iopub subscription demonstrably works."""
@@ -290,11 +329,9 @@ class LocalKernel:
         )
 
     def _startup_failure(self) -> str:
-        tail = ""
-        if self.log_path and self.log_path.exists():
-            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
-            tail = lines[-1] if lines else ""
-        return tail or self.death_reason()
+        text = _read_tail(self.log_path) if self.log_path else ""
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return (lines[-1] if lines else "") or self.death_reason()
 
     async def interrupt(self) -> None:
         # Through the launcher (the sandbox's PID 1), which signals the kernel directly: this works
@@ -333,8 +370,11 @@ class LocalKernel:
         if self._ctl is not None:
             with contextlib.suppress(OSError):
                 os.write(self._ctl, b"k")
-            os.close(self._ctl)
             self._ctl = None
+        if self._launch is not None:
+            self._read_exit_status()  # before the pipe closes: a later death_reason may want it
+            self._launch.close()
+            self._launch = None
         if process is not None:
             with contextlib.suppress(OSError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -412,15 +452,65 @@ class LocalKernel:
                 "/tmp, /dev/shm and home count together)"
             )
             return self._reason
-        status = ""
-        if self._paths is not None:
-            with contextlib.suppress(OSError):
-                status = (self._paths.runtime_dir / "exit-status").read_text().strip()
+        status = self._read_exit_status()
         if not status and self._process is not None and self._process.returncode is not None:
             code = self._process.returncode
             status = f"signal {-code}" if code < 0 else f"exit {code}"
         self._reason = _describe_status(status)
         return self._reason
+
+    def _read_exit_status(self) -> str:
+        """The launcher's "exit N" / "signal N" line from the status pipe: 64 bytes at most, no wait."""
+        if self._exit_status is None and self._launch is not None and not self.is_alive():
+            try:
+                data = os.read(self._launch.status_fd, STATUS_MAX)
+            except OSError:  # BlockingIOError: nothing written (PID 1 itself was killed)
+                data = b""
+            match = STATUS_LINE.fullmatch(data.decode("ascii", "replace"))
+            self._exit_status = f"{match[1]} {match[2]}" if match else ""
+        return self._exit_status or ""
+
+
+def _link_socket(paths: LaunchPaths, port: int, owner: int) -> bool:
+    """Hard-link the kernel's socket ``k-<port>`` into the host folder; False until it exists."""
+    source, link = paths.runtime_dir / f"k-{port}", paths.host_dir / f"k-{port}"
+    try:
+        os.link(source, link, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    info = os.lstat(link)
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != owner:
+        os.unlink(link)
+        raise SandboxError(
+            f"The sandbox put something other than its kernel's socket at {source.name} "
+            f"(a {_kind(info.st_mode)} owned by uid {info.st_uid}); it was not used and the sandbox "
+            "was stopped."
+        )
+    return True
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "symlink"), (stat.S_ISREG, "file"), (stat.S_ISFIFO, "FIFO")):
+        if test(mode):
+            return name
+    return "socket" if stat.S_ISSOCK(mode) else "special file"
+
+
+def _read_tail(path: Path, limit: int = LOG_TAIL) -> str:
+    """The last ``limit`` bytes of a regular file, never following a symlink, never blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return ""
+        return os.pread(fd, limit, max(info.st_size - limit, 0)).decode(errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _seed_font_cache(source: Path | None, target: Path) -> list[Path]:

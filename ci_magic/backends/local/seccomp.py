@@ -1,0 +1,113 @@
+"""The sandbox's system-call filter, built on the host with libseccomp and handed to bwrap.
+
+Sandbox code never needs to debug other processes, load kernel code, mount file systems, make
+namespaces or inject keystrokes into a terminal, and each of those is kernel attack surface that
+has had local privilege escalations. The filter answers them with ``EPERM`` (``clone3`` with
+``ENOSYS``, so libc falls back to ``clone``, whose flags a filter can read). Everything else is
+allowed. System calls of another architecture (32-bit ``int 0x80`` on x86-64) kill the caller,
+libseccomp's default for a foreign architecture, so the filter cannot be sidestepped that way.
+
+The filter is compiled once per process (:func:`filter_bpf`) and written into a pipe for each
+launch (:func:`filter_pipe`); bwrap installs it with ``--seccomp FD`` just before it starts the
+launcher, so it holds for PID 1, the kernel and every process they start.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import tempfile
+from typing import Any
+
+from ci_magic.errors import SandboxError
+
+__all__ = ["DENIED_SYSCALLS", "filter_bpf", "filter_pipe"]
+
+# Denied outright (EPERM). Names missing on this architecture are skipped.
+DENIED_SYSCALLS = (
+    # Reading or writing another process's memory (PID 1 included).
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
+    # Large kernel interfaces with a history of privilege escalations.
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "userfaultfd",
+    "perf_event_open", "keyctl", "add_key", "request_key",
+    # Kernel code, the machine itself.
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot",
+    "swapon", "swapoff", "acct", "quotactl", "quotactl_fd", "syslog", "uselib",
+    # File systems and namespaces: the sandbox's view of the world is fixed once it starts.
+    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsmount",
+    "fspick", "mount_setattr", "setns", "unshare",
+    # File handles bypass path permissions (the "shocker" escape).
+    "open_by_handle_at", "name_to_handle_at",
+)  # fmt: skip
+
+# clone() flags that make a new namespace; CLONE_NEWTIME (0x80) lies in clone's exit-signal
+# byte, which no real signal number reaches.
+NAMESPACE_FLAGS = (
+    0x00020000,  # CLONE_NEWNS
+    0x02000000,  # CLONE_NEWCGROUP
+    0x04000000,  # CLONE_NEWUTS
+    0x08000000,  # CLONE_NEWIPC
+    0x10000000,  # CLONE_NEWUSER
+    0x20000000,  # CLONE_NEWPID
+    0x40000000,  # CLONE_NEWNET
+    0x00000080,  # CLONE_NEWTIME
+)
+TIOCSTI = 0x5412  # push characters into a terminal's input: commands typed "by the user"
+TIOCLINUX = 0x541C  # the same through the Linux console, plus reading its screen
+PER_LINUX = 0  # personality(): anything else could turn off address randomisation
+
+INSTALL_HINT = (
+    "The local sandbox filters system calls with libseccomp, which could not be loaded ({why}). "
+    "Install it (`apt-get install libseccomp2` on Debian/Ubuntu, `dnf install libseccomp` on "
+    "Fedora) and the Python binding (`pip install pyseccomp`), then run the cell again."
+)
+
+
+@functools.cache
+def filter_bpf() -> bytes:
+    """The compiled BPF program (cached: the rules do not change while ci-magic runs)."""
+    try:
+        import pyseccomp as seccomp
+    except (ImportError, OSError) as err:  # the binding, or libseccomp.so.2 behind it
+        raise SandboxError(INSTALL_HINT.format(why=err)) from err
+    deny = seccomp.ERRNO(errno.EPERM)
+    rules = seccomp.SyscallFilter(seccomp.ALLOW)
+    for name in DENIED_SYSCALLS:
+        _add(rules, deny, name)
+    for flag in NAMESPACE_FLAGS:
+        _add(rules, deny, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+    # The kernel compares only the low 32 bits of an ioctl request, so must the filter.
+    for request in (TIOCSTI, TIOCLINUX):
+        _add(rules, deny, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
+    _add(rules, deny, "personality", seccomp.Arg(0, seccomp.NE, PER_LINUX))
+    _add(rules, seccomp.ERRNO(errno.ENOSYS), "clone3")
+    with tempfile.TemporaryFile() as out:
+        rules.export_bpf(out)
+        out.seek(0)
+        return out.read()
+
+
+def _add(rules: Any, action: int, name: str, *conditions: Any) -> None:
+    import pyseccomp as seccomp
+
+    if seccomp.resolve_syscall(seccomp.Arch.NATIVE, name) < 0:
+        return  # no such system call on this architecture: nothing to deny
+    rules.add_rule(action, name, *conditions)
+
+
+def filter_pipe() -> int:
+    """A pipe's read end holding the filter, for ``bwrap --seccomp FD`` (the caller closes it)."""
+    program = filter_bpf()
+    read_fd, write_fd = os.pipe()
+    try:
+        # A pipe holds 64 KiB without a reader; the program is a few KiB.
+        written = os.write(write_fd, program)
+        if written != len(program):
+            raise SandboxError("The sandbox's system-call filter did not fit into a pipe.")
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return read_fd
