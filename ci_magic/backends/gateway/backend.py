@@ -67,7 +67,6 @@ SANDBOX_DATA = "/mnt/data"
 IO_MIME = "application/x-ci-magic-io+json"
 IO_SOURCE = (Path(__file__).with_name("_kernel_io.py")).read_text(encoding="utf-8")
 CHUNK_BYTES = 1 << 20
-MAX_REPLY_CHARS = 4 * CHUNK_BYTES  # an io answer bigger than this is not ours
 IO_TIMEOUT = 120.0  # seconds one file operation may take in the kernel
 INTERRUPT_GRACE = 3.0
 POLL = 0.25
@@ -505,7 +504,8 @@ class GatewayBackend:
             content = msg.get("content") or {}
             if kind == "display_data" and answer is None:
                 data = (content.get("data") or {}).get(IO_MIME)
-                if isinstance(data, dict) and len(json.dumps(data)) <= MAX_REPLY_CHARS:
+                # A chunk's base64 is 4/3 of its size; anything much bigger is not an answer we asked for.
+                if isinstance(data, dict) and len(json.dumps(data)) <= 2 * self.chunk_bytes + 65536:
                     answer = data
             elif kind == "execute_reply":
                 replied = True
