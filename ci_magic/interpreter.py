@@ -152,6 +152,8 @@ class CodeInterpreter(Settings):
         session.expires_after_minutes = self.expires_after_minutes
         session.output_dir = self.output_path
         session.download_concurrency = max(1, self.download_concurrency)
+        session.download_size_cap = self.download_size_cap
+        session.download_turn_budget = self.download_turn_budget
         session.upload_size_cap = self.upload_size_cap
         session.pull_memory_cap = self.pull_memory_cap
         session.always_push = list(self.always_push)

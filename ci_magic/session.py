@@ -25,6 +25,7 @@ from ci_magic.backends.base import (
     TurnRequest,
     size_text,
 )
+from ci_magic.config import output_dir_message, output_dir_problem
 from ci_magic.errors import BackendError, CIError, ContainerFileError, FileTooLarge, Interrupted
 from ci_magic.events import CallStarted, Event, FileCited, Image, Notice, TextDelta, Usage
 from ci_magic.filenames import download_into, safe_relative_name, save_into
@@ -507,6 +508,8 @@ class _Downloads:
         self.output_dir = output_dir
         self.limit = asyncio.Semaphore(concurrency)
         self.allowance = allowance
+        # Checked every turn: sys.path may have gained the folder since output_dir was set.
+        self.folder_problem = output_dir_problem(output_dir)
         self.listed_sizes: dict[str, int | None] = {}
         self.tasks: dict[str, asyncio.Task[SavedFile | Notice]] = {}
         self.cited: set[str] = set()
@@ -549,6 +552,11 @@ class _Downloads:
                 safe = safe_relative_name(name)
             except ContainerFileError as error:
                 return Notice(f"Could not save {name}: {error}", level="warning")
+            if self.folder_problem is not None:
+                why = output_dir_message(
+                    self.output_dir, self.folder_problem, outcome="nothing is saved there"
+                )
+                return Notice(f"Not saved: {safe}. {why}", level="warning")
             refusal = self.allowance.refusal(safe, self.listed_sizes.get(file_id))
             if refusal is not None:
                 return refusal

@@ -10,13 +10,14 @@ Time comes from a ``Clock`` tests can advance: a container whose ``last_active_a
 from __future__ import annotations
 
 import mimetypes
+import os
 import secrets
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tests.servers.sandbox_worker import DATA_DIR, ExecResult, Worker
 
@@ -318,6 +319,12 @@ class ContainerStore:
         stored = self.get_file(container, file_id)
         data = (container.folder / stored.relative).read_bytes()
         return stored, data, content_type(stored.relative)
+
+    def open_file(self, container: Container, file_id: str) -> tuple[StoredFile, BinaryIO, int, str]:
+        """The file opened for streaming, with its size: a large file is sent, not held in memory."""
+        stored = self.get_file(container, file_id)
+        handle = (container.folder / stored.relative).open("rb")
+        return stored, handle, os.fstat(handle.fileno()).st_size, content_type(stored.relative)
 
     def delete_file(self, container: Container, file_id: str) -> None:
         stored = self.get_file(container, file_id)

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, urlsplit
 
 from tests.servers.containers import ApiError, Clock, Container, ContainerStore, new_id, upload_path
@@ -132,6 +132,8 @@ class OpenAIServer:
         self._allowed_models: tuple[str, ...] | None = tuple(models) if models else None
         self._faults: list[_Fault] = []
         self._cut_after: int | None = None
+        # File downloads without Content-Length (chunked), as a gateway may send them.
+        self.hide_file_sizes = False
         self._responses: dict[str, _StoredResponse] = {}
         self._lock = threading.Lock()
         self._httpd = QuietHTTPServer((host, port), _make_handler(self))
@@ -495,17 +497,6 @@ class _Handler(BaseHTTPRequestHandler):
             extra["retry-after"] = str(max(1, math.ceil(fault.retry_after)))
         self._send_json(body, fault.status, extra)
 
-    def _send_bytes(self, data: bytes, content_type: str, extra: dict[str, str]) -> None:
-        self.record.status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self._common_headers()
-        for name, value in extra.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
     def _send_stream(self, events: Iterator[SSEEvent], on_complete: Callable[[dict[str, Any]], None]) -> None:
         owner = self.owner
         cut, owner._cut_after = owner._cut_after, None
@@ -643,13 +634,40 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _file_content(self, cid: str, fid: str) -> None:
         store = self.owner.store
-        stored, data, content_type = store.read_file(store.usable(cid), fid)
+        stored, handle, size, content_type = store.open_file(store.usable(cid), fid)
         name = PurePosixPath(stored.relative).name
         # OpenAI sends a generic ASCII name plus the real one in RFC 5987 form (dotnet recording).
         disposition = (
             f"attachment; filename=\"file{PurePosixPath(name).suffix}\"; filename*=UTF-8''{quote(name)}"
         )
-        self._send_bytes(data, content_type, {"Content-Disposition": disposition})
+        with handle:
+            self._send_file(handle, size, content_type, {"Content-Disposition": disposition})
+
+    def _send_file(self, handle: BinaryIO, size: int, content_type: str, extra: dict[str, str]) -> None:
+        """Stream a file in chunks; without Content-Length (chunked) when the owner hides file sizes."""
+        chunked = self.owner.hide_file_sizes
+        self.record.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(size))
+        self._common_headers()
+        for name, value in extra.items():
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            while block := handle.read(1 << 20):
+                if chunked:
+                    self._write_chunk(block)
+                else:
+                    self.wfile.write(block)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client stopped reading (e.g. at its size cap)
 
     def _create_response(self) -> None:
         body = self.record.json
