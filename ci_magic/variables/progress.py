@@ -19,7 +19,6 @@ from ci_magic.variables.schema import format_size
 
 __all__ = [
     "PROGRESS_THRESHOLD",
-    "NullProgress",
     "Progress",
     "TextProgress",
     "WidgetProgress",
@@ -36,14 +35,6 @@ class Progress(Protocol):
 
     def close(self, message: str, *, ok: bool = True) -> None:
         """The transfer ended (``ok=False``: it failed); leave a final line."""
-
-
-class NullProgress:
-    def update(self, done: int, total: int, message: str) -> None:
-        pass
-
-    def close(self, message: str, *, ok: bool = True) -> None:
-        pass
 
 
 def _fraction(done: int, total: int) -> float:

@@ -277,7 +277,15 @@ class ContainerFiles:
         if isinstance(p.source, bytes):
             spool = registry.spool_path(p.name, p.fingerprint)
             # Spool while the upload runs: the copy only matters if this container later expires.
-            created, _ = await asyncio.gather(uploading, asyncio.to_thread(_write_spool, spool, p.source))
+            sent, spooled = await asyncio.gather(
+                uploading, asyncio.to_thread(_write_spool, spool, p.source), return_exceptions=True
+            )
+            if isinstance(sent, BaseException):
+                spool.unlink(missing_ok=True)
+                raise sent
+            if isinstance(spooled, BaseException):
+                spool = None  # the file is in the container all the same; only a re-upload would miss it
+            created = sent
         else:
             created = await uploading
             spool = p.source if p.kind != "file" else None  # re-sent from an earlier spool
