@@ -52,6 +52,45 @@ def load_ipython_extension(shell: Any) -> None:
         shell.input_transformers_cleanup.append(line_prompts_keep_question_marks)
     # Kernel shutdown runs atexit handlers: the container goes with the kernel (configurable).
     atexit.register(magics.interpreter.close)
+    _warm_in_background(magics.interpreter)
+
+
+# -- first cell fast (issue 11) ------------------------------------------------------------------
+_warming: set[Any] = set()  # references to the background tasks, so they are not collected
+
+
+def _warm_in_background(interpreter: CodeInterpreter) -> None:
+    """With a backend that has a warm pool (local), start filling it now, while the user reads.
+
+    Only where the kernel's event loop runs between cells (Jupyter): the task proceeds while the
+    kernel is idle. Any problem is left for the first cell to report, in its own words.
+    """
+    import asyncio
+
+    from ci_magic.bridge import current_loop
+
+    if interpreter.backend != "local":
+        return
+    loop = current_loop()
+    if not loop.is_running():
+        return  # terminal IPython, scripts: the first cell fills the pool
+
+    async def warm() -> None:
+        await asyncio.sleep(0.05)  # let %load_ext's cell finish first
+        try:
+            backend = interpreter._get_session().backend
+            warm_pool = getattr(backend, "warm", None)
+            if warm_pool is not None:
+                await warm_pool()
+        except Exception:  # the first %%ci cell reports it properly
+            return
+
+    task = loop.create_task(warm())
+    _warming.add(task)
+    task.add_done_callback(_warming.discard)
+
+
+# -- end of first cell fast ------------------------------------------------------------------------
 
 
 def unload_ipython_extension(shell: Any) -> None:

@@ -126,6 +126,10 @@ class LocalBackend:
                 yield notice
             notices = []
 
+    async def warm(self) -> None:
+        """Start the sandbox's warm pool now (the extension calls this when it loads)."""
+        await self.sandbox.warm()
+
     async def aclose(self) -> None:
         await self.sandbox.aclose()
 

@@ -51,7 +51,7 @@ from ci_magic.backends.local.isolation import (
     limits_for_tier,
     probe_python,
 )
-from ci_magic.backends.local.kernel import KernelSetup, LocalKernel, execute, new_context, warm_up
+from ci_magic.backends.local.kernel import KernelSetup, LocalKernel, _wait_idle, execute, new_context, warm_up
 from ci_magic.errors import ConfigurationError, ContainerFileError, SandboxError
 from ci_magic.events import Event, Notice
 
@@ -647,11 +647,30 @@ class SandboxManager:
             self._containers[container.id] = container
 
 
+# -- first cell fast (issue 11): pooled kernels import the data stack before they are handed out --
+# ``__import__`` binds no name in the user's namespace; silent and unstored, so the sandbox's history
+# and execution count start clean. A missing package is ignored here (``create`` warns about it).
+PRE_IMPORT = (
+    "for _ci_module in ('numpy', 'pandas', 'matplotlib.pyplot'):\n"
+    "    try:\n        __import__(_ci_module)\n    except Exception:\n        pass\n"
+    "del _ci_module"
+)
+
+
+async def _pre_import(kernel: LocalKernel, *, timeout: float = 30.0) -> None:
+    msg_id = kernel.client.execute(PRE_IMPORT, silent=True, store_history=False, allow_stdin=False)
+    await _wait_idle(kernel, msg_id, timeout)
+
+
+# -- end of first cell fast --
+
+
 def _start(kernel: LocalKernel, *, warm: bool = False) -> asyncio.Task[None]:
     async def start() -> None:
         await kernel.start()
         if warm:
             await warm_up(kernel)
+            await _pre_import(kernel)
 
     task = asyncio.create_task(start())
     # Whoever uses the container reports a failed start; nobody may, so mark it as seen.
