@@ -439,6 +439,13 @@ def test_an_image_whose_header_declares_billions_of_pixels_is_not_inlined(tmp_pa
         assert "image/png" not in bundle, saved.name
         assert "preview skipped" in bundle["text/plain"], bundle["text/plain"]
     assert "image/png" in file_bundle(fine, link_base=tmp_path)
+    # The same picture displayed by the sandbox's code, not saved: not sent to the browser either.
+    view, frontend, clock = live_view()
+    bomb = base64.b64encode(png_header_bomb(100_000, 100_000)).decode()
+    events = [CallStarted("c1"), RichOutput("c1", {"image/png": bomb, "text/plain": "<Figure>"}), Completed()]
+    view.finish(play(events, view, clock), link_base=tmp_path)
+    assert not any("image/png" in b for b in frontend.bundles())
+    assert "image not shown: it declares 10,000,000,000 pixels" in frontend.all_text("text/plain")
 
 
 def test_a_plt_show_image_is_shown_once_and_its_saved_copies_are_only_listed(tmp_path: Path) -> None:

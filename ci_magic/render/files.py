@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ci_magic.render.safe_html import IFRAME_MAX_BYTES, sandboxed_iframe, svg_image_html
+from ci_magic.render.safe_html import (
+    IFRAME_MAX_BYTES,
+    IMAGE_MAX_PIXELS,
+    image_pixels,
+    sandboxed_iframe,
+    svg_image_html,
+)
 from ci_magic.render.tables import rows_bundle
 from ci_magic.result import SavedFile
 
@@ -54,7 +60,6 @@ PREVIEW_EXPANDED_MAX = 64 * 1024 * 1024
 PARQUET_ROW_GROUP_MAX = 128 * 1024 * 1024
 # Footers and message headers are read whole; real ones are kilobytes.
 METADATA_MAX_BYTES = 16 * 1024 * 1024
-IMAGE_MAX_PIXELS = 40_000_000
 
 _IMAGE_MIMES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif"}
 _TABLE_SUFFIXES = frozenset({".csv", ".tsv", ".xlsx", ".parquet", ".feather"})
@@ -150,26 +155,17 @@ def _image_bundle(saved: SavedFile, link: _Link, mime: str) -> dict[str, object]
     data = _read_at_most(saved.path, IMAGE_MAX_BYTES)
     if data is None:
         return link.bundle(f"too large to show inline ({human_size(saved.size)})")
-    _check_image_pixels(saved.path)
+    _check_image_pixels(data)
     # No text/html here: frontends prefer it over image/png, and a data-URL copy would store the
     # image twice in the notebook.
     return {mime: base64.b64encode(data).decode("ascii"), "text/plain": f"image {link.plain}"}
 
 
-def _check_image_pixels(path: Path) -> None:
+def _check_image_pixels(data: bytes) -> None:
     """Refuse a decompression bomb from its header: a small file the browser would inflate to GBs."""
-    from PIL import Image as PILImage
-
-    try:
-        with PILImage.open(path) as image:  # reads the header only
-            width, height = image.size
-    except PILImage.DecompressionBombError as error:
-        raise OverBudget(f"preview skipped: {error}") from None
-    if width * height > IMAGE_MAX_PIXELS:
-        raise OverBudget(
-            f"preview skipped: image is {width:,}×{height:,} pixels "
-            f"(expands to ~{human_size(width * height * 4)})"
-        )
+    pixels = image_pixels(data)
+    if pixels is not None and pixels > IMAGE_MAX_PIXELS:
+        raise OverBudget(f"preview skipped: the image declares {pixels:,} pixels (~{human_size(pixels * 4)})")
 
 
 def _document_bundle(saved: SavedFile, link: _Link) -> dict[str, object]:

@@ -44,9 +44,11 @@ import nh3
 __all__ = [
     "DISPLAYED_MIMES",
     "IFRAME_MAX_BYTES",
+    "IMAGE_MAX_PIXELS",
     "answer_bundle",
     "escape",
     "escape_markdown",
+    "image_pixels",
     "markdown_to_html",
     "outgoing_bundle",
     "safe_bundle",
@@ -59,6 +61,8 @@ __all__ = [
 IFRAME_MAX_BYTES = 2_000_000
 SANITIZE_MAX_CHARS = 2_000_000
 SVG_MAX_BYTES = 2_000_000
+# A few kilobytes of PNG can declare billions of pixels, which the browser then allocates.
+IMAGE_MAX_PIXELS = 40_000_000
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -292,6 +296,24 @@ def _base64_image(value: object) -> str | None:
     return None
 
 
+def image_pixels(data: bytes) -> int | None:
+    """The pixel count an image's header declares (None: not an image Pillow knows)."""
+    import io
+
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(io.BytesIO(data)) as image:  # the header only
+            width, height = image.size
+    except PILImage.DecompressionBombError as error:
+        # Pillow refuses before saying the size; its message has the count ("Image size (N pixels)").
+        declared = re.search(r"\((\d+) pixels\)", str(error))
+        return int(declared.group(1)) if declared else IMAGE_MAX_PIXELS + 1
+    except Exception:
+        return None
+    return int(width) * int(height)
+
+
 def safe_bundle(bundle: dict[str, object]) -> dict[str, object]:
     """The parts of a sandbox mime bundle that are safe to display here, in forms we built.
 
@@ -301,10 +323,16 @@ def safe_bundle(bundle: dict[str, object]) -> dict[str, object]:
     has a ``text/plain``.
     """
     safe: dict[str, object] = {}
+    skipped = ""
     for mime in _RASTER:
         image = _base64_image(bundle.get(mime))
-        if image is not None:
-            safe[mime] = image
+        if image is None:
+            continue
+        pixels = image_pixels(base64.b64decode(image))
+        if pixels is not None and pixels > IMAGE_MAX_PIXELS:
+            skipped = f"[image not shown: it declares {pixels:,} pixels]"
+            continue
+        safe[mime] = image
     if "application/json" in bundle and bundle["application/json"] is not None:
         safe["application/json"] = bundle["application/json"]
     raw_html, markdown, svg = (
@@ -325,7 +353,9 @@ def safe_bundle(bundle: dict[str, object]) -> dict[str, object]:
     if shown:
         safe["text/html"] = shown
     plain = bundle.get("text/plain")
-    if isinstance(plain, str):
+    if skipped:
+        safe["text/plain"] = skipped + (f" {strip_ansi(plain)}" if isinstance(plain, str) else "")
+    elif isinstance(plain, str):
         safe["text/plain"] = strip_ansi(plain)
     elif isinstance(markdown, str):
         safe["text/plain"] = strip_ansi(markdown)
