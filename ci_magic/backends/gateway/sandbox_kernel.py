@@ -82,6 +82,7 @@ class MessageRelay:
         self.outer_signer = _Signer(outer.get("key", ""), outer.get("signature_scheme", "hmac-sha256"))
         self.inner_signer = _Signer(inner.get("key", ""), inner.get("signature_scheme", "hmac-sha256"))
         self.context = zmq.Context()
+        self.shutdown_requested = False
         self.restart_requested = False
         self._stop = threading.Event()
         self._pairs: dict[zmq.Socket[bytes], tuple[zmq.Socket[bytes], bool, str]] = {}
@@ -149,6 +150,7 @@ class MessageRelay:
         if not hmac.compare_digest(check.sign(parts), frames[at + 1]):
             return None  # not signed with the key of the side it came from: dropped
         if inward and channel == "control" and b'"shutdown_request"' in parts[0]:
+            self.shutdown_requested = True
             with contextlib.suppress(ValueError, AttributeError):
                 self.restart_requested = bool(json.loads(parts[3]).get("restart"))
         return [*frames[: at + 1], sign.sign(parts), *frames[at + 2 :]]
@@ -181,6 +183,11 @@ def _sweep(root: Path) -> None:
 
 
 async def serve(connection_file: Path) -> int:
+    """Start the sandboxed kernel, relay until it exits; the data folder goes unless it may come back.
+
+    The folder is kept when the gateway asked for a restart or the kernel died on its own (the
+    gateway's restarter starts a new one for the same kernel id, with the same files).
+    """
     from ci_magic.backends.local.isolation import detect_isolation, limits_for_tier, probe_python
     from ci_magic.backends.local.kernel import KernelSetup, LocalKernel, new_context
 
@@ -188,49 +195,52 @@ async def serve(connection_file: Path) -> int:
     found = re.search(r"kernel-([0-9A-Za-z-]+)\.json$", connection_file.name)
     kernel_id = found.group(1) if found else os.urandom(8).hex()
     tier = os.environ.get("KERNEL_CI_MAGIC_MEMORY_LIMIT", "1g").lower()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    kernel: LocalKernel | None = None
+    loop.add_signal_handler(signal.SIGINT, lambda: kernel and asyncio.ensure_future(kernel.interrupt()))
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
     python = probe_python(sys.executable)
     isolation = detect_isolation(os.environ.get("CI_MAGIC_ISOLATION", "auto"), python)
     root = data_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     _sweep(root)
     folder = root / kernel_id
-    data = folder / "data"
-    data.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(data, 0o755)
-    (folder / "owner").write_text(str(os.getpid()))
-    user = isolation.sandbox_user("cntr_" + "".join(c for c in kernel_id if c in "0123456789abcdef"))
-    if user:
-        os.chown(data, *user)
-    setup = KernelSetup(
-        isolation=isolation,
-        python=python,
-        data_dir=data,
-        limits=limits_for_tier(tier if tier in TIERS else "1g"),
-        user=user,
-    )
     context = new_context()
-    kernel = LocalKernel(setup, context=context)
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
     relay: MessageRelay | None = None
+    keep = False
     try:
+        data = folder / "data"
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(data, 0o755)
+        (folder / "owner").write_text(str(os.getpid()))
+        user = isolation.sandbox_user("cntr_" + "".join(c for c in kernel_id if c in "0123456789abcdef"))
+        if user:
+            os.chown(data, *user)
+        setup = KernelSetup(
+            isolation=isolation,
+            python=python,
+            data_dir=data,
+            limits=limits_for_tier(tier if tier in TIERS else "1g"),
+            user=user,
+        )
+        kernel = LocalKernel(setup, context=context)
         await kernel.start()
-        inner = kernel.client.get_connection_info()
-        relay = MessageRelay(outer, dict(inner))
+        relay = MessageRelay(outer, dict(kernel.client.get_connection_info()))
         relay.start()
-        loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(kernel.interrupt()))
-        loop.add_signal_handler(signal.SIGTERM, stopping.set)
         while kernel.is_alive() and not stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), 0.5)
+        shut_down = stopping.is_set() or relay.shutdown_requested
+        keep = relay.restart_requested or not shut_down
         return 0
     finally:
-        restart = relay.restart_requested if relay is not None else False
         if relay is not None:
             relay.stop()
-        await kernel.kill()
+        if kernel is not None:
+            await kernel.kill()
         context.destroy(linger=0)
-        if not restart:
+        if not keep:
             shutil.rmtree(folder, ignore_errors=True)
 
 
