@@ -30,8 +30,10 @@ def execute(client, code: str, *, timeout: float = 60, on_output=None) -> tuple[
             on_output(msg)
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             break
-    reply = client.get_shell_msg(timeout=10)
-    return reply["content"], outputs
+    while True:  # the reply to this request (not one left over from an earlier one)
+        reply = client.get_shell_msg(timeout=10)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply["content"], outputs
 
 
 def test_interrupt_during_stream_keeps_kernel_container_and_conversation(
@@ -97,3 +99,48 @@ def test_kernel_shutdown_deletes_the_container(openai_server, tmp_path: Path) ->
     assert created.status == 200
     deletes = [r for r in openai_server.requests if r.method == "DELETE"]
     assert [d.path for d in deletes] == [f"/v1/containers/{container_id}"]
+
+
+def test_ctrl_c_stops_our_coroutine_and_never_lands_in_the_kernels_own_tasks() -> None:
+    """Re-entering the kernel's loop runs the kernel's own tasks inside our call: Ctrl-C must stop
+    ours, not kill one of theirs (a dead message handler leaves the cell stuck for ever)."""
+    import asyncio
+    import os
+    import signal
+    import threading
+
+    from ci_magic.bridge import run_sync
+
+    async def kernel_busy() -> None:  # stands for the kernel's handlers, which run Python code
+        while True:
+            sum(range(20_000))
+            await asyncio.sleep(0)
+
+    async def our_turn() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return "interrupted, what arrived is kept"
+        return "finished"
+
+    async def cell() -> tuple[str, asyncio.Task]:
+        # ipykernel puts Python's own handler in force while a cell executes.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        kernel = asyncio.ensure_future(kernel_busy())
+        await asyncio.sleep(0.05)
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        started = time.monotonic()
+        outcome = run_sync(our_turn())  # nested in the running loop, as in a kernel
+        assert time.monotonic() - started < 5
+        return outcome, kernel
+
+    previous = signal.getsignal(signal.SIGINT)
+    with asyncio.Runner() as runner:
+        try:
+            outcome, kernel = runner.run(cell())
+            assert outcome == "interrupted, what arrived is kept"
+            assert not kernel.done(), "the kernel's own task survived the interrupt"
+            kernel.cancel()
+        finally:
+            signal.signal(signal.SIGINT, previous)
