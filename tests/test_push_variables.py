@@ -783,3 +783,34 @@ def test_a_big_frame_that_compresses_well_still_goes(backend, container, registr
     )
     assert outcome.status == "uploaded" and outcome.size < 8 * 2**20
     assert outcome.line.startswith(f"frame -> {outcome.path} (6,000,000 x 2): sent, ")
+
+
+def test_the_session_sends_pushed_and_always_push_files_to_each_new_container(tmp_path) -> None:
+    from ci_magic.session import Session
+
+    backend = FakeBackend()
+    rates = tmp_path / "rates.csv"
+    rates.write_text("currency,rate\nEUR,1.1\n")
+    session = Session(
+        backend,
+        session_id="t",
+        memory_limit="1g",
+        expires_after_minutes=20,
+        output_dir=tmp_path / "out",
+        registry=PushRegistry(tmp_path / "spool"),
+        always_push=[str(rates)],
+    )
+    [first_push], notices = asyncio.run(session.push([PushRequest("df", sales())]))
+    assert first_push.status == "uploaded"
+    assert session.container is not None and notices == []
+    first = session.container.id
+    assert {f.name for f in asyncio.run(backend.list_files(first))} == {"rates.csv", "df.parquet"}
+    backend.expire(first)
+    [again], notices = asyncio.run(session.push([PushRequest("df", sales())]))
+    assert [n.text for n in notices] == [
+        f"Container {first} is expired; started a new one and re-sent your files."
+    ]
+    assert again.status == "unchanged", "re-sent from the spool when the new container was made"
+    second = session.container.id
+    assert {f.name for f in asyncio.run(backend.list_files(second))} == {"rates.csv", "df.parquet"}
+    assert "/mnt/data/df.parquet" in session.registry.cards(second)
