@@ -392,9 +392,7 @@ class Settings(Configurable):
 
     @default("tool_choice")
     def _default_tool_choice(self) -> str:
-        return _env_choice(
-            "CI_MAGIC_TOOL_CHOICE", "tool_choice", list(self.traits()["tool_choice"].values or ()), ""
-        )
+        return _env_choice("CI_MAGIC_TOOL_CHOICE", "tool_choice", self._choices("tool_choice"), "")
 
     @default("max_tokens")
     def _default_max_tokens(self) -> int:
@@ -427,12 +425,14 @@ class Settings(Configurable):
         "Env: CI_MAGIC_GATEWAY_KERNEL_NAME.",
     ).tag(config=True)
 
+    def _choices(self, name: str) -> list[str]:
+        """The values an Enum setting allows."""
+        return list(getattr(self.traits()[name], "values", None) or ())
+
     @default("backend")
     def _default_backend(self) -> str:
         fallback = "openai" if openai_key_configured() else "local"
-        return _env_choice(
-            "CI_MAGIC_BACKEND", "backend", list(self.traits()["backend"].values or ()), fallback
-        )
+        return _env_choice("CI_MAGIC_BACKEND", "backend", self._choices("backend"), fallback)
 
     @default("model")
     def _default_model(self) -> str:

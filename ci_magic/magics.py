@@ -74,6 +74,15 @@ class CIMagics(Magics):
         self.interpreter = CodeInterpreter(shell=shell)
         shell.configurables.append(self.interpreter)
 
+    @property
+    def _shell(self) -> Any:
+        assert self.shell is not None, "IPython gives every registered Magics its shell"
+        return self.shell
+
+    @property
+    def _user_ns(self) -> dict[str, Any]:
+        return self._shell.user_ns
+
     # -- %%ci ----------------------------------------------------------------------------------
 
     @magic_arguments()
@@ -106,7 +115,7 @@ class CIMagics(Magics):
         self._run_turn(
             lambda: self.interpreter.run_prompt(
                 prompt,
-                namespace=self.shell.user_ns,
+                namespace=self._user_ns,
                 names=names,
                 new=args.new,
                 model=args.model,
@@ -144,12 +153,12 @@ class CIMagics(Magics):
             raise
         self._bind(result, output)
         if insert and result.code:
-            self.shell.set_next_input(result.code, replace=False)
+            self._shell.set_next_input(result.code, replace=False)
 
     def _bind(self, result: Result, output: str | None) -> None:
-        self.shell.user_ns["_ci"] = result
+        self._user_ns["_ci"] = result
         if output:
-            self.shell.user_ns[output] = result
+            self._user_ns[output] = result
 
     # -- session -------------------------------------------------------------------------------
 
@@ -186,7 +195,7 @@ class CIMagics(Magics):
         args = parse_argstring(self.ci_push, line)
         outcomes, notices = self.interpreter.push_names(
             args.names,
-            namespace=self.shell.user_ns,
+            namespace=self._user_ns,
             as_name=args.as_name,
             fmt=args.fmt,
             allow_pickle=args.pickle,
@@ -207,7 +216,7 @@ class CIMagics(Magics):
             raise UsageError("Give one file name (%ci_pull clean.csv) or --all, not both or neither.")
         if args.output is not None and not args.output.isidentifier():
             raise VariableError(f"-o needs a Python identifier, not {args.output!r}.")
-        namespace = self.shell.user_ns
+        namespace = self._user_ns
         if args.all:
             pulled = self.interpreter.pull_all()
             for item in pulled:
