@@ -177,6 +177,7 @@ class CuttingProxy:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.cuts = 0
+        self._refuse_until = 0.0
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
     @property
@@ -189,6 +190,9 @@ class CuttingProxy:
             try:
                 client, _ = self.listener.accept()
             except (TimeoutError, OSError):
+                continue
+            if time.monotonic() < self._refuse_until:
+                client.close()  # the network is still down
                 continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port))
@@ -216,8 +220,12 @@ class CuttingProxy:
                 with contextlib.suppress(OSError):
                     sock.close()
 
-    def cut(self) -> None:
-        """Drop every open connection at once, as a flaky network would (RST, no close frame)."""
+    def cut(self, *, down_for: float = 0.0) -> None:
+        """Drop every open connection at once, as a flaky network would (RST, no close frame).
+
+        ``down_for``: seconds during which new connections are dropped too.
+        """
+        self._refuse_until = time.monotonic() + down_for
         with self._lock:
             pairs, self._pairs = self._pairs, []
         for pair in pairs:

@@ -198,7 +198,7 @@ def test_a_socket_cut_mid_run_reconnects_once_and_keeps_everything(
                     async for event in backend.execute(cid, code, call_id="c"):
                         seen.append(event)
                         if isinstance(event, Logs) and proxy.cuts < cuts:
-                            proxy.cut()
+                            proxy.cut(down_for=1.0)  # lines printed meanwhile must not be lost
                 return seen
 
             events = runner.run(cut_after_first_line(1))

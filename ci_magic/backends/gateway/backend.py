@@ -286,6 +286,14 @@ class GatewayBackend:
                 f"The gateway kernel {kernel.id} disappeared (culled, deleted, or the gateway restarted); "
                 "the next cell starts a new one and re-sends your files."
             ) from None
+        except ConfigurationError:
+            raise
+        except BackendError as err:
+            raise StreamError(
+                f"The connection to the gateway at {self.client.shown_url} broke and did not come back "
+                f"({err.message}); what arrived is shown above. Run the cell again when the gateway is "
+                "reachable."
+            ) from None
 
     # ------------------------------------------------------------- execution
 

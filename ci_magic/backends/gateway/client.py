@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # one WebSocket message; our own file chunks are far smaller
 CONNECT_TIMEOUT = 20.0
+RECONNECT_WINDOW = 10.0  # seconds a dropped socket may take to come back (a network blip, a proxy restart)
 
 
 def public_url(url: str) -> str:
@@ -260,9 +262,25 @@ class KernelChannels:
         self._reader = asyncio.ensure_future(self._read(ws))
 
     async def reconnect(self) -> None:
+        """Connect again with the same session id, trying for RECONNECT_WINDOW seconds.
+
+        A kernel that is gone (404) or a refused token ends the attempts at once.
+        """
         await self._drop()
         self.reconnects += 1
-        await self.connect()
+        deadline = time.monotonic() + RECONNECT_WINDOW
+        pause = 0.1
+        while True:
+            try:
+                await self.connect()
+                return
+            except (KernelGone, ConfigurationError):
+                raise
+            except BackendError:
+                if time.monotonic() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
     async def _drop(self) -> None:
         ws, self._ws = self._ws, None
