@@ -234,3 +234,22 @@ def test_the_plain_api_is_a_context_manager_and_speaks_python_in_its_errors(
     assert (
         "%config" not in no_key.value.message and 'CodeInterpreter(backend="local")' in no_key.value.message
     )
+
+
+def test_the_models_opening_sentence_prints_before_its_code(openai_server, monkeypatch, tmp_path) -> None:
+    import io
+
+    from ci_magic.render.frontend import TerminalFrontend
+    from tests.servers.scripted import Call, Scripted, Text
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.url)
+    openai_server.responder = Scripted(
+        [[Text("First I will add the numbers."), Call("print(41 + 1)"), Text("The answer is 42.")]]
+    )
+    out = io.StringIO()
+    with CodeInterpreter(frontend=TerminalFrontend(out), output_dir=str(tmp_path)) as ci:
+        ci.run("What is 41 + 1?")
+    printed = out.getvalue()
+    assert printed.index("First I will add") < printed.index("print(41 + 1)") < printed.index("answer is 42")
+    assert "── output ──\n42" in printed, "printed output has one label on every backend (was 'logs' here)"

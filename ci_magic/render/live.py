@@ -281,6 +281,7 @@ class _Text(_Piece):
         super().__init__(index)
         self.segment = segment
         self.final: str | None = None  # the segment with its sandbox: links made local
+        self.complete = False  # a call followed it: no more text comes to this segment
 
     def bundle(self) -> MimeBundle:
         text = self.final if self.final is not None else self.segment.text
@@ -484,6 +485,10 @@ class TurnView:
     def _block(self, call_id: str) -> _Block:
         block = self._blocks.get(call_id)
         if block is None:
+            for text in self._texts.values():
+                if not text.complete:  # the text before this call is whole: show it whole, above it
+                    text.complete = True
+                    self._mark(text)
             block = self._add(_Block, len(self._blocks) + 1, self.builder.call(call_id))
             self._blocks[call_id] = block
             self._set_phase(f"writing code (call {block.number})")
@@ -516,7 +521,8 @@ class TurnView:
             return
         dirty = sorted(self._dirty, key=lambda p: p.index)
         self._dirty.clear()
-        sent = sum(self._send(piece) for piece in dirty)
+        # A complete answer segment is final for a terminal, which prints it before the call below it.
+        sent = sum(self._send(piece, final=isinstance(piece, _Text) and piece.complete) for piece in dirty)
         self._live_bytes += sent
         # The budget counts messages and bytes: three displays updated at once cost three, and a
         # call printing megabytes slows its own redraws down, more so the more it has already sent
