@@ -4,10 +4,16 @@ Prints, from one run (medians of ``--repeat`` measurements unless said otherwise
 1. cold create -> first result of ``print(1)`` (no pool) vs spawning ``python -c pass`` and vs
    a bare jupyter_client kernel start -> first ``print(1)`` (target <= 300 ms);
 2. the same from the warm pool (target <= 30 ms);
-3. a trivial execution round trip (``1``) vs the same on the bare kernel (target <= 5 ms);
+3. a trivial execution round trip (``1``) vs the same on the bare kernel (target <= 1.0x);
 4. ``--containers`` (16) containers alive at once: all answer, and each one's idle memory: RSS of
    the kernel process and of the sandbox's whole process tree, plus PSS, which shares the
-   interpreter's pages fairly between processes (target RSS <= 80 MB each).
+   interpreter's pages fairly between processes (target RSS <= 80 MB each);
+5. what each protection costs, as ratios: cold create with and without the seccomp filter, and
+   a bubblewrap start of ``true`` with the user namespace (and, as root, the host-written uid map
+   and setpriv) against one without (as root only: an ordinary user cannot do without it).
+
+Every protection is on for 1-4 (user, PID, mount, network, IPC and UTS namespaces, seccomp,
+no capabilities, non-dumpable PID 1, only the interpreter's own folders visible).
 
 Run: /work/venv/bin/python bench/bench_local_sandbox.py [--repeat 7] [--containers 16] [--isolation auto]
 """
@@ -16,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +35,7 @@ from pathlib import Path
 
 from jupyter_client.manager import AsyncKernelManager
 
-from ci_magic.backends.local.isolation import probe_python
+from ci_magic.backends.local.isolation import Isolation, detect_isolation, probe_python
 from ci_magic.backends.local.sandbox import SandboxManager
 from ci_magic.events import Logs
 
@@ -202,6 +211,57 @@ async def many(root: Path, count: int, isolation: str) -> tuple[float, list[tupl
         await manager.aclose()
 
 
+async def without_seccomp(root: Path, repeat: int, isolation: str) -> list[float]:
+    """Cold create -> print(1) with the filter left out (the only change)."""
+    original = Isolation.launch
+    Isolation.launch = functools.partialmethod(original, seccomp=False)  # type: ignore[method-assign]
+    manager = SandboxManager(root / "no-seccomp", pool_size=0, isolation=isolation)
+    try:
+        await first_print(manager)
+        return await timed(lambda: first_print(manager), repeat)
+    finally:
+        Isolation.launch = original  # type: ignore[method-assign]
+        await manager.aclose()
+
+
+def bwrap_true(repeat: int) -> tuple[list[float], list[float]]:
+    """bwrap running `true`: with our user namespace setup, and (as root) without one."""
+    bwrap = shutil.which("bwrap") or "bwrap"
+    base = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"]
+    base += ["--symlink", "usr/bin", "/bin", "--unshare-pid", "--unshare-net", "--proc", "/proc", "--"]
+    root = os.geteuid() == 0
+    with_userns, without = [], []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        if root:
+            info_r, info_w = os.pipe()
+            block_r, block_w = os.pipe()
+            process = subprocess.Popen(
+                [bwrap, "--unshare-user", "--uid", "1000", "--gid", "1000", "--userns-block-fd", str(block_r),
+                 "--info-fd", str(info_w), "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add",
+                 "CAP_SETGID", "--cap-add", "CAP_SETPCAP", *base, "setpriv", "--reuid=1000", "--regid=1000",
+                 "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "true"],
+                pass_fds=(info_r, info_w, block_r), extra_groups=[],
+            )  # fmt: skip
+            os.close(info_w)
+            os.close(block_r)
+            pid = int(os.read(info_r, 4096).split(b'"child-pid":')[1].split(b",")[0])
+            for name in ("uid_map", "gid_map"):
+                Path(f"/proc/{pid}/{name}").write_text("0 0 1\n1000 2000000999 1\n")
+            os.write(block_w, b"1")
+            process.wait()
+            os.close(info_r)
+            os.close(block_w)
+        else:
+            subprocess.run([bwrap, "--unshare-user", "--disable-userns", *base, "true"], check=True)
+        with_userns.append(time.perf_counter() - started)
+        if root:
+            started = time.perf_counter()
+            subprocess.run([bwrap, *base, "true"], check=True)
+            without.append(time.perf_counter() - started)
+    return with_userns, without
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
@@ -218,6 +278,9 @@ async def main() -> None:
         cold, warm, mode = await cold_and_warm(root, args.repeat, args.isolation)
         trips = await round_trip(root, args.round_trips, args.isolation)
         all_answered, sizes = await many(root, args.containers, args.isolation)
+        bare_filter = await without_seccomp(root, args.repeat, args.isolation)
+    userns, no_userns = bwrap_true(max(args.repeat, 10))
+    protections = detect_isolation(args.isolation, probe_python(sys.executable))
 
     print(f"local sandbox ({mode} isolation), {python}")
     print(f"baseline  python -c pass spawn           p50 {ms(p50(spawn))}")
@@ -235,7 +298,7 @@ async def main() -> None:
     )
     print(
         f"3. round trip of `1`                     p50 {ms(p50(trips))}   "
-        f"x{p50(trips) / p50(bare_trips):.2f} bare kernel   (target <= 5 ms)"
+        f"x{p50(trips) / p50(bare_trips):.2f} bare kernel   (target <= 1.0x)"
     )
     kernel_rss = [k for k, _, _ in sizes]
     tree_rss = [t for _, t, _ in sizes]
@@ -246,6 +309,19 @@ async def main() -> None:
         f"sandbox tree RSS p50 {p50(tree_rss) / MB:.0f} MB (max {max(tree_rss) / MB:.0f}), "
         f"tree PSS p50 {p50(tree_pss) / MB:.0f} MB   (target RSS <= 80 MB)"
     )
+
+    print(f"5. cost of each protection ({'root' if protections.as_root else 'unprivileged'} host):")
+    print(
+        f"   seccomp filter: cold create p50 {ms(p50(cold))} with, {ms(p50(bare_filter))} without   "
+        f"x{p50(cold) / p50(bare_filter):.2f}"
+    )
+    if no_userns:
+        print(
+            f"   user namespace + uid map + setpriv: bwrap `true` p50 {ms(p50(userns))} with, "
+            f"{ms(p50(no_userns))} without   x{p50(userns) / p50(no_userns):.2f}"
+        )
+    else:
+        print(f"   user namespace: bwrap `true` p50 {ms(p50(userns))} (an ordinary user has no other way)")
 
 
 if __name__ == "__main__":

@@ -63,11 +63,10 @@ def canaries(attacker: Attacker) -> Iterator[dict[str, Path]]:
     """Secrets where a careless bind would expose them: venv root, home, beside the project."""
     token = secrets.token_hex(6)
     prefix = prefix_of(sandbox_python(attacker))
-    planted = {
+    planted = {"home": attacker.home / f".ci-magic-canary-{token}"}
+    if os.access(prefix, os.W_OK):  # not when this run is itself unprivileged (the listing still checks)
         # Not named pip.conf: a real one would change pip for everyone using this venv meanwhile.
-        "venv root": prefix / f"ci-magic-canary-{token}.conf",
-        "home": attacker.home / f".ci-magic-canary-{token}",
-    }
+        planted["venv root"] = prefix / f"ci-magic-canary-{token}.conf"
     for path in planted.values():
         path.write_text(f"index-url = https://user:canary-{token}@example.invalid/simple\n")
         if attacker.user == "nobody":
