@@ -96,6 +96,8 @@ async def measure(make: Callable[[], Backend], sessions: int, rounds: int, megab
         created = await asyncio.gather(*(create_and_answer(b) for b in backends), return_exceptions=True)
         live = [(b, c) for b, c in zip(backends, created, strict=True) if not isinstance(c, BaseException)]
         figures.failures = sessions - len(live)
+        for problem in {f"{type(c).__name__}: {c}" for c in created if isinstance(c, BaseException)}:
+            print(f"  a session failed: {problem[:300]}")
         figures.create_first = [c[1] for c in created if not isinstance(c, BaseException)]
         pairs = [(b, c[0]) for b, c in live]  # type: ignore[index]
         trips = await asyncio.gather(*(round_trips(b, cid, rounds) for b, cid in pairs))

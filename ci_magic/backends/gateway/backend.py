@@ -69,6 +69,7 @@ IO_SOURCE = (Path(__file__).with_name("_kernel_io.py")).read_text(encoding="utf-
 CHUNK_BYTES = 1 << 20
 IO_TIMEOUT = 120.0  # seconds one file operation may take in the kernel
 INTERRUPT_GRACE = 3.0
+START_TIMEOUT = 180.0  # a new kernel on a busy gateway (or a pod being scheduled) may take minutes
 POLL = 0.25
 SILENCE_CHECK = 3.0  # seconds without a message before asking the gateway whether the kernel still exists
 MAX_DROPS = 3  # reconnects one file transfer may need before it gives up
@@ -199,7 +200,7 @@ class GatewayBackend:
             channels=KernelChannels(self.client, model.id),
         )
         try:
-            await kernel.channels.connect()
+            await kernel.channels.connect(timeout=START_TIMEOUT)
             answer = await self._io(kernel, {"op": "setup", "folder": _folder_name(model.id)})
         except BaseException:
             await kernel.channels.close()

@@ -234,12 +234,13 @@ class KernelChannels:
     def connected(self) -> bool:
         return self._ws is not None and self._reader is not None and not self._reader.done()
 
-    async def connect(self) -> None:
+    async def connect(self, *, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Open the socket; the gateway answers once the kernel replies, so a new kernel needs longer."""
         request = HTTPRequest(
             self.url,
             headers=self.client.auth_headers(),
             connect_timeout=CONNECT_TIMEOUT,
-            request_timeout=CONNECT_TIMEOUT,
+            request_timeout=timeout,
         )
         try:
             ws = await websocket_connect(request, max_message_size=MAX_MESSAGE_BYTES)
@@ -250,6 +251,12 @@ class KernelChannels:
                 raise KernelGone(
                     f"The kernel {self.kernel_id} is gone from the gateway at {self.client.shown_url}."
                 ) from None
+            if err.code == 599:  # tornado's own: a timeout or a connection that failed
+                raise BackendError(
+                    f"The kernel's WebSocket on the gateway at {self.client.shown_url} did not open within "
+                    f"{timeout:g} s ({str(err)[:200]}); the kernel may have failed to start (see the "
+                    "gateway's log)."
+                ) from None
             raise BackendError(
                 f"The gateway at {self.client.shown_url} refused the kernel's WebSocket (HTTP {err.code})."
             ) from None
@@ -258,6 +265,7 @@ class KernelChannels:
                 f"Could not open the kernel's WebSocket on the gateway at {self.client.shown_url} "
                 f"({type(err).__name__})."
             ) from None
+
         self._ws = ws
         self._reader = asyncio.ensure_future(self._read(ws))
 
