@@ -64,8 +64,11 @@ def _pandas(reader: str, **kwargs: Any) -> Callable[[Path], Any]:
 def _read_parquet(path: Path) -> Any:
     import pyarrow.parquet as pq
 
-    # split_blocks + self_destruct: no consolidation copy, and Arrow memory is freed column by column.
-    return pq.read_table(path).to_pandas(split_blocks=True, self_destruct=True)
+    # ParquetFile reads a memory-mapped file directly (read_table goes through the dataset layer,
+    # ~1.5x slower here); split_blocks + self_destruct: no consolidation copy, and Arrow memory is
+    # freed column by column.
+    table = pq.ParquetFile(path, memory_map=True).read(use_threads=True)
+    return table.to_pandas(split_blocks=True, self_destruct=True)
 
 
 def _read_arrow(path: Path) -> Any:
