@@ -22,8 +22,10 @@ def events_from_message(msg: dict[str, Any], call_id: str) -> list[Event]:
     kind = msg["header"]["msg_type"]
     content = msg.get("content", {})
     if kind == "stream":
-        stream = "stderr" if content.get("name") == "stderr" else "stdout"
-        return [Logs(call_id=call_id, text=content.get("text", ""), stream=stream)]
+        text = content.get("text", "")
+        if content.get("name") == "stderr":
+            return [Logs(call_id=call_id, text=text, stream="stderr")]
+        return [Logs(call_id=call_id, text=text, stream="stdout")]
     if kind in ("display_data", "execute_result", "update_display_data"):
         data = dict(content.get("data") or {})
         if not data:
