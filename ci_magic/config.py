@@ -7,6 +7,7 @@ variable supplies the default. Explicit configuration always wins.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -80,14 +81,14 @@ def _env_int(variable: str, setting: str, fallback: int) -> int:
         raise _bad_env(variable, value, "a whole number", setting, str(fallback)) from None
 
 
-def _env_bytes(name: str, fallback: int) -> int:
-    text = _env(name)
+def _env_bytes(variable: str, setting: str, fallback: int) -> int:
+    text = _env(variable)
     if text is None:
         return fallback
     try:
         return int(text.replace("_", ""))
     except ValueError:
-        raise TraitError(f"{name} must be a number of bytes, like 536870912, not {text!r}") from None
+        raise _bad_env(variable, text, "a number of bytes", setting, str(fallback)) from None
 
 
 def openai_key_configured() -> bool:
@@ -233,6 +234,13 @@ def output_dir_message(
 class Settings(Configurable):
     """The configurable part of ``CodeInterpreter`` (kept separate so it reads as a reference)."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Read now, so a refused %config later rolls back to this value rather than to an unset one.
+        # A refused CI_MAGIC_OUTPUT_DIR is reported where the folder is first used, like other settings.
+        with contextlib.suppress(ConfigurationError):
+            self.output_dir  # noqa: B018
+
     @classmethod
     def class_get_trait_help(
         cls, trait: TraitType[Any, Any], inst: Any = None, helptext: str | None = None
@@ -278,7 +286,9 @@ class Settings(Configurable):
         "credentials): their values are never shown.",
     ).tag(config=True)
 
+    # The static default matters: a refused %config rolls back to it when no value was read yet.
     output_dir = Unicode(
+        "ci_outputs",
         help="Folder (relative to the notebook) where generated files are saved. Never the notebook's "
         "folder, a parent of it, or a folder on sys.path. Env: CI_MAGIC_OUTPUT_DIR.",
     ).tag(config=True)
@@ -456,16 +466,20 @@ class Settings(Configurable):
         chosen = _env("CI_MAGIC_OUTPUT_DIR") or "ci_outputs"
         problem = output_dir_problem(chosen)  # a default skips @validate: check it here too
         if problem is not None:
-            raise TraitError(output_dir_message(chosen, problem) + " (It came from CI_MAGIC_OUTPUT_DIR.)")
+            raise ConfigurationError(
+                output_dir_message(
+                    chosen, problem, outcome="fix or unset CI_MAGIC_OUTPUT_DIR, where it came from"
+                )
+            )
         return chosen
 
     @default("download_size_cap")
     def _default_download_size_cap(self) -> int:
-        return _env_bytes("CI_MAGIC_DOWNLOAD_SIZE_CAP", 256 * 1024 * 1024)
+        return _env_bytes("CI_MAGIC_DOWNLOAD_SIZE_CAP", "download_size_cap", 256 * 1024 * 1024)
 
     @default("download_turn_budget")
     def _default_download_turn_budget(self) -> int:
-        return _env_bytes("CI_MAGIC_DOWNLOAD_TURN_BUDGET", 1024 * 1024 * 1024)
+        return _env_bytes("CI_MAGIC_DOWNLOAD_TURN_BUDGET", "download_turn_budget", 1024 * 1024 * 1024)
 
     @validate("download_size_cap", "download_turn_budget")
     def _check_byte_count(self, proposal: dict[str, Any]) -> int:
