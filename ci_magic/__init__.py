@@ -69,7 +69,10 @@ def _warm_in_background(interpreter: CodeInterpreter) -> None:
 
     from ci_magic.bridge import current_loop
 
-    if interpreter.backend != "local":
+    try:
+        if interpreter.backend != "local":
+            return
+    except CIError:  # a bad CI_MAGIC_BACKEND: the first cell says so, in one paragraph
         return
     loop = current_loop()
     if not loop.is_running():
