@@ -264,7 +264,8 @@ class LocalKernel:
             await self.kill()
             raise
         # Found now, before any code ran: which process is the kernel must not be the code's say.
-        self._tree.locate()
+        if not self._tree.locate():
+            log.warning("ci-magic: the sandbox kernel's process was not found; its budget counts all")
         self._watched = Watched(
             tree=self._tree,
             memory_budget=limits.budget_bytes,
@@ -478,6 +479,11 @@ def _link_socket(paths: LaunchPaths, port: int, owner: int) -> bool:
         os.link(source, link, follow_symlinks=False)
     except FileNotFoundError:
         return False
+    except OSError as err:  # a folder there, or anything else a socket never is
+        raise SandboxError(
+            f"The sandbox put something other than its kernel's socket at {source.name} ({err.strerror}); "
+            "it was not used and the sandbox was stopped."
+        ) from None
     info = os.lstat(link)
     if not stat.S_ISSOCK(info.st_mode) or info.st_uid != owner:
         os.unlink(link)
