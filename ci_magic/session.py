@@ -194,15 +194,16 @@ class Session:
 
     # -- files: push, re-upload, pull, list ----------------------------------------------------
 
-    def files(self, container: ContainerInfo) -> ContainerFiles:
-        """The file operations on ``container``, recording pushes in the session's registry."""
+    def files(self, container: ContainerInfo, *, uploading: bool = False) -> ContainerFiles:
+        """The file operations on ``container``, recording pushes in the session's registry
+        (``uploading``: with a progress display for large uploads)."""
         return ContainerFiles(
             self.backend,
             container.id,
             self.registry,
             size_cap=self.upload_size_cap,
             concurrency=self.download_concurrency,
-            progress=self.progress(),
+            progress=self.progress() if uploading else None,
             download_cap=self.download_size_cap,
             pull_memory_cap=self.pull_memory_cap,
         )
@@ -210,11 +211,11 @@ class Session:
     async def push(self, requests: Sequence[PushRequest]) -> tuple[list[PushOutcome], list[Notice]]:
         """Push now (``%ci_push``), into the container (made or replaced as needed); its notices too."""
         container, notices = await self.ensure_container()
-        return await self.files(container).push(requests), notices
+        return await self.files(container, uploading=True).push(requests), notices
 
     async def _restore_files(self, container: ContainerInfo) -> list[Notice]:
         """A new container gets back every pushed file, then the ``always_push`` files."""
-        files = self.files(container)
+        files = self.files(container, uploading=True)
         restored = await files.reupload()
         notices = [Notice(f"{o.name}: {o.note}", level="warning") for o in restored if not o.sent]
         if self.always_push:
@@ -226,7 +227,7 @@ class Session:
     ) -> str:
         """Push what the prompt needs, one line per file sent; then the cards of every notebook file."""
         if push:
-            for outcome in await self.files(container).push(push):
+            for outcome in await self.files(container, uploading=True).push(push):
                 if outcome.sent:
                     report(Notice(outcome.line))
         return self.registry.cards(container.id)

@@ -379,9 +379,6 @@ class TextCodec(Codec):
     def summary(self, value: Any) -> str:
         return f"{len(value):,} characters"
 
-    def estimate(self, p: Prepared) -> int:
-        return len(p.value)
-
     def render(self, p: Prepared) -> bytes:
         try:
             return p.value.encode("utf-8")
@@ -408,9 +405,6 @@ class BytesCodec(Codec):
 
     def summary(self, value: Any) -> str:
         return f"{len(value):,} bytes"
-
-    def estimate(self, p: Prepared) -> int:
-        return len(p.value)
 
     def render(self, p: Prepared) -> bytes:
         return bytes(p.value)
@@ -449,9 +443,6 @@ class ImageCodec(Codec):
         p.fingerprint = fp.digest(
             [image.mode, image.size, str(image.getpalette())], [memoryview(image.tobytes())]
         )
-
-    def estimate(self, p: Prepared) -> int:
-        return 0
 
     def render(self, p: Prepared) -> bytes:
         buf = io.BytesIO()
