@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ci_magic.backends.base import size_text
 from ci_magic.variables.formats import FileFormat
 
 __all__ = [
@@ -32,15 +33,8 @@ PREVIEW_CHARS = 200
 
 
 def format_size(n: int | None) -> str:
-    """Bytes in binary units, as file managers and OpenAI's "512 MB" limit count them."""
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+    """Bytes in binary units, as file managers and OpenAI's "512 MB" limit count them ("?": unknown)."""
+    return "?" if n is None else size_text(n)
 
 
 def render_card(container_path: str, body: list[str], loader: str) -> str:
