@@ -500,9 +500,9 @@ def test_a_sandbox_python_without_ipykernel_is_refused_with_advice(
 
 
 def test_a_fork_bomb_stays_inside_its_process_limit(sandbox: Sandbox) -> None:
+    cid = sandbox.create()  # first: the isolation in use is known once a container exists
     if not namespaced(sandbox):
         pytest.skip("without namespaces the process limit counts all of the user's processes")
-    cid = sandbox.create()
     events = sandbox.execute(
         cid,
         """

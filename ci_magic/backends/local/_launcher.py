@@ -116,22 +116,22 @@ def describe(status):
 
 
 def sandbox_processes(config):
-    """Pids of the sandbox's processes other than this one (and its threads)."""
+    """Live pids of the sandbox's processes other than this one (zombies are already dead)."""
     me = os.getpid()
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != me:
-            found.append(int(name))
-    if config.get("pid_namespace"):
-        return found  # this /proc shows only the sandbox's PID namespace
-    # No PID namespace (isolation="none"): only our descendants, found through their parents.
     parents = {}
-    for pid in found:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parents[pid] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
             continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if state != "Z":
+            parents[int(name)] = int(parent)
+    if config.get("pid_namespace"):
+        return list(parents)  # this /proc shows only the sandbox's PID namespace
+    # No PID namespace (isolation="none"): only our descendants, found through their parents.
     ours = []
     for pid in parents:
         seen, cursor = set(), pid
