@@ -131,3 +131,23 @@ def test_a_call_printing_10_mb_sends_well_under_1_mb_and_keeps_the_whole_log(tmp
     assert "line 000000" in shown and "line 099999" in shown, "the head and the tail are shown"
     saved = next((tmp_path / "logs").glob("*-stdout.txt"))
     assert saved.read_text() == log and saved.name in str(frontend.last["text/html"]), "saved whole, linked"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the local sandbox needs Linux namespaces")
+def test_code_stopped_by_the_execution_timeout_ends_as_failed_saying_which_setting(tmp_path: Path) -> None:
+    import io
+
+    from ci_magic.interpreter import CodeInterpreter
+    from ci_magic.render.frontend import TerminalFrontend
+
+    out = io.StringIO()
+    with CodeInterpreter(
+        backend="local", execution_timeout=1, frontend=TerminalFrontend(out), output_dir=str(tmp_path)
+    ) as ci:
+        result = ci.exec("import time\nprint('working')\ntime.sleep(60)")
+    printed = out.getvalue()
+    [call] = result.calls
+    assert call.status == "failed" and call.error is not None
+    assert "stopped after 1 s" in call.error.value and "CodeInterpreter.execution_timeout" in call.error.value
+    assert "KeyboardInterrupt" not in printed, "no traceback of an interrupt the user never made"
+    assert "ci: failed after" in printed and "done in" not in printed

@@ -410,7 +410,7 @@ class TurnView:
             shown = [p for p in self._pieces if p is not self._status]
         shown += self._file_pieces(result, link_base)
         self._status.text = self._final_status(result)
-        self._status.failed = result.error is not None
+        self._status.failed = result.error is not None or self._ended_on_a_failed_call(result)
         if self._status.slot is None:
             self._status.slot = self._frontend.open(self._status.bundle(), role="status")
         for piece in shown:
@@ -549,7 +549,8 @@ class TurnView:
             verb = "interrupted" if isinstance(result.error, Interrupted) else "failed"
             # The message itself is the error the cell raises: said once, below the outputs.
             return f"{verb} after {elapsed:.1f} s"
-        parts = [f"done in {elapsed:.1f} s", f"{calls} call{'s' if calls != 1 else ''}"]
+        verb = "failed after" if self._ended_on_a_failed_call(result) else "done in"
+        parts = [f"{verb} {elapsed:.1f} s", f"{calls} call{'s' if calls != 1 else ''}"]
         failed = len(result.failed_calls)
         if failed:
             parts[-1] += f" ({failed} failed)"
@@ -559,6 +560,14 @@ class TurnView:
                 f"{usage.total_tokens:,} tokens ({usage.input_tokens:,} in, {usage.output_tokens:,} out)"
             )
         return " · ".join(parts)
+
+    def _ended_on_a_failed_call(self, result: Result) -> bool:
+        """The last call failed (raised, timed out) and no answer followed it: the turn did not
+        get done (%%ci_exec of failing code; a model that gave up)."""
+        if not result.calls or result.calls[-1].status != "failed":
+            return False
+        last_call = self._block(result.calls[-1].call_id).index
+        return not any(text.index > last_call and text.segment.text.strip() for text in self._texts.values())
 
     def _quiet_summary(self) -> _Piece:
         blocks = list(self._blocks.values())
