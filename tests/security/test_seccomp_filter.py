@@ -11,11 +11,10 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
+import pyseccomp  # a dependency of ci-magic: its absence is a failure, not a skip
 import pytest
 
 from tests.security.sandbox_support import USERS, Attacker, attacker_as, stdout
-
-pyseccomp = pytest.importorskip("pyseccomp", reason="pyseccomp (a ci-magic dependency) is not installed")
 
 
 @pytest.fixture(params=USERS)
