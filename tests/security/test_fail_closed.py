@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +147,23 @@ def test_the_isolation_setting_is_validated_and_read_from_the_environment(
         asyncio.run(
             SandboxManager(tmp_path / "containers", pool_size=0, isolation="unshare").create(name="x")
         )
+
+
+def test_without_libseccomp_the_cell_stops_instead_of_running_unfiltered(
+    notebook: InteractiveShell, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ci_magic.backends.local import isolation, seccomp
+
+    # As on a machine where the binding (or libseccomp.so.2 behind it) cannot be loaded.
+    monkeypatch.setitem(sys.modules, "pyseccomp", None)
+    seccomp.filter_bpf.cache_clear()
+    isolation._detect.cache_clear()
+    try:
+        outcome = notebook.run_cell(f"%%ci_exec\n{hostile_cell(tmp_path)}")
+    finally:
+        seccomp.filter_bpf.cache_clear()
+        isolation._detect.cache_clear()
+    error = outcome.error_in_exec
+    assert isinstance(error, SandboxError), error
+    assert "libseccomp" in str(error) and "apt-get install libseccomp2" in str(error)
+    assert not (tmp_path / MARKER).exists()
