@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import unicodedata
 from pathlib import Path
 
 import pytest
 
 from ci_magic import filenames
-from ci_magic.errors import ContainerFileError
-from ci_magic.filenames import safe_relative_name, save_into, variable_name_for
+from ci_magic.backends.base import open_download_target
+from ci_magic.errors import ContainerFileError, FileTooLarge
+from ci_magic.filenames import download_into, safe_relative_name, save_into, variable_name_for
+from tests.fakes import FakeBackend
 
 
 @pytest.mark.parametrize(
@@ -147,3 +150,63 @@ def test_the_output_folder_itself_may_be_a_symlink(tmp_path: Path) -> None:
 def test_pulled_files_bind_to_an_identifier_from_their_stem(filename: str, identifier: str) -> None:
     assert variable_name_for(filename) == identifier
     assert identifier.isidentifier()
+
+
+# ---- download_into: how every container file reaches the disk ----------------------------------------
+
+
+def model_file(backend: FakeBackend, path: str, data: bytes) -> tuple[str, str]:
+    container = asyncio.run(backend.create_container())
+    return container.id, backend.add_model_file(container.id, path, data).id
+
+
+def test_a_download_lands_under_its_safe_name_and_nothing_else_is_left(
+    tmp_path: Path, save_mode: str
+) -> None:
+    backend = FakeBackend()
+    cid, fid = model_file(backend, "/mnt/data/out/report.csv", b"a,b\n1,2\n")
+    path, size = asyncio.run(
+        download_into(backend, cid, fid, tmp_path, "/mnt/data/out/report.csv", max_bytes=100)
+    )
+    assert (path, size) == (tmp_path / "out" / "report.csv", 8)
+    assert path.read_bytes() == b"a,b\n1,2\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out", "report.csv"], "no temporary file left"
+
+
+def test_a_download_over_the_cap_writes_nothing(tmp_path: Path, save_mode: str) -> None:
+    backend = FakeBackend()
+    cid, fid = model_file(backend, "/mnt/data/big.bin", b"x" * 1000)
+    with pytest.raises(FileTooLarge) as info:
+        asyncio.run(download_into(backend, cid, fid, tmp_path, "big.bin", max_bytes=999))
+    assert info.value.limit == 999
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_replaces_a_symlink_at_its_destination(tmp_path: Path, save_mode: str) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    folder = tmp_path / "output"
+    folder.mkdir()
+    (folder / "report.txt").symlink_to(victim)
+    backend = FakeBackend()
+    cid, fid = model_file(backend, "/mnt/data/report.txt", b"from the model")
+    path, _ = asyncio.run(download_into(backend, cid, fid, folder, "report.txt", max_bytes=100))
+    assert victim.read_bytes() == b"precious" and not path.is_symlink()
+    assert path.read_bytes() == b"from the model"
+
+
+def test_a_download_named_to_climb_out_is_refused_before_it_starts(tmp_path: Path, save_mode: str) -> None:
+    backend = FakeBackend()
+    cid, fid = model_file(backend, "/mnt/data/x.txt", b"x")
+    with pytest.raises(ContainerFileError, match="climbs out"):
+        asyncio.run(download_into(backend, cid, fid, tmp_path / "output", "../x.txt", max_bytes=100))
+    assert backend.count("download") == 0 and not (tmp_path / "x.txt").exists()
+
+
+def test_the_download_target_is_never_opened_through_a_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    (tmp_path / "target").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        open_download_target(tmp_path / "target")
+    assert victim.read_bytes() == b"precious"

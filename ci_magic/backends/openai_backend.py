@@ -60,6 +60,9 @@ NO_KEY_MESSAGE = (
     "CI_MAGIC_MODEL_BASE_URL), then restart with %ci_reset."
 )
 
+MAX_LISTED_FILES = 20_000  # as the local sandbox's scan: a listing is bounded like every download
+
+
 def make_client(*, max_retries: int, timeout: float, headers: dict[str, str]) -> openai.AsyncOpenAI:
     """An async client from the standard OpenAI / Azure OpenAI environment variables."""
     azure_endpoint = os.environ.get("AZURE_OPENAI_ENDPOINT")
@@ -331,13 +334,16 @@ class OpenAIBackend:
         return _container_file(created, container_id)
 
     async def list_files(self, container_id: str) -> list[ContainerFile]:
+        """The container's files, at most MAX_LISTED_FILES of them (code can write millions)."""
+        files: list[ContainerFile] = []
         try:
-            return [
-                _container_file(item, container_id)
-                async for item in self.client.containers.files.list(container_id, limit=100)
-            ]
+            async for item in self.client.containers.files.list(container_id, limit=100):
+                files.append(_container_file(item, container_id))
+                if len(files) >= MAX_LISTED_FILES:
+                    break
         except openai.OpenAIError as error:
             raise api_error(error, doing="listing the container's files") from error
+        return files
 
     async def download_file(self, container_id: str, file_id: str, dest: Path, *, max_bytes: int) -> int:
         """Stream the content into ``dest``: refused on its Content-Length, cut at ``max_bytes``."""
