@@ -253,3 +253,47 @@ def test_the_models_opening_sentence_prints_before_its_code(openai_server, monke
     printed = out.getvalue()
     assert printed.index("First I will add") < printed.index("print(41 + 1)") < printed.index("answer is 42")
     assert "── output ──\n42" in printed, "printed output has one label on every backend (was 'logs' here)"
+
+
+def test_one_command_starts_the_test_servers_and_prints_the_environment_to_use(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    servers = subprocess.Popen(
+        [sys.executable, "-m", "tests.servers", "--event-delay", "0"],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert servers.stdout is not None
+        lines = list(
+            iter(servers.stdout.readline, "The scripted models answer the quickstart's prompts, e.g.\n")
+        )
+        exports = dict(
+            pair.split("=", 1)
+            for line in lines
+            if "export " in line
+            for pair in line.split()[1:]
+            if "=" in pair
+        )
+        assert {"OPENAI_API_KEY", "OPENAI_BASE_URL", "CI_MAGIC_BACKEND", "CI_MAGIC_MODEL_BASE_URL"} <= set(
+            exports
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CI_MAGIC_", "AZURE_"))}
+        env |= {"OPENAI_API_KEY": exports["OPENAI_API_KEY"], "OPENAI_BASE_URL": exports["OPENAI_BASE_URL"]}
+        script = (
+            "from ci_magic import CodeInterpreter\n"
+            "with CodeInterpreter() as ci:\n"
+            "    print(ci.run('What is in /mnt/data?', display=False).ok)"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.stdout.strip() == "True", done.stderr[-2000:]
+    finally:
+        servers.terminate()
+        servers.wait(timeout=10)
