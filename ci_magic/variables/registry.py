@@ -3,8 +3,8 @@
 The registry is the session's memory of pushed files: which variable or path became which
 container file, its fingerprint (to skip unchanged pushes), the file id it lives under (to replace
 it), and its schema card (for the prompt). When a container expires the entries stay; their bytes
-are spooled to a private temporary folder so ``reupload_all`` can restore them without the
-variables. Files pushed by path are re-read from disk instead (they may be large, and a newer
+are spooled to a private temporary folder so ``ContainerFiles.reupload`` can restore them without
+the variables. Files pushed by path are re-read from disk instead (they may be large, and a newer
 version is what the user wants).
 """
 
