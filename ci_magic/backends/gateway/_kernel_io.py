@@ -53,6 +53,16 @@ def _sha256_of(fd):
         digest.update(block)
 
 
+def _payload(args):
+    """A chunk's base64: in the request's metadata (compiling it as a literal would cost more)."""
+    if "data" in args:
+        return args["data"]
+    from IPython import get_ipython
+
+    parent = get_ipython().kernel.get_parent("shell")
+    return parent["metadata"]["ci_magic_data"]
+
+
 def setup(args):
     """Choose the data folder: /mnt/data under the sandbox launcher, else a per-session folder."""
     cwd = os.getcwd()
@@ -79,7 +89,7 @@ def put(args):
         have = os.fstat(fd).st_size
         if have != args["offset"]:
             return {"size": have}  # a resend after a dropped connection: tell where we are
-        data = base64.b64decode(args["data"])
+        data = base64.b64decode(_payload(args))
         if hashlib.sha256(data).hexdigest() != args["sha256"]:
             return {"size": have, "corrupt": True}
         os.lseek(fd, have, 0)

@@ -463,6 +463,10 @@ class GatewayBackend:
         # A user expression, not cell code: IPython's cell transformers take seconds on a chunk-sized
         # line, an expression is only compiled. It runs in a fresh namespace, so nothing of ours
         # lands among the user's variables.
+        # A chunk's data rides in the request's metadata: as a literal in the expression, compiling
+        # it would cost as much again as the rest of the transfer.
+        args = dict(args)
+        metadata = {"ci_magic_data": args.pop("data")} if "data" in args else None
         expression = f"__import__('builtins').exec({IO_SOURCE!r}, {{'ARGS': {json.dumps(args)!r}}})"
         content = {
             "code": "",
@@ -475,7 +479,7 @@ class GatewayBackend:
         for _ in range(MAX_DROPS + 1):
             try:
                 channels = await self._connected(kernel)
-                msg_id = channels.send("shell", "execute_request", content)
+                msg_id = channels.send("shell", "execute_request", content, metadata)
                 try:
                     answer = await self._io_answer(kernel, channels, msg_id)
                 finally:

@@ -324,11 +324,13 @@ class KernelChannels:
             for queue in self._queues.values():
                 queue.put_nowait(None)  # wake every waiter: the socket is closed
 
-    def send(self, channel: str, msg_type: str, content: dict[str, Any]) -> str:
-        """Send a request; its replies and outputs arrive on :meth:`messages` (register first)."""
+    def send(
+        self, channel: str, msg_type: str, content: dict[str, Any], metadata: dict[str, Any] | None = None
+    ) -> str:
+        """Send a request; its replies and outputs arrive through :meth:`next_message`."""
         if self._ws is None:
             raise ChannelClosed
-        msg = self.session.msg(msg_type, content)
+        msg = self.session.msg(msg_type, content, metadata=metadata)
         msg_id: str = msg["header"]["msg_id"]
         self._queues[msg_id] = asyncio.Queue()
         msg["channel"] = channel
