@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 
+import ci_magic
 from ci_magic.backends.local.isolation import detect_isolation, probe_python
 from ci_magic.errors import SandboxError
 
 DRIVER = (Path(__file__).with_name("sandbox_driver.py")).read_text(encoding="utf-8")
+REPOSITORY = str(Path(ci_magic.__file__).resolve().parent.parent)
 PREFIX = "@@driver@@ "
 NOBODY = 65534
 USERS = ["root", "nobody"]
@@ -34,6 +36,8 @@ class Attacker:
         self.user = user
         self.home = home
         env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(home)}
+        if user == "root":
+            env["PYTHONPATH"] = REPOSITORY  # the code under test, whatever the venv points at
         self.process = subprocess.Popen(
             [*prefix, python, "-c", DRIVER, str(home)],
             env=env, cwd=home, text=True,

@@ -51,6 +51,7 @@ __all__ = [
     "is_running",
     "kill_all_but",
     "parse_size",
+    "runnable_threads",
     "start_time",
     "watchdog",
 ]
@@ -62,6 +63,7 @@ GIB = 1 << 30
 MEMORY_TICK = 0.05  # seconds between two memory checks of every sandbox
 DISK_TICK = 0.05  # seconds between two measurements of a small data folder
 DISK_CPU_SHARE = 0.05  # a large data folder is measured at most this share of the time
+QUIET_EVERY = 5  # memory ticks between two checks of an idle kernel with nothing else running
 MEMFD_EVERY = 5  # memory ticks between two walks of the tree's open files (memfd)
 MAX_OPEN_FILES = 4096  # RLIMIT_NOFILE of sandbox processes (isolation.Limits)
 MAX_DATA_ENTRIES = 200_000  # more files than this in /mnt/data counts as over the disk limit
@@ -136,6 +138,20 @@ def is_running(pid: int, started: int) -> bool:
         return False
     fields = text[text.rfind(")") + 2 :].split()
     return len(fields) > 19 and int(fields[19]) == started and fields[0] not in ("Z", "X")
+
+
+def runnable_threads(pid: int) -> int:
+    """Threads of ``pid`` running or waiting for a CPU now (an idle kernel has none)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    count = 0
+    for tid in tasks:
+        text = _read(f"/proc/{pid}/task/{tid}/stat")
+        if text and text[text.rfind(")") + 2 : text.rfind(")") + 3] == "R":
+            count += 1
+    return count
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -281,6 +297,7 @@ class MemoryUse:
     largest: int | None = None  # the process holding the most
     largest_bytes: int = 0
     memfd: int = 0  # memfd files (shared memory no mount shows), counted apart from mappings
+    members: tuple[int, ...] = ()  # the processes counted
 
     @property
     def total(self) -> int:
@@ -373,7 +390,8 @@ def memory_use(
     # The process to kill first holds the most, its memfd files included.
     holding = {pid: size + files.get(pid, 0) for pid, size in sizes.items()}
     largest = max(holding, key=holding.__getitem__, default=None)
-    return MemoryUse(sum(sizes.values()), tmpfs, largest, holding.get(largest, 0) if largest else 0, in_files)
+    largest_bytes = holding.get(largest, 0) if largest else 0
+    return MemoryUse(sum(sizes.values()), tmpfs, largest, largest_bytes, in_files, tuple(members))
 
 
 # ----------------------------------------------------------------------------------------- disk
@@ -444,6 +462,7 @@ class Watched:
     _killed: tuple[int, int | None] | None = None  # the process killed last (pid, start time)
     _memfd: dict[int, int] = field(default_factory=dict)
     _ticks: int = 0
+    _alone: bool = False  # the last check found no process but the kernel
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take_breaches(self) -> list[Breach]:
@@ -499,7 +518,12 @@ class Watchdog:
 
     def check(self, item: Watched) -> None:
         tree = item.tree
-        if not tree.locate():
+        if not tree.locate() and tree.init_pid is None:
+            return  # without the kernel located the budget still holds: it needs PID 1 only
+        item._ticks += 1
+        if not item.executing and item._alone and item._ticks % QUIET_EVERY:
+            # An idle kernel with nothing else running: its own threads can only grow it up to
+            # RLIMIT_AS, so a slower pace is enough and costs a fifth of the CPU.
             return
         if item.check_memory:
             self._check_memory(item)
@@ -528,11 +552,11 @@ class Watchdog:
 
     def _check_memory(self, item: Watched) -> None:
         tree = item.tree
-        item._ticks += 1
         if item._ticks % MEMFD_EVERY == 1:
             item._memfd = memfd_bytes(tree.members())
         use = memory_use(tree, item.tmpfs_sizes, item.memory_budget, item._memfd)
         item.peak_memory = max(item.peak_memory, use.total)
+        item._alone = set(use.members) <= {tree.kernel_pid, tree.reaper_pid}
         if use.total <= item.memory_budget or use.largest is None:
             item._killed = None
             return

@@ -48,6 +48,7 @@ from ci_magic.backends.local.budget import (
     format_size,
     is_running,
     kill_all_but,
+    runnable_threads,
     start_time,
     watchdog,
 )
@@ -82,6 +83,7 @@ POLL = 0.25  # how often a silent execution checks that the kernel is still aliv
 # it means threads of the stopped code still run, and the kernel is restarted. An idle kernel
 # uses next to none; a spinning thread gets a quarter of a core even on a loaded 2-core machine.
 IDLE_PROBE = 0.5
+IDLE_SAMPLES = 10
 BUSY_SHARE = 0.1
 SIGNAL_HINTS = {
     signal.SIGKILL: "was killed by SIGKILL (usually a sign it ran out of memory)",
@@ -129,6 +131,9 @@ class Kernel(Protocol):
 
     def kernel_cpu_seconds(self) -> float | None:
         """CPU time the kernel process has used so far (None when unknown)."""
+
+    def kernel_runnable_threads(self) -> int:
+        """Threads of the kernel running or waiting for a CPU right now."""
 
     def take_breaches(self) -> list[Breach]:
         """What the budget watchdog did since the last call (processes killed, disk over its limit)."""
@@ -411,6 +416,10 @@ class LocalKernel:
     def kernel_cpu_seconds(self) -> float | None:
         tree = self._tree
         return cpu_seconds(tree.kernel_pid) if tree is not None and tree.kernel_pid is not None else None
+
+    def kernel_runnable_threads(self) -> int:
+        tree = self._tree
+        return runnable_threads(tree.kernel_pid) if tree is not None and tree.kernel_pid is not None else 0
 
     def take_breaches(self) -> list[Breach]:
         return self._watched.take_breaches() if self._watched is not None else []
@@ -721,14 +730,19 @@ async def _end_leftovers(kernel: Kernel) -> AsyncIterator[Event]:
     """After a stopped execution: no process but PID 1 and the kernel, and no busy kernel thread."""
     await kernel.stop_strays()
     before = kernel.kernel_cpu_seconds()
-    await asyncio.sleep(IDLE_PROBE)
+    # CPU time alone misleads on a busy machine (a spinning thread may get little of it), so the
+    # threads' states are sampled too: a thread that is runnable in most samples is spinning.
+    runnable = 0
+    for _ in range(IDLE_SAMPLES):
+        await asyncio.sleep(IDLE_PROBE / IDLE_SAMPLES)
+        runnable += kernel.kernel_runnable_threads() > 0
     after = kernel.kernel_cpu_seconds()
-    if before is not None and after is not None and after - before > BUSY_SHARE * IDLE_PROBE:
+    used = after - before if before is not None and after is not None else 0.0
+    if used > BUSY_SHARE * IDLE_PROBE or runnable > IDLE_SAMPLES // 2:
         await kernel.restart()
         yield Notice(
-            f"Threads started by the stopped code kept using the CPU ({after - before:.2f} s in "
-            f"{IDLE_PROBE:g} s), so the sandbox was restarted: variables and imports are gone, files "
-            "in /mnt/data are intact.",
+            f"Threads started by the stopped code kept using the CPU ({used:.2f} s in {IDLE_PROBE:g} s), "
+            "so the sandbox was restarted: variables and imports are gone, files in /mnt/data are intact.",
             "warning",
         )
 
