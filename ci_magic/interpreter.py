@@ -292,8 +292,12 @@ class CodeInterpreter(Settings):
     def _push_items(self, items: list[PushRequest]) -> tuple[list[transfer.PushOutcome], list[Notice]]:
         return self._run(self._get_session().push(items))
 
-    def pull(self, name: str) -> transfer.PulledFile:
-        """Download a container file into the output folder and decode it (``.value``)."""
+    def pull(self, name: str) -> Any:
+        """Download a container file into the output folder and return it decoded (never unpickled)."""
+        return self.pull_file(name).value
+
+    def pull_file(self, name: str) -> transfer.PulledFile:
+        """``pull`` with what is known about the file: its kind, local path, the name to bind."""
         return self._run(self._get_session().pull(name))
 
     def pull_all(self) -> list[transfer.PulledFile]:

@@ -231,7 +231,7 @@ class CIMagics(Magics):
         # Bind only what the user asked for: -o NAME, or the file's stem when the value is not
         # already being assigned (``sq2 = %ci_pull squares.csv`` must leave ``squares`` alone).
         target = _assigned_to()
-        item = self.interpreter.pull(args.filename)
+        item = self.interpreter.pull_file(args.filename)
         if args.output or target is None:
             name = args.output or item.variable
             namespace[name] = item.value
