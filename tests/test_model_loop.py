@@ -897,3 +897,23 @@ def test_a_python_block_cut_off_by_max_tokens_never_runs(chat_server: StartServe
     assert CallStatus(call, "incomplete") in events
     assert any("max_tokens (12 tokens)" in n.text for n in of_type(events, Notice))
     assert server.chat_requests[0].body["max_tokens"] == 12
+
+
+def test_a_reasoning_model_s_thinking_is_shown_collapsed(chat_server: StartServer) -> None:
+    from ci_magic.render.live import TurnView
+    from tests.render_support import FakeClock, RecordingFrontend
+
+    thought = "The user wants 2 + 2 <b>four</b>."
+    server = chat_server([Reply(text="It is 4.", reasoning=thought, reasoning_field="reasoning")])
+    events, _ = run_turn(server, make_request("2 + 2?"), FakeSandbox())
+    frontend = RecordingFrontend(FakeClock())
+    view = TurnView(frontend, clock=frontend.clock)  # type: ignore[arg-type]
+
+    for event in events:
+        view.handle(event)
+    view.finish()
+
+    html = frontend.all_text("text/html")
+    assert "<details" in html and "<summary>thinking (33 characters)</summary>" in html
+    assert "The user wants 2 + 2 &lt;b&gt;four&lt;/b&gt;." in html  # escaped, never markup
+    assert "<details open" not in html

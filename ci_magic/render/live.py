@@ -48,6 +48,7 @@ from ci_magic.events import (
     RichOutput,
     TextDelta,
     TextDone,
+    ThinkingDelta,
     TurnStarted,
 )
 from ci_magic.render.files import file_bundle, human_size, link_bundle, relative_path
@@ -292,6 +293,23 @@ class _Text(_Piece):
         }
 
 
+class _Thinking(_Piece):
+    """The model's reasoning (issue 11), collapsed: open it to read."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.parts: list[str] = []
+
+    def bundle(self) -> MimeBundle:
+        text = strip_ansi("".join(self.parts))
+        summary = f"thinking ({len(text):,} characters)"
+        return {
+            "text/html": f'<details style="{_SMALL}"><summary>{summary}</summary>'
+            f'<pre style="{_PRE_STYLE}">{escape(text)}</pre></details>',
+            "text/plain": f"{summary}",
+        }
+
+
 class _Notices(_Piece):
     def __init__(self, index: int) -> None:
         super().__init__(index)
@@ -349,6 +367,7 @@ class TurnView:
         self._blocks: dict[str, _Block] = {}
         self._texts: dict[int, _Text] = {}  # id(segment) -> its display
         self._notices: _Notices | None = None
+        self._thinking: _Thinking | None = None
         self._rich: dict[str, list[_RichOut]] = {}
         self._live_bytes = 0  # text sent by live updates so far
 
@@ -446,6 +465,12 @@ class TurnView:
                     if id(segment) not in self._texts:
                         self._set_phase("writing the answer")
                     self._mark(self._segment(segment))
+            case ThinkingDelta(delta=delta):
+                if self._thinking is None:
+                    self._thinking = self._add(_Thinking)
+                    self._set_phase("thinking")
+                self._thinking.parts.append(delta)
+                self._mark(self._thinking)
             case Notice():
                 notices = self._notice_piece()
                 notices.notices.append(event)
