@@ -297,3 +297,21 @@ def test_one_command_starts_the_test_servers_and_prints_the_environment_to_use(t
     finally:
         servers.terminate()
         servers.wait(timeout=10)
+
+
+def test_sdk_failures_become_backend_errors_saying_who_what_and_what_to_do(monkeypatch, tmp_path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    with (
+        CodeInterpreter(output_dir=str(tmp_path), max_retries=0) as ci,
+        pytest.raises(BackendError) as failed,
+    ):
+        ci.run("hello", display=False)
+    message = failed.value.message
+    assert message.startswith(f"Could not reach OpenAI at http://127.0.0.1:{port}/v1/containers")
+    assert "while creating a container. Check the network and OPENAI_BASE_URL." in message

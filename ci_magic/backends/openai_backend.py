@@ -28,6 +28,7 @@ from ci_magic.backends.base import (
     open_download_target,
     stream_past_cap,
 )
+from ci_magic.backends.sdk_errors import OPENAI, sdk_error
 from ci_magic.backends.sse import aiter_events
 from ci_magic.errors import BackendError, ConfigurationError, StreamError
 from ci_magic.events import (
@@ -48,7 +49,7 @@ from ci_magic.events import (
     Usage,
 )
 
-__all__ = ["NO_KEY_MESSAGE", "OpenAIBackend", "ResponsesTranslator", "api_error", "make_client"]
+__all__ = ["NO_KEY_MESSAGE", "OpenAIBackend", "ResponsesTranslator", "make_client"]
 
 NO_KEY_MESSAGE = (
     "No OpenAI API key is configured, so the openai backend cannot run. To use OpenAI, set "
@@ -81,44 +82,6 @@ def make_client(*, max_retries: int, timeout: float, headers: dict[str, str]) ->
             base_url=f"{azure_endpoint.rstrip('/')}/openai/v1/", api_key=azure_key, **common
         )
     raise ConfigurationError(NO_KEY_MESSAGE)
-
-
-def api_error(error: BaseException, *, doing: str) -> BackendError:
-    """Our one-paragraph error for an SDK exception, keeping the API's own message."""
-    if isinstance(error, openai.APIStatusError):
-        message = _api_message(error)
-        hint = {
-            401: " Check OPENAI_API_KEY (or AZURE_OPENAI_API_KEY) in the kernel's environment.",
-            403: " The key is not allowed to do this; check its project and permissions.",
-            404: " Check the model name (%config CodeInterpreter.model = ...) and the base URL.",
-            429: " The rate limit or quota was hit and the retries ran out; wait, or raise "
-            "%config CodeInterpreter.max_retries.",
-        }.get(error.status_code, "")
-        if error.status_code >= 500:
-            hint = " The service failed after the configured retries; try the cell again."
-        return BackendError(
-            f"OpenAI answered {error.status_code} while {doing}: {message}.{hint}",
-            status_code=error.status_code,
-        )
-    if isinstance(error, openai.APITimeoutError):
-        return BackendError(
-            f"The request timed out while {doing}. Try again, or raise CodeInterpreter.request_timeout."
-        )
-    if isinstance(error, openai.APIConnectionError):
-        url = getattr(getattr(error, "request", None), "url", "the API")
-        return BackendError(
-            f"Could not connect to {url} while {doing}; check the network and OPENAI_BASE_URL."
-        )
-    return BackendError(f"{type(error).__name__} while {doing}: {error}")
-
-
-def _api_message(error: openai.APIStatusError) -> str:
-    body = error.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"]).rstrip(".")
-    return str(error.message).rstrip(".")
 
 
 def _container_info(obj: Any) -> ContainerInfo:
@@ -305,7 +268,7 @@ class OpenAIBackend:
                 memory_limit=memory_limit,
             )
         except openai.OpenAIError as error:
-            raise api_error(error, doing="creating a container") from error
+            raise sdk_error(error, OPENAI, doing="creating a container") from error
         return _container_info(container)
 
     async def get_container(self, container_id: str) -> ContainerInfo | None:
@@ -314,7 +277,7 @@ class OpenAIBackend:
         except openai.NotFoundError:
             return None
         except openai.OpenAIError as error:
-            raise api_error(error, doing="checking the container") from error
+            raise sdk_error(error, OPENAI, doing="checking the container") from error
         return _container_info(container)
 
     async def delete_container(self, container_id: str) -> None:
@@ -323,14 +286,14 @@ class OpenAIBackend:
         except openai.NotFoundError:
             return
         except openai.OpenAIError as error:
-            raise api_error(error, doing="deleting the container") from error
+            raise sdk_error(error, OPENAI, doing="deleting the container") from error
 
     async def upload_file(self, container_id: str, filename: str, source: Path | bytes) -> ContainerFile:
         data = source.read_bytes() if isinstance(source, Path) else source
         try:
             created = await self.client.containers.files.create(container_id, file=(filename, data))
         except openai.OpenAIError as error:
-            raise api_error(error, doing=f"uploading {filename}") from error
+            raise sdk_error(error, OPENAI, doing=f"uploading {filename}") from error
         return _container_file(created, container_id)
 
     async def list_files(self, container_id: str) -> list[ContainerFile]:
@@ -342,7 +305,7 @@ class OpenAIBackend:
                 if len(files) >= MAX_LISTED_FILES:
                     break
         except openai.OpenAIError as error:
-            raise api_error(error, doing="listing the container's files") from error
+            raise sdk_error(error, OPENAI, doing="listing the container's files") from error
         return files
 
     async def download_file(self, container_id: str, file_id: str, dest: Path, *, max_bytes: int) -> int:
@@ -372,7 +335,7 @@ class OpenAIBackend:
                 out = -1
                 discard_download(dest)
             if isinstance(error, openai.OpenAIError):
-                raise api_error(error, doing=f"downloading {file_id}") from error
+                raise sdk_error(error, OPENAI, doing=f"downloading {file_id}") from error
             if isinstance(error, httpx.HTTPError):
                 raise BackendError(
                     f"The download of {file_id} broke mid-way ({type(error).__name__}); nothing was saved. "
@@ -389,7 +352,7 @@ class OpenAIBackend:
         except openai.NotFoundError:
             return
         except openai.OpenAIError as error:
-            raise api_error(error, doing=f"deleting {file_id}") from error
+            raise sdk_error(error, OPENAI, doing=f"deleting {file_id}") from error
 
     async def stream(self, request: TurnRequest) -> AsyncIterator[Event]:
         params: dict[str, Any] = {
@@ -418,7 +381,7 @@ class OpenAIBackend:
                     self.client.responses.with_streaming_response.create(**params)
                 )
             except openai.OpenAIError as error:
-                raise api_error(error, doing="starting the response") from error
+                raise sdk_error(error, OPENAI, doing="starting the response") from error
             try:
                 if request.exec_code is not None:
                     yield Notice("On the openai backend, %%ci_exec asks the model to run the code verbatim.")
