@@ -83,7 +83,9 @@ class Proxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 target = urlsplit(proxy.upstream)
-                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=600)
+                upstream = http.client.HTTPConnection(
+                    target.hostname or "127.0.0.1", target.port, timeout=600
+                )
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 upstream.request(method, self.path, body=body, headers=headers)
                 answer = upstream.getresponse()

@@ -40,7 +40,16 @@ from ci_magic.events import (
     TurnStarted,
     Usage,
 )
-from tests.servers.chat_server import QUICKSTART_PROMPT, ChatServer, Cut, Fault, Reply, ToolCall, quickstart
+from tests.servers.chat_server import (
+    QUICKSTART_PROMPT,
+    CallStyle,
+    ChatServer,
+    Cut,
+    Fault,
+    Reply,
+    ToolCall,
+    quickstart,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 Answer = Callable[[str, str], Sequence[Event | Exception]]
@@ -106,7 +115,7 @@ def run_turn(
                 async for event in turn:
                     events.append(event)
                     if stop_when is not None and stop_when(event):
-                        await turn.aclose()  # what the bridge does when the user interrupts the cell
+                        await turn.aclose()  # type: ignore[attr-defined]  # what the bridge does on an interrupt
                         break
             except Exception as err:
                 return events, err
@@ -183,7 +192,7 @@ def test_quickstart_turn_streams_code_runs_it_and_links_the_csv(chat_server: Sta
 
 def test_a_kernel_that_lost_the_table_makes_the_model_rebuild_it(chat_server: StartServer) -> None:
     server = chat_server(quickstart)
-    plots = []
+    plots: list[str] = []
 
     def answer(code: str, call_id: str) -> list[Event]:
         if "step: plot" in code and not plots:
@@ -543,7 +552,8 @@ def test_the_server_answers_non_streaming_requests_and_lists_models(chat_server:
     message = completion.choices[0].message
     assert completion.id.startswith("chatcmpl-") and completion.object == "chat.completion"
     assert message.content == "Running it."
-    assert json.loads(message.tool_calls[0].function.arguments) == {"code": "print(1)"}
+    assert message.tool_calls is not None
+    assert json.loads(message.tool_calls[0].function.arguments) == {"code": "print(1)"}  # type: ignore[union-attr]
     assert completion.choices[0].finish_reason == "tool_calls"
     assert completion.usage is not None and completion.usage.total_tokens > 0
     assert models == ["scripted-model"]
@@ -563,7 +573,7 @@ def test_the_server_rejects_an_unanswered_tool_call_like_openai(chat_server: Sta
         pytest.raises(openai.BadRequestError, match="did not have response messages: call_1"),
     ):
         messages = [{"role": "user", "content": "go"}, dangling, {"role": "user", "content": "?"}]
-        client.chat.completions.create(model="m", messages=messages)
+        client.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
 
 
 def test_the_cli_serves_the_quickstart_scenario() -> None:
@@ -577,7 +587,8 @@ def test_the_cli_serves_the_quickstart_scenario() -> None:
                 first = client.chat.completions.create(
                     model="any", messages=[{"role": "user", "content": QUICKSTART_PROMPT}]
                 )
-            code = json.loads(first.choices[0].message.tool_calls[0].function.arguments)["code"]
+            calls = first.choices[0].message.tool_calls or []
+            code = json.loads(calls[0].function.arguments)["code"]  # type: ignore[union-attr]
             assert code.startswith("# step: table") and "pd.DataFrame" in code
         finally:
             process.terminate()
@@ -867,7 +878,7 @@ def test_reasoning_streams_as_thinking(chat_server: StartServer, field: str) -> 
 
 
 @pytest.mark.parametrize("style", ["whole", "no_index", "repeat_id"])
-def test_documented_call_shapes_run_each_call_once(chat_server: StartServer, style: str) -> None:
+def test_documented_call_shapes_run_each_call_once(chat_server: StartServer, style: CallStyle) -> None:
     reply = Reply(
         text="Two calls.", tool_calls=(ToolCall("a = 1"), ToolCall("print(a + 1)")), call_style=style
     )

@@ -80,7 +80,7 @@ def cells(
     """Run ``prompts`` as consecutive %%ci cells on one LocalBackend (model left to the server)."""
 
     async def go() -> list[tuple[list[Event], BaseException | None]]:
-        results = []
+        results: list[tuple[list[Event], BaseException | None]] = []
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0) as client:
             backend = LocalBackend(sandbox, model_client=client, model="", loop_options=options)  # type: ignore[arg-type]
             for prompt in prompts:

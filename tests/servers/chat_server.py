@@ -50,6 +50,7 @@ from tests.servers.http_base import QuietHTTPServer
 
 __all__ = [
     "SCENARIOS",
+    "CallStyle",
     "ChatServer",
     "Cut",
     "Fault",
@@ -197,7 +198,7 @@ class ChatServer:
     @property
     def base_url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host!s}:{port}/v1"
 
     @property
     def chat_requests(self) -> list[RecordedRequest]:
