@@ -25,7 +25,7 @@ __all__ = ["OPENAI", "Service", "sdk_error", "server_message"]
 class Service:
     """Who answered, and the advice for each kind of failure."""
 
-    who: str  # "OpenAI", "The model server at http://localhost:8080/v1"
+    who: str  # "OpenAI", "the model server at http://localhost:8080/v1" (capitalized where it starts)
     status_hints: Mapping[int, str] = field(default_factory=dict)  # by status; 500 stands for any 5xx
     timeout_hint: str = "Try again, or raise CodeInterpreter.request_timeout."
     connect_hint: str = "Check the network."
@@ -56,20 +56,29 @@ def sdk_error(error: BaseException, service: Service, *, doing: str) -> BackendE
             hint = service.status_hints.get(status) or (
                 service.status_hints.get(500) if status >= 500 else None
             )
-            text = f"{service.who} answered {status} while {doing}: {message}." + (f" {hint}" if hint else "")
+            text = f"{_upper(service.who)} answered {status} while {doing}: {message}." + (
+                f" {hint}" if hint else ""
+            )
         return BackendError(text, status_code=status)
     if isinstance(error, openai.APITimeoutError):  # a subclass of APIConnectionError: first
-        return BackendError(f"{service.who} did not answer in time while {doing}. {service.timeout_hint}")
+        return BackendError(
+            f"{_upper(service.who)} did not answer in time while {doing}. {service.timeout_hint}"
+        )
     if isinstance(error, openai.APIConnectionError):
         url = getattr(getattr(error, "request", None), "url", None)
         cause = f" ({error.__cause__})" if error.__cause__ is not None and str(error.__cause__) else ""
-        where = f" at {url}" if url is not None and str(url) not in service.who else ""
+        where = f" at {url}" if url is not None and "://" not in service.who else ""  # say where, once
         return BackendError(
             f"Could not reach {service.who}{where}{cause} while {doing}. {service.connect_hint}"
         )
     if isinstance(error, openai.APIError):
-        return BackendError(f"{service.who} failed while {doing}: {server_message(error)}")
+        return BackendError(f"{_upper(service.who)} failed while {doing}: {server_message(error)}")
     return BackendError(f"{type(error).__name__} while {doing}: {error}")
+
+
+def _upper(who: str) -> str:
+    """``who`` at the start of a sentence ("the model server at ..." -> "The model server at ...")."""
+    return who[:1].upper() + who[1:]
 
 
 def server_message(error: openai.APIError) -> str:

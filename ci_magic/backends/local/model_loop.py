@@ -46,6 +46,7 @@ from ci_magic.backends.local.servers import (
     tool_choice_param,
 )
 from ci_magic.backends.local.text_calls import Piece, TextCall, TextCallScanner, reply_in_shape
+from ci_magic.backends.sdk_errors import Service, sdk_error, server_message
 from ci_magic.errors import BackendError, ConfigurationError, SandboxError, StreamError
 from ci_magic.events import (
     CallStarted,
@@ -362,6 +363,7 @@ class ChatModelLoop:
         self._served_model: str | None = None
         self._native_calls_seen = False  # once the model calls the tool natively, fences are prose
         self._tools_off = False  # the server refused tools: calls come as text only
+        self._tools_held_back = False  # this step sends tool_choice "none" in place of a forced choice
 
     @property
     def base_url(self) -> str:
@@ -384,7 +386,7 @@ class ChatModelLoop:
         """Run one turn: stream steps, execute tool calls, end with Completed or Failed."""
         conversation = request.conversation
         model = await self._resolve_model(request.model or self._model)
-        turn = _Turn(conversation, {"role": "user", "content": self._user_content(request)})
+        turn = _Turn(conversation, {"role": "user", "content": request.user_text()})
         usage = Usage()
         sandbox = _SandboxHealth()
         told_text_call = False
@@ -546,7 +548,7 @@ class ChatModelLoop:
             if isinstance(failure, openai.APIStatusError):
                 raise ConfigurationError(
                     f"No model is configured and the model server at {self.base_url} could not list its "
-                    f"models (HTTP {failure.status_code}: {_server_message(failure)}). "
+                    f"models (HTTP {failure.status_code}: {server_message(failure)}). "
                     'Choose one with `%config CodeInterpreter.model = "<name>"`.'
                 ) from failure
             names = profile.models
@@ -558,15 +560,6 @@ class ChatModelLoop:
                 )
             self._served_model = names[0]
         return self._served_model
-
-    @staticmethod
-    def _user_content(request: TurnRequest) -> str:
-        # Notes ride in the user message: many chat templates reject a system message mid-conversation.
-        parts = [f"Note: {note}" for note in request.conversation.notes]
-        if request.context.strip():
-            parts.append(request.context.strip())
-        parts.append(request.prompt)
-        return "\n\n".join(parts)
 
     # -- one step -----------------------------------------------------------------------------------------
 
@@ -585,9 +578,13 @@ class ChatModelLoop:
             return options
         options["tools"] = [PYTHON_TOOL]
         choice = self._tool_choice or profile.tool_choice
+        self._tools_held_back = False
         if choice in ("named", "required") and number > 1:
             # Forcing every step would never let the model answer: only the turn's first step is forced.
             choice = profile.after_forced
+            # Where the server cannot leave the choice to the model (llama-cpp-python gets "none"),
+            # code the model writes as a block is how it calls the tool again.
+            self._tools_held_back = choice == "none"
         param = tool_choice_param(choice, profile, TOOL_NAME)
         if param is not None:
             options["tool_choice"] = param
@@ -635,7 +632,7 @@ class ChatModelLoop:
             )
         except openai.APIStatusError as err:
             error = self._status_error(err, model)
-            message = _server_message(err)
+            message = server_message(err)
             if _OVERFLOW.search(message) or _OVERFLOW.search(str(err.body)):
                 numbers = dict(
                     (key, int(value)) for key, value in _NUMBER_AFTER.findall(json.dumps(err.body))
@@ -647,7 +644,7 @@ class ChatModelLoop:
         except openai.APIConnectionError as err:
             raise self._connection_error(err) from err
         except openai.APIError as err:
-            raise BackendError(f"The model server at {self.base_url} failed: {_server_message(err)}") from err
+            raise BackendError(f"The model server at {self.base_url} failed: {server_message(err)}") from err
 
     async def _stream_step(
         self, request: TurnRequest, model: str, turn: _Turn, step: _Step, *, number: int
@@ -663,7 +660,9 @@ class ChatModelLoop:
                 "write code in ```python blocks instead, and those run as calls.",
                 "warning",
             )
-        fences = self._text_tool_calls and (self._tools_off or not self._native_calls_seen)
+        fences = self._text_tool_calls and (
+            self._tools_off or self._tools_held_back or not self._native_calls_seen
+        )
         scanner = TextCallScanner(fences=fences) if self._text_tool_calls else None
         try:
             async with stream:
@@ -682,7 +681,7 @@ class ChatModelLoop:
                     "answering; what arrived is shown above. Run the cell again to retry."
                 ) from err
             raise BackendError(
-                f"The model server at {self.base_url} reported an error mid-answer: {_server_message(err)}"
+                f"The model server at {self.base_url} reported an error mid-answer: {server_message(err)}"
             ) from err
         if scanner is not None and not scanner.done and not step.calls:
             for event in self._text_pieces(scanner.finish(), step, request.container_id):
@@ -819,7 +818,7 @@ class ChatModelLoop:
         )
 
     def _status_error(self, err: openai.APIStatusError, model: str) -> BackendError:
-        status, message = err.status_code, _server_message(err)
+        status, message = err.status_code, server_message(err)
         where = f"The model server at {self.base_url}"
         if status in (401, 403):
             text = (
@@ -859,16 +858,13 @@ class ChatModelLoop:
         return BackendError(text, status_code=status)
 
     def _connection_error(self, err: openai.APIConnectionError) -> BackendError:
-        if isinstance(err, openai.APITimeoutError):
-            return BackendError(
-                f"The model server at {self.base_url} did not answer in time. Check that it is running and "
-                f"not overloaded, or point ci-magic at another one with {_CONFIG_HINT}."
-            )
-        cause = f" ({err.__cause__})" if err.__cause__ and str(err.__cause__) else ""
-        return BackendError(
-            f"Could not reach the model server at {self.base_url}{cause}. Start it, or point ci-magic at the "
-            f"right one with {_CONFIG_HINT}."
+        service = Service(
+            f"the model server at {self.base_url}",
+            timeout_hint="Check that it is running and not overloaded, or point ci-magic at another one "
+            f"with {_CONFIG_HINT}.",
+            connect_hint=f"Start it, or point ci-magic at the right one with {_CONFIG_HINT}.",
         )
+        return sdk_error(err, service, doing="sending the request")
 
 
 @dataclass
@@ -952,18 +948,3 @@ def _abandon(step: _Step) -> list[Event]:
     """Close what a broken stream left open: calls whose code never finished arriving."""
     drafts = [*step.calls.values(), *([step.text_call] if step.text_call else [])]
     return [CallStatus(d.call_id, "incomplete") for d in drafts if d.started]
-
-
-def _server_message(err: openai.APIError) -> str:
-    """The server's own words: OpenAI, vLLM, Ollama, llama.cpp and FastAPI shape errors differently."""
-    body = err.body
-    if isinstance(body, dict):
-        for key in ("message", "detail", "error"):
-            value = body.get(key)
-            if isinstance(value, str) and value.strip():
-                return value.strip()
-            if isinstance(value, dict) and isinstance(value.get("message"), str):
-                return value["message"].strip()
-    if isinstance(body, str) and body.strip():
-        return body.strip()[:500]
-    return err.message
