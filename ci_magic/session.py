@@ -405,7 +405,9 @@ class Session:
                 if isinstance(output, LogText) and output.size > 2 * LOG_KEEP_CHARS:
                     name = f"logs/{_short(call.call_id)}-{output.stream}.txt"
                     with contextlib.suppress(ContainerFileError, OSError):
-                        output.saved_as = save_into(self.output_dir, name, output.text.encode("utf-8", "replace"))
+                        output.saved_as = save_into(
+                            self.output_dir, name, output.text.encode("utf-8", "replace")
+                        )
 
     async def refresh_container(self) -> ContainerInfo | None:
         """The container as the backend sees it now (None: gone). Never replaces it: the next turn does."""
@@ -439,37 +441,53 @@ async def _container_still_usable(check: asyncio.Future[ContainerInfo | None]) -
 
 
 class _Allowance:
-    """How much a turn's automatic downloads may still take: one file at most ``cap``, all ``budget``."""
+    """How much a turn's automatic downloads may take: one file at most ``cap``, all of them ``budget``.
+
+    A download reserves what it may use before it starts (its listed size, else the cap) and gives
+    back what it did not use. A file that does not fit beside the downloads in flight waits for
+    them; it is skipped only when it cannot fit in what the finished ones left.
+    """
 
     def __init__(self, cap: int, budget: int) -> None:
         self.cap = cap
         self.budget = budget
-        self.left = budget
+        self.spent = 0  # bytes saved by finished downloads
+        self.reserved = 0  # bytes held by downloads in flight
+        self.changed = asyncio.Condition()
 
     def refusal(self, name: str, size: int | None) -> Notice | None:
-        """A one-line note when a file of ``size`` (None: not reported) cannot be taken now."""
+        """A one-line note when a file of ``size`` (None: not reported) can never be taken this turn."""
         if size is not None and size > self.cap:
             return _skipped(
                 name, f"is {size_text(size)}, over the {size_text(self.cap)} download cap", "size_cap"
             )
-        if self.left <= 0 or (size is not None and size > self.left):
-            return _skipped(
-                name, f"would take this turn's downloads past {size_text(self.budget)}", "turn_budget"
-            )
+        if self.budget - self.spent <= 0 or (size is not None and size > self.budget - self.spent):
+            return self._past_budget(name)
         return None
 
-    def take(self) -> int:
-        """Reserve the most the next file may use (its bound while it streams)."""
-        reserved = min(self.cap, self.left)
-        self.left -= reserved
-        return reserved
+    async def take(self, size: int | None) -> int:
+        """Reserve what the next file may use: its bound while it streams (0: nothing is left)."""
+        async with self.changed:
+            want = min(self.cap, self.cap if size is None else size, self.budget - self.spent)
+            while self.reserved and want > self.budget - self.spent - self.reserved:
+                await self.changed.wait()
+                want = min(want, self.budget - self.spent)
+            granted = max(0, min(want, self.budget - self.spent - self.reserved))
+            self.reserved += granted
+            return granted
 
-    def give_back(self, reserved: int, used: int) -> None:
-        self.left += reserved - used
+    async def give_back(self, granted: int, used: int) -> None:
+        async with self.changed:
+            self.reserved -= granted
+            self.spent += used
+            self.changed.notify_all()
 
-    def past_bound(self, name: str, reserved: int) -> Notice:
-        if reserved >= self.cap:
+    def past_bound(self, name: str, granted: int) -> Notice:
+        if granted >= self.cap:
             return _skipped(name, f"is over the {size_text(self.cap)} download cap", "size_cap")
+        return self._past_budget(name)
+
+    def _past_budget(self, name: str) -> Notice:
         return _skipped(
             name, f"would take this turn's downloads past {size_text(self.budget)}", "turn_budget"
         )
@@ -558,23 +576,26 @@ class _Downloads:
                     self.output_dir, self.folder_problem, outcome="nothing is saved there"
                 )
                 return Notice(f"Not saved: {safe}. {why}", level="warning")
-            refusal = self.allowance.refusal(safe, self.listed_sizes.get(file_id))
+            listed = self.listed_sizes.get(file_id)
+            refusal = self.allowance.refusal(safe, listed)
             if refusal is not None:
                 return refusal
-            reserved = self.allowance.take()
+            granted = await self.allowance.take(listed)
+            if granted <= 0 and listed != 0:
+                return self.allowance.past_bound(safe, granted)
             used = 0
             try:
                 path, used = await download_into(
-                    self.backend, container_id, file_id, self.output_dir, safe, max_bytes=reserved
+                    self.backend, container_id, file_id, self.output_dir, safe, max_bytes=granted
                 )
             except FileTooLarge as error:
                 if error.size is not None:
                     refusal = self.allowance.refusal(safe, error.size)
-                return refusal or self.allowance.past_bound(safe, reserved)
+                return refusal or self.allowance.past_bound(safe, granted)
             except (CIError, OSError) as error:
                 return Notice(f"Could not save {name}: {error}", level="warning")
             finally:
-                self.allowance.give_back(reserved, used)
+                await self.allowance.give_back(granted, used)
         return SavedFile(safe, path, f"/mnt/data/{safe}", file_id, used, cited=False)
 
     async def finished(self) -> list[SavedFile | Notice]:

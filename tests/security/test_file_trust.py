@@ -160,3 +160,30 @@ print("planted", sorted(planted))
             assert canary.encode() not in content and b"root:" not in content, path
     listing = output_text(notebook.cells[6])
     assert "result.csv" not in listing and "zeros.bin" not in listing, listing
+
+
+FLOOD = """%%ci_exec
+import os
+for number in range(6):
+    with open(f"export_{number}.bin", "wb") as f:
+        f.write(os.urandom(4 * 2**20))
+print("planted", len(os.listdir(".")))
+"""
+
+
+@pytest.mark.parametrize("backend", ["local", "openai"])
+def test_a_flood_of_files_stops_at_the_turn_budget(backend: str, openai_server, tmp_path: Path) -> None:
+    """Six 4 MB files against a 10 MB turn budget: two are saved, four skipped, one line each."""
+    cells = ["%load_ext ci_magic", "%config CodeInterpreter.download_turn_budget = 10 * 2**20", FLOOD]
+    env = (
+        local_env() if backend == "local" else openai_env(openai_server.url, CI_MAGIC_DOWNLOAD_SIZE_CAP=None)
+    )
+    with kernel_env(**env):
+        notebook = run_cells(cells, tmp_path, timeout=180)
+    text = output_text(notebook.cells[2])
+    assert "planted 6" in text, text
+    saved = list((tmp_path / "ci_outputs").glob("export_*.bin"))
+    assert len(saved) == 2 and all(p.stat().st_size == 4 * 2**20 for p in saved), saved
+    skipped = set(re.findall(r"Not saved: (\S+) would take this turn's downloads past", text))
+    assert len(skipped) == 4 and "download_turn_budget" in text, text
+    assert not list((tmp_path / "ci_outputs").glob(".*.part"))
