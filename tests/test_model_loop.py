@@ -928,3 +928,16 @@ def test_a_reasoning_model_s_thinking_is_shown_collapsed(chat_server: StartServe
     assert "<details" in html and "<summary>thinking (33 characters)</summary>" in html
     assert "The user wants 2 + 2 &lt;b&gt;four&lt;/b&gt;." in html  # escaped, never markup
     assert "<details open" not in html
+
+
+def test_after_a_forced_first_step_a_python_block_still_runs(chat_server: StartServer) -> None:
+    # llama-cpp-python: named on the first step, "none" after; the model's next code comes as a block.
+    server = chat_server(
+        [Reply.calls("x = 2"), "```python\nprint(x * 21)\n```", "It is 42."], listing=LLAMA_CPP_PYTHON_LISTING
+    )
+    sandbox = FakeSandbox()
+
+    _, error = run_turn(server, make_request("Compute"), sandbox)
+
+    assert error is None and sandbox.ran == ["x = 2", "print(x * 21)"]
+    assert [r.body["tool_choice"] for r in server.chat_requests][1:] == ["none", "none"]
