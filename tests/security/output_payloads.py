@@ -71,7 +71,7 @@ def pwned_values() -> set[int]:
     return {int(v) for v in re.findall(r"__pwned=(\d+)", text)}
 
 
-def sandbox_display_code(table_name: str = "notes <b>1</b>.csv") -> str:
+def sandbox_display_code(table_name: str = "<b onmouseover='window.__pwned=153'>notes<b>.csv") -> str:
     """Sandbox code that shows every payload the three ways a display can, and writes hostile files.
 
     Each payload goes out as a Markdown-only display, as Markdown beside HTML that sanitizes to

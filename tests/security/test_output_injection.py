@@ -350,6 +350,7 @@ def test_a_real_notebook_and_its_nbconvert_export_hold_no_live_markup(chat_serve
     cell = notebook.cells[1]
     assert not [o for o in cell.outputs if o.output_type == "error"], output_text(cell)
     assert "done" in output_text(cell) and "I made the report." in output_text(cell)
+    assert "── error ──" not in output_text(cell), "the attacker's code ran to its end: " + output_text(cell)
     saved = json.loads((tmp_path / "saved.ipynb").read_text())["cells"][1]["outputs"]
     answers = [o for o in saved if "I made the report." in "".join(o.get("data", {}).get("text/plain", ""))]
     assert len(answers) == 1
