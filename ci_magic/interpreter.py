@@ -8,80 +8,45 @@ and a ``Status``. How they look in a notebook lives in ``magics.py`` and ``rende
     with CodeInterpreter(model="gpt-5-mini") as ci:   # the container is deleted on exit
         result = ci.run("Plot monthly revenue", variables={"sales_df": sales_df})
         ci.exec("print(1 + 1)", display=False)            # display=False: nothing shown, Result only
-        frame = ci.pull("clean.csv").value
+        frame = ci.pull("clean.csv")                        # a DataFrame
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
-import uuid
 from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from traitlets import observe
 
-from ci_magic.backends.factory import build_backend
+from ci_magic.backends.factory import BACKEND_SETTINGS, build_backend
 from ci_magic.bridge import run_sync
 from ci_magic.config import Settings
-from ci_magic.errors import (
-    BackendError,
-    CIError,
-    ConfigurationError,
-    Interrupted,
-    for_scripts,
-)
-from ci_magic.events import Notice, Usage
+from ci_magic.errors import CIError, ConfigurationError, Interrupted, for_scripts
+from ci_magic.events import Notice
 from ci_magic.render.frontend import Frontend, detect_frontend
 from ci_magic.result import Result
-from ci_magic.session import Session, SilentView, TurnOptions, View
+from ci_magic.session import (
+    Session,
+    SilentView,
+    Status,
+    TurnOptions,
+    View,
+    kernel_session_id,
+    session_settings,
+)
 from ci_magic.variables import transfer
-from ci_magic.variables.discover import prompt_variables, push_items, resolve_variables
 from ci_magic.variables.progress import default_progress
 from ci_magic.variables.registry import PushRequest
 
 __all__ = ["DEFAULT_OPENAI_MODEL", "CodeInterpreter", "Status"]
 
 DEFAULT_OPENAI_MODEL = "gpt-5-mini"
-
-# Settings whose change means a different backend: the next turn (or %ci_reset) builds a new one.
-BACKEND_TRAITS = (
-    "backend",
-    "model_base_url",
-    "model_api_key",
-    "sandbox_python",
-    "isolation",
-    "pool_size",
-    "max_retries",
-    "request_timeout",
-    "execution_timeout",
-    "disk_limit",
-    "max_steps",
-    "extra_headers",
-    "gateway_url",
-    "gateway_token",
-    "gateway_kernel_name",
+EMPTY_PROMPT = (
+    "The prompt is empty. Write what you want done below %%ci, e.g. %%ci\\nPlot revenue from sales_df."
 )
-
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Status:
-    """What ``%ci_status`` shows: the configuration in force and the container as checked now."""
-
-    backend: str
-    model: str
-    container_id: str | None
-    container_status: str
-    expires_at: int | None = None
-    files: list[transfer.FileRow] | None = None  # None: not listed (no usable container)
-    usage: Usage = dataclasses.field(default_factory=Usage)
-    turns: int = 0
-    conversation: str = "none yet"
 
 
 class CodeInterpreter(Settings):
@@ -98,7 +63,7 @@ class CodeInterpreter(Settings):
         super().__init__(parent=shell, **kwargs)
         self.shell = shell
         self.frontend = frontend
-        self.session_id = _session_id()
+        self.session_id = kernel_session_id()
         self._session: Session | None = None  # built on first use
         self._backend_stale = False
 
@@ -108,13 +73,9 @@ class CodeInterpreter(Settings):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @observe(*BACKEND_TRAITS)
+    @observe(*BACKEND_SETTINGS)
     def _backend_changed(self, change: dict[str, Any]) -> None:
         self._backend_stale = True
-
-    @property
-    def output_path(self) -> Path:
-        return Path(self.output_dir).expanduser()
 
     def resolved_model(self) -> str:
         if self.model:
@@ -124,39 +85,22 @@ class CodeInterpreter(Settings):
     # -- the session ---------------------------------------------------------------------------
 
     def _get_session(self) -> Session:
+        """The session, built on first use and reset with a new backend after a backend setting changed."""
         try:
-            return self._current_session()
+            if self._session is None:
+                backend = build_backend(self)
+                settings = session_settings(self)
+                self._session = Session(
+                    backend, session_id=self.session_id, progress=default_progress, **settings
+                )
+            elif self._backend_stale:
+                self._run(self._session.reset(build_backend(self)))
         except CIError as error:  # no key, a bad setting: said the way the caller configures
             raise self._for_caller(error) from error.__cause__
-
-    def _current_session(self) -> Session:
-        if self._session is None:
-            self._session = Session(
-                build_backend(self),
-                session_id=self.session_id,
-                memory_limit=self.memory_limit,
-                expires_after_minutes=self.expires_after_minutes,
-                output_dir=self.output_path,
-                download_concurrency=self.download_concurrency,
-                upload_size_cap=self.upload_size_cap,
-                pull_memory_cap=self.pull_memory_cap,
-                always_push=self.always_push,
-                progress=default_progress,
-            )
-        elif self._backend_stale:
-            self._run(self._session.reset(build_backend(self)))
         self._backend_stale = False
         session = self._session
-        # Cheap settings apply to the running session without restarting it.
-        session.memory_limit = self.memory_limit
-        session.expires_after_minutes = self.expires_after_minutes
-        session.output_dir = self.output_path
-        session.download_concurrency = max(1, self.download_concurrency)
-        session.download_size_cap = self.download_size_cap
-        session.download_turn_budget = self.download_turn_budget
-        session.upload_size_cap = self.upload_size_cap
-        session.pull_memory_cap = self.pull_memory_cap
-        session.always_push = list(self.always_push)
+        for name, value in session_settings(self).items():  # cheap ones apply without a restart
+            setattr(session, name, value)
         return session
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -193,12 +137,7 @@ class CodeInterpreter(Settings):
         ``new``: a fresh conversation; ``quiet``: final outputs only; ``display=False``: show nothing.
         """
         if not prompt.strip():
-            raise self._for_caller(
-                ConfigurationError(
-                    "The prompt is empty. Write what you want done below %%ci, for example: "
-                    "%%ci\\nPlot monthly revenue from sales_df."
-                )
-            )
+            raise self._for_caller(ConfigurationError(EMPTY_PROMPT))
         items = [PushRequest(name, value) for name, value in (variables or {}).items()]
         return self._turn(prompt, model=model, new=new, quiet=quiet, display=display, items=items)
 
@@ -209,23 +148,6 @@ class CodeInterpreter(Settings):
                 ConfigurationError("There is no code to run: give exec() some Python code.")
             )
         return self._turn(code, exec_code=code, quiet=quiet, display=display)
-
-    def run_prompt(
-        self,
-        prompt: str,
-        *,
-        namespace: Mapping[str, Any],
-        names: list[str] | None = None,
-        new: bool = False,
-        model: str | None = None,
-        quiet: bool = False,
-    ) -> Result:
-        """``run`` with variables taken from ``namespace``: ``names`` plus data-like names in the prompt."""
-        variables = resolve_variables(names or [], namespace)
-        if self.auto_push:
-            for name in prompt_variables(prompt, namespace):
-                variables.setdefault(name, namespace[name])
-        return self.run(prompt, variables=variables, new=new, model=model, quiet=quiet)
 
     def _turn(
         self,
@@ -246,17 +168,16 @@ class CodeInterpreter(Settings):
             exec_code=exec_code,
             extra_headers=dict(self.extra_headers),
         )
-        view = self._make_view(quiet=quiet) if display else SilentView()
+        view: View = SilentView()
+        if display:
+            from ci_magic.render.live import TurnView  # imports Pygments: only when something is shown
+
+            frontend = self.frontend or detect_frontend()
+            view = TurnView(frontend, quiet=quiet, max_updates_per_second=self.max_updates_per_second)
         result = self._run(session.run_turn(prompt, options, view, push=items or (), link_base=Path.cwd()))
         if result.error is not None:
             raise self._for_caller(result.error)
         return result
-
-    def _make_view(self, *, quiet: bool) -> View:
-        from ci_magic.render.live import TurnView
-
-        frontend = self.frontend or detect_frontend()
-        return TurnView(frontend, quiet=quiet, max_updates_per_second=self.max_updates_per_second)
 
     # -- variables and files -------------------------------------------------------------------
 
@@ -273,24 +194,11 @@ class CodeInterpreter(Settings):
             PushRequest(name, value, "variable", fmt, as_name, allow_pickle)
             for name, value in variables.items()
         ]
-        return self._push_items(items)[0]
+        return self.push_requests(items)[0]
 
-    def push_names(
-        self,
-        names: list[str],
-        *,
-        namespace: Mapping[str, Any],
-        as_name: str | None = None,
-        fmt: str | None = None,
-        allow_pickle: bool = False,
-    ) -> tuple[list[transfer.PushOutcome], list[Notice]]:
-        """``%ci_push``: variables by name, files or folders by path; also notices (container replaced)."""
-        return self._push_items(
-            push_items(names, namespace, fmt=fmt, filename=as_name, allow_pickle=allow_pickle)
-        )
-
-    def _push_items(self, items: list[PushRequest]) -> tuple[list[transfer.PushOutcome], list[Notice]]:
-        return self._run(self._get_session().push(items))
+    def push_requests(self, requests: list[PushRequest]) -> tuple[list[transfer.PushOutcome], list[Notice]]:
+        """Push what ``%ci_push`` resolved; also the notices of a container made or replaced for it."""
+        return self._run(self._get_session().push(requests))
 
     def pull(self, name: str) -> Any:
         """Download a container file into the output folder and return it decoded (never unpickled)."""
@@ -305,59 +213,25 @@ class CodeInterpreter(Settings):
         return self._run(self._get_session().pull_all())
 
     def files(self) -> list[transfer.FileRow]:
-        """The container's files: name, size, source (notebook / model / %%ci_exec), created."""
-        session = self._session
-        if session is None or session.container is None:
-            return []
-        rows = self._run(session.file_rows())
-        return [session.describe_file(row) for row in rows]
+        """The container's files: name, size, source (notebook / model), created."""
+        return self._run(self._session.file_rows()) if self._session is not None else []
 
     # -- session management --------------------------------------------------------------------
 
     def reset(self) -> None:
         """Start over: a new container, a fresh conversation, and a backend built from the current
         configuration and environment (a new API key is picked up). Pushed files are re-sent."""
-        self._backend_stale = False
         if self._session is not None:
-            try:
-                backend = build_backend(self)
-            except CIError as error:
-                raise self._for_caller(error) from error.__cause__
-            self._run(self._session.reset(backend))
+            self._backend_stale = True  # so the session is reset with a backend built afresh
+            self._get_session()
 
     def status(self) -> Status:
         """Backend, model, the container as the backend reports it now, its files, usage and turns."""
         model = self.resolved_model() or "(server default)"
-        session = self._session
-        if session is None:
-            return Status(self.backend, model, None, "not created yet (created on the first cell)")
-        if self._backend_stale and session.backend.name != self.backend:
-            return Status(
-                self.backend, model, None, "not created yet (the next cell starts one on this backend)"
-            )
-        container, files, state = session.container, None, ""
-        if container is not None:
-            try:
-                current = self._run(session.refresh_container())
-                if current is not None and current.usable:
-                    files, state = self.files(), current.status
-                else:
-                    gone = "gone" if current is None else current.status
-                    state = f"{gone}: the next cell starts a new container and re-sends the files you pushed"
-            except BackendError as error:
-                state = f"unknown, the check failed: {error.message}"
-        conversation = session.conversation
-        return Status(
-            backend=self.backend,
-            model=model,
-            container_id=container.id if container else None,
-            container_status=state or "not created yet",
-            expires_at=container.expires_at if container and container.usable and files is not None else None,
-            files=files,
-            usage=session.usage,
-            turns=session.turns,
-            conversation=conversation.previous_response_id or f"{len(conversation.messages)} messages",
-        )
+        if self._session is None or (self._backend_stale and self._session.backend.name != self.backend):
+            when = "on this backend" if self._session is not None else "by the first cell"
+            return Status(self.backend, model, None, f"not created yet (the next cell starts one {when})")
+        return self._run(self._session.status(model=model))
 
     def close(self) -> None:
         """Delete the container (if configured) and close connections."""
@@ -366,14 +240,3 @@ class CodeInterpreter(Settings):
         session, self._session = self._session, None
         with contextlib.suppress(CIError, RuntimeError, OSError):
             run_sync(session.close(delete_container=self.delete_container_on_exit))
-
-
-def _session_id() -> str:
-    """The kernel session's id when running in a kernel (stable names for containers), else random."""
-    from IPython import get_ipython
-
-    kernel = getattr(get_ipython(), "kernel", None)  # None in terminal IPython and plain Python
-    session = getattr(getattr(kernel, "session", None), "session", None)
-    if isinstance(session, str) and session:
-        return session.replace("-", "")[:12]
-    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"

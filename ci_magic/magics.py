@@ -19,6 +19,7 @@ from ci_magic.errors import CIError, VariableError
 from ci_magic.interpreter import CodeInterpreter
 from ci_magic.render import reports
 from ci_magic.result import Result
+from ci_magic.variables.discover import prompt_variables, push_items, resolve_variables
 
 __all__ = ["CIMagics", "line_prompts_keep_question_marks", "split_options"]
 
@@ -112,14 +113,14 @@ class CIMagics(Magics):
         if cell is not None and line_prompt:
             prompt = f"{line_prompt}\n{cell}"
         names = [n.strip() for n in (args.vars or "").split(",") if n.strip()]
+        namespace = self._user_ns
+        variables = resolve_variables(names, namespace)  # -v names; then data-like names in the prompt
+        if self.interpreter.auto_push:
+            for name in prompt_variables(prompt, namespace):
+                variables.setdefault(name, namespace[name])
         self._run_turn(
-            lambda: self.interpreter.run_prompt(
-                prompt,
-                namespace=self._user_ns,
-                names=names,
-                new=args.new,
-                model=args.model,
-                quiet=args.quiet,
+            lambda: self.interpreter.run(
+                prompt, variables=variables, new=args.new, model=args.model, quiet=args.quiet
             ),
             output=args.output,
             insert=args.insert,
@@ -193,13 +194,10 @@ class CIMagics(Magics):
     def ci_push(self, line: str) -> None:
         """Send notebook variables or files to the sandbox's /mnt/data (unchanged ones are not re-sent)."""
         args = parse_argstring(self.ci_push, line)
-        outcomes, notices = self.interpreter.push_names(
-            args.names,
-            namespace=self._user_ns,
-            as_name=args.as_name,
-            fmt=args.fmt,
-            allow_pickle=args.pickle,
+        requests = push_items(
+            args.names, self._user_ns, fmt=args.fmt, filename=args.as_name, allow_pickle=args.pickle
         )
+        outcomes, notices = self.interpreter.push_requests(requests)
         for text in reports.push_lines(outcomes, notices):
             print(text)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from ci_magic.backends.base import (
     TurnRequest,
     size_text,
 )
-from ci_magic.config import output_dir_message, output_dir_problem
+from ci_magic.config import Settings, output_dir_message, output_dir_problem
 from ci_magic.errors import BackendError, CIError, ContainerFileError, FileTooLarge, Interrupted
 from ci_magic.events import CallStarted, Event, FileCited, Image, Notice, TextDelta, Usage
 from ci_magic.filenames import download_into, safe_relative_name, save_into
@@ -42,7 +44,15 @@ from ci_magic.variables.transfer import (
     PushOutcome,
 )
 
-__all__ = ["DEFAULT_DOWNLOAD_TURN_BUDGET", "Session", "TurnOptions", "View"]
+__all__ = [
+    "DEFAULT_DOWNLOAD_TURN_BUDGET",
+    "Session",
+    "Status",
+    "TurnOptions",
+    "View",
+    "kernel_session_id",
+    "session_settings",
+]
 
 DEFAULT_DOWNLOAD_TURN_BUDGET = 1024 * 1024 * 1024  # all automatic downloads of one turn together
 
@@ -239,10 +249,11 @@ class Session:
         return await self.files(self._existing_container("pull files")).pull_all(self.output_dir)
 
     async def file_rows(self) -> list[FileRow]:
-        """The container's files, as ``%ci_files`` lists them ([] before the first container)."""
+        """The container's files, as ``%ci_files`` lists them ([] before the first container), with
+        what the session knows: sizes of files it saved, and files %%ci_exec wrote as the user's."""
         if self.container is None:
             return []
-        return await self.files(self.container).listing()
+        return [self.describe_file(row) for row in await self.files(self.container).listing()]
 
     def _existing_container(self, doing: str) -> ContainerInfo:
         if self.container is None:
@@ -409,27 +420,75 @@ class Session:
                             self.output_dir, name, output.text.encode("utf-8", "replace")
                         )
 
-    async def refresh_container(self) -> ContainerInfo | None:
-        """The container as the backend sees it now (None: gone). Never replaces it: the next turn does."""
-        if self.container is None:
-            return None
-        current = await self.backend.get_container(self.container.id)
-        if current is not None:
-            self.container = current
-        return current
+    async def status(self, *, model: str) -> Status:
+        """The session as ``%ci_status`` shows it, with the container checked now (never replaced: the
+        next turn does that) and never failing: a check that fails is reported in the status."""
+        container, files, state = self.container, None, "not created yet"
+        if container is not None:
+            try:
+                current = await self.backend.get_container(container.id)
+                if current is not None and current.usable:
+                    self.container = container = current
+                    files, state = await self.file_rows(), current.status
+                else:
+                    gone = "gone" if current is None else current.status
+                    state = f"{gone}: the next cell starts a new container and re-sends the files you pushed"
+            except BackendError as error:
+                state = f"unknown, the check failed: {error.message}"
+        talk = self.conversation
+        return Status(
+            backend=self.backend.name,
+            model=model,
+            container_id=container.id if container else None,
+            container_status=state,
+            expires_at=container.expires_at if container and files is not None else None,
+            files=files,
+            usage=self.usage,
+            turns=self.turns,
+            conversation=talk.previous_response_id or f"{len(talk.messages)} messages",
+        )
 
-    def status(self) -> dict[str, Any]:
-        container = self.container
-        return {
-            "backend": self.backend.name,
-            "container_id": container.id if container else None,
-            "container_status": container.status if container else "not created yet",
-            "expires_at": container.expires_at if container else None,
-            "previous_response_id": self.conversation.previous_response_id,
-            "history_messages": len(self.conversation.messages),
-            "turns": self.turns,
-            "usage": self.usage,
-        }
+
+@dataclass(frozen=True)
+class Status:
+    """What ``%ci_status`` shows: the backend and model in force and the container as checked now."""
+
+    backend: str
+    model: str
+    container_id: str | None
+    container_status: str
+    expires_at: int | None = None
+    files: list[FileRow] | None = None  # None: not listed (no usable container)
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    turns: int = 0
+    conversation: str = "none yet"
+
+
+def session_settings(settings: Settings) -> dict[str, Any]:
+    """What a session follows of the configuration, as ``Session``'s keyword arguments; applied again
+    before each use, so a change takes effect at the next cell without a restart."""
+    return {
+        "memory_limit": settings.memory_limit,
+        "expires_after_minutes": settings.expires_after_minutes,
+        "output_dir": Path(settings.output_dir).expanduser(),
+        "download_concurrency": max(1, settings.download_concurrency),
+        "download_size_cap": settings.download_size_cap,
+        "download_turn_budget": settings.download_turn_budget,
+        "upload_size_cap": settings.upload_size_cap,
+        "pull_memory_cap": settings.pull_memory_cap,
+        "always_push": list(settings.always_push),
+    }
+
+
+def kernel_session_id() -> str:
+    """The kernel session's id when running in a kernel (stable container names), else random."""
+    from IPython import get_ipython
+
+    kernel = getattr(get_ipython(), "kernel", None)  # None in terminal IPython and plain Python
+    session = getattr(getattr(kernel, "session", None), "session", None)
+    if isinstance(session, str) and session:
+        return session.replace("-", "")[:12]
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 async def _container_still_usable(check: asyncio.Future[ContainerInfo | None]) -> bool:

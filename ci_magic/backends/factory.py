@@ -19,7 +19,26 @@ if TYPE_CHECKING:
     from ci_magic.backends.base import Backend
     from ci_magic.config import Settings
 
-__all__ = ["BackendBuilder", "backend_names", "build_backend", "register"]
+__all__ = ["BACKEND_SETTINGS", "BackendBuilder", "backend_names", "build_backend", "register"]
+
+# Settings a backend is built from: changing one means building it again (the next cell, %ci_reset).
+BACKEND_SETTINGS = (
+    "backend",
+    "model_base_url",
+    "model_api_key",
+    "sandbox_python",
+    "isolation",
+    "pool_size",
+    "max_retries",
+    "request_timeout",
+    "execution_timeout",
+    "disk_limit",
+    "max_steps",
+    "extra_headers",
+    "gateway_url",
+    "gateway_token",
+    "gateway_kernel_name",
+)
 
 BackendBuilder = Callable[["Settings"], "Backend"]
 
