@@ -37,6 +37,7 @@ __all__ = [
 
 DEFAULT_DOWNLOAD_SIZE_CAP = 256 * 1024 * 1024
 DOWNLOAD_CHUNK_BYTES = 1 << 20  # what a download holds in memory at once
+ALLOCATION_SLACK = 1 << 20  # blocks and extents round a file's allocation up by less than this
 
 MemoryLimit = Literal["1g", "4g", "16g", "64g"]
 
@@ -171,15 +172,20 @@ def size_text(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def check_reported_size(what: str, *sizes: int | None, max_bytes: int) -> None:
-    """Raise ``FileTooLarge`` when any size the container reported is over ``max_bytes``."""
-    known = [size for size in sizes if size is not None]
-    if known and max(known) > max_bytes:
-        size = max(known)
+def check_reported_size(what: str, size: int | None, allocated: int | None = None, *, max_bytes: int) -> None:
+    """Raise ``FileTooLarge`` when the reported size, or the allocated size, is over ``max_bytes``.
+
+    Allocation is rounded up to blocks and extents (a 44-byte file holds 4 KB on disk), so only an
+    allocation clearly past the cap counts: more than ``ALLOCATION_SLACK`` over it.
+    """
+    over = size is not None and size > max_bytes
+    over_allocated = allocated is not None and allocated > max_bytes + ALLOCATION_SLACK
+    if over or over_allocated:
+        shown = max(known for known in (size, allocated) if known is not None)
         raise FileTooLarge(
-            f"{what} is {size_text(size)}, more than the {size_text(max_bytes)} a download may take, so "
+            f"{what} is {size_text(shown)}, more than the {size_text(max_bytes)} a download may take, so "
             "nothing was read or saved.",
-            size=size,
+            size=shown,
             limit=max_bytes,
         )
 
