@@ -109,6 +109,36 @@ def test_memory_in_memfd_files_counts_against_the_budget(attacker: Attacker) -> 
     assert stdout(attacker.execute("print('back')")) == "back\n"
 
 
+def test_system_v_shared_memory_is_capped_in_the_sandbox(attacker: Attacker) -> None:
+    """Segments outlive their processes and show in no process's memory: 4 GiB held by nobody."""
+    attacker.start()
+    attacker.create("1g")
+    events = attacker.execute(
+        textwrap.dedent(
+            """
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.shmat.restype = ctypes.c_void_p
+            held = 0
+            for _ in range(4 * 16):  # 64 MiB segments, 4 GiB in all, each detached once filled
+                segment = libc.shmget(0, 64 * 2**20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+                if segment < 0:
+                    break
+                address = libc.shmat(segment, None, 0)
+                if address in (None, 2**64 - 1):
+                    break
+                ctypes.memset(address, 1, 64 * 2**20)
+                libc.shmdt(ctypes.c_void_p(address))
+                held += 64
+            print(held)
+            """
+        )
+    )
+    held_mib = int(stdout(events).strip() or 0)
+    assert held_mib <= 1024 // 16, f"{held_mib} MiB of System V shared memory held by a 1g container"
+    assert stdout(attacker.execute("print('still here')")) == "still here\n"
+
+
 def test_filling_tmp_shm_and_home_stops_within_the_memory_tier(attacker: Attacker) -> None:
     attacker.start()
     attacker.create("1g")

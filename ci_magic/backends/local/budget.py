@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
+import shutil
 import signal
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +53,7 @@ __all__ = [
     "format_size",
     "is_running",
     "kill_all_but",
+    "limit_ipc",
     "parse_size",
     "runnable_threads",
     "start_time",
@@ -595,6 +599,53 @@ def watchdog() -> Watchdog:
     if _WATCHDOG is None:
         _WATCHDOG = Watchdog()
     return _WATCHDOG
+
+
+# ---------------------------------------------------------------------------- System V IPC
+
+MESSAGE_QUEUES = 16  # System V message queues per sandbox (16 KiB each by default)
+NS_GET_USERNS = 0xB701  # ioctl on a namespace file: the user namespace that owns it
+
+
+def limit_ipc(pid: int, shm_bytes: int) -> str | None:
+    """Cap System V shared memory and message queues in the IPC namespace of sandbox process ``pid``.
+
+    A System V segment outlives every process that attached it and shows in no process's memory
+    and on no mount: nothing the watchdog reads. The only hold is the IPC namespace's own limits,
+    which the host sets by entering the sandbox's user and IPC namespaces (``nsenter``; the
+    helper stays in the host's PID and mount namespaces, out of the sandbox's sight). Returns
+    why it could not, or None.
+    """
+    nsenter = shutil.which("nsenter", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if nsenter is None:
+        return "nsenter (util-linux) is not installed"
+    pages = max(1, shm_bytes // PAGE)
+    script = (
+        f"echo {shm_bytes} > /proc/sys/kernel/shmmax && echo {pages} > /proc/sys/kernel/shmall"
+        f" && echo {MESSAGE_QUEUES} > /proc/sys/kernel/msgmni"
+    )
+    ipc = owner = -1
+    try:
+        ipc = os.open(f"/proc/{pid}/ns/ipc", os.O_RDONLY | os.O_CLOEXEC)
+        # The user namespace that owns the IPC namespace (bwrap nests another one below it for
+        # the kernel, which holds no capability over the IPC namespace).
+        owner = fcntl.ioctl(ipc, NS_GET_USERNS)
+        enter = [nsenter, "--preserve-credentials", f"--user=/proc/self/fd/{owner}"]
+        enter.append(f"--ipc=/proc/self/fd/{ipc}")
+        done = subprocess.run(
+            [*enter, "/bin/sh", "-c", script],
+            env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=10, check=False,
+            pass_fds=(ipc, owner),
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return str(err)
+    finally:
+        for fd in (ipc, owner):
+            if fd >= 0:
+                os.close(fd)
+    if done.returncode != 0:
+        return done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+    return None
 
 
 # ---------------------------------------------------------------------------------- cgroup v2

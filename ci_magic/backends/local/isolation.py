@@ -171,6 +171,11 @@ class Limits:
         """Memory of the whole tree, tmpfs included (cgroup memory.max or the watchdog)."""
         return self.memory_bytes + KERNEL_ALLOWANCE
 
+    @property
+    def sysv_shm_bytes(self) -> int:
+        """System V shared memory the sandbox may hold (invisible to the watchdog, so small)."""
+        return self.memory_bytes // 16
+
 
 def limits_for_tier(tier: str, *, disk_bytes: int | None = None) -> Limits:
     try:

@@ -48,6 +48,7 @@ from ci_magic.backends.local.budget import (
     format_size,
     is_running,
     kill_all_but,
+    limit_ipc,
     runnable_threads,
     start_time,
     watchdog,
@@ -271,6 +272,10 @@ class LocalKernel:
         # Found now, before any code ran: which process is the kernel must not be the code's say.
         if not self._tree.locate():
             log.warning("ci-magic: the sandbox kernel's process was not found; its budget counts all")
+        if isolation.namespaced and self._tree.kernel_pid is not None:
+            problem = await asyncio.to_thread(limit_ipc, self._tree.kernel_pid, limits.sysv_shm_bytes)
+            if problem:
+                log.warning("ci-magic: System V shared memory in the sandbox is not capped: %s", problem)
         self._watched = Watched(
             tree=self._tree,
             memory_budget=limits.budget_bytes,
