@@ -307,6 +307,20 @@ class Settings(Configurable):
         config=True
     )
 
+    restore_on_expiry = Enum(
+        ["replay", "off"],
+        "replay",
+        help="When the container is replaced (expired, gone, or its state lost with a kernel restart): "
+        "'replay' re-runs the code that ran successfully in the old one, in order, before the turn; "
+        "'off' starts empty.",
+    ).tag(config=True)
+
+    restore_time_limit = Float(
+        60.0,
+        help="Seconds the recorded code may have taken for restore_on_expiry to re-run it; longer, and "
+        "the state is not restored (a one-line note says so).",
+    ).tag(config=True)
+
     download_concurrency = Int(4, help="Files downloaded at once after a turn.").tag(config=True)
 
     max_retries = Int(2, help="Retries (with backoff) of 429, 5xx and connection errors.").tag(config=True)
