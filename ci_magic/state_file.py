@@ -1,0 +1,198 @@
+"""The session's state on disk, so a kernel restart does not throw the session away.
+
+One small JSON file per notebook, keyed by the notebook's path (as the Jupyter server tells the
+kernel: ``JPY_SESSION_NAME`` / ``__session__``; VS Code's ``__vsc_ipynb_file__``), else by the
+kernel's connection file (which a restart keeps), else by the kernel session id. It lives in the
+user's Jupyter data directory (``jupyter --data-dir``)/ci-magic/sessions, never beside the notebook,
+as a file only the user can read (0600, in a 0700 folder).
+
+It holds the backend's name and a fingerprint of where it points (never a key, token, header or
+URL: only their hash), the container id, the conversation ids, the transcript, and the registry
+of pushed files with their fingerprints. ``%ci_reset`` forgets it. Reading it back is defensive:
+a file that is too large, not ours, or from another backend is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MAX_STATE_BYTES",
+    "STATE_VERSION",
+    "SessionState",
+    "StateFile",
+    "backend_fingerprint",
+    "kernel_is_restarting",
+    "notebook_key",
+    "state_folder",
+]
+
+STATE_VERSION = 1
+MAX_STATE_BYTES = 8 * 1024 * 1024
+STALE_SECONDS = 30 * 24 * 3600  # state files untouched this long are removed when another is saved
+
+
+@dataclass
+class SessionState:
+    backend: str
+    backend_fingerprint: str  # sha256 of where the backend points; tells "same backend" without secrets
+    container_id: str | None = None
+    previous_response_id: str | None = None
+    transcript: list[dict[str, Any]] = field(default_factory=list)
+    registry: list[dict[str, Any]] = field(default_factory=list)
+    turns: int = 0
+    model: str = ""
+    saved_at: float = 0.0
+    ended: str | None = None  # "restart" | "shutdown": how the kernel that wrote it ended
+    key: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, **self.__dict__}
+
+    @classmethod
+    def from_json(cls, data: Any) -> SessionState | None:
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            return None
+        try:
+            state = cls(
+                backend=str(data["backend"]),
+                backend_fingerprint=str(data["backend_fingerprint"]),
+                container_id=_optional_str(data.get("container_id")),
+                previous_response_id=_optional_str(data.get("previous_response_id")),
+                transcript=[t for t in data.get("transcript") or [] if isinstance(t, dict)],
+                registry=[r for r in data.get("registry") or [] if isinstance(r, dict)],
+                turns=int(data.get("turns") or 0),
+                model=str(data.get("model") or ""),
+                saved_at=float(data.get("saved_at") or 0.0),
+                ended=_optional_str(data.get("ended")),
+                key=str(data.get("key") or ""),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        return state
+
+
+def _optional_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def state_folder() -> Path:
+    """``<jupyter data dir>/ci-magic/sessions`` (honours JUPYTER_DATA_DIR)."""
+    from jupyter_core.paths import jupyter_data_dir
+
+    return Path(jupyter_data_dir()) / "ci-magic" / "sessions"
+
+
+def notebook_key(shell: Any = None) -> str | None:
+    """What names this notebook's session across kernel restarts, or None outside a kernel."""
+    namespace = getattr(shell, "user_ns", None) or {}
+    for value in (
+        namespace.get("__session__"),  # ipykernel sets it from JPY_SESSION_NAME (the notebook path)
+        os.environ.get("JPY_SESSION_NAME"),
+        namespace.get("__vsc_ipynb_file__"),
+    ):
+        if isinstance(value, str) and value.strip():
+            return "notebook:" + value.strip()
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None:
+        return None
+    with contextlib.suppress(Exception):
+        from ipykernel.connect import get_connection_file
+
+        return "connection:" + os.path.abspath(get_connection_file())
+    session = getattr(getattr(kernel, "session", None), "session", None)
+    return f"session:{session}" if isinstance(session, str) and session else None
+
+
+def kernel_is_restarting(shell: Any = None) -> bool:
+    """True while the kernel is shutting down to be restarted (not for good).
+
+    ipykernel keeps the ``shutdown_reply`` it sent (with the request's ``restart`` flag) to broadcast
+    it at exit; atexit handlers run after it was set.
+    """
+    message = getattr(getattr(shell, "kernel", None), "_shutdown_message", None)
+    content = message.get("content") if isinstance(message, dict) else None
+    return bool(isinstance(content, dict) and content.get("restart"))
+
+
+class StateFile:
+    """The state file of one notebook (``key``), in ``folder`` (default: ``state_folder()``)."""
+
+    def __init__(self, key: str, folder: Path | None = None) -> None:
+        self.key = key
+        self.folder = folder or state_folder()
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+        self.path = self.folder / f"{digest}.json"
+
+    @property
+    def from_notebook_path(self) -> bool:
+        return self.key.startswith("notebook:")
+
+    def load(self) -> SessionState | None:
+        """The saved state, or None (none saved, unreadable, too large, or another notebook's)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size > MAX_STATE_BYTES:
+                return None
+            raw = handle.read(MAX_STATE_BYTES + 1)
+        try:
+            state = SessionState.from_json(json.loads(raw))
+        except ValueError:
+            return None
+        if state is None or state.key != self.key:
+            return None
+        return state
+
+    def save(self, state: SessionState) -> None:
+        """Write atomically, readable by the user only; never fails the cell (a full disk, a
+        read-only home: the session goes on, it just will not survive a restart)."""
+        state.key = self.key
+        state.saved_at = time.time()
+        data = json.dumps(state.to_json(), separators=(",", ":")).encode("utf-8")
+        if len(data) > MAX_STATE_BYTES:
+            # Keep the newest turns that fit: the transcript is what grows.
+            while state.transcript and len(data) > MAX_STATE_BYTES:
+                del state.transcript[: max(1, len(state.transcript) // 4)]
+                data = json.dumps(state.to_json(), separators=(",", ":")).encode("utf-8")
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.folder, 0o700)
+            temporary = self.folder / f".{self.path.name}.{os.getpid()}.tmp"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(temporary, flags, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.path)
+            self._remove_stale()
+
+    def forget(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _remove_stale(self) -> None:
+        now = time.time()
+        for other in self.folder.glob("*.json"):
+            with contextlib.suppress(OSError):
+                if other != self.path and now - other.stat().st_mtime > STALE_SECONDS:
+                    other.unlink()
+
+
+def backend_fingerprint(*parts: str) -> str:
+    """A hash of where a backend points (base URLs, kernel name): equal for the same backend, and
+    never revealing a token embedded in a URL."""
+    return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()
