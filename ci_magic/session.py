@@ -304,6 +304,7 @@ class Session:
         self.turns += 1
         self.usage = self.usage + result.usage
         self._save_long_logs(result)
+        result.files = _displayed_copies_marked(result)
         for saved in result.files:
             if saved.file_id:
                 self._sizes[saved.file_id] = saved.size
@@ -462,6 +463,23 @@ class Status:
     usage: Usage = dataclasses.field(default_factory=Usage)
     turns: int = 0
     conversation: str = "none yet"
+
+
+def _displayed_copies_marked(result: Result) -> list[SavedFile]:
+    """Files byte-identical to an image the code displayed are that image: listed, not shown again.
+    (Only files of a displayed image's exact size are read to compare.)"""
+    shown: dict[int, list[bytes]] = {}
+    for call in result.calls:
+        for data in call.images:
+            shown.setdefault(len(data), []).append(data)
+    marked = []
+    for saved in result.files:
+        if not saved.displayed and saved.size in shown:
+            with contextlib.suppress(OSError):
+                if saved.path.read_bytes() in shown[saved.size]:
+                    saved = dataclasses.replace(saved, displayed=True)
+        marked.append(saved)
+    return marked
 
 
 def session_settings(settings: Settings) -> dict[str, Any]:

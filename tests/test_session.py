@@ -150,7 +150,8 @@ def test_cited_and_new_files_are_downloaded_and_a_displayed_image_is_not(tmp_pat
         made["cited"] = backend.add_model_file(cid, "/mnt/data/report.csv", b"a,b\n1,2\n").id
         backend.add_model_file(cid, "/mnt/data/notes.txt", b"uncited but new")
         shown = backend.add_model_file(cid, "/mnt/data/cfile_shown.png", chart).id
-        only_copy = backend.add_model_file(cid, "/mnt/data/cfile_only.png", chart).id
+        only_copy = backend.add_model_file(cid, "/mnt/data/cfile_only.png", png_bytes(color=(9, 9, 9))).id
+        backend.add_model_file(cid, "/mnt/data/chart.png", chart)  # savefig of the shown figure, same bytes
         yield TurnStarted()
         yield CallStarted("call_1", cid)
         yield CodeDone("call_1", "df.to_csv('report.csv')")
@@ -165,7 +166,8 @@ def test_cited_and_new_files_are_downloaded_and_a_displayed_image_is_not(tmp_pat
     backend.turns.append(writes_files)
     result = turn(session, runner)
     saved = {f.name: f for f in result.files}
-    assert set(saved) == {"report.csv", "notes.txt", "cfile_only.png", "figures/call_1-1.png"}
+    assert set(saved) == {"report.csv", "notes.txt", "cfile_only.png", "chart.png", "figures/call_1-1.png"}
+    assert saved["chart.png"].displayed, "a file identical to the shown image is listed, not shown twice"
     assert saved["report.csv"].cited and not saved["notes.txt"].cited
     assert saved["figures/call_1-1.png"].displayed and not saved["cfile_only.png"].displayed
     assert saved["report.csv"].path.read_bytes() == b"a,b\n1,2\n"
