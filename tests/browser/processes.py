@@ -214,12 +214,17 @@ class JupyterLab:
 
 
 def _write_quiet_settings(folder: Path) -> None:
-    """No news or update toasts over the notebook, and the light theme the README screenshot uses."""
+    """No news or update toasts, the light theme the README screenshot uses, every cell rendered."""
     files = {
         "@jupyterlab/apputils-extension/notification.jupyterlab-settings": (
             '{"fetchNews": "false", "checkForUpdates": false}'
         ),
         "@jupyterlab/apputils-extension/themes.jupyterlab-settings": '{"theme": "JupyterLab Light"}',
+        # Every cell and every output in the DOM: windowed notebooks detach cells outside the
+        # viewport and only 50 outputs show by default, and the tests read all the hostile ones.
+        "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": (
+            '{"windowingMode": "none", "maxNumberOutputs": 10000}'
+        ),
     }
     for relative, text in files.items():
         path = folder / relative
