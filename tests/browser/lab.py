@@ -48,7 +48,7 @@ T = TypeVar("T")
 _READ_CELL = """
 const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[arguments[0]];
 if (!cell) return null;
-// What an image really drew: its pixels scaled to 24x24, as distinct colours and a checksum.
+// What an image really drew: its pixels scaled to 24x24 (distinct colours, non-transparent ones, a checksum).
 const drawn = (img) => {
   if (!img.naturalWidth) return null;
   try {
@@ -58,14 +58,15 @@ const drawn = (img) => {
     context.drawImage(img, 0, 0, 24, 24);
     const data = context.getImageData(0, 0, 24, 24).data;
     const colours = new Set();
-    let sum = 0;
+    let sum = 0, opaque = 0;
     for (let k = 0; k < data.length; k += 4) {
       colours.add((data[k] << 16) | (data[k + 1] << 8) | data[k + 2]);
+      if (data[k + 3] > 0) opaque += 1;
       sum = (sum * 31 + data[k] + 3 * data[k + 1] + 7 * data[k + 2] + 11 * data[k + 3]) % 1000000007;
     }
-    return {colours: colours.size, checksum: sum};
+    return {colours: colours.size, opaque: opaque, checksum: sum};
   } catch (error) {
-    return {colours: 0, checksum: 0, error: String(error)};
+    return {colours: 0, opaque: 0, checksum: 0, error: String(error)};
   }
 };
 const outputs = [...cell.querySelectorAll('.jp-OutputArea-output')];
