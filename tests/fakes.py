@@ -1,8 +1,10 @@
-"""An in-memory Backend for file-transfer tests (a test double: the real servers live in tests/servers).
+"""An in-memory Backend for file-transfer and Session tests (a test double: the real servers live in
+tests/servers).
 
-It keeps what matters for push/pull behaviour and nothing else: containers that can expire,
-files keyed by path like a real file system (a second upload to a path replaces the first), an
-optional OpenAI-style hash prefix on uploaded paths, a log of every call, and the peak number of
+It keeps what matters for push/pull and turn-flow behaviour and nothing else: containers that can
+expire, files keyed by path like a real file system (a second upload to a path replaces the first),
+an optional OpenAI-style hash prefix on uploaded paths, scripted turns (``turns``: each a function of
+the request that yields events, writes files or raises), a log of every call, and the peak number of
 concurrent uploads.
 """
 
