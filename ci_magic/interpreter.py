@@ -36,6 +36,14 @@ from ci_magic.session import (
     kernel_session_id,
     session_settings,
 )
+from ci_magic.state_file import (
+    StateFile,
+    capture,
+    kernel_is_restarting,
+    notebook_key,
+    resume,
+    settings_fingerprint,
+)
 from ci_magic.variables import transfer
 from ci_magic.variables.progress import default_progress
 from ci_magic.variables.registry import PushRequest
@@ -66,6 +74,9 @@ class CodeInterpreter(Settings):
         self.session_id = kernel_session_id()
         self._session: Session | None = None  # built on first use
         self._backend_stale = False
+        # The notebook's saved session (reattach after a kernel restart); None outside a kernel.
+        key = notebook_key(shell) if shell is not None else None
+        self._state_file: StateFile | None = StateFile(key) if key else None
 
     def __enter__(self) -> CodeInterpreter:
         return self
@@ -91,8 +102,13 @@ class CodeInterpreter(Settings):
                 backend = build_backend(self)
                 settings = session_settings(self)
                 self._session = Session(
-                    backend, session_id=self.session_id, progress=default_progress, **settings
+                    backend,
+                    session_id=self.session_id,
+                    progress=default_progress,
+                    on_change=self._save_state,
+                    **settings,
                 )
+                self._resume_saved(self._session)
             elif self._backend_stale:
                 self._run(self._session.reset(build_backend(self)))
         except CIError as error:  # no key, a bad setting: said the way the caller configures
@@ -102,6 +118,16 @@ class CodeInterpreter(Settings):
         for name, value in session_settings(self).items():  # cheap ones apply without a restart
             setattr(session, name, value)
         return session
+
+    def _resume_saved(self, session: Session) -> None:
+        """Take over what the kernel before a restart saved for this notebook, on the same backend."""
+        state = self._state_file.load() if self._state_file is not None else None
+        if state is not None and state.backend_fingerprint == settings_fingerprint(self):
+            resume(session, state)
+
+    def _save_state(self, *, ended: str | None = None) -> None:
+        if self._state_file is not None and self._session is not None:
+            self._state_file.save(capture(self._session, settings_fingerprint(self), ended=ended))
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine from synchronous code; errors keep their class, worded for who is calling."""
@@ -224,6 +250,8 @@ class CodeInterpreter(Settings):
         if self._session is not None:
             self._backend_stale = True  # so the session is reset with a backend built afresh
             self._get_session()
+        if self._state_file is not None:
+            self._state_file.forget()
 
     def status(self) -> Status:
         """Backend, model, the container as the backend reports it now, its files, usage and turns."""
@@ -234,9 +262,21 @@ class CodeInterpreter(Settings):
         return self._run(self._session.status(model=model))
 
     def close(self) -> None:
-        """Delete the container (if configured) and close connections."""
+        """Delete the container (if configured) and close connections.
+
+        When the kernel is being restarted (not shut down), the container is kept and the session's
+        state saved, so the first cell after the restart reattaches to it.
+        """
         if self._session is None:
             return
+        restarting = kernel_is_restarting(self.shell)
+        if self._state_file is not None:
+            if restarting or self._state_file.from_notebook_path:
+                with contextlib.suppress(Exception):
+                    self._save_state(ended="restart" if restarting else "shutdown")
+            else:
+                self._state_file.forget()  # keyed by this kernel's connection file: never seen again
         session, self._session = self._session, None
+        delete = self.delete_container_on_exit and not restarting
         with contextlib.suppress(CIError, RuntimeError, OSError):
-            run_sync(session.close(delete_container=self.delete_container_on_exit))
+            run_sync(session.close(delete_container=delete))

@@ -31,7 +31,9 @@ from ci_magic.config import Settings, output_dir_message, output_dir_problem
 from ci_magic.errors import BackendError, CIError, ContainerFileError, FileTooLarge, Interrupted
 from ci_magic.events import CallStarted, Event, FileCited, Image, Notice, TextDelta, Usage
 from ci_magic.filenames import download_into, safe_relative_name, save_into
+from ci_magic.restore import defined_names, plan_restore, run_restore, summary_line
 from ci_magic.result import LOG_KEEP_CHARS, LogText, Result, ResultBuilder, SavedFile
+from ci_magic.transcript import CallTimer, Transcript, TurnEntry, TurnKind, turn_record
 from ci_magic.variables.discover import always_push_items
 from ci_magic.variables.progress import Progress
 from ci_magic.variables.registry import PushRegistry, PushRequest
@@ -61,6 +63,17 @@ RECREATED_NOTE = (
     "uploaded again, but variables and other in-memory state from earlier code are gone; re-create "
     "what you need."
 )
+RESTORED_NOTE = (
+    "The previous container expired and was replaced by a new one: files sent from the notebook were "
+    "uploaded again, and the code that had run successfully before was run again there, in order{names}."
+)
+CARRIED_OVER = (
+    "The server no longer accepts the earlier conversation (its container expired), so the conversation "
+    "was carried over: the model received the session's own record of it."
+)
+# Backends whose containers lose their in-memory state when the notebook's kernel restarts (the
+# local sandbox dies with its parent by design); elsewhere the container keeps running remotely.
+STATE_LOST_ON_RESTART = frozenset({"local"})
 
 
 class View(Protocol):
@@ -98,6 +111,7 @@ class TurnOptions:
     new_conversation: bool = False
     exec_code: str | None = None
     extra_headers: dict[str, str] | None = None
+    kind: TurnKind | None = None  # how the transcript records it (None: "exec" with exec_code, else "ci")
 
 
 class Session:
@@ -117,10 +131,16 @@ class Session:
         pull_memory_cap: int = DEFAULT_PULL_MEMORY_CAP,
         always_push: Sequence[str] = (),
         progress: Callable[[], Progress | None] = lambda: None,
+        restore_on_expiry: str = "replay",
+        restore_time_limit: float = 60.0,
+        transcript: Transcript | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         """``registry``: pushed files to carry over from a previous session (default: a new one);
         ``always_push``: files and folders sent to every new container; ``progress`` makes the
-        display large transfers report to."""
+        display large transfers report to; ``restore_on_expiry``/``restore_time_limit``: whether
+        and within what a replacement container gets the old one's state re-run (``restore.py``);
+        ``on_change`` is called after each turn, push and reset (to save the session's state)."""
         self.backend = backend
         self.session_id = session_id
         self.memory_limit = memory_limit
@@ -142,6 +162,14 @@ class Session:
         self._made_by_exec: set[str] = set()  # file ids %%ci_exec code wrote: the user's, not the model's
         self._sizes: dict[str, int] = {}  # file id -> bytes saved locally (listings may not say)
         self._seen_files: set[str] = set()  # container file ids already known: not "new" in a turn
+        self.restore_on_expiry = restore_on_expiry
+        self.restore_time_limit = restore_time_limit
+        self.transcript = transcript if transcript is not None else Transcript()
+        self.on_change = on_change
+        self.model = ""  # the last turn's model: a restore outside a turn (%ci_push) uses it
+        self.instructions = ""
+        self._restore_from: str | None = None  # the replaced container whose state is still to re-run
+        self._reattaching = False  # the container came from a state file: check it and say so once
 
     # -- container lifecycle -------------------------------------------------------------------
 
@@ -154,16 +182,18 @@ class Session:
         if self.container is not None and not verify:
             return self.container, notices
         if self.container is not None:
-            current = await self.backend.get_container(self.container.id)
+            reattaching, self._reattaching = self._reattaching, False
+            current = await self._current(self.container.id, reattaching)
             if current is not None and current.usable:
                 self.container = current
+                if reattaching:
+                    notices.append(await self._reattached(current))
                 return current, notices
             state = "is gone" if current is None else f"is {current.status}"
             notices.append(
                 Notice(f"Container {self.container.id} {state}; started a new one and re-sent your files.")
             )
-            if self.turns:
-                self.conversation.notes.append(RECREATED_NOTE)
+            self._replaced(self.container.id)
         self._seen_files.clear()
         self.container = await self.backend.create_container(
             name=f"ci-magic-{self.session_id}",
@@ -173,6 +203,106 @@ class Session:
         notices.extend(await self._restore_files(self.container))
         return self.container, notices
 
+    async def _current(self, container_id: str, reattaching: bool) -> ContainerInfo | None:
+        """The container as the backend sees it; one from before a kernel restart is adopted first
+        (a gateway kernel this process did not start)."""
+        adopt = getattr(self.backend, "adopt", None) if reattaching else None
+        if adopt is not None:
+            adopted: ContainerInfo | None = await adopt(container_id)
+            return adopted
+        return await self.backend.get_container(container_id)
+
+    async def _reattached(self, container: ContainerInfo) -> Notice:
+        """Reattach to the container of the session before the kernel restart: learn its files (not
+        new to this turn), and plan to re-run its state where the restart took it away."""
+        listing = await self.backend.list_files(container.id)
+        self._seen_files.update(f.id for f in listing)
+        _relink_registry(self.registry, container.id, listing)
+        if self.backend.name in STATE_LOST_ON_RESTART:
+            self._replaced(container.id)
+            return Notice(
+                f"Reattached to container {container.id} after the kernel restart: its files are there; "
+                "its in-memory state is re-run below."
+                if self._restore_from
+                else f"Reattached to container {container.id} after the kernel restart: its files are there."
+            )
+        return Notice(
+            f"Reattached to container {container.id} after the kernel restart; the conversation continues."
+        )
+
+    def _replaced(self, old_id: str) -> None:
+        """The container ``old_id`` lost its in-memory state: re-run it before the next turn (or, with
+        restore off or nothing to re-run, tell the model it is gone)."""
+        if self.restore_on_expiry == "replay" and self.transcript.code_in(old_id):
+            self._restore_from = old_id
+        elif self.turns or len(self.transcript):
+            self.conversation.notes.append(RECREATED_NOTE)
+
+    async def _restore_state(self, container: ContainerInfo, options: TurnOptions | None) -> list[Notice]:
+        """Re-run the replaced container's successful code in ``container`` (``restore.py``)."""
+        old, self._restore_from = self._restore_from, None
+        if old is None:
+            return []
+        blocks = self.transcript.code_in(old)
+        plan = plan_restore(blocks, time_limit=self.restore_time_limit)
+        if plan.skip is not None:
+            self.conversation.notes.append(RECREATED_NOTE)
+            return [Notice(plan.skip, level="warning")]
+        started = time.time()
+        outcome = await run_restore(
+            self.backend,
+            container.id,
+            plan.blocks,
+            model=(options.model if options else "") or self.model,
+            instructions=(options.instructions if options else "") or self.instructions,
+            extra_headers=dict(options.extra_headers or {}) if options else None,
+        )
+        listing = await self.backend.list_files(container.id)
+        fresh = [f for f in listing if f.id not in self._seen_files and f.source != "user"]
+        self._seen_files.update(f.id for f in listing)
+        files = [f for f in fresh if not _is_show_image(f)]
+        self.transcript.add(
+            TurnEntry(
+                kind="restore",
+                prompt=f"restore of {old}",
+                calls=list(outcome.ran) + ([outcome.failed] if outcome.failed else []),
+                started_at=started,
+                seconds=outcome.seconds,
+                container_id=container.id,
+                ok=outcome.failed is None and outcome.problem is None,
+                error=outcome.problem or (outcome.failed.error if outcome.failed else None),
+            )
+        )
+        names = list(dict.fromkeys(n for b in outcome.ran for n in defined_names(b.code)))
+        if outcome.ran:
+            listed = f" (so {', '.join(names[:12])} exist again)" if names else ""
+            self.conversation.notes.append(RESTORED_NOTE.format(names=listed))
+        else:
+            self.conversation.notes.append(RECREATED_NOTE)
+        complete = outcome.failed is None and outcome.problem is None
+        line = summary_line(outcome, total=len(plan.blocks), files=len(files))
+        return [Notice(line, level="info" if complete else "warning")]
+
+    def resume(
+        self,
+        container: ContainerInfo | None,
+        *,
+        previous_response_id: str | None,
+        transcript: Transcript,
+        turns: int,
+        model: str,
+    ) -> None:
+        """Take over the session a previous kernel saved (``state_file.py``): its container is checked
+        by the next cell, which reattaches (or replaces it and restores its state)."""
+        self.container = container
+        self.conversation.previous_response_id = previous_response_id
+        self.transcript = transcript
+        self.turns = turns
+        self.model = model
+        self._reattaching = container is not None
+        if container is None and transcript.conversation():
+            self.conversation.messages[:] = transcript.as_messages()
+
     async def reset(self, backend: Backend | None = None) -> None:
         """A new container and a fresh conversation (the push registry is kept); turns count from 0.
 
@@ -181,6 +311,9 @@ class Session:
         old, self.container = self.container, None
         self.conversation.reset()
         self.turns = 0
+        self.transcript.clear()
+        self._restore_from = None
+        self._reattaching = False
         if old is not None:
             with contextlib.suppress(CIError, OSError):
                 await self.backend.delete_container(old.id)
@@ -221,7 +354,11 @@ class Session:
     async def push(self, requests: Sequence[PushRequest]) -> tuple[list[PushOutcome], list[Notice]]:
         """Push now (``%ci_push``), into the container (made or replaced as needed); its notices too."""
         container, notices = await self.ensure_container()
-        return await self.files(container, uploading=True).push(requests), notices
+        if self._restore_from is not None:
+            notices.extend(await self._restore_state(container, None))
+        outcomes = await self.files(container, uploading=True).push(requests)
+        self._changed()
+        return outcomes, notices
 
     async def _restore_files(self, container: ContainerInfo) -> list[Notice]:
         """A new container gets back every pushed file, then the ``always_push`` files."""
@@ -278,13 +415,16 @@ class Session:
         is ``result.error`` (raised by the caller), whose ``result`` is this Result: what arrived
         before it stays shown and recorded."""
         started = time.monotonic()
+        started_at = time.time()
         builder = view.builder
         builder.result.prompt = prompt
         if options.new_conversation:
             self.conversation.reset()
+        self.model, self.instructions = options.model or self.model, options.instructions
+        timer = CallTimer()
         ticker = asyncio.ensure_future(_tick_every(view, 0.1))
         try:
-            await self._run_in_container(prompt, options, view, builder, push)
+            await self._run_in_container(prompt, options, view, builder, push, timer)
         except asyncio.CancelledError:
             # Ctrl-C: the bridge cancelled this task and waits for what it returns.
             builder.fail(
@@ -310,8 +450,16 @@ class Session:
                 self._sizes[saved.file_id] = saved.size
                 if options.exec_code is not None:
                     self._made_by_exec.add(saved.file_id)
+        kind: TurnKind = options.kind or ("exec" if options.exec_code is not None else "ci")
+        self.transcript.add(turn_record(result, kind=kind, timer=timer, started_at=started_at))
+        self._changed()
         view.finish(result, link_base=link_base)
         return result
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            with contextlib.suppress(Exception):  # saving state never fails a cell
+                self.on_change()
 
     async def _run_in_container(
         self,
@@ -320,17 +468,24 @@ class Session:
         view: View,
         builder: ResultBuilder,
         push: Sequence[PushRequest],
+        timer: CallTimer,
     ) -> None:
         """Stream the turn in the session's container, checking that container concurrently.
 
         The check ("is it still running?") runs beside the model request, so it costs no latency.
         If the request fails before anything streamed and the check finds the container gone or
-        expired, a new container is made (files re-sent, the model told) and the turn runs again.
+        expired, a new container is made (files re-sent, state re-run, the model told) and the turn
+        runs again. If the server then refuses the conversation chain itself (OpenAI answers
+        "Container is expired." for a ``previous_response_id`` whose container expired), the turn
+        runs once more without the chain, carrying the conversation over from the transcript.
         """
-        for attempt in (1, 2):
+        carried_over = False
+        for attempt in (1, 2, 3):
             # A container made just now, or one verified on the retry, needs no check.
-            unverified = attempt == 1 and self.container is not None
+            unverified = attempt == 1 and self.container is not None and not self._reattaching
             container, notices = await self.ensure_container(verify=not unverified)
+            if self._restore_from is not None:
+                notices.extend(await self._restore_state(container, options))
             for notice in notices:
                 view.handle(notice)
             check = asyncio.ensure_future(self.backend.get_container(container.id)) if unverified else None
@@ -354,12 +509,19 @@ class Session:
                     exec_code=options.exec_code,
                     extra_headers=dict(options.extra_headers or {}),
                 )
-                await self._stream(request, builder, view, downloads, streamed)
+                await self._stream(request, builder, view, downloads, streamed, timer)
                 builder.result.files = await self._collect_files(container, builder.result, downloads)
-            except BackendError:
-                if check is None or streamed or await _container_still_usable(check):
+            except BackendError as error:
+                if streamed or attempt == 3:
                     raise
-                continue  # the container went away between cells: verify, replace, run again
+                if check is not None and not await _container_still_usable(check):
+                    continue  # the container went away between cells: verify, replace, run again
+                if carried_over or not self.conversation.previous_response_id or not _refuses_chain(error):
+                    raise
+                carried_over = True
+                self._carry_over()
+                view.handle(Notice(CARRIED_OVER))
+                continue
             finally:
                 downloads.cancel()
                 if check is not None and not check.done():
@@ -375,12 +537,19 @@ class Session:
         view: View,
         downloads: _Downloads,
         streamed: list[Event],
+        timer: CallTimer,
     ) -> None:
         async for event in self.backend.stream(request):
             if not streamed:
                 streamed.append(event)
             view.handle(event)
             downloads.observe(event)
+            timer.observe(event)
+
+    def _carry_over(self) -> None:
+        """Continue without the server's chain: the transcript goes as the conversation's messages."""
+        self.conversation.previous_response_id = None
+        self.conversation.messages[:] = self.transcript.as_messages()
 
     async def _collect_files(
         self, container: ContainerInfo, result: Result, downloads: _Downloads
@@ -495,6 +664,8 @@ def session_settings(settings: Settings) -> dict[str, Any]:
         "upload_size_cap": settings.upload_size_cap,
         "pull_memory_cap": settings.pull_memory_cap,
         "always_push": list(settings.always_push),
+        "restore_on_expiry": settings.restore_on_expiry,
+        "restore_time_limit": settings.restore_time_limit,
     }
 
 
@@ -507,6 +678,29 @@ def kernel_session_id() -> str:
     if isinstance(session, str) and session:
         return session.replace("-", "")[:12]
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _refuses_chain(error: BackendError) -> bool:
+    """OpenAI's refusals of a ``previous_response_id``: its container expired (400 "Container is
+    expired."), or the response itself is gone (400 "Previous response ... not found")."""
+    text = error.message.lower()
+    return error.status_code == 400 and (
+        "container is expired" in text or ("previous response" in text and "not found" in text)
+    )
+
+
+def _relink_registry(registry: PushRegistry, container_id: str, listing: Sequence[ContainerFile]) -> None:
+    """Pushed files found again in a reattached container, by path (a gateway numbers files anew)."""
+    by_path = {f.path: f for f in listing}
+    by_id = {f.id for f in listing}
+    for entry in registry:
+        if entry.container_id != container_id or entry.file_id in by_id:
+            continue
+        found = by_path.get(entry.path)
+        if found is None:
+            registry.detach(entry.name)
+        else:
+            registry.put(dataclasses.replace(entry, file_id=found.id))
 
 
 async def _container_still_usable(check: asyncio.Future[ContainerInfo | None]) -> bool:

@@ -29,8 +29,11 @@ __all__ = [
     "SessionState",
     "StateFile",
     "backend_fingerprint",
+    "capture",
     "kernel_is_restarting",
     "notebook_key",
+    "resume",
+    "settings_fingerprint",
     "state_folder",
 ]
 
@@ -196,3 +199,87 @@ def backend_fingerprint(*parts: str) -> str:
     """A hash of where a backend points (base URLs, kernel name): equal for the same backend, and
     never revealing a token embedded in a URL."""
     return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()
+
+
+# -- the session <-> its saved state ---------------------------------------------------------------
+
+
+def settings_fingerprint(settings: Any) -> str:
+    """Where the configured backend runs containers, hashed: a saved container id only means something
+    to the same service (the same OpenAI endpoint, the same gateway, this machine's sandboxes)."""
+    backend = str(getattr(settings, "backend", ""))
+    if backend == "openai":
+        where = [
+            os.environ.get("OPENAI_BASE_URL", "") if os.environ.get("OPENAI_API_KEY") else "",
+            os.environ.get("AZURE_OPENAI_ENDPOINT", ""),
+        ]
+    elif backend == "gateway":
+        where = [str(getattr(settings, "gateway_url", "")), str(getattr(settings, "gateway_kernel_name", ""))]
+    else:
+        where = [os.environ.get("XDG_CACHE_HOME", ""), str(getattr(settings, "sandbox_python", ""))]
+    return backend_fingerprint(backend, *where)
+
+
+_REGISTRY_FIELDS = (
+    "name", "filename", "fingerprint", "kind", "fmt", "size", "origin", "card_body", "reader",
+    "container_id", "file_id", "container_path", "pushed_at",
+)  # fmt: skip
+
+
+def registry_rows(registry: Any) -> list[dict[str, Any]]:
+    """The push registry as plain rows: names, fingerprints, where each file is (no bytes, no
+    in-memory snapshot); a file pushed by path keeps its path so it can be re-read."""
+    rows = []
+    for entry in registry:
+        row = {name: getattr(entry, name) for name in _REGISTRY_FIELDS}
+        row["card_body"] = list(entry.card_body)
+        row["source_path"] = str(entry.source_path) if entry.source_path is not None else None
+        rows.append(row)
+    return rows
+
+
+def fill_registry(registry: Any, rows: list[dict[str, Any]]) -> None:
+    from ci_magic.variables.registry import PushedFile
+
+    for row in rows:
+        try:
+            values = {name: row[name] for name in _REGISTRY_FIELDS}
+            values["card_body"] = tuple(str(line) for line in values["card_body"])
+            source = row.get("source_path")
+            registry.put(PushedFile(**values, source_path=Path(source) if isinstance(source, str) else None))
+        except (KeyError, TypeError, ValueError):
+            continue
+
+
+def capture(session: Any, fingerprint: str, *, ended: str | None = None) -> SessionState:
+    """What to save of ``session`` (a ``ci_magic.session.Session``)."""
+    container = session.container
+    return SessionState(
+        backend=session.backend.name,
+        backend_fingerprint=fingerprint,
+        container_id=container.id if container is not None else None,
+        previous_response_id=session.conversation.previous_response_id,
+        transcript=session.transcript.to_json(),
+        registry=registry_rows(session.registry),
+        turns=session.turns,
+        model=session.model,
+        ended=ended,
+    )
+
+
+def resume(session: Any, state: SessionState) -> None:
+    """Give ``session`` the saved state; its next cell checks the container and reattaches."""
+    from ci_magic.backends.base import ContainerInfo
+    from ci_magic.transcript import Transcript
+
+    container = None
+    if state.container_id:
+        container = ContainerInfo(id=state.container_id, name="", status="unknown", created_at=0)
+    fill_registry(session.registry, state.registry)
+    session.resume(
+        container,
+        previous_response_id=state.previous_response_id,
+        transcript=Transcript.from_json(state.transcript),
+        turns=state.turns,
+        model=state.model,
+    )

@@ -129,13 +129,21 @@ class Transcript:
         return None
 
     def code_in(self, container_id: str) -> list[CallEntry]:
-        """The calls that ran successfully in ``container_id``, in order: its in-memory state."""
-        return [
-            call
-            for turn in self.turns
-            for call in turn.calls
-            if call.ok and call.code.strip() and (call.container_id or turn.container_id) == container_id
-        ]
+        """The calls that ran successfully in ``container_id``, in order: its in-memory state.
+
+        A restore into that container stands for everything before it (it re-ran that state into a
+        fresh kernel there), so counting starts again from it.
+        """
+        calls: list[CallEntry] = []
+        for turn in self.turns:
+            if turn.kind == "restore" and turn.container_id == container_id:
+                calls.clear()
+            calls.extend(
+                call
+                for call in turn.calls
+                if call.ok and call.code.strip() and (call.container_id or turn.container_id) == container_id
+            )
+        return calls
 
     def conversation(self) -> list[TurnEntry]:
         """The turns the model took part in or the user ran (restores are housekeeping)."""

@@ -369,6 +369,10 @@ class OpenAIBackend:
             params["input"] = request.user_text()
         if request.conversation.previous_response_id:
             params["previous_response_id"] = request.conversation.previous_response_id
+        elif request.conversation.messages:
+            # No server-side chain (it was refused, or the kernel restarted after it expired): the
+            # session's own record of the conversation goes first, as plain input messages.
+            params["input"] = [*request.conversation.messages, {"role": "user", "content": params["input"]}]
         if request.extra_headers:
             params["extra_headers"] = request.extra_headers
 
@@ -392,6 +396,7 @@ class OpenAIBackend:
                         if isinstance(event, Completed):
                             request.conversation.previous_response_id = event.response_id
                             request.conversation.notes.clear()
+                            request.conversation.messages.clear()  # the chain holds them now
                         yield event
             except Exception as error:
                 raise StreamError(

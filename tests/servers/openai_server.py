@@ -42,6 +42,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, urlsplit
 
 from tests.servers.containers import ApiError, Clock, Container, ContainerStore, new_id, upload_path
+from tests.servers.expiry import ChainExpiry
 from tests.servers.http_base import QuietHTTPServer
 from tests.servers.replay import Replay
 from tests.servers.responses_stream import Responder, SSEEvent, TurnContext, dumps
@@ -135,6 +136,8 @@ class OpenAIServer:
         # File downloads without Content-Length (chunked), as a gateway may send them.
         self.hide_file_sizes = False
         self._responses: dict[str, _StoredResponse] = {}
+        # Whether a previous_response_id whose container expired is refused (tests/servers/expiry.py).
+        self.chain_expiry = ChainExpiry()
         self._lock = threading.Lock()
         self._httpd = QuietHTTPServer((host, port), _make_handler(self))
         self._thread: threading.Thread | None = None
@@ -326,6 +329,7 @@ class OpenAIServer:
                     param="previous_response_id",
                     code="previous_response_not_found",
                 )
+            self.chain_expiry.check(previous, self.store)
         container = self._resolve_container(body, previous)
         ctx = TurnContext(
             request=body,
