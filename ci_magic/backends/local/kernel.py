@@ -45,10 +45,10 @@ from ci_magic.backends.local.budget import (
     SandboxTree,
     Watched,
     cpu_seconds,
+    enter_sandbox,
     format_size,
     is_running,
     kill_all_but,
-    limit_ipc,
     runnable_threads,
     start_time,
     watchdog,
@@ -73,7 +73,6 @@ log = logging.getLogger(__name__)
 # renderer read them as text).
 KERNEL_ARGS = ("--HistoryManager.enabled=False", "--InteractiveShell.colors=nocolor")
 CHANNEL_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
-USED_CHANNELS = ("shell_port", "iopub_port", "control_port")  # the host never uses stdin or heartbeat
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 LOG_TAIL = 4096  # bytes of the kernel's output log read to explain a failed start
 STATUS_MAX = 64  # bytes read from the launcher's status pipe
@@ -272,10 +271,12 @@ class LocalKernel:
         # Found now, before any code ran: which process is the kernel must not be the code's say.
         if not self._tree.locate():
             log.warning("ci-magic: the sandbox kernel's process was not found; its budget counts all")
+        diag = None
         if isolation.namespaced and self._tree.kernel_pid is not None:
-            problem = await asyncio.to_thread(limit_ipc, self._tree.kernel_pid, limits.sysv_shm_bytes)
+            kernel_pid = self._tree.kernel_pid
+            diag, problem = await asyncio.to_thread(enter_sandbox, kernel_pid, limits.sysv_shm_bytes)
             if problem:
-                log.warning("ci-magic: System V shared memory in the sandbox is not capped: %s", problem)
+                log.warning("ci-magic: System V IPC and socket memory of the sandbox not held: %s", problem)
         self._watched = Watched(
             tree=self._tree,
             memory_budget=limits.budget_bytes,
@@ -283,6 +284,7 @@ class LocalKernel:
             data_dir=setup.data_dir if limits.disk_bytes is not None else None,
             disk_limit=limits.disk_bytes,
             check_memory=self._group is None,
+            diag=diag,
         )
         watchdog().watch(self._watched)
 
@@ -297,7 +299,8 @@ class LocalKernel:
         """
         paths = self._paths
         assert paths is not None
-        pending = [CHANNEL_PORTS[name] for name in USED_CHANNELS]
+        # All five: the gateway's relay (gateway/sandbox_kernel.py) also uses stdin and heartbeat.
+        pending = list(CHANNEL_PORTS.values())
         while pending:
             pending = [port for port in pending if not _link_socket(paths, port, sandbox_uid)]
             if not pending:
@@ -362,6 +365,8 @@ class LocalKernel:
         tree, self._tree = self._tree, None
         if self._watched is not None:
             watchdog().forget(self._watched)
+            if self._watched.diag is not None:
+                self._watched.diag.close()
         if self._client is not None:
             self._client.stop_channels()
             self._client = None
