@@ -28,7 +28,14 @@ from ci_magic.backends.base import (
     size_text,
 )
 from ci_magic.config import Settings, output_dir_message, output_dir_problem
-from ci_magic.errors import BackendError, CIError, ContainerFileError, FileTooLarge, Interrupted
+from ci_magic.errors import (
+    BackendError,
+    CIError,
+    ConfigurationError,
+    ContainerFileError,
+    FileTooLarge,
+    Interrupted,
+)
 from ci_magic.events import CallStarted, Event, FileCited, Image, Notice, TextDelta, Usage
 from ci_magic.filenames import download_into, safe_relative_name, save_into
 from ci_magic.restore import defined_names, plan_restore, run_restore, summary_line
@@ -74,6 +81,7 @@ CARRIED_OVER = (
 # Backends whose containers lose their in-memory state when the notebook's kernel restarts (the
 # local sandbox dies with its parent by design); elsewhere the container keeps running remotely.
 STATE_LOST_ON_RESTART = frozenset({"local"})
+CHECKED_FIRST = frozenset({"local"})  # backends whose container check costs nothing: done before the turn
 
 
 class View(Protocol):
@@ -380,10 +388,19 @@ class Session:
         return self.registry.cards(container.id)
 
     async def pull(self, name: str) -> PulledFile:
-        return await self.files(self._existing_container("pull files")).pull(name, self.output_dir)
+        return await self.files(self._existing_container("pull files")).pull(name, self._pull_folder())
 
     async def pull_all(self) -> list[PulledFile]:
-        return await self.files(self._existing_container("pull files")).pull_all(self.output_dir)
+        return await self.files(self._existing_container("pull files")).pull_all(self._pull_folder())
+
+    def _pull_folder(self) -> Path:
+        """``output_dir``, checked again: sys.path may have gained it since it was set."""
+        problem = output_dir_problem(self.output_dir)
+        if problem is not None:
+            raise ConfigurationError(
+                output_dir_message(self.output_dir, problem, outcome="nothing was pulled")
+            )
+        return self.output_dir
 
     async def file_rows(self) -> list[FileRow]:
         """The container's files, as ``%ci_files`` lists them ([] before the first container), with
@@ -450,6 +467,10 @@ class Session:
                 self._sizes[saved.file_id] = saved.size
                 if options.exec_code is not None:
                     self._made_by_exec.add(saved.file_id)
+        # Images cited as displayed are not downloaded: their size is the displayed image's (in order).
+        shown = [c.file_id for c in result.citations if c.displayed]
+        for file_id, data in zip(shown, (d for call in result.calls for d in call.images), strict=False):
+            self._sizes[file_id] = len(data)
         kind: TurnKind = options.kind or ("exec" if options.exec_code is not None else "ci")
         self.transcript.add(turn_record(result, kind=kind, timer=timer, started_at=started_at))
         self._changed()
@@ -481,8 +502,14 @@ class Session:
         """
         carried_over = False
         for attempt in (1, 2, 3):
-            # A container made just now, or one verified on the retry, needs no check.
-            unverified = attempt == 1 and self.container is not None and not self._reattaching
+            # A container made just now, or one verified on the retry, needs no check; a local one is
+            # checked first (in-process, no latency to hide), since its stream starts before it runs.
+            unverified = (
+                attempt == 1
+                and self.container is not None
+                and not self._reattaching
+                and self.backend.name not in CHECKED_FIRST
+            )
             container, notices = await self.ensure_container(verify=not unverified)
             if self._restore_from is not None:
                 notices.extend(await self._restore_state(container, options))

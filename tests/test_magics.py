@@ -315,3 +315,16 @@ def test_sdk_failures_become_backend_errors_saying_who_what_and_what_to_do(monke
     message = failed.value.message
     assert message.startswith(f"Could not reach OpenAI at http://127.0.0.1:{port}/v1/containers")
     assert "while creating a container. Check the network and OPENAI_BASE_URL." in message
+
+
+def test_ci_files_shows_every_size_and_who_wrote_each_file(shell, capsys) -> None:
+    shell.run_cell_magic(
+        "ci", "-q", "Load the numbers 1..100, plot their squares and save the table as squares.csv"
+    )
+    shell.run_cell_magic("ci_exec", "-q", "open('/mnt/data/mine.txt', 'w').write('hello')")
+    capsys.readouterr()
+    shell.run_line_magic("ci_files", "")
+    rows = {line.split()[0]: line.split()[1:4] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["mine.txt"][:3] == ["5", "B", "notebook"], "written by %%ci_exec: the user's file"
+    assert rows["squares.csv"][2] == "model" and rows["squares.csv"][1] == "B"
+    assert all(cells[0] != "?" for cells in rows.values()), rows
