@@ -84,6 +84,7 @@ def test_a_folder_put_on_sys_path_after_it_was_chosen_receives_nothing(tmp_path:
         'import os, sys\nos.makedirs("results", exist_ok=True)\n'
         'sys.path.insert(0, os.path.abspath("results"))',
         TROJAN,
+        "%ci_pull seaborn.py",
         IMPORT_CHECK,
     ]
     with kernel_env(**local_env()):
@@ -91,7 +92,9 @@ def test_a_folder_put_on_sys_path_after_it_was_chosen_receives_nothing(tmp_path:
     assert not errors_of(notebook.cells[1]), output_text(notebook.cells[1])
     attack = output_text(notebook.cells[3])
     assert "planted" in attack and "Not saved" in attack and "is refused" in attack, attack
-    assert "clean" in output_text(notebook.cells[4]), output_text(notebook.cells[4])
+    pull = output_text(notebook.cells[4])
+    assert errors_of(notebook.cells[4]) and "is refused" in pull and "Traceback" not in pull, pull
+    assert "clean" in output_text(notebook.cells[5]), output_text(notebook.cells[5])
     assert not (tmp_path / "results" / "seaborn.py").exists()
 
 
