@@ -139,6 +139,51 @@ def test_system_v_shared_memory_is_capped_in_the_sandbox(attacker: Attacker) -> 
     assert stdout(attacker.execute("print('still here')")) == "still here\n"
 
 
+def test_memory_queued_in_sockets_counts_against_the_budget(attacker: Attacker) -> None:
+    """Kernel memory no process shows: data written into socket pairs nobody reads."""
+    attacker.start(execution_timeout=60)
+    attacker.create("1g")
+    events = attacker.execute(
+        textwrap.dedent(
+            """
+            import os, socket, time
+            def hoard(most):
+                pairs, held = [], 0
+                try:
+                    while held < most:
+                        a, b = socket.socketpair()
+                        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 2**20)
+                        a.setblocking(False)
+                        try:
+                            while True:
+                                held += a.send(b"q" * 65536)
+                        except BlockingIOError:
+                            pass
+                        pairs.append((a, b))
+                except OSError:  # out of descriptors
+                    pass
+                return pairs, held
+            children = []
+            for n in range(4):  # up to 1.5 GiB each, 6 GiB in all
+                pid = os.fork()
+                if pid == 0:
+                    pairs, held = hoard(1536 * 2**20)
+                    print("held", held // 2**20, flush=True)
+                    time.sleep(3)
+                    os._exit(0)
+                children.append(pid)
+            for pid in children:
+                os.waitpid(pid, 0)
+            """
+        ),
+        timeout=50,
+    )
+    held = sum(int(line.split()[1]) for line in stdout(events).splitlines() if line.startswith("held"))
+    assert held <= 1536, f"{held} MiB queued in sockets by a 1g container"
+    assert any("queued in sockets" in e.get("value", "") + e.get("text", "") for e in events), events
+    assert stdout(attacker.execute("print('back')")) == "back\n"
+
+
 def test_filling_tmp_shm_and_home_stops_within_the_memory_tier(attacker: Attacker) -> None:
     attacker.start()
     attacker.create("1g")

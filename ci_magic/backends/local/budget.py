@@ -32,8 +32,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,10 +53,10 @@ __all__ = [
     "Watchdog",
     "cpu_seconds",
     "data_usage",
+    "enter_sandbox",
     "format_size",
     "is_running",
     "kill_all_but",
-    "limit_ipc",
     "parse_size",
     "runnable_threads",
     "start_time",
@@ -301,11 +304,12 @@ class MemoryUse:
     largest: int | None = None  # the process holding the most
     largest_bytes: int = 0
     memfd: int = 0  # memfd files (shared memory no mount shows), counted apart from mappings
+    sockets: int = 0  # queued in the sandbox's sockets (kernel memory)
     members: tuple[int, ...] = ()  # the processes counted
 
     @property
     def total(self) -> int:
-        return self.processes + self.tmpfs + self.memfd
+        return self.processes + self.tmpfs + self.memfd + self.sockets
 
 
 def _status_bytes(pid: int) -> int | None:
@@ -376,11 +380,16 @@ def memfd_bytes(pids: Sequence[int]) -> dict[int, int]:
 
 
 def memory_use(
-    tree: SandboxTree, tmpfs_sizes: Sequence[int], budget: int, memfd: dict[int, int] | None = None
+    tree: SandboxTree,
+    tmpfs_sizes: Sequence[int],
+    budget: int,
+    memfd: dict[int, int] | None = None,
+    sockets: int = 0,
 ) -> MemoryUse:
     """What the tree holds: a cheap upper bound first, the exact (proportional) sum only near the budget.
 
-    ``memfd``: what :func:`memfd_bytes` found (measured less often: it lists every descriptor).
+    ``memfd`` and ``sockets``: what :func:`memfd_bytes` and :func:`socket_buffer_bytes` found
+    (measured less often).
     """
     members = tree.members()
     tmpfs = tmpfs_bytes(tree.tmpfs_root(), tmpfs_sizes)
@@ -388,14 +397,14 @@ def memory_use(
     in_files = sum(files.values())
     rough = {pid: size for pid in members if (size := _status_bytes(pid)) is not None}
     sizes: dict[int, int] = rough
-    if sum(rough.values()) + tmpfs + in_files > budget:
+    if sum(rough.values()) + tmpfs + in_files + sockets > budget:
         exact = {pid: _proportional_bytes(pid) for pid in rough}
         sizes = {pid: exact_size if (exact_size := exact[pid]) is not None else rough[pid] for pid in rough}
     # The process to kill first holds the most, its memfd files included.
     holding = {pid: size + files.get(pid, 0) for pid, size in sizes.items()}
     largest = max(holding, key=holding.__getitem__, default=None)
     largest_bytes = holding.get(largest, 0) if largest else 0
-    return MemoryUse(sum(sizes.values()), tmpfs, largest, largest_bytes, in_files, tuple(members))
+    return MemoryUse(sum(sizes.values()), tmpfs, largest, largest_bytes, in_files, sockets, tuple(members))
 
 
 # ----------------------------------------------------------------------------------------- disk
@@ -465,6 +474,8 @@ class Watched:
     _next_disk: float = 0.0
     _killed: tuple[int, int | None] | None = None  # the process killed last (pid, start time)
     _memfd: dict[int, int] = field(default_factory=dict)
+    diag: socket.socket | None = None  # sock_diag in the sandbox's network namespace
+    _sockets: int = 0
     _ticks: int = 0
     _alone: bool = False  # the last check found no process but the kernel
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -558,7 +569,9 @@ class Watchdog:
         tree = item.tree
         if item._ticks % MEMFD_EVERY == 1:
             item._memfd = memfd_bytes(tree.members())
-        use = memory_use(tree, item.tmpfs_sizes, item.memory_budget, item._memfd)
+            if item.diag is not None:
+                item._sockets = socket_buffer_bytes(item.diag) or 0
+        use = memory_use(tree, item.tmpfs_sizes, item.memory_budget, item._memfd, item._sockets)
         item.peak_memory = max(item.peak_memory, use.total)
         item._alone = set(use.members) <= {tree.kernel_pid, tree.reaper_pid}
         if use.total <= item.memory_budget or use.largest is None:
@@ -567,6 +580,7 @@ class Watchdog:
         if item._killed is not None and start_time(item._killed[0]) == item._killed[1]:
             return  # the process killed last is still releasing its memory
         memfd = f", {format_size(use.memfd)} in memfd files" if use.memfd else ""
+        memfd += f", {format_size(use.sockets)} queued in sockets" if use.sockets > MIB else ""
         held = (
             f"{format_size(use.total)} ({format_size(use.processes)} in processes, "
             f"{format_size(use.tmpfs)} in /tmp, /dev/shm and home{memfd})"
@@ -605,47 +619,134 @@ def watchdog() -> Watchdog:
 
 MESSAGE_QUEUES = 16  # System V message queues per sandbox (16 KiB each by default)
 NS_GET_USERNS = 0xB701  # ioctl on a namespace file: the user namespace that owns it
+# sock_diag (linux/sock_diag.h, unix_diag.h, inet_diag.h)
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+UDIAG_SHOW_MEMINFO = 0x20
+UNIX_DIAG_MEMINFO = 5
+INET_DIAG_SKMEMINFO = 7
+INET_KINDS = ((socket.AF_INET, socket.IPPROTO_TCP), (socket.AF_INET6, socket.IPPROTO_TCP),
+              (socket.AF_INET, socket.IPPROTO_UDP), (socket.AF_INET6, socket.IPPROTO_UDP))  # fmt: skip
 
 
-def limit_ipc(pid: int, shm_bytes: int) -> str | None:
-    """Cap System V shared memory and message queues in the IPC namespace of sandbox process ``pid``.
+SANDBOX_HELPER = r"""
+import os, socket, sys
+shm, pages, queues, back = map(int, sys.argv[1:5])
+for name, value in (("shmmax", shm), ("shmall", pages), ("msgmni", queues)):
+    with open("/proc/sys/kernel/" + name, "w") as limit:
+        limit.write(str(value))
+diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4)  # NETLINK_SOCK_DIAG, in this netns
+socket.send_fds(socket.socket(fileno=back), [b"d"], [diag.fileno()])
+"""
+
+
+def enter_sandbox(pid: int, shm_bytes: int) -> tuple[socket.socket | None, str | None]:
+    """Cap System V IPC in the sandbox of process ``pid``; get a socket-diagnostics socket in its netns.
 
     A System V segment outlives every process that attached it and shows in no process's memory
-    and on no mount: nothing the watchdog reads. The only hold is the IPC namespace's own limits,
-    which the host sets by entering the sandbox's user and IPC namespaces (``nsenter``; the
-    helper stays in the host's PID and mount namespaces, out of the sandbox's sight). Returns
-    why it could not, or None.
+    and on no mount, and socket buffers are kernel memory no process shows either: neither is
+    anything the watchdog could read from /proc. So a helper (this host's own Python, in the
+    host's PID and mount namespaces, out of the sandbox's sight) enters the sandbox's IPC and
+    network namespaces through the user namespace that owns them, caps System V shared memory
+    and message queues there, and hands back a NETLINK_SOCK_DIAG socket bound to the sandbox's
+    network namespace, through which :func:`socket_buffer_bytes` reads what its sockets hold.
+    Returns the socket (or None) and why something could not be done (or None).
     """
     nsenter = shutil.which("nsenter", path="/usr/bin:/bin:/usr/sbin:/sbin")
     if nsenter is None:
-        return "nsenter (util-linux) is not installed"
-    pages = max(1, shm_bytes // PAGE)
-    script = (
-        f"echo {shm_bytes} > /proc/sys/kernel/shmmax && echo {pages} > /proc/sys/kernel/shmall"
-        f" && echo {MESSAGE_QUEUES} > /proc/sys/kernel/msgmni"
-    )
-    ipc = owner = -1
+        return None, "nsenter (util-linux) is not installed"
+    fds: list[int] = []
+    ours, theirs = socket.socketpair()
     try:
         ipc = os.open(f"/proc/{pid}/ns/ipc", os.O_RDONLY | os.O_CLOEXEC)
-        # The user namespace that owns the IPC namespace (bwrap nests another one below it for
-        # the kernel, which holds no capability over the IPC namespace).
+        fds.append(ipc)
+        net = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        fds.append(net)
+        # The user namespace that owns them (bwrap nests another one below it for the kernel,
+        # which holds no capability over them).
         owner = fcntl.ioctl(ipc, NS_GET_USERNS)
+        fds.append(owner)
         enter = [nsenter, "--preserve-credentials", f"--user=/proc/self/fd/{owner}"]
-        enter.append(f"--ipc=/proc/self/fd/{ipc}")
+        enter += [f"--ipc=/proc/self/fd/{ipc}", f"--net=/proc/self/fd/{net}"]
+        limits = [str(shm_bytes), str(max(1, shm_bytes // PAGE)), str(MESSAGE_QUEUES), str(theirs.fileno())]
         done = subprocess.run(
-            [*enter, "/bin/sh", "-c", script],
-            env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=10, check=False,
-            pass_fds=(ipc, owner),
+            [*enter, sys.executable, "-I", "-S", "-c", SANDBOX_HELPER, *limits],
+            env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=20, check=False,
+            pass_fds=(*fds, theirs.fileno()),
         )  # fmt: skip
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines()
+            return None, lines[-1] if lines else f"exit {done.returncode}"
+        ours.settimeout(5)
+        _, received, _, _ = socket.recv_fds(ours, 1, 1)
+        if not received:
+            return None, "the helper sent no socket"
+        return socket.socket(fileno=received[0]), None
     except (OSError, subprocess.TimeoutExpired) as err:
-        return str(err)
+        return None, str(err)
     finally:
-        for fd in (ipc, owner):
-            if fd >= 0:
-                os.close(fd)
-    if done.returncode != 0:
-        return done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-    return None
+        for fd in fds:
+            os.close(fd)
+        ours.close()
+        theirs.close()
+
+
+def socket_buffer_bytes(diag: socket.socket) -> int | None:
+    """Bytes queued in every socket of the sandbox's network namespace (UNIX, TCP and UDP).
+
+    Asked through sock_diag with per-socket memory information: receive and send queues as
+    the kernel accounts them (a UNIX stream charges its data to the sender's send buffer).
+    """
+    total = 0
+    for family, protocol in ((socket.AF_UNIX, 0), *INET_KINDS):
+        if family == socket.AF_UNIX:
+            # struct unix_diag_req: family, protocol, pad, states, ino, show, cookie[2]
+            request = struct.pack("=BBHIIIII", family, 0, 0, 0xFFFFFFFF, 0, UDIAG_SHOW_MEMINFO, 0, 0)
+        else:
+            # struct inet_diag_req_v2: family, protocol, ext, pad, states, inet_diag_sockid (48 bytes)
+            ext = 1 << (INET_DIAG_SKMEMINFO - 1)
+            request = struct.pack("=BBBBI", family, protocol, ext, 0, 0xFFFFFFFF) + bytes(48)
+        flags = NLM_F_REQUEST | NLM_F_DUMP
+        header = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, flags, 1, 0)
+        try:
+            diag.send(header + request)
+            found = _diag_memory(diag, UNIX_DIAG_MEMINFO if family == socket.AF_UNIX else INET_DIAG_SKMEMINFO,
+                                 16 if family == socket.AF_UNIX else 72)  # fmt: skip
+        except OSError:
+            return None
+        if found is None:
+            return None
+        total += found
+    return total
+
+
+def _diag_memory(diag: socket.socket, attribute: int, message_size: int) -> int | None:
+    """Read one sock_diag dump; the sum of each socket's SK_MEMINFO queues."""
+    total = 0
+    while True:
+        data = diag.recv(1 << 16)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind, _, _, _ = struct.unpack_from("=IHHII", data, offset)
+            if length < 16:
+                return None
+            if kind == NLMSG_DONE:
+                return total
+            if kind == NLMSG_ERROR:
+                return None if struct.unpack_from("=i", data, offset + 16)[0] != -errno.ENOENT else total
+            at = offset + 16 + message_size
+            end = offset + length
+            while at + 4 <= end:
+                size, attr = struct.unpack_from("=HH", data, at)
+                if size < 4:
+                    break
+                if attr == attribute and size >= 4 + 4 * 6:
+                    memory = struct.unpack_from("=6I", data, at + 4)
+                    # rmem_alloc, rcvbuf, wmem_alloc, sndbuf, fwd_alloc, wmem_queued
+                    total += memory[0] + memory[2] + memory[5]
+                at += (size + 3) & ~3
+            offset += (length + 3) & ~3
 
 
 # ---------------------------------------------------------------------------------- cgroup v2
