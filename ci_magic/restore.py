@@ -84,7 +84,7 @@ def plan_restore(blocks: Sequence[CallEntry], *, time_limit: float) -> RestorePl
     if recorded > time_limit:
         return RestorePlan(
             blocks,
-            f"In-memory state was not restored: the earlier code took {recorded:.0f} s to run, over "
+            f"In-memory state was not restored: the earlier code took {recorded:.1f} s to run, over "
             f"restore_time_limit ({time_limit:g} s). Re-run what you need, or raise "
             "%config CodeInterpreter.restore_time_limit.",
         )

@@ -13,6 +13,7 @@ gets re-run). The interface only grows: new fields get defaults, readers ignore 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -210,6 +211,21 @@ def _cut(text: str, keep: int) -> str:
     return f"{text[:half]}\n[... {len(text) - keep:,} characters left out ...]\n{text[-half:]}"
 
 
+_TRACEBACK = "Traceback (most recent call last)"
+_EXCEPTION_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)\b.*)$", re.MULTILINE
+)
+
+
+def _traceback_in(logs: str) -> str | None:
+    """The exception a call's printed output ends on, for backends that report a raised call only as
+    text (OpenAI's code_interpreter marks it completed, with the traceback in its logs)."""
+    if _TRACEBACK not in logs:
+        return None
+    found = _EXCEPTION_LINE.findall(logs[logs.rindex(_TRACEBACK) :])
+    return found[-1].strip() if found else "an exception (see its output)"
+
+
 class CallTimer:
     """Measures each call's execution time from the turn's events (running -> completed|failed)."""
 
@@ -240,13 +256,15 @@ def turn_record(
         if not call.code.strip():
             continue
         error = call.error
+        logs = call.logs
+        raised = f"{error.name}: {error.value}" if error is not None else _traceback_in(logs)
         calls.append(
             CallEntry(
                 code=call.code,
-                ok=call.status == "completed" and error is None,
+                ok=call.status == "completed" and raised is None,
                 container_id=call.container_id or result.container_id,
-                output=_cut(call.logs, OUTPUT_KEEP_CHARS),
-                error=f"{error.name}: {error.value}"[:500] if error is not None else None,
+                output=_cut(logs, OUTPUT_KEEP_CHARS),
+                error=raised[:500] if raised is not None else None,
                 seconds=(timer.seconds.get(call.call_id) if timer is not None else None),
                 call_id=call.call_id,
             )
