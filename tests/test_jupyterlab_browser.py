@@ -144,6 +144,8 @@ def visit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Visit]:
             logs=ARTIFACTS,
             kernel_env={
                 "OPENAI_API_KEY": "test",
+                # The kernel imports ci_magic from this checkout, whatever else is installed.
+                "PYTHONPATH": str(REPO),
                 "OPENAI_BASE_URL": model.url,
                 "CI_MAGIC_BACKEND": None,
                 "CI_MAGIC_OUTPUT_DIR": None,
