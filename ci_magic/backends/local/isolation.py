@@ -486,8 +486,9 @@ class Launch:
         """As root: map uid/gid 1000 of bwrap's new user namespace to the container's host uid.
 
         Host root stays mapped as the namespace's root only for bwrap's own setup (it creates
-        the mount points); bwrap switches to uid 1000 and drops every capability before the
-        launcher starts, and no_new_privs plus nosuid mounts keep anything from going back.
+        the mount points as root); ``setpriv`` then switches to uid 1000 and empties every
+        capability set before the launcher starts, and no_new_privs plus nosuid mounts keep
+        anything from going back.
         """
         if self.info_fd is None or self.release_fd is None or self.user is None:
             return
