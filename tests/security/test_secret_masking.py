@@ -28,6 +28,7 @@ def test_keys_and_headers_are_used_but_never_shown_or_saved(chat_server, tmp_pat
     api_key = f"sk-canary-{secrets.token_hex(12)}"
     header_token = f"canary-header-{secrets.token_hex(12)}"
     typo_secret = f"canary-typo-{secrets.token_hex(12)}"
+    gateway_token = f"canary-gateway-{secrets.token_hex(12)}"  # set, unused here: still never shown
     server = chat_server(quickstart, api_key=api_key)
     env = {
         "OPENAI_API_KEY": None,
@@ -37,6 +38,7 @@ def test_keys_and_headers_are_used_but_never_shown_or_saved(chat_server, tmp_pat
         "CI_MAGIC_MODEL": None,
         "CI_MAGIC_MODEL_API_KEY": api_key,
         "CI_MAGIC_EXTRA_HEADERS": json.dumps({"X-Gateway-Token": header_token, "x-model": "m"}),
+        "CI_MAGIC_GATEWAY_TOKEN": gateway_token,
         "PYTHONPATH": str(REPO),
     }
     cells = [
@@ -57,7 +59,7 @@ def test_keys_and_headers_are_used_but_never_shown_or_saved(chat_server, tmp_pat
     with kernel_env(**env):
         notebook = run_cells(cells, tmp_path, timeout=180, save_as="analysis.ipynb")
     saved = (tmp_path / "analysis.ipynb").read_text()
-    for secret in (api_key, header_token):
+    for secret in (api_key, header_token, gateway_token):
         assert secret not in saved, f"a secret from the environment is in the saved notebook: {secret[:12]}"
     outputs = json.dumps([cell.get("outputs", []) for cell in nbformat.reads(saved, as_version=4).cells])
     assert typo_secret not in outputs, "a mistyped secret was echoed in an error"
