@@ -67,7 +67,7 @@ def errors_of(cell) -> list:
     return [o for o in cell.outputs if o.output_type == "error"]
 
 
-def assert_sparse_attack_contained(notebook, attack_index: int) -> None:
+def assert_sparse_attack_contained(notebook, attack_index: int, *, size_reported: bool = True) -> None:
     attack = notebook.cells[attack_index]
     text = output_text(attack)
     assert "planted" in text and str(SPARSE_BYTES) in text, f"the sandbox could not plant the files: {text}"
@@ -78,6 +78,9 @@ def assert_sparse_attack_contained(notebook, attack_index: int) -> None:
     assert not any(name.endswith(".part") or ".part" in name for name in outcome["saved"]), outcome
     # The user is told, in one line each, which setting would take the files.
     assert text.count("download_size_cap") >= 2, text
+    # Refused on the size the container reported, before a byte was read (else cut while streaming).
+    refused_early = set(re.findall(r"Not saved: (\S+) is 1\.5 GB, over the", text))
+    assert len(refused_early) == (2 if size_reported else 0), text
 
 
 def test_sparse_files_cost_the_local_notebook_neither_memory_nor_disk(tmp_path: Path) -> None:
@@ -112,7 +115,7 @@ def test_a_server_that_hides_file_sizes_is_cut_off_at_the_cap(openai_server, tmp
     cells = ["%load_ext ci_magic", "%%ci_exec\nprint('ready')", PEAK_BEFORE, SPARSE_ATTACK, PEAK_GROWTH]
     with kernel_env(**openai_env(openai_server.url, CI_MAGIC_DOWNLOAD_SIZE_CAP=None)):
         notebook = run_cells(cells, tmp_path, timeout=300)
-    assert_sparse_attack_contained(notebook, 3)
+    assert_sparse_attack_contained(notebook, 3, size_reported=False)
     downloads = [r for r in openai_server.requests if r.path.endswith("/content")]
     assert len(downloads) == 2, "both files were tried, and refused while streaming"
 
