@@ -216,7 +216,9 @@ class Session:
         (a gateway kernel this process did not start)."""
         adopt = getattr(self.backend, "adopt", None) if reattaching else None
         if adopt is not None:
-            adopted: ContainerInfo | None = await adopt(container_id)
+            adopted: ContainerInfo | None = await adopt(
+                container_id, expires_after_minutes=self.expires_after_minutes, memory_limit=self.memory_limit
+            )
             return adopted
         return await self.backend.get_container(container_id)
 

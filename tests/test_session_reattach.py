@@ -26,6 +26,7 @@ from nbclient import NotebookClient
 from nbclient.util import run_sync
 from nbformat.v4 import new_code_cell, new_notebook
 
+from tests.gateway_support import KernelGateway, gateway_available
 from tests.notebook_support import kernel_env, openai_env, output_text
 
 pytestmark = pytest.mark.slow
@@ -234,3 +235,47 @@ def test_reset_forgets_the_saved_state(tmp_path: Path) -> None:
     assert seen["2"], "saved after the first turn"
     assert not seen["3"], "%ci_reset forgot it"
     nbformat.validate  # noqa: B018  (nbformat is what run_cells builds on)
+
+
+@pytest.mark.skipif(not gateway_available(), reason="jupyter_kernel_gateway is not installed")
+def test_gateway_restart_reattaches_to_the_same_kernel_with_its_memory(tmp_path: Path) -> None:
+    with KernelGateway(tmp_path / "gateway", token="reattach-test-token") as gateway:
+        env = {
+            "OPENAI_API_KEY": None,
+            "AZURE_OPENAI_API_KEY": None,
+            "CI_MAGIC_BACKEND": "gateway",
+            "CI_MAGIC_MODEL_BASE_URL": None,
+            "CI_MAGIC_GATEWAY_URL": gateway.url,
+            "CI_MAGIC_GATEWAY_TOKEN": "reattach-test-token",
+            "CI_MAGIC_GATEWAY_KERNEL_NAME": None,
+            "JUPYTER_DATA_DIR": str(tmp_path / "jupyter-data"),
+            "JPY_SESSION_NAME": str(tmp_path / "gateway.ipynb"),
+            "PYTHONPATH": str(REPO),
+        }
+        cells = [
+            "%load_ext ci_magic",
+            "%%ci_exec\ntotal = 6\nwith open('made.txt', 'w') as f:\n    f.write('x')",
+            "print(_ci.container_id)",
+            RESTART,
+            "%load_ext ci_magic",
+            "%%ci_exec\nprint('still here:', total)",  # 4: reattached, memory intact
+            "%%ci_exec\nprint('and then:', total)",
+        ]
+        with kernel_env(**env):
+            notebook = run_with_restarts(cells, tmp_path)
+        left = gateway.kernel_ids()
+        saved = state_files(tmp_path / "jupyter-data")
+        state_text = saved[0].read_text() if saved else ""
+    texts = [output_text(cell) for cell in notebook]
+    kernel_id = texts[2].strip().splitlines()[-1]
+    after = notebook[4]
+    assert not errors_of(after), texts[4]
+    assert (
+        f"Reattached to container {kernel_id} after the kernel restart; the conversation continues."
+        in texts[4]
+    )
+    assert "still here: 6" in texts[4] and "re-ran" not in texts[4], "the gateway kept its memory"
+    assert "made.txt" not in "".join(texts[4:]), "its files are known again, not new to this turn"
+    print(f"gateway: reattach cell {seconds_of(after):.2f} s, next cell {seconds_of(notebook[5]):.2f} s")
+    assert kernel_id not in left, "the final shutdown deleted the kernel as before"
+    assert "reattach-test-token" not in state_text and gateway.url not in state_text

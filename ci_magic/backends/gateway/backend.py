@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -73,6 +74,7 @@ START_TIMEOUT = 180.0  # a new kernel on a busy gateway (or a pod being schedule
 POLL = 0.25
 SILENCE_CHECK = 3.0  # seconds without a message before asking the gateway whether the kernel still exists
 MAX_DROPS = 3  # reconnects one file transfer may need before it gives up
+_KERNEL_ID = re.compile(r"[A-Za-z0-9-]{1,64}")  # a gateway kernel id, safe in a URL path
 
 Progress = Callable[[str, int, int], None]
 """``progress(name, bytes_done, bytes_total)`` during a file transfer."""
@@ -229,6 +231,44 @@ class GatewayBackend:
         if await self.client.get_kernel(container_id) is None:
             await self._forget(kernel)
             return None
+        return kernel.info()
+
+    async def adopt(
+        self, container_id: str, *, expires_after_minutes: int = 20, memory_limit: str = "1g"
+    ) -> ContainerInfo | None:
+        """A kernel this backend did not start: the session's own, from before the notebook's kernel
+        restarted (the gateway kept it, with its memory). Connects, learns its data folder and files;
+        None when the gateway no longer has it."""
+        if container_id in self._kernels:
+            return await self.get_container(container_id)
+        if not _KERNEL_ID.fullmatch(container_id) or await self.client.get_kernel(container_id) is None:
+            return None
+        now = int(self._clock())
+        kernel = _Kernel(
+            id=container_id,
+            name="",
+            created_at=now,
+            last_active_at=now,
+            expires_after_minutes=expires_after_minutes,
+            memory_limit=memory_limit,
+            channels=KernelChannels(self.client, container_id),
+        )
+        try:
+            await kernel.channels.connect(timeout=START_TIMEOUT)
+            answer = await self._io(kernel, {"op": "setup", "folder": _folder_name(container_id)})
+        except KernelGone:
+            await kernel.channels.close()
+            return None
+        except BaseException:
+            await kernel.channels.close()
+            raise
+        root = answer.get("root")
+        if not isinstance(root, str) or not root.startswith("/"):
+            await kernel.channels.close()
+            raise BackendError("The gateway kernel did not report its data folder.")
+        kernel.data_dir = root
+        self._kernels[kernel.id] = kernel
+        await self.list_files(kernel.id)
         return kernel.info()
 
     async def delete_container(self, container_id: str) -> None:
