@@ -259,15 +259,22 @@ class Session:
             self.conversation.notes.append(RECREATED_NOTE)
             return [Notice(plan.skip, level="warning")]
         started = time.time()
-        outcome = await run_restore(
-            self.backend,
-            container.id,
-            plan.blocks,
-            model=(options.model if options else "") or self.model,
-            instructions=(options.instructions if options else "") or self.instructions,
-            extra_headers=dict(options.extra_headers or {}) if options else None,
-        )
-        listing = await self.backend.list_files(container.id)
+        try:
+            outcome = await run_restore(
+                self.backend,
+                container.id,
+                plan.blocks,
+                model=(options.model if options else "") or self.model,
+                instructions=(options.instructions if options else "") or self.instructions,
+                extra_headers=dict(options.extra_headers or {}) if options else None,
+            )
+        except asyncio.CancelledError:
+            self._restore_from = old  # Ctrl-C: the next turn restores again, from the start
+            raise
+        try:
+            listing = await self.backend.list_files(container.id)
+        except CIError:
+            listing = []  # the count of files back is only for the summary line
         fresh = [f for f in listing if f.id not in self._seen_files and f.source != "user"]
         self._seen_files.update(f.id for f in listing)
         files = [f for f in fresh if not _is_show_image(f)]

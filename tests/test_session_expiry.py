@@ -80,7 +80,9 @@ def test_both_refusals_the_cell_still_answers_with_the_conversation_carried_over
     assert isinstance(last["input"], str), "and the transcript is not sent a second time"
 
 
-def test_a_chain_the_server_still_accepts_keeps_the_chain(openai_server, tmp_path: Path) -> None:
+def test_a_chain_the_server_still_accepts_is_kept_and_the_model_is_told_what_came_back(
+    openai_server, tmp_path: Path
+) -> None:
     cells = ["%load_ext ci_magic", SQUARES, "print(_ci.container_id)", "%%ci\nWhat is in /mnt/data now?"]
     env = openai_env(openai_server.url, JUPYTER_DATA_DIR=str(tmp_path / "jupyter-data"))
     with kernel_env(**env):
@@ -90,3 +92,6 @@ def test_a_chain_the_server_still_accepts_keeps_the_chain(openai_server, tmp_pat
     assert "carried over" not in output_text(after)
     last = responses(openai_server)[-1].json
     assert last["previous_response_id"], "the server's chain is the cheaper way to continue"
+    told = str(last["input"])
+    assert "run again there" in told and "df" in told, "the model knows its variables are back"
+    assert "are gone" not in told

@@ -23,7 +23,7 @@ from typing import Any
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from nbclient.util import run_sync
+from nbclient.util import ensure_async, run_sync
 from nbformat.v4 import new_code_cell, new_notebook
 
 from tests.gateway_support import KernelGateway, gateway_available
@@ -60,10 +60,19 @@ def run_with_restarts(cells: Sequence[str], workdir: Path, *, timeout: int = 180
         for number, cell in enumerate(notebook.cells):
             if number in restart_before:
                 assert client.km is not None and client.kc is not None
-                run_sync(client.km.restart_kernel)()
-                run_sync(client.kc.wait_for_ready)(timeout=60)
+                # nbclient's manager and client are the async ones (AsyncKernelManager, AsyncKernelClient).
+                run_sync(ensure_async_call(client.km.restart_kernel))()
+                ready = getattr(client.kc, "wait_for_ready")  # noqa: B009  (typed on the blocking client only)
+                run_sync(ensure_async_call(ready))(timeout=60)
             client.execute_cell(cell, number)
     return list(notebook.cells)
+
+
+def ensure_async_call(method: Any) -> Any:
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        return await ensure_async(method(*args, **kwargs))
+
+    return call
 
 
 def errors_of(cell: Any) -> list:
