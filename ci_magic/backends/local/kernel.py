@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -261,22 +262,26 @@ class LocalKernel:
             await self.kill()
             raise SandboxError(f"The sandbox could not be started ({argv[0]}: {failure or err}).") from err
         self._tree = SandboxTree(self._process.pid, namespaced=isolation.namespaced)
+        deadline = time.monotonic() + setup.startup_timeout
+        # While the kernel starts: cap System V IPC in its namespaces and get a socket-diagnostics
+        # socket there (a helper process, ~20 ms, hidden behind the kernel's own start).
+        entering = (
+            asyncio.create_task(_enter_namespaces(self._tree, limits.sysv_shm_bytes, deadline))
+            if isolation.namespaced
+            else None
+        )
         try:
-            deadline = time.monotonic() + setup.startup_timeout
             await self._connect(isolation.host_uid(setup.user), deadline)
             await self._wait_ready(max(deadline - time.monotonic(), 0.1))
+            diag = await entering if entering is not None else None
         except BaseException:
+            if entering is not None:
+                entering.cancel()
             await self.kill()
             raise
         # Found now, before any code ran: which process is the kernel must not be the code's say.
         if not self._tree.locate():
             log.warning("ci-magic: the sandbox kernel's process was not found; its budget counts all")
-        diag = None
-        if isolation.namespaced and self._tree.kernel_pid is not None:
-            kernel_pid = self._tree.kernel_pid
-            diag, problem = await asyncio.to_thread(enter_sandbox, kernel_pid, limits.sysv_shm_bytes)
-            if problem:
-                log.warning("ci-magic: System V IPC and socket memory of the sandbox not held: %s", problem)
         self._watched = Watched(
             tree=self._tree,
             memory_budget=limits.budget_bytes,
@@ -755,6 +760,22 @@ async def _end_leftovers(kernel: Kernel) -> AsyncIterator[Event]:
             "so the sandbox was restarted: variables and imports are gone, files in /mnt/data are intact.",
             "warning",
         )
+
+
+async def _enter_namespaces(tree: SandboxTree, shm_bytes: int, deadline: float) -> socket.socket | None:
+    """:func:`.budget.enter_sandbox` as soon as the kernel's process exists and shows its namespaces."""
+    problem = "the kernel's process did not appear"
+    while time.monotonic() < deadline:
+        pid = tree.kernel_pid if tree.locate() else None
+        if pid is not None and os.access(f"/proc/{pid}/ns/ipc", os.R_OK):
+            diag, problem_or_none = await asyncio.to_thread(enter_sandbox, pid, shm_bytes)
+            if problem_or_none is None:
+                return diag
+            problem = problem_or_none
+            break
+        await asyncio.sleep(0.005)
+    log.warning("ci-magic: System V IPC and socket memory of the sandbox not held: %s", problem)
+    return None
 
 
 def _kill_survivors(seen: list[tuple[int, int | None]], *, patience: float = 3.0) -> int:
