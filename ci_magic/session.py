@@ -317,7 +317,9 @@ class Session:
         self.turns = turns
         self.model = model
         self._reattaching = container is not None
-        if container is None and transcript.conversation():
+        if previous_response_id is None and transcript.conversation():
+            # No server-side chain (chat backends keep history client-side, and it died with the
+            # kernel): the transcript is the conversation so far.
             self.conversation.messages[:] = transcript.as_messages()
 
     async def reset(self, backend: Backend | None = None) -> None:

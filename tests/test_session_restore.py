@@ -33,6 +33,11 @@ _sandbox._clock = lambda: _time.time() + 3600 * _offset
 """
 
 
+def _summary(text: str) -> str:
+    """The restore's one line (printed with -s: how long restoring took on each backend)."""
+    return next((line for line in text.splitlines() if "re-ran" in line and "<" not in line), "")
+
+
 def errors_of(cell: Any) -> list:
     return [o for o in cell.outputs if o.output_type == "error"]
 
@@ -77,6 +82,7 @@ def test_local_state_comes_back_after_expiry_and_each_rule_holds(tmp_path: Path)
         assert not errors_of(notebook.cells[index]), texts[index]
 
     restored = texts[5]
+    print("local:", _summary(restored))
     assert "after expiry: 42 kept" in restored, "x, bump and y are back, and the file the code wrote"
     assert "re-ran 2 code blocks" in restored and "x, bump, y and 1 file are back" in restored, restored
     assert "this one failed" not in restored
@@ -110,6 +116,7 @@ def test_openai_state_comes_back_in_one_batched_forced_request(openai_server, tm
     text = output_text(after)
     assert not errors_of(after), text
     assert "after expiry: 338350 5050" in text
+    print("openai:", _summary(text))
     assert "re-ran 3 code blocks" in text and "df, fig, ax, total and 1 file are back" in text, text
 
     sent = [r for r in openai_server.requests if r.method == "POST" and r.path == "/v1/responses"]
@@ -148,4 +155,5 @@ def test_gateway_state_comes_back_after_the_kernel_was_culled(tmp_path: Path) ->
     text = output_text(after)
     assert not errors_of(after), text
     assert "after the cull: 6" in text
+    print("gateway:", _summary(text))
     assert "re-ran 1 code block" in text and "frame and 1 file are back" in text, text
