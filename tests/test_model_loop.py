@@ -941,3 +941,36 @@ def test_after_a_forced_first_step_a_python_block_still_runs(chat_server: StartS
 
     assert error is None and sandbox.ran == ["x = 2", "print(x * 21)"]
     assert [r.body["tool_choice"] for r in server.chat_requests][1:] == ["none", "none"]
+
+
+def test_a_fence_runs_even_after_the_model_called_the_tool_natively(chat_server: StartServer) -> None:
+    # Seen on llama-server with SmolLM2: a native call in one cell, a ```python block in the next.
+    fence = "```python\nprint(sum(i**2 for i in range(1, 11)))\n```\n\nThis will output: 100."
+    server = chat_server([Reply.calls("print(385)"), "385.", fence, "It is 385."])
+    sandbox = FakeSandbox()
+    conversation = Conversation()
+
+    run_turn(server, make_request("First", conversation), sandbox)
+    _, error = run_turn(server, make_request("Second", conversation), sandbox)
+
+    assert error is None
+    assert sandbox.ran == ["print(385)", "print(sum(i**2 for i in range(1, 11)))"]
+    assert "100" not in json.dumps(conversation.messages)
+
+
+def test_an_answer_quoting_code_that_already_ran_does_not_run_it_again(chat_server: StartServer) -> None:
+    quoted = "I set x with:\n```python\nx = 1\n```\nand that is all."
+    server = chat_server([Reply.calls("x = 1"), quoted])
+    sandbox = FakeSandbox()
+    conversation = Conversation()
+
+    events, error = run_turn(server, make_request("Set x", conversation), sandbox)
+
+    assert error is None and isinstance(events[-1], Completed)
+    assert sandbox.ran == ["x = 1"]
+    assert any("already ran" in n.text for n in of_type(events, Notice))
+    assert conversation.messages[-1] == {
+        "role": "assistant",
+        "content": "I set x with:\n```python\nx = 1\n```",
+    }
+    assert len(server.chat_requests) == 2

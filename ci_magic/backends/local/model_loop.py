@@ -361,9 +361,7 @@ class ChatModelLoop:
         self._context_tokens = context_tokens
         self._profile: ServerProfile | None = None
         self._served_model: str | None = None
-        self._native_calls_seen = False  # once the model calls the tool natively, fences are prose
         self._tools_off = False  # the server refused tools: calls come as text only
-        self._tools_held_back = False  # this step sends tool_choice "none" in place of a forced choice
 
     @property
     def base_url(self) -> str:
@@ -396,6 +394,12 @@ class ChatModelLoop:
                 async for event in self._stream_step(request, model, turn, step, number=number):
                     yield event
                 usage += step.usage
+                repeated = _repeats_code(step, turn.ran)
+                if repeated is not None:
+                    # A block repeating code that already ran in this turn quotes it: not a new call.
+                    yield CallStatus(repeated, "completed")
+                    yield Notice("The model's answer shows code that already ran; it was not run again.")
+                    step.text_call = None
                 if step.text_call is not None and not told_text_call:
                     told_text_call = True
                     assert step.text_call.text_call is not None
@@ -578,13 +582,11 @@ class ChatModelLoop:
             return options
         options["tools"] = [PYTHON_TOOL]
         choice = self._tool_choice or profile.tool_choice
-        self._tools_held_back = False
         if choice in ("named", "required") and number > 1:
             # Forcing every step would never let the model answer: only the turn's first step is forced.
+            # Where the server cannot leave the choice to the model (llama-cpp-python gets "none"), code
+            # the model writes as a block is how it calls the tool again.
             choice = profile.after_forced
-            # Where the server cannot leave the choice to the model (llama-cpp-python gets "none"),
-            # code the model writes as a block is how it calls the tool again.
-            self._tools_held_back = choice == "none"
         param = tool_choice_param(choice, profile, TOOL_NAME)
         if param is not None:
             options["tool_choice"] = param
@@ -660,10 +662,7 @@ class ChatModelLoop:
                 "write code in ```python blocks instead, and those run as calls.",
                 "warning",
             )
-        fences = self._text_tool_calls and (
-            self._tools_off or self._tools_held_back or not self._native_calls_seen
-        )
-        scanner = TextCallScanner(fences=fences) if self._text_tool_calls else None
+        scanner = TextCallScanner() if self._text_tool_calls else None
         try:
             async with stream:
                 async for chunk in stream:
@@ -764,7 +763,6 @@ class ChatModelLoop:
         if step.segment:
             events.append(TextDone(step.segment))
             step.segment = ""
-        self._native_calls_seen = True
         draft = step.draft_for(getattr(call, "index", None), getattr(call, "id", None))
         function = call.function
         if function is not None and function.name:
@@ -874,6 +872,15 @@ class _LegacyCall:
     function: Any
     index: int = 0
     id: str | None = None
+
+
+def _repeats_code(step: _Step, ran: list[str]) -> str | None:
+    """The call id of a call written as text whose code already ran in this turn, if it is one."""
+    draft = step.text_call
+    if draft is None or draft.text_call is None:
+        return None
+    code = draft.text_call.code.strip()
+    return draft.call_id if code and any(code == earlier.strip() for earlier in ran) else None
 
 
 def _text(step: _Step, text: str) -> list[Event]:
