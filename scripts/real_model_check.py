@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", required=True, help="llama-server's root URL, e.g. http://127.0.0.1:8080")
     parser.add_argument("--out", type=Path, required=True, help="folder for the executed notebook")
     parser.add_argument("--cell-timeout", type=int, default=900, help="seconds one cell may take")
+    parser.add_argument("--read-seconds", type=float, default=15.0, help="pause after %%load_ext")
     args = parser.parse_args(argv)
 
     import os
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 cell.outputs.append({"output_type": "stream", "name": "stderr", "text": "(cell timed out)"})
                 client.km.interrupt_kernel()
             windows.append((started, time.monotonic()))
+            if index == 0:
+                time.sleep(args.read_seconds)  # the user reads a moment: the sandbox pool warms meanwhile
     nbformat.write(notebook, args.out / "real_model_check.ipynb")
 
     print(f"notebook: {args.out / 'real_model_check.ipynb'} (model server {args.server}, via {base_url})")
