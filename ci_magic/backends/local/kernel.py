@@ -29,7 +29,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
@@ -621,7 +621,7 @@ def _memory_notice(breach: Breach) -> Notice:
     )
 
 
-async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) -> AsyncIterator[Event]:
+async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) -> AsyncGenerator[Event, None]:
     """Run ``code`` and yield its outputs, then ``CallStatus(completed|failed)``.
 
     A kernel found dead beforehand is restarted first (with a ``Notice``). If the code outlives

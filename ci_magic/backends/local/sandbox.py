@@ -17,6 +17,7 @@ return a container that answers immediately.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -28,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq.asyncio
 
@@ -128,14 +130,14 @@ class _Container:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> _Container:
-        files = {str(p): _FileRecord(**r) for p, r in dict(data.get("files") or {}).items()}  # type: ignore[arg-type]
+    def from_json(cls, data: dict[str, Any]) -> _Container:
+        files = {str(p): _FileRecord(**r) for p, r in dict(data.get("files") or {}).items()}
         return cls(
             id=str(data["id"]),
             name=str(data["name"]),
-            created_at=int(data["created_at"]),  # type: ignore[arg-type]
-            last_active_at=int(data["last_active_at"]),  # type: ignore[arg-type]
-            expires_after_minutes=int(data["expires_after_minutes"]),  # type: ignore[arg-type]
+            created_at=int(data["created_at"]),
+            last_active_at=int(data["last_active_at"]),
+            expires_after_minutes=int(data["expires_after_minutes"]),
             memory_limit=str(data["memory_limit"]),
             status=str(data["status"]),
             files=files,
@@ -411,7 +413,7 @@ class SandboxManager:
         self._save(container)
         return _as_file(container.id, relative, record)
 
-    async def list_files(self, container_id: str) -> list[ContainerFile]:
+    async def list_files(self, container_id: str) -> builtins.list[ContainerFile]:
         container = await self._known(container_id)
         await asyncio.to_thread(self._sync_files, container)
         return [_as_file(container.id, path, rec) for path, rec in sorted(container.files.items())]
