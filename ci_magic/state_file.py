@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 STATE_VERSION = 1
+_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 MAX_STATE_BYTES = 8 * 1024 * 1024
 STALE_SECONDS = 30 * 24 * 3600  # state files untouched this long are removed when another is saved
 
@@ -83,7 +85,8 @@ class SessionState:
 
 
 def _optional_str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """A saved id: letters, digits, ``_`` and ``-`` only (it goes into URL paths and folder names)."""
+    return value if isinstance(value, str) and _ID.fullmatch(value) else None
 
 
 def state_folder() -> Path:
