@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from jupyter_client.manager import AsyncKernelManager
@@ -42,7 +42,7 @@ from ci_magic.events import Logs
 MB = 1 << 20
 
 
-def p50(values: list[float]) -> float:
+def p50(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
@@ -214,7 +214,7 @@ async def many(root: Path, count: int, isolation: str) -> tuple[float, list[tupl
 async def without_seccomp(root: Path, repeat: int, isolation: str) -> list[float]:
     """Cold create -> print(1) with the filter left out (the only change)."""
     original = Isolation.launch
-    Isolation.launch = functools.partialmethod(original, seccomp=False)  # type: ignore[method-assign]
+    Isolation.launch = functools.partialmethod(original, seccomp=False)  # type: ignore[method-assign,assignment]
     manager = SandboxManager(root / "no-seccomp", pool_size=0, isolation=isolation)
     try:
         await first_print(manager)
