@@ -117,6 +117,7 @@ def _build_local(settings: Settings) -> Backend:
 def _build_gateway(settings: Settings) -> Backend:
     from ci_magic.backends.gateway.backend import GatewayBackend
     from ci_magic.backends.gateway.client import GatewayClient
+    from ci_magic.backends.local.servers import loop_options
 
     return GatewayBackend(
         GatewayClient(settings.gateway_url, token=settings.gateway_token, timeout=settings.request_timeout),
@@ -124,6 +125,7 @@ def _build_gateway(settings: Settings) -> Backend:
         model_client=_chat_model_client(settings),
         model=settings.model or "",
         max_steps=settings.max_steps,
+        loop_options=loop_options(settings),
         execution_timeout=settings.execution_timeout,
         upload_size_cap=settings.upload_size_cap,
     )

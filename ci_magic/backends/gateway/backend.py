@@ -62,6 +62,8 @@ from ci_magic.events import (
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
+    from ci_magic.backends.local.model_loop import ChatModelLoop
+
 __all__ = ["SANDBOX_DATA", "GatewayBackend", "GatewayFile", "Progress"]
 
 SANDBOX_DATA = "/mnt/data"
@@ -157,6 +159,7 @@ class GatewayBackend:
         model_client: AsyncOpenAI | None = None,
         model: str = "",
         max_steps: int = 12,
+        loop_options: dict[str, Any] | None = None,
         execution_timeout: float = 120.0,
         upload_size_cap: int = 512 * 1024 * 1024,
         chunk_bytes: int = CHUNK_BYTES,
@@ -172,6 +175,8 @@ class GatewayBackend:
         self.model_client = model_client
         self.model = model
         self.max_steps = max_steps
+        self.loop_options = dict(loop_options or {})  # ChatModelLoop's settings, as the local backend's
+        self._loop: ChatModelLoop | None = None  # one per backend: it remembers the server's model
         self.execution_timeout = float(execution_timeout)
         self.upload_size_cap = upload_size_cap
         self.chunk_bytes = max(4096, min(chunk_bytes, CHUNK_BYTES * 4))
@@ -375,7 +380,11 @@ class GatewayBackend:
                 f"{kernel.data_dir}, not /mnt/data: it is the working directory, so read and save files "
                 "there with relative names.",
             )
-        loop = ChatModelLoop(self.model_client, model=request.model or self.model, max_steps=self.max_steps)
+        if self._loop is None:
+            self._loop = ChatModelLoop(
+                self.model_client, model=self.model, max_steps=self.max_steps, **self.loop_options
+            )
+        loop = self._loop  # the cell's --model (request.model) wins over the configured one
 
         def run(code: str, call_id: str) -> AsyncIterator[Event]:
             return self.execute(kernel.id, code, call_id=call_id)
