@@ -321,6 +321,13 @@ class Settings(Configurable):
         "the state is not restored (a one-line note says so).",
     ).tag(config=True)
 
+    prices = Dict(
+        {},
+        help="Prices for the cost shown with each turn, merged over ci_magic.costs.DEFAULT_PRICES: "
+        '{"model": {"input": $ per 1M tokens, "output": $ per 1M tokens}, "container": {"1g": $ per '
+        'minute, ..., "minimum_minutes": 5}}. Defaults: OpenAI\'s published prices (see the README).',
+    ).tag(config=True)
+
     download_concurrency = Int(4, help="Files downloaded at once after a turn.").tag(config=True)
 
     max_retries = Int(2, help="Retries (with backoff) of 429, 5xx and connection errors.").tag(config=True)

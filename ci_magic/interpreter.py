@@ -23,9 +23,10 @@ from traitlets import observe
 from ci_magic.backends.factory import BACKEND_SETTINGS, build_backend
 from ci_magic.bridge import run_sync
 from ci_magic.config import Settings
-from ci_magic.errors import CIError, ConfigurationError, Interrupted, for_scripts
+from ci_magic.errors import BackendError, CIError, ConfigurationError, Interrupted, for_scripts
 from ci_magic.events import Notice
 from ci_magic.render.frontend import Frontend, detect_frontend
+from ci_magic.replay import ExportOutcome, ReplayPlan, export_session, ran_as_recorded
 from ci_magic.result import Result
 from ci_magic.session import (
     Session,
@@ -44,6 +45,7 @@ from ci_magic.state_file import (
     resume,
     settings_fingerprint,
 )
+from ci_magic.transcript import TurnEntry, TurnKind
 from ci_magic.variables import transfer
 from ci_magic.variables.progress import default_progress
 from ci_magic.variables.registry import PushRequest
@@ -106,6 +108,7 @@ class CodeInterpreter(Settings):
                     session_id=self.session_id,
                     progress=default_progress,
                     on_change=self._save_state,
+                    registry=self._state_file.new_registry() if self._state_file is not None else None,
                     **settings,
                 )
                 self._resume_saved(self._session)
@@ -185,6 +188,7 @@ class CodeInterpreter(Settings):
         display: bool = True,
         exec_code: str | None = None,
         items: list[PushRequest] | None = None,
+        kind: TurnKind | None = None,
     ) -> Result:
         session = self._get_session()
         options = TurnOptions(
@@ -193,6 +197,7 @@ class CodeInterpreter(Settings):
             new_conversation=new,
             exec_code=exec_code,
             extra_headers=dict(self.extra_headers),
+            kind=kind,
         )
         view: View = SilentView()
         if display:
@@ -204,6 +209,35 @@ class CodeInterpreter(Settings):
         if result.error is not None:
             raise self._for_caller(result.error)
         return result
+
+    # -- reproducing: replay and export ------------------------------------------------------
+
+    def last_turn(self) -> TurnEntry | None:
+        """The session's latest turn that ran code or asked the model (not a restore)."""
+        return self._session.transcript.last("ci", "exec", "replay") if self._session is not None else None
+
+    def replay(self, plan: ReplayPlan, *, quiet: bool = False, display: bool = True) -> Result:
+        """Re-run ``plan``'s recorded code in the current container without asking the model to write
+        any (``replay.py``); rendered and recorded like any turn."""
+        result = self._turn(plan.code, exec_code=plan.code, quiet=quiet, display=display, kind="replay")
+        if not ran_as_recorded(plan, result):
+            error = BackendError(
+                "The replay did not run the recorded code as written (the model changed it while "
+                "copying it), so its outputs are not a reproduction. Run %ci_replay again."
+            )
+            error.result = result
+            raise self._for_caller(error)
+        return result
+
+    def export(self, path: str | Path) -> ExportOutcome:
+        """Write the code this session ran as a plain script (``.py``) or notebook (``.ipynb``), with
+        the pushed inputs beside it (``replay.py``)."""
+        if self._session is None:
+            raise self._for_caller(
+                ConfigurationError("No code has run in this session yet, so there is nothing to export.")
+            )
+        session = self._session
+        return export_session(session.transcript, session.registry, Path(path).expanduser())
 
     # -- variables and files -------------------------------------------------------------------
 
@@ -275,7 +309,7 @@ class CodeInterpreter(Settings):
                 with contextlib.suppress(Exception):
                     self._save_state(ended="restart" if restarting else "shutdown")
             else:
-                self._state_file.forget()  # keyed by this kernel's connection file: never seen again
+                self._state_file.forget(spools=True)  # keyed by this kernel's connection file: gone for good
         session, self._session = self._session, None
         delete = self.delete_container_on_exit and not restarting
         with contextlib.suppress(CIError, RuntimeError, OSError):

@@ -8,6 +8,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -15,9 +16,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ci_magic.errors import CIError, VariableError
+from ci_magic.errors import CIError, ConfigurationError, VariableError
 from ci_magic.interpreter import CodeInterpreter
 from ci_magic.render import reports
+from ci_magic.replay import ReplayPlan, plan_from_entry, plan_from_notebook, plan_from_result, this_notebook
 from ci_magic.result import Result
 from ci_magic.variables.discover import prompt_variables, push_items, resolve_variables
 
@@ -140,6 +142,57 @@ class CIMagics(Magics):
         self._run_turn(
             lambda: self.interpreter.exec(cell, quiet=args.quiet), output=args.output, insert=False
         )
+
+    # -- reproducing ---------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("name", nargs="?", help="A Result bound with -o NAME (default: the last turn).")
+    @argument("--cell", type=int, metavar="N", help="Re-run cell In [N] of the saved notebook (its record).")
+    @argument("--notebook", metavar="PATH", help="The saved notebook --cell reads (default: this one).")
+    @argument("-o", "--output", metavar="NAME", help="Also bind the Result to NAME (it is always in _ci).")
+    @argument("--quiet", "-q", action="store_true", help="Show only the final outputs.")
+    @line_magic
+    def ci_replay(self, line: str) -> None:
+        """Run recorded code again in the current container, without asking the model to write any:
+        the last turn, a bound Result (%ci_replay NAME) or a saved cell (%ci_replay --cell N).
+        Calls that failed are left out. On the openai backend the code goes through one forced run."""
+        args = parse_argstring(self.ci_replay, line)
+        plan = self._replay_plan(args.name, args.cell, args.notebook)
+        print(plan.line())
+        self._run_turn(
+            lambda: self.interpreter.replay(plan, quiet=args.quiet), output=args.output, insert=False
+        )
+
+    def _replay_plan(self, name: str | None, cell: int | None, notebook: str | None) -> ReplayPlan:
+        if name is not None and cell is not None:
+            raise UsageError("Give a Result's name or --cell N, not both.")
+        if cell is not None:
+            path = Path(notebook).expanduser() if notebook else this_notebook(self._user_ns)
+            if path is None:
+                raise ConfigurationError(
+                    "This kernel was not told which notebook file it runs, so --cell cannot find the saved "
+                    "cell. Name the file: %ci_replay --cell N --notebook analysis.ipynb."
+                )
+            return plan_from_notebook(path, cell)
+        if name is not None:
+            value = self._user_ns.get(name)
+            if not isinstance(value, Result):
+                raise VariableError(
+                    f"{name} is not a ci-magic Result. Bind one with %%ci -o {name} (or use _ci, the last "
+                    "one), or re-run a saved cell with %ci_replay --cell N."
+                )
+            return plan_from_result(value, name)
+        return plan_from_entry(self.interpreter.last_turn())
+
+    @magic_arguments()
+    @argument("path", help="Where to write: a .py script or a .ipynb notebook (inputs go beside it).")
+    @line_magic
+    def ci_export(self, line: str) -> None:
+        """Write the code this session ran, in order, as a plain script that runs without the model
+        or ci-magic: pushed inputs beside it, /mnt/data paths pointing at its folder, failed calls
+        as comments."""
+        args = parse_argstring(self.ci_export, line)
+        print(self.interpreter.export(args.path).line())
 
     def _run_turn(self, run: Callable[[], Result], *, output: str | None, insert: bool) -> None:
         """Run a turn and bind its Result to ``_ci`` (and ``output``), also when it failed."""

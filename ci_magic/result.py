@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ci_magic.costs import TurnCost
 from ci_magic.errors import BackendError, CIError
 from ci_magic.events import (
     CallStarted,
@@ -39,6 +41,7 @@ __all__ = [
     "ResultBuilder",
     "SavedFile",
     "TextSegment",
+    "Timings",
 ]
 
 # A call's output longer than twice this is shown as its first and last LOG_KEEP_CHARS characters,
@@ -156,6 +159,16 @@ class SavedFile:
 
 
 @dataclass
+class Timings:
+    """Where a turn's time went, in seconds: from its start to the first code, in the model (the
+    stream's time less the code's), running code. None: not measured (no code, no stream)."""
+
+    first_code: float | None = None
+    model: float | None = None
+    code: float = 0.0
+
+
+@dataclass
 class Result:
     prompt: str
     calls: list[CallRecord] = field(default_factory=list)
@@ -169,6 +182,9 @@ class Result:
     usage: Usage = field(default_factory=Usage)
     wall_time: float = 0.0
     error: CIError | None = None  # why the turn stopped (raised by run()); None: it completed
+    timings: Timings = field(default_factory=Timings)
+    cost: TurnCost | None = None  # the estimate (costs.py), set by the session at the end
+    provenance: dict[str, Any] | None = None  # the record saved with the cell (provenance.py)
 
     @property
     def failed_calls(self) -> list[CallRecord]:
@@ -229,6 +245,13 @@ class ResultBuilder:
         self._calls: dict[str, CallRecord] = {}
         self.segments: list[TextSegment] = []  # the answer's pieces, in order
         self._open: TextSegment | None = None  # the segment text deltas go to now
+        self._origin = time.monotonic()  # the turn's start, for the time to the first code
+        self._stream_span: tuple[float, float] | None = None  # first and latest backend event
+
+    @property
+    def stream_seconds(self) -> float | None:
+        """From the backend's first event to its last (None: nothing streamed)."""
+        return None if self._stream_span is None else self._stream_span[1] - self._stream_span[0]
 
     def call(self, call_id: str) -> CallRecord:
         record = self._calls.get(call_id)
@@ -246,6 +269,12 @@ class ResultBuilder:
 
     def feed(self, event: Event) -> None:
         result = self.result
+        if not isinstance(event, Notice):  # notices also come from the session, before the stream
+            moment = time.monotonic()
+            first = self._stream_span[0] if self._stream_span is not None else moment
+            self._stream_span = (first, moment)
+            if isinstance(event, CallStarted) and result.timings.first_code is None:
+                result.timings.first_code = moment - self._origin
         match event:
             case TurnStarted(response_id=rid, model=model):
                 result.response_id = rid or result.response_id

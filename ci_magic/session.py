@@ -28,6 +28,7 @@ from ci_magic.backends.base import (
     size_text,
 )
 from ci_magic.config import Settings, output_dir_message, output_dir_problem
+from ci_magic.costs import CostLedger
 from ci_magic.errors import (
     BackendError,
     CIError,
@@ -38,6 +39,7 @@ from ci_magic.errors import (
 )
 from ci_magic.events import CallStarted, Event, FileCited, Image, Notice, TextDelta, Usage
 from ci_magic.filenames import download_into, safe_relative_name, save_into
+from ci_magic.provenance import record_turn
 from ci_magic.restore import defined_names, plan_restore, run_restore, summary_line
 from ci_magic.result import LOG_KEEP_CHARS, LogText, Result, ResultBuilder, SavedFile
 from ci_magic.transcript import CallTimer, Transcript, TurnEntry, TurnKind, turn_record
@@ -141,6 +143,7 @@ class Session:
         progress: Callable[[], Progress | None] = lambda: None,
         restore_on_expiry: str = "replay",
         restore_time_limit: float = 60.0,
+        prices: dict[str, Any] | None = None,
         transcript: Transcript | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
@@ -174,9 +177,12 @@ class Session:
         self.restore_time_limit = restore_time_limit
         self.transcript = transcript if transcript is not None else Transcript()
         self.on_change = on_change
+        self.prices = dict(prices or {})  # CodeInterpreter.prices: overrides of costs.DEFAULT_PRICES
+        self.ledger = CostLedger()  # the session's running cost and time totals
         self.model = ""  # the last turn's model: a restore outside a turn (%ci_push) uses it
         self.instructions = ""
         self._restore_from: str | None = None  # the replaced container whose state is still to re-run
+        self._moved_paths: dict[str, str] = {}  # pushed files' paths in the old container -> the new one
         self._reattaching = False  # the container came from a state file: check it and say so once
 
     # -- container lifecycle -------------------------------------------------------------------
@@ -202,6 +208,9 @@ class Session:
                 Notice(f"Container {self.container.id} {state}; started a new one and re-sent your files.")
             )
             self._replaced(self.container.id)
+        old_paths = {
+            e.name: e.path for e in self.registry if self.container and e.in_container(self.container.id)
+        }
         self._seen_files.clear()
         self.container = await self.backend.create_container(
             name=f"ci-magic-{self.session_id}",
@@ -209,6 +218,13 @@ class Session:
             expires_after_minutes=self.expires_after_minutes,
         )
         notices.extend(await self._restore_files(self.container))
+        # OpenAI stores an upload under a new random prefix in each container: recorded code that read
+        # the old path reads the new one when it is re-run.
+        self._moved_paths = {
+            old_paths[e.name]: e.path
+            for e in self.registry
+            if e.name in old_paths and e.in_container(self.container.id) and old_paths[e.name] != e.path
+        }
         return self.container, notices
 
     async def _current(self, container_id: str, reattaching: bool) -> ContainerInfo | None:
@@ -253,7 +269,10 @@ class Session:
         old, self._restore_from = self._restore_from, None
         if old is None:
             return []
-        blocks = self.transcript.code_in(old)
+        blocks = [
+            dataclasses.replace(b, code=_with_paths(b.code, self._moved_paths))
+            for b in self.transcript.code_in(old)
+        ]
         plan = plan_restore(blocks, time_limit=self.restore_time_limit)
         if plan.skip is not None:
             self.conversation.notes.append(RECREATED_NOTE)
@@ -483,7 +502,20 @@ class Session:
         for file_id, data in zip(shown, (d for call in result.calls for d in call.images), strict=False):
             self._sizes[file_id] = len(data)
         kind: TurnKind = options.kind or ("exec" if options.exec_code is not None else "ci")
-        self.transcript.add(turn_record(result, kind=kind, timer=timer, started_at=started_at))
+        entry = self.transcript.add(turn_record(result, kind=kind, timer=timer, started_at=started_at))
+        self.ledger.set_prices(self.prices)
+        container = self.container if self.container and self.container.id == result.container_id else None
+        record_turn(
+            result,
+            entry,
+            builder,
+            backend=self.backend.name,
+            ledger=self.ledger,
+            inputs=list(self.registry),
+            memory_limit=self.memory_limit,
+            container_created_at=float(container.created_at) if container and container.created_at else None,
+            started_at=started_at,
+        )
         self._changed()
         view.finish(result, link_base=link_base)
         return result
@@ -654,6 +686,7 @@ class Session:
             usage=self.usage,
             turns=self.turns,
             conversation=talk.previous_response_id or f"{len(talk.messages)} messages",
+            costs=dataclasses.replace(self.ledger),
         )
 
 
@@ -670,6 +703,7 @@ class Status:
     usage: Usage = dataclasses.field(default_factory=Usage)
     turns: int = 0
     conversation: str = "none yet"
+    costs: CostLedger | None = None  # the session's cost and time totals so far
 
 
 def _displayed_copies_marked(result: Result) -> list[SavedFile]:
@@ -704,6 +738,7 @@ def session_settings(settings: Settings) -> dict[str, Any]:
         "always_push": list(settings.always_push),
         "restore_on_expiry": settings.restore_on_expiry,
         "restore_time_limit": settings.restore_time_limit,
+        "prices": dict(settings.prices),
     }
 
 
@@ -716,6 +751,12 @@ def kernel_session_id() -> str:
     if isinstance(session, str) and session:
         return session.replace("-", "")[:12]
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _with_paths(code: str, moved: dict[str, str]) -> str:
+    for old, new in moved.items():
+        code = code.replace(old, new)
+    return code
 
 
 def _refuses_chain(error: BackendError) -> bool:

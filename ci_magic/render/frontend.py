@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, TextIO
 from ci_magic.render.safe_html import outgoing_bundle
 
 __all__ = [
+    "OUTPUT_METADATA",
     "Frontend",
     "JupyterFrontend",
     "MimeBundle",
@@ -31,6 +32,9 @@ __all__ = [
 ]
 
 MimeBundle = dict[str, Any]
+# Not a mime type: a bundle's output metadata (the turn's provenance). Jupyter sends it as the
+# display's metadata, so it is saved in the .ipynb; other frontends ignore it.
+OUTPUT_METADATA = "ci_magic/output-metadata"
 SlotRole = Literal["status", "stream", "text", "output"]
 
 
@@ -70,7 +74,8 @@ class _JupyterSlot:
         if bundle == self._shown:
             return  # an unchanged update is a wasted message to every connected frontend
         self._shown = bundle
-        self._handle.update(outgoing_bundle(bundle), raw=True)
+        data, metadata = _split_metadata(bundle)
+        self._handle.update(outgoing_bundle(data), raw=True, metadata=metadata)
 
 
 class JupyterFrontend:
@@ -85,8 +90,17 @@ class JupyterFrontend:
     def open(self, bundle: MimeBundle, *, role: SlotRole = "output", final: bool = False) -> Slot:
         from IPython.display import display
 
-        handle = display(outgoing_bundle(bundle), raw=True, display_id=True)
+        data, metadata = _split_metadata(bundle)
+        handle = display(outgoing_bundle(data), raw=True, display_id=True, metadata=metadata)
         return _JupyterSlot(handle, bundle)
+
+
+def _split_metadata(bundle: MimeBundle) -> tuple[MimeBundle, dict[str, Any] | None]:
+    if OUTPUT_METADATA not in bundle:
+        return bundle, None
+    data = {mime: value for mime, value in bundle.items() if mime != OUTPUT_METADATA}
+    metadata = bundle[OUTPUT_METADATA]
+    return data, dict(metadata) if isinstance(metadata, dict) else None
 
 
 # -- terminal --------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
+from ci_magic.costs import dollars
 from ci_magic.errors import Interrupted
 from ci_magic.events import (
     CallStarted,
@@ -51,8 +52,9 @@ from ci_magic.events import (
     ThinkingDelta,
     TurnStarted,
 )
+from ci_magic.provenance import METADATA_KEY
 from ci_magic.render.files import file_bundle, human_size, link_bundle, relative_path
-from ci_magic.render.frontend import Frontend, MimeBundle, Slot, SlotRole
+from ci_magic.render.frontend import OUTPUT_METADATA, Frontend, MimeBundle, Slot, SlotRole
 from ci_magic.render.safe_html import (
     DISPLAYED_MIMES,
     escape,
@@ -118,13 +120,17 @@ class _Status(_Piece):
         self.key: tuple[str, int] | None = None  # (phase, whole seconds) last rendered
         self.text = ""
         self.failed = False
+        self.provenance: dict[str, Any] | None = None  # the turn's record, on the final status line
 
     def bundle(self) -> MimeBundle:
         color = "#b00020" if self.failed else "#666"
-        return {
+        bundle: MimeBundle = {
             "text/html": f'<div style="font-size:0.85em;color:{color}">ci · {escape(self.text)}</div>',
             "text/plain": f"ci: {self.text}",
         }
+        if self.provenance is not None:
+            bundle[OUTPUT_METADATA] = {METADATA_KEY: self.provenance}
+        return bundle
 
 
 class _Highlighter:
@@ -429,6 +435,7 @@ class TurnView:
             shown = [p for p in self._pieces if p is not self._status]
         shown += self._file_pieces(result, link_base)
         self._status.text = self._final_status(result)
+        self._status.provenance = result.provenance
         self._status.failed = result.error is not None or self._ended_on_a_failed_call(result)
         if self._status.slot is None:
             self._status.slot = self._frontend.open(self._status.bundle(), role="status")
@@ -584,6 +591,7 @@ class TurnView:
             parts.append(
                 f"{usage.total_tokens:,} tokens ({usage.input_tokens:,} in, {usage.output_tokens:,} out)"
             )
+        parts.extend(_cost_and_times(result))
         return " · ".join(parts)
 
     def _ended_on_a_failed_call(self, result: Result) -> bool:
@@ -641,6 +649,28 @@ class TurnView:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+
+
+def _cost_and_times(result: Result) -> list[str]:
+    """``~$0.0042`` (tokens and container fee), then where the time went: to the first code, in the
+    model, running code."""
+    parts: list[str] = []
+    cost = result.cost
+    if cost is None:
+        return parts  # not measured: a turn the session did not finish (or no session at all)
+    if cost.tokens is None:
+        parts.append(f"cost: price of {cost.model or 'the model'} unknown (set CodeInterpreter.prices)")
+    else:
+        fee = f" incl. {dollars(cost.container)} container" if cost.container else ""
+        parts.append(f"~{dollars(cost.total)}{fee}")
+    times = result.timings
+    if times.first_code is not None:
+        parts.append(f"first code {times.first_code:.1f} s")
+    if times.model is not None:
+        parts.append(f"model {times.model:.1f} s")
+    if result.calls:
+        parts.append(f"code {times.code:.1f} s")
+    return parts
 
 
 def _local_links(text: str, result: Result, link_base: Path) -> str:

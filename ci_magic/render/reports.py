@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from ci_magic.costs import dollars
 from ci_magic.render.tables import rows_bundle
 
 if TYPE_CHECKING:
@@ -35,6 +36,17 @@ def status_bundle(status: Status) -> dict[str, str]:
     usage = status.usage
     if usage.total_tokens:
         rows.append(("tokens", f"{usage.total_tokens} ({usage.input_tokens} in, {usage.output_tokens} out)"))
+    costs = status.costs
+    if costs is not None:
+        unpriced = f" (+ {costs.unpriced_turns} turn(s) of unknown price)" if costs.unpriced_turns else ""
+        rows.append(
+            (
+                "cost",
+                f"~{dollars(costs.total)}: {dollars(costs.tokens)} tokens, {dollars(costs.container)} "
+                f"container{unpriced}",
+            )
+        )
+        rows.append(("time", f"model {costs.model_seconds:.1f} s, code {costs.code_seconds:.1f} s"))
     rows.append(("turns", status.turns))
     rows.append(("conversation", status.conversation))
     return rows_bundle("ci-magic session", ["", ""], rows)
