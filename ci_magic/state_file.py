@@ -15,10 +15,12 @@ a file that is too large, not ours, or from another backend is ignored.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +143,21 @@ class StateFile:
     def from_notebook_path(self) -> bool:
         return self.key.startswith("notebook:")
 
+    @property
+    def spool_folder(self) -> Path:
+        """Where the push registry keeps the bytes of pushed variables, so that after a restart a
+        new container still gets them (the variables themselves went with the kernel)."""
+        return self.folder / f"{self.path.stem}.spool"
+
+    def new_registry(self) -> Any:
+        """A push registry spooling into ``spool_folder`` (created private)."""
+        from ci_magic.variables.registry import PushRegistry
+
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.spool_folder.mkdir(exist_ok=True, mode=0o700)
+        return PushRegistry(spool_dir=self.spool_folder)
+
     def load(self) -> SessionState | None:
         """The saved state, or None (none saved, unreadable, too large, or another notebook's)."""
         try:
@@ -186,9 +203,12 @@ class StateFile:
             os.replace(temporary, self.path)
             self._remove_stale()
 
-    def forget(self) -> None:
+    def forget(self, *, spools: bool = False) -> None:
+        """Remove the saved state (and, with ``spools``, the pushed bytes kept for re-uploads)."""
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        if spools:
+            shutil.rmtree(self.spool_folder, ignore_errors=True)
 
     def _remove_stale(self) -> None:
         now = time.time()
@@ -196,6 +216,7 @@ class StateFile:
             with contextlib.suppress(OSError):
                 if other != self.path and now - other.stat().st_mtime > STALE_SECONDS:
                     other.unlink()
+                    shutil.rmtree(other.with_suffix(".spool"), ignore_errors=True)
 
 
 def backend_fingerprint(*parts: str) -> str:
@@ -242,6 +263,8 @@ def registry_rows(registry: Any) -> list[dict[str, Any]]:
 
 
 def fill_registry(registry: Any, rows: list[dict[str, Any]]) -> None:
+    """Registry entries back from rows; a variable's bytes come back from the registry's spool folder
+    when they were spooled there (a registry from ``StateFile.new_registry``)."""
     from ci_magic.variables.registry import PushedFile
 
     for row in rows:
@@ -249,9 +272,13 @@ def fill_registry(registry: Any, rows: list[dict[str, Any]]) -> None:
             values = {name: row[name] for name in _REGISTRY_FIELDS}
             values["card_body"] = tuple(str(line) for line in values["card_body"])
             source = row.get("source_path")
-            registry.put(PushedFile(**values, source_path=Path(source) if isinstance(source, str) else None))
+            entry = PushedFile(**values, source_path=Path(source) if isinstance(source, str) else None)
         except (KeyError, TypeError, ValueError):
             continue
+        spool = registry.spool_path(entry.name, entry.fingerprint)
+        if entry.source_path is None and spool.is_file() and not spool.is_symlink():
+            entry = dataclasses.replace(entry, spool=spool)
+        registry.put(entry)
 
 
 def capture(session: Any, fingerprint: str, *, ended: str | None = None) -> SessionState:

@@ -15,7 +15,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,17 @@ RESTART = "<restart the kernel>"
 SQUARES = "%%ci\nLoad the numbers 1..100, plot their squares and save the table as squares.csv"
 
 
-def run_with_restarts(cells: Sequence[str], workdir: Path, *, timeout: int = 180) -> list[Any]:
+def run_with_restarts(
+    cells: Sequence[str],
+    workdir: Path,
+    *,
+    timeout: int = 180,
+    expire_before: dict[int, Callable[[str], None]] | None = None,
+) -> list[Any]:
     """Run ``cells`` in one notebook; at each RESTART the kernel is restarted the way Jupyter's
     "Restart kernel" does it (KernelManager.restart_kernel: a shutdown_request with restart=True).
-    Returns the executed cells (RESTART markers left out)."""
+    ``expire_before[i](container_id)`` runs before cell ``i`` with the id the cell before the restart
+    printed last. Returns the executed cells (RESTART markers left out)."""
     notebook = new_notebook(cells=[new_code_cell(c) for c in cells if c != RESTART])
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     client = NotebookClient(
@@ -64,6 +71,11 @@ def run_with_restarts(cells: Sequence[str], workdir: Path, *, timeout: int = 180
                 run_sync(ensure_async_call(client.km.restart_kernel))()
                 ready = getattr(client.kc, "wait_for_ready")  # noqa: B009  (typed on the blocking client only)
                 run_sync(ensure_async_call(ready))(timeout=60)
+            if expire_before and number in expire_before:
+                printed = [
+                    output_text(c).strip() for c in notebook.cells[:number] if "cntr_" in output_text(c)
+                ]
+                expire_before[number](printed[-1].splitlines()[-1])
             client.execute_cell(cell, number)
     return list(notebook.cells)
 
@@ -288,3 +300,39 @@ def test_gateway_restart_reattaches_to_the_same_kernel_with_its_memory(tmp_path:
     print(f"gateway: reattach cell {seconds_of(after):.2f} s, next cell {seconds_of(notebook[5]):.2f} s")
     assert kernel_id not in left, "the final shutdown deleted the kernel as before"
     assert "reattach-test-token" not in state_text and gateway.url not in state_text
+
+
+def test_openai_restart_then_expiry_the_pushed_data_and_the_state_come_back(
+    openai_server, tmp_path: Path
+) -> None:
+    """After a restart the container had expired too: the expiry rules apply, with what the kernel
+    before the restart knew: the pushed frame is re-sent (its bytes were kept with the saved state)
+    and the code that read it is re-run."""
+    data_dir = tmp_path / "jupyter-data"
+    cells = [
+        "%load_ext ci_magic",
+        "import pandas as pd\nsales = pd.DataFrame({'revenue': [1.5, 2.5, 3.0]})\n%ci_push sales",
+        # The code reads the path the schema card gives (OpenAI prefixes each upload with random hex).
+        "ci = get_ipython().magics_manager.registry['CIMagics'].interpreter\n"
+        "path = next(row.path for row in ci.files() if row.path.endswith('sales.parquet'))\n"
+        "get_ipython().run_cell_magic('ci_exec', '', "
+        "f'import pandas as pd\\ntotal = pd.read_parquet({path!r}).revenue.sum()')",
+        "print(_ci.container_id)",
+        RESTART,
+        "%load_ext ci_magic",
+        "%%ci_exec\nprint('total is back:', total)",  # 5: the container expired meanwhile
+    ]
+    env = openai_env(
+        openai_server.url, JUPYTER_DATA_DIR=str(data_dir), JPY_SESSION_NAME=str(tmp_path / "sales.ipynb")
+    )
+    with kernel_env(**env):
+        notebook = run_with_restarts(cells, tmp_path, expire_before={5: openai_server.expire})
+    texts = [output_text(cell) for cell in notebook]
+    after = notebook[5]
+    assert not errors_of(after), texts[5]
+    assert "is expired; started a new one" in texts[5]
+    assert "total is back: 7.0" in texts[5], "sales.parquet was re-sent, then the code that read it re-run"
+    assert not errors_of(notebook[2]) and "FileNotFoundError" not in texts[2]
+    assert "re-ran 1 code block" in texts[5]
+    uploads = [r for r in openai_server.requests if r.method == "POST" and r.path.endswith("/files")]
+    assert len(uploads) == 2, "sent before the restart, and again to the new container after it"
