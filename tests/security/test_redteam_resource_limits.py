@@ -1,0 +1,135 @@
+"""Red-team payloads for class 4 of issue 9 (limits that hold for the whole tree), not in the
+original review: memory the watchdog cannot see, and host files the sandbox can write to.
+
+Written as hostile sandbox code, run through the sandbox manager as root and as ``nobody``.
+Each is ``xfail(strict=True)`` until the hole is closed: then it passes and the marker goes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.security.sandbox_support import (
+    USERS,
+    Attacker,
+    allocated_bytes,
+    attacker_as,
+    errors,
+    final_status,
+    processes_in,
+    sandbox_namespace,
+    stdout,
+)
+
+GIB = 1 << 30
+MIB = 1 << 20
+BUDGET_1G = GIB + (256 << 20)  # the tier plus the idle kernel's allowance (Limits.budget_bytes)
+
+
+@pytest.fixture(params=USERS)
+def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
+    with attacker_as(request.param) as found:
+        yield found
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pipe buffers are kernel memory that the watchdog (RSS, tmpfs, memfd, socket queues) "
+    "never counts: a 1g container holds 1.5 GiB in full pipes",
+)
+def test_full_pipes_in_many_processes_stay_within_a_1g_containers_budget(attacker: Attacker) -> None:
+    attacker.start(execution_timeout=120)
+    attacker.create("1g")
+    namespace = sandbox_namespace(attacker.pid or 0)
+    assert namespace is not None
+    # Past the per-user soft limit (fs.pipe-user-pages-soft) each new pipe still holds two pages,
+    # and fs.pipe-user-pages-hard is 0 (no limit) by default: 96 processes x 2000 pipes x 8 KiB.
+    hoard = textwrap.dedent(
+        """
+        import fcntl, os, struct, termios, time
+        report_r, report_w = os.pipe()
+        children = []
+        for _ in range(96):
+            pid = os.fork()
+            if pid == 0:
+                held, keep = 0, []
+                try:
+                    for _ in range(2000):
+                        r, w = os.pipe2(os.O_NONBLOCK)
+                        keep.append((r, w))
+                        try:
+                            while True:
+                                os.write(w, b"p" * 4096)
+                        except BlockingIOError:
+                            pass
+                        held += struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"0000"))[0]
+                except OSError:
+                    pass
+                os.write(report_w, struct.pack("q", held))
+                time.sleep(600)
+                os._exit(0)
+            children.append(pid)
+        held = sum(struct.unpack("q", os.read(report_r, 8))[0] for _ in children)
+        time.sleep(5)  # the watchdog has had many looks by now
+        alive = sum(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in children)
+        print(held, alive)
+        """
+    )
+    events = attacker.execute(hoard, timeout=120)
+    found = re.fullmatch(r"(\d+) (\d+)\n", stdout(events))
+    if found is None:
+        return  # stopped before it could report: contained
+    held, alive = int(found[1]), int(found[2])
+    assert held > GIB, f"the payload did not fill its pipes ({held} bytes): the test proves nothing"
+    # Contained means: the hoarders were stopped, or the tree never held more than its budget.
+    assert alive < 96 or held <= BUDGET_1G, (
+        f"{held / GIB:.2f} GiB held in pipe buffers by {alive} live processes "
+        f"({len(processes_in(namespace))} in the sandbox), over the 1g container's budget"
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the kernel inherits the host's kernel.log (in the host-only runtime folder) as an open "
+    "descriptor: the sandbox fills it up to RLIMIT_FSIZE, outside disk_limit and /mnt/data",
+)
+def test_the_host_log_the_kernel_inherits_is_not_a_second_disk(attacker: Attacker) -> None:
+    attacker.start(disk_limit="100m")
+    attacker.create("1g")
+    assert attacker.data is not None
+    # The host's own log file is open in the kernel (ipykernel keeps a copy of its original
+    # stdout): find it by name and allocate 95 MiB in it, then 95 MiB more in /mnt/data.
+    fill = textwrap.dedent(
+        """
+        import os
+        def target(fd):
+            try:
+                return os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                return ""
+        logs = [int(fd) for fd in os.listdir("/proc/self/fd") if target(fd).endswith("kernel.log")]
+        for fd in logs[:1]:
+            os.posix_fallocate(fd, 0, 95 * 2**20)
+            print(target(fd))
+        with open("in-data.bin", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 95 * 2**20)
+        """
+    )
+    events = attacker.execute(fill, timeout=60)
+    host_log = stdout(events).strip()
+    if not host_log:
+        return  # no host file reachable from the sandbox: contained
+    assert os.path.isabs(host_log) and not Path(host_log).is_relative_to(attacker.data)
+    outside = os.stat(host_log).st_blocks * 512 if os.path.exists(host_log) else 0
+    held = allocated_bytes(attacker.data) + outside
+    stopped = any(e["name"] == "DiskLimitExceeded" for e in errors(events))
+    assert outside < MIB or (stopped and final_status(events) == "failed"), (
+        f"{outside / MIB:.0f} MiB written into the host's {host_log} from the sandbox "
+        f"({held / MIB:.0f} MiB on the host for a container with disk_limit=100m)"
+    )
