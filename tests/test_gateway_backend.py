@@ -79,6 +79,9 @@ def test_code_runs_in_a_kernel_the_gateway_started(gateway: KernelGateway, runne
         assert int(parent) == gateway.pid, "the kernel is a child of the gateway process"
         assert cwd.endswith(cid), "without the sandbox launcher, a per-kernel folder is the working dir"
         assert CallStatus("call_1", "completed") in events
+        runner.run(backend.delete_container(cid))
+        assert cid not in gateway.kernel_ids()
+        assert not Path(cwd).exists(), "deleting the container removes its per-kernel folder"
     finally:
         runner.run(backend.aclose())
 

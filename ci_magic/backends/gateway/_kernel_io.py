@@ -72,6 +72,17 @@ def setup(args):
     return {"root": root}
 
 
+def cleanup(args):
+    """Remove the per-session folder (never /mnt/data, which goes with the sandbox itself)."""
+    import shutil
+
+    base = os.path.join(tempfile.gettempdir(), "ci-magic")
+    root = os.path.realpath(args["root"])
+    if os.path.dirname(root) == os.path.realpath(base):
+        shutil.rmtree(root, ignore_errors=True)
+    return {}
+
+
 def size(args):
     try:
         return {"size": os.stat(_path(args["root"], args["temp"]), follow_symlinks=False).st_size}
@@ -183,6 +194,7 @@ def remove(args):
 
 OPERATIONS = {
     "setup": setup,
+    "cleanup": cleanup,
     "size": size,
     "put": put,
     "commit": commit,

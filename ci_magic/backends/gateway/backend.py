@@ -47,7 +47,7 @@ from ci_magic.backends.base import (
 from ci_magic.backends.gateway.client import ChannelClosed, GatewayClient, KernelChannels, KernelGone
 from ci_magic.backends.kernel_messages import events_from_message, idle_after
 from ci_magic.backends.local.datadir import container_path
-from ci_magic.errors import BackendError, ConfigurationError, ContainerFileError, StreamError
+from ci_magic.errors import BackendError, CIError, ConfigurationError, ContainerFileError, StreamError
 from ci_magic.events import (
     CallStarted,
     CallStatus,
@@ -279,6 +279,11 @@ class GatewayBackend:
     async def delete_container(self, container_id: str) -> None:
         kernel = self._kernels.pop(container_id, None)
         if kernel is not None:
+            if kernel.data_dir != SANDBOX_DATA:
+                # A per-session folder outlives the kernel unless removed now (best effort).
+                cleanup = self._io(kernel, {"op": "cleanup", "root": kernel.data_dir})
+                with contextlib.suppress(CIError, ChannelClosed, asyncio.TimeoutError):
+                    await asyncio.wait_for(cleanup, 10)
             await kernel.channels.close()
         await self.client.delete_kernel(container_id)
 
