@@ -336,3 +336,34 @@ def test_openai_restart_then_expiry_the_pushed_data_and_the_state_come_back(
     assert "re-ran 1 code block" in texts[5]
     uploads = [r for r in openai_server.requests if r.method == "POST" and r.path.endswith("/files")]
     assert len(uploads) == 2, "sent before the restart, and again to the new container after it"
+
+
+def test_a_state_file_that_is_not_trustworthy_is_ignored(tmp_path: Path) -> None:
+    """The state file is the user's own, but it is read as defensively as anything on disk: a symlink,
+    an oversized file, another notebook's state, a bad id or another version are ignored, not read."""
+    from ci_magic.state_file import MAX_STATE_BYTES, SessionState, StateFile
+
+    folder = tmp_path / "sessions"
+    mine = StateFile("notebook:/home/me/analysis.ipynb", folder)
+    mine.save(SessionState(backend="openai", backend_fingerprint="f", container_id="cntr_abc"))
+    assert mine.load() is not None and mine.load().container_id == "cntr_abc"  # type: ignore[union-attr]
+    assert stat.S_IMODE(mine.path.stat().st_mode) == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+    good = json.loads(mine.path.read_text())
+    for change in (
+        {"key": "notebook:/home/me/other.ipynb"},  # another notebook's (a hash collision, a copied file)
+        {"version": 99},
+        {"container_id": "../../etc/passwd"},
+    ):
+        mine.path.write_text(json.dumps({**good, **change}))
+        loaded = mine.load()
+        assert loaded is None or loaded.container_id is None, change
+
+    mine.path.write_text(json.dumps(good) + " " * (MAX_STATE_BYTES + 1))
+    assert mine.load() is None, "oversized: not read"
+
+    elsewhere = tmp_path / "planted.json"
+    elsewhere.write_text(json.dumps(good))
+    mine.path.unlink()
+    mine.path.symlink_to(elsewhere)
+    assert mine.load() is None, "a symlink is not followed"

@@ -157,3 +157,24 @@ def test_gateway_state_comes_back_after_the_kernel_was_culled(tmp_path: Path) ->
     assert "after the cull: 6" in text
     print("gateway:", _summary(text))
     assert "re-ran 1 code block" in text and "frame and 1 file are back" in text, text
+
+
+def test_what_counts_as_writing_outside_mnt_data() -> None:
+    from ci_magic.restore import writes_outside_data
+
+    inside = [
+        "df.to_csv('/mnt/data/out.csv')",
+        "plt.savefig('chart.png')",  # relative: the working folder is the data folder
+        "open('/etc/hosts').read()",  # reading is fine
+        "Path('/mnt/data/sub').mkdir(exist_ok=True)",
+    ]
+    outside = {
+        "df.to_parquet('/tmp/x.parquet')": "/tmp/x.parquet",
+        "with open('/home/me/notes.txt', 'a') as f:\n    f.write('x')": "/home/me/notes.txt",
+        "import os\nos.makedirs('~/cache')": "~/cache",
+        "Path('/tmp/q.txt').write_text('x')": "/tmp/q.txt",
+        "open('/mnt/data/../etc/x', 'w')": "/mnt/data/../etc/x",
+        "!pip install lightgbm": "it installs packages",
+    }
+    assert [writes_outside_data(code) for code in inside] == [None] * len(inside)
+    assert {code: writes_outside_data(code) for code in outside} == outside
