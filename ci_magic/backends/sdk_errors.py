@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import openai
 
 from ci_magic.errors import BackendError
+from ci_magic.redact import display_url
 
 __all__ = ["OPENAI", "Service", "sdk_error", "server_message"]
 
@@ -66,14 +67,20 @@ def sdk_error(error: BaseException, service: Service, *, doing: str) -> BackendE
         )
     if isinstance(error, openai.APIConnectionError):
         url = getattr(getattr(error, "request", None), "url", None)
-        cause = f" ({error.__cause__})" if error.__cause__ is not None and str(error.__cause__) else ""
-        where = f" at {url}" if url is not None and "://" not in service.who else ""  # say where, once
+        cause = f" ({_without_url(str(error.__cause__), url)})" if str(error.__cause__ or "") else ""
+        # Say where, once, and never with the URL's user, password or query (they may hold a secret).
+        where = f" at {display_url(url)}" if url is not None and "://" not in service.who else ""
         return BackendError(
             f"Could not reach {service.who}{where}{cause} while {doing}. {service.connect_hint}"
         )
     if isinstance(error, openai.APIError):
         return BackendError(f"{_upper(service.who)} failed while {doing}: {server_message(error)}")
     return BackendError(f"{type(error).__name__} while {doing}: {error}")
+
+
+def _without_url(text: str, url: object) -> str:
+    """``text`` (an httpx message may quote the request URL) with that URL shown safely."""
+    return text.replace(str(url), display_url(url)) if url is not None else text
 
 
 def _upper(who: str) -> str:

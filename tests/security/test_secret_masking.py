@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 from pathlib import Path
 
 import nbformat
@@ -74,3 +75,29 @@ def test_keys_and_headers_are_used_but_never_shown_or_saved(chat_server, tmp_pat
     chat = server.chat_requests
     assert chat and all(r.headers.get("authorization") == f"Bearer {api_key}" for r in chat)
     assert all(r.headers.get("x-gateway-token") == header_token for r in chat)
+
+
+def test_credentials_in_the_model_server_url_are_never_shown(tmp_path: Path) -> None:
+    # The user's model server sits behind basic auth and a query key; it is not running right now.
+    password = f"canary-pass-{secrets.token_hex(8)}"
+    query_key = f"canary-query-{secrets.token_hex(8)}"
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base_url = f"http://analyst:{password}@127.0.0.1:{port}/v1?api-key={query_key}"
+    env = {
+        "OPENAI_API_KEY": None,
+        "AZURE_OPENAI_API_KEY": None,
+        "CI_MAGIC_BACKEND": "local",
+        "CI_MAGIC_MODEL_BASE_URL": base_url,
+        "CI_MAGIC_MODEL": None,
+        "PYTHONPATH": str(REPO),
+    }
+    cells = ["%load_ext ci_magic", "%ci what is 2 + 2", "%config CodeInterpreter.model = 'm'", "%ci 2 + 2"]
+    with kernel_env(**env):
+        notebook = run_cells(cells, tmp_path, timeout=120, save_as="analysis.ipynb")
+    saved = (tmp_path / "analysis.ipynb").read_text()
+    for cell in notebook.cells[1], notebook.cells[3]:
+        shown = output_text(cell)
+        assert f"127.0.0.1:{port}/v1" in shown, f"the error names the server it could not reach: {shown}"
+    assert password not in saved and query_key not in saved, "a credential from the URL was shown"

@@ -29,6 +29,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
 from ci_magic.errors import BackendError, ConfigurationError
+from ci_magic.redact import display_url
 
 __all__ = [
     "ChannelClosed",
@@ -46,13 +47,7 @@ CONNECT_TIMEOUT = 20.0
 RECONNECT_WINDOW = 10.0  # seconds a dropped socket may take to come back (a network blip, a proxy restart)
 
 
-def public_url(url: str) -> str:
-    """``url`` without credentials or a query string, fit for messages."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+public_url = display_url  # ``url`` without credentials or a query string, fit for messages
 
 
 class KernelGone(BackendError):

@@ -68,6 +68,7 @@ from ci_magic.events import (
     TurnStarted,
     Usage,
 )
+from ci_magic.redact import display_url
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionChunk
@@ -368,6 +369,11 @@ class ChatModelLoop:
         return str(self._client.base_url).rstrip("/")
 
     @property
+    def shown_url(self) -> str:
+        """The server's URL for messages: no user, password or query (they may hold a secret)."""
+        return display_url(self._client.base_url).rstrip("/")
+
+    @property
     def profile(self) -> ServerProfile | None:
         """The model server, once identified (on the first turn)."""
         return self._profile
@@ -551,7 +557,7 @@ class ChatModelLoop:
         if self._served_model is None:
             if isinstance(failure, openai.APIStatusError):
                 raise ConfigurationError(
-                    f"No model is configured and the model server at {self.base_url} could not list its "
+                    f"No model is configured and the model server at {self.shown_url} could not list its "
                     f"models (HTTP {failure.status_code}: {server_message(failure)}). "
                     'Choose one with `%config CodeInterpreter.model = "<name>"`.'
                 ) from failure
@@ -559,7 +565,7 @@ class ChatModelLoop:
             if len(names) != 1:
                 served = ", ".join(names[:20]) or "none"
                 raise ConfigurationError(
-                    f"No model is configured and the model server at {self.base_url} serves {len(names)} "
+                    f"No model is configured and the model server at {self.shown_url} serves {len(names)} "
                     f'({served}). Choose one with `%config CodeInterpreter.model = "<name>"`.'
                 )
             self._served_model = names[0]
@@ -646,7 +652,7 @@ class ChatModelLoop:
         except openai.APIConnectionError as err:
             raise self._connection_error(err) from err
         except openai.APIError as err:
-            raise BackendError(f"The model server at {self.base_url} failed: {server_message(err)}") from err
+            raise BackendError(f"The model server at {self.shown_url} failed: {server_message(err)}") from err
 
     async def _stream_step(
         self, request: TurnRequest, model: str, turn: _Turn, step: _Step, *, number: int
@@ -658,7 +664,7 @@ class ChatModelLoop:
             yield TurnStarted(response_id=None, model=model)
         if self._tools_off and not tools_were_off:
             yield Notice(
-                f"The model server at {self.base_url} does not take tools here; the model was asked to "
+                f"The model server at {self.shown_url} does not take tools here; the model was asked to "
                 "write code in ```python blocks instead, and those run as calls.",
                 "warning",
             )
@@ -676,11 +682,11 @@ class ChatModelLoop:
                 yield event
             if isinstance(err, openai.APIConnectionError):
                 raise StreamError(
-                    f"The connection to the model server at {self.base_url} broke while the model was "
+                    f"The connection to the model server at {self.shown_url} broke while the model was "
                     "answering; what arrived is shown above. Run the cell again to retry."
                 ) from err
             raise BackendError(
-                f"The model server at {self.base_url} reported an error mid-answer: {server_message(err)}"
+                f"The model server at {self.shown_url} reported an error mid-answer: {server_message(err)}"
             ) from err
         if scanner is not None and not scanner.done and not step.calls:
             for event in self._text_pieces(scanner.finish(), step, request.container_id):
@@ -703,11 +709,11 @@ class ChatModelLoop:
                 yield event
             if step.chunks == 0:
                 raise StreamError(
-                    f"The model server at {self.base_url} answered with an empty body (HTTP 200, no data): "
+                    f"The model server at {self.shown_url} answered with an empty body (HTTP 200, no data): "
                     "the server failed while answering; its log says why." + self._empty_body_hint()
                 )
             raise StreamError(
-                f"The model server at {self.base_url} ended its answer before the model finished "
+                f"The model server at {self.shown_url} ended its answer before the model finished "
                 "(the stream closed without a finish_reason); what arrived is shown above. "
                 "Run the cell again."
             )
@@ -817,7 +823,7 @@ class ChatModelLoop:
 
     def _status_error(self, err: openai.APIStatusError, model: str) -> BackendError:
         status, message = err.status_code, server_message(err)
-        where = f"The model server at {self.base_url}"
+        where = f"The model server at {self.shown_url}"
         if status in (401, 403):
             text = (
                 f"{where} refused the API key (HTTP {status}: {message}). "
@@ -827,7 +833,7 @@ class ChatModelLoop:
         elif status == 404:
             text = (
                 f"{where} answered HTTP 404: {message}. Check that it serves the model {model!r} "
-                f"(GET {self.base_url}/models lists them; choose with `%config CodeInterpreter.model`) and "
+                f"(GET {self.shown_url}/models lists them; choose with `%config CodeInterpreter.model`) and "
                 "that model_base_url is its OpenAI-compatible root, usually ending in /v1."
             )
         elif _OVERFLOW.search(message):
@@ -857,7 +863,7 @@ class ChatModelLoop:
 
     def _connection_error(self, err: openai.APIConnectionError) -> BackendError:
         service = Service(
-            f"the model server at {self.base_url}",
+            f"the model server at {self.shown_url}",
             timeout_hint="Check that it is running and not overloaded, or point ci-magic at another one "
             f"with {_CONFIG_HINT}.",
             connect_hint=f"Start it, or point ci-magic at the right one with {_CONFIG_HINT}.",
