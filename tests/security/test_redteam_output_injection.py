@@ -1,0 +1,79 @@
+"""Red-team payloads for the output path (classes 1 and 10 of issue 9), not in the original review.
+
+1. A sandbox ``display_data`` is capped nowhere: ``text/plain`` and ``application/json`` pass
+   ``safe_bundle`` whole, so the 20 KB cap on a call's logs is sidestepped by displaying the same
+   bytes, and tens of megabytes land in the user's kernel, the page and the saved notebook.
+2. ``outgoing_bundle`` is documented as the last pass that keeps "a mistake anywhere upstream"
+   from putting a script on the page. Its allow-list keeps an ``<iframe srcdoc>`` that has no
+   ``sandbox`` attribute at all (``tag_attribute_values`` only constrains the attribute when it is
+   present), and a srcdoc frame without ``sandbox`` runs its scripts in the notebook's origin; a
+   ``data:`` link with a leading space passes the ``data:`` check as well.
+
+Each is ``xfail(strict=True)`` until the hole is closed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from ci_magic.render.safe_html import outgoing_bundle
+from tests.notebook_support import kernel_env, run_cells
+
+REPO = Path(__file__).resolve().parents[2]
+CAP_BYTES = 1_000_000  # far above any cap the renderer keeps (logs: 20 KB head and tail)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="safe_bundle (render/safe_html.py) keeps a sandbox display's text/plain and "
+    "application/json whatever their size; only stream logs are capped",
+)
+def test_a_huge_display_from_the_sandbox_is_capped_like_its_logs(tmp_path: Path) -> None:
+    env = {
+        "OPENAI_API_KEY": None,
+        "AZURE_OPENAI_API_KEY": None,
+        "CI_MAGIC_BACKEND": "local",
+        "CI_MAGIC_MODEL_BASE_URL": None,
+        "CI_MAGIC_OUTPUT_DIR": None,
+        "PYTHONPATH": str(REPO),
+    }
+    flood = (
+        "%%ci_exec\n"
+        "from IPython.display import display\n"
+        "display({'text/plain': 'P' * 8_000_000, 'application/json': {'k': 'J' * 8_000_000}}, raw=True)\n"
+    )
+    with kernel_env(**env):
+        run_cells(["%load_ext ci_magic", flood], tmp_path, timeout=120, save_as="flood.ipynb")
+    saved = tmp_path / "flood.ipynb"
+    cell = nbformat.read(saved, as_version=4).cells[1]
+    sizes = {
+        mime: len(value if isinstance(value, str) else repr(value))
+        for output in cell.get("outputs", [])
+        for mime, value in output.get("data", {}).items()
+    }
+    assert max(sizes.values()) < CAP_BYTES, f"sandbox display outputs kept whole: {sizes}"
+    assert saved.stat().st_size < 4 * CAP_BYTES
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_clean_own_html allows <iframe srcdoc> and only checks sandbox's value when the "
+    "attribute is present; _own_attribute's data: check misses a leading space",
+)
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        # No sandbox attribute: the frame's document is same-origin and its script runs.
+        '<iframe srcdoc="&lt;script&gt;parent.document.title=1&lt;/script&gt;"></iframe>',
+        '<a href=" data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==">open</a>',
+    ],
+)
+def test_the_last_pass_before_the_notebook_drops_live_frames_and_data_links(fragment: str) -> None:
+    cleaned = str(outgoing_bundle({"text/html": fragment})["text/html"])
+    if "<iframe" in cleaned:
+        assert 'sandbox=""' in cleaned, f"a frame without sandbox reached the page: {cleaned}"
+    assert "data:text/html" not in cleaned, f"a data: document link reached the page: {cleaned}"
