@@ -271,7 +271,9 @@ class CIMagics(Magics):
         if args.all:
             pulled = self.interpreter.pull_all()
             for item in pulled:
-                if item.variable:
+                if item.kind == "skipped":  # over the download cap: its one line, then the others
+                    print(item.error)
+                elif item.variable:
                     namespace[item.variable] = item.value
                     print(reports.pull_line(item.variable, item))
                 else:  # cfile_<hex>.png: a name the backend made, no one's variable

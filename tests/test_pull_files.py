@@ -337,3 +337,18 @@ def _png_header(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_pull_all_skips_a_file_over_the_download_cap_and_takes_the_rest(backend, container, tmp_path) -> None:
+    model_writes(backend, container, "a_huge_dump.bin", b"\0" * (2 * 2**20))
+    model_writes(backend, container, "summary.csv", frame_bytes("csv"))
+    model_writes(backend, container, "notes.txt", b"all good")
+    files = ContainerFiles(backend, container, PushRegistry(tmp_path / "spool"), download_cap=2**20)
+    pulled = {p.name: p for p in asyncio.run(files.pull_all(tmp_path / "out"))}
+    assert set(pulled) == {"a_huge_dump.bin", "summary.csv", "notes.txt"}, "the files after it came too"
+    pd.testing.assert_frame_equal(pulled["summary.csv"].value, FRAME)
+    assert pulled["notes.txt"].value == "all good"
+    skipped = pulled["a_huge_dump.bin"]
+    assert skipped.kind == "skipped" and skipped.value is None and not skipped.variable
+    assert "\n" not in (skipped.error or "") and "CodeInterpreter.download_size_cap" in (skipped.error or "")
+    assert not (tmp_path / "out" / "a_huge_dump.bin").exists(), "nothing of it was written"

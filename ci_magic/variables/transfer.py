@@ -101,11 +101,12 @@ class PulledFile:
     container_path: str
     file_id: str
     size: int
-    kind: str  # what it decoded to: "dataframe", "ndarray", "arrays", "json", "text", "image", "bytes"
+    kind: str  # what it decoded to: "dataframe", "ndarray", "arrays", "json", "text", "image", "bytes";
+    # "skipped" (pull_all only): over the download cap, not downloaded (``error`` says so, value None)
     value: Any
     variable: str  # the name to bind by default ("" for machine-made names such as cfile_<hex>.png)
     mime: str | None = None  # images: how to display them
-    error: str | None = None  # pull_all only: why the bytes could not be decoded (value is the bytes)
+    error: str | None = None  # pull_all only: why the bytes could not be decoded, or why it was skipped
 
 
 @dataclass(frozen=True)
@@ -382,8 +383,10 @@ class ContainerFiles:
     async def pull_all(self, output_dir: Path, *, include_notebook: bool = False) -> list[PulledFile]:
         """Download every file the model made (``include_notebook``: ours too).
 
-        Undecodable files come back as bytes with ``error`` set instead of stopping the others; a file
-        name that cannot be saved safely raises ``ContainerFileError`` before anything is downloaded.
+        Undecodable files come back as bytes with ``error`` set, and files over the download cap as
+        ``kind="skipped"`` (nothing written, ``error`` the line to show), instead of stopping the
+        others; a file name that cannot be saved safely raises ``ContainerFileError`` before anything
+        is downloaded.
         """
         files = [
             f
@@ -422,6 +425,21 @@ class ContainerFiles:
             )
         except FileTooLarge as error:
             bigger = max(2 * self.download_cap, error.size or 0)
+            if not strict:  # pull_all: one line for this file, then the others
+                over = f" ({format_size(error.size)})" if error.size is not None else ""
+                return PulledFile(
+                    name=local,
+                    path=Path(output_dir) / local,
+                    container_path=file.path,
+                    file_id=file.id,
+                    size=error.size or 0,
+                    kind="skipped",
+                    value=None,
+                    variable="",
+                    error=f"{local}{over} was skipped: over the {format_size(self.download_cap)} download "
+                    f"limit (CodeInterpreter.download_size_cap; raise it, e.g. %config "
+                    f"CodeInterpreter.download_size_cap = {bigger}).",
+                )
             raise ContainerFileError(
                 f"{local} was not pulled: {error.message} A file this large is rarely worth holding in the "
                 "notebook; ask the model for a smaller extract (a sample, an aggregate, the columns you "
