@@ -44,6 +44,7 @@ from ci_magic.restore import defined_names, plan_restore, run_restore, summary_l
 from ci_magic.result import LOG_KEEP_CHARS, LogText, Result, ResultBuilder, SavedFile
 from ci_magic.transcript import CallTimer, Transcript, TurnEntry, TurnKind, turn_record
 from ci_magic.variables.discover import always_push_items
+from ci_magic.variables.formats import extension_for_mime, is_shown_image
 from ci_magic.variables.progress import Progress
 from ci_magic.variables.registry import PushRegistry, PushRequest
 from ci_magic.variables.transfer import (
@@ -640,8 +641,8 @@ class Session:
         for call in result.calls:
             images = [o for o in call.outputs if isinstance(o, Image)]
             for number, image in enumerate(images, start=1):
-                suffix = ".jpg" if image.mime == "image/jpeg" else ".png"
-                name = f"figures/{_short(call.call_id)}-{number}{suffix}"
+                ext = extension_for_mime(image.mime, default="png")
+                name = f"figures/{_short(call.call_id)}-{number}.{ext}"
                 try:
                     path = save_into(self.output_dir, name, image.data)
                 except (ContainerFileError, OSError):
@@ -972,7 +973,7 @@ def _short(call_id: str) -> str:
 
 def _is_show_image(file: ContainerFile) -> bool:
     """OpenAI stores each plt.show() image as /mnt/data/cfile_<id>.png; it is shown from the outputs."""
-    return file.name.startswith("cfile_") and file.name.endswith(".png")
+    return is_shown_image(file.name)
 
 
 async def _tick_every(view: View, seconds: float) -> None:

@@ -40,6 +40,7 @@ from ci_magic.render.safe_html import (
 )
 from ci_magic.render.tables import rows_bundle
 from ci_magic.result import SavedFile
+from ci_magic.variables.formats import FileFormat, format_of
 
 __all__ = ["file_bundle", "human_size", "link_bundle", "relative_path"]
 
@@ -60,10 +61,6 @@ PREVIEW_EXPANDED_MAX = 64 * 1024 * 1024
 PARQUET_ROW_GROUP_MAX = 128 * 1024 * 1024
 # Footers and message headers are read whole; real ones are kilobytes.
 METADATA_MAX_BYTES = 16 * 1024 * 1024
-
-_IMAGE_MIMES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif"}
-_TABLE_SUFFIXES = frozenset({".csv", ".tsv", ".xlsx", ".parquet", ".feather"})
-_DOCUMENT_SUFFIXES = frozenset({".html", ".htm", ".svg"})
 
 
 def human_size(size: int) -> str:
@@ -92,17 +89,19 @@ def link_bundle(saved: SavedFile, *, link_base: Path | None = None, note: str = 
 def file_bundle(saved: SavedFile, *, link_base: Path | None = None) -> dict[str, object]:
     """The mime bundle that shows ``saved`` (``text/html`` + ``text/plain``, or an image type)."""
     link = _Link(saved, relative_path(saved.path, link_base))
-    suffix = saved.suffix
+    fmt = format_of(saved.path.name)  # the table of formats says how (and whether) to preview it
     if not saved.path.is_file():
         return link.bundle("missing: it was moved or deleted after saving")
     try:
-        if suffix in _IMAGE_MIMES:
-            return _image_bundle(saved, link, _IMAGE_MIMES[suffix])
-        if suffix in _TABLE_SUFFIXES:
-            return _table_bundle(saved, link)
-        if suffix in _DOCUMENT_SUFFIXES:
-            return _document_bundle(saved, link)
-        if suffix == ".json":
+        if fmt is None or fmt.preview is None:
+            return link.bundle()
+        if fmt.preview == "image":
+            return _image_bundle(saved, link, fmt.mime or "image/png")
+        if fmt.preview == "table":
+            return _table_bundle(saved, link, fmt)
+        if fmt.preview == "document":
+            return _document_bundle(saved, link, fmt)
+        if fmt.preview == "json":
             return _json_bundle(saved, link)
     except OverBudget as skipped:
         return link.bundle(str(skipped))
@@ -168,11 +167,11 @@ def _check_image_pixels(data: bytes) -> None:
         raise OverBudget(f"preview skipped: the image declares {pixels:,} pixels (~{human_size(pixels * 4)})")
 
 
-def _document_bundle(saved: SavedFile, link: _Link) -> dict[str, object]:
+def _document_bundle(saved: SavedFile, link: _Link, fmt: FileFormat) -> dict[str, object]:
     data = _read_at_most(saved.path, IFRAME_MAX_BYTES)
     if data is None:
         return link.bundle(f"too large to preview ({human_size(saved.size)}); open the file")
-    if saved.suffix == ".svg":
+    if fmt.mime == "image/svg+xml":
         # An SVG loaded as an image runs in the browser's static mode (no scripts, no loads) and
         # sizes itself, unlike a fixed-height frame.
         image = f"<div>{svg_image_html(data, alt=saved.name)}</div>"
@@ -224,8 +223,8 @@ class _Table:
     note: str = ""
 
 
-def _table_bundle(saved: SavedFile, link: _Link) -> dict[str, object]:
-    table = _read_table(saved.path, saved.suffix)
+def _table_bundle(saved: SavedFile, link: _Link, fmt: FileFormat) -> dict[str, object]:
+    table = _read_table(saved.path, fmt.ext)
     rows_text = f"{table.n_rows:,}" if table.n_rows is not None else "? (not counted: large file)"
     shape = f"{rows_text} rows × {table.n_columns} columns" + (f", {table.note}" if table.note else "")
     shown_columns = table.columns[:PREVIEW_COLUMNS]
@@ -246,12 +245,13 @@ def _cell(value: object) -> str:
     return text if len(text) <= CELL_CHARS else text[: CELL_CHARS - 1] + "…"
 
 
-def _read_table(path: Path, suffix: str) -> _Table:
-    if suffix in (".csv", ".tsv"):
-        return _read_delimited(path, "\t" if suffix == ".tsv" else None)
-    if suffix == ".parquet":
+def _read_table(path: Path, ext: str) -> _Table:
+    """A first batch of the table, by the format's canonical extension (a row of the formats table)."""
+    if ext in ("csv", "tsv"):
+        return _read_delimited(path, "\t" if ext == "tsv" else None)
+    if ext == "parquet":
         return _read_parquet(path)
-    if suffix == ".feather":
+    if ext == "feather":
         return _read_feather(path)
     return _read_xlsx(path)
 

@@ -78,7 +78,6 @@ _FORMATTER = HtmlFormatter(nowrap=True, noclasses=True, style="default")
 # A line starting at column 0 with code: the lexer is back in its root state there, unless a
 # triple-quoted string is open (checked by counting quotes before it).
 _TOP_LEVEL_LINE = re.compile(r"\n(?=[A-Za-z_@])")
-_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif"})
 _BLOCK_STYLE = "border-left:3px solid #8fb3de;padding:2px 0 2px 10px;margin:6px 0"
 _CODE_STYLE = (
     "background:#f6f8fa;color:#1f2328;border-radius:4px;padding:6px 8px;margin:2px 0;"

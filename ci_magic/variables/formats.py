@@ -8,12 +8,15 @@ card, pull decoding, previews), so a format is described once. A row says:
 - ``load``: the line that loads the file *in the container* (``{var}`` and ``{path}`` filled in);
 - ``read``: how the host decodes it (never unpickles), and ``decoded_size``: the memory the
   decoded object will take, estimated from the file's own metadata *before* decoding, so a small
-  file that expands to gigabytes (a decompression bomb) is refused instead of loaded.
+  file that expands to gigabytes (a decompression bomb) is refused instead of loaded;
+- ``preview``: how the notebook previews a saved copy (``image``: the browser shows it as is,
+  ``table``, ``document``: a sandboxed frame or, for SVG, an image, ``json``); None: a link only.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +28,11 @@ __all__ = [
     "FileFormat",
     "canonical_extension",
     "extension",
+    "extension_for_mime",
     "format_of",
+    "is_shown_image",
     "loader_for",
+    "machine_named",
 ]
 
 # Bytes per row a variable-width cell (string, binary) costs once decoded, besides its characters:
@@ -44,6 +50,7 @@ class FileFormat:
     decoded_size: Callable[[Path], int] | None = None  # None: about the file's own size
     mime: str | None = None
     aliases: tuple[str, ...] = ()
+    preview: str | None = None  # "image", "table", "document", "json"; None: a link only
 
     def loader(self, var: str, container_path: str) -> str:
         return self.load.format(var=var, path=repr(container_path))
@@ -195,10 +202,21 @@ _IMAGE = "from PIL import Image; {var} = Image.open({path})"
 def _table() -> dict[str, FileFormat]:
     rows = [
         FileFormat(
-            "csv", "CSV", "dataframe", _PD + "pd.read_csv({path})", _pandas("read_csv"), mime="text/csv"
+            "csv",
+            "CSV",
+            "dataframe",
+            _PD + "pd.read_csv({path})",
+            _pandas("read_csv"),
+            mime="text/csv",
+            preview="table",
         ),
         FileFormat(
-            "tsv", "TSV", "dataframe", _PD + "pd.read_csv({path}, sep='\\t')", _pandas("read_csv", sep="\t")
+            "tsv",
+            "TSV",
+            "dataframe",
+            _PD + "pd.read_csv({path}, sep='\\t')",
+            _pandas("read_csv", sep="\t"),
+            preview="table",
         ),
         FileFormat(
             "parquet",
@@ -208,6 +226,7 @@ def _table() -> dict[str, FileFormat]:
             _read_parquet,
             _parquet_size,
             aliases=("pq",),
+            preview="table",
         ),
         FileFormat(
             "feather",
@@ -217,6 +236,7 @@ def _table() -> dict[str, FileFormat]:
             _read_arrow,
             _arrow_size,
             aliases=("arrow",),
+            preview="table",
         ),
         FileFormat(
             "xlsx",
@@ -226,6 +246,7 @@ def _table() -> dict[str, FileFormat]:
             _pandas("read_excel"),
             _zip_size,
             aliases=("excel",),
+            preview="table",
         ),
         FileFormat(
             "xlsm",
@@ -261,6 +282,7 @@ def _table() -> dict[str, FileFormat]:
             "import json; {var} = json.load(open({path}, encoding='utf-8'))",
             _read_json,
             mime="application/json",
+            preview="json",
         ),
         FileFormat(
             "jsonl",
@@ -280,13 +302,13 @@ def _table() -> dict[str, FileFormat]:
         ),
         FileFormat("bin", "bytes", "bytes", "{var} = open({path}, 'rb').read()"),
     ]
-    for ext, mime in {
-        "html": "text/html",
-        "htm": "text/html",
-        "svg": "image/svg+xml",
-        "md": "text/markdown",
-    }.items():
-        rows.append(FileFormat(ext, "text (UTF-8)", "text", _TEXT, _read_text, mime=mime))
+    for ext, mime, preview in (
+        ("html", "text/html", "document"),
+        ("htm", "text/html", "document"),
+        ("svg", "image/svg+xml", "document"),
+        ("md", "text/markdown", None),
+    ):
+        rows.append(FileFormat(ext, "text (UTF-8)", "text", _TEXT, _read_text, mime=mime, preview=preview))
     for ext in (
         "txt",
         "log",
@@ -316,15 +338,17 @@ def _table() -> dict[str, FileFormat]:
                 aliases=("text",) if ext == "txt" else (),
             )
         )
-    for ext, mime, aliases in (
-        ("png", "image/png", ()),
-        ("jpg", "image/jpeg", ("jpeg",)),
-        ("gif", "image/gif", ()),
-        ("webp", "image/webp", ()),
-        ("bmp", "image/bmp", ()),
-        ("tiff", "image/tiff", ("tif",)),
+    for ext, mime, aliases, preview in (  # previewed: the ones every browser shows in an <img>
+        ("png", "image/png", (), "image"),
+        ("jpg", "image/jpeg", ("jpeg",), "image"),
+        ("gif", "image/gif", (), "image"),
+        ("webp", "image/webp", (), None),
+        ("bmp", "image/bmp", (), None),
+        ("tiff", "image/tiff", ("tif",), None),
     ):
-        rows.append(FileFormat(ext, "an image", "image", _IMAGE, _read_image, _image_size, mime, aliases))
+        rows.append(
+            FileFormat(ext, "an image", "image", _IMAGE, _read_image, _image_size, mime, aliases, preview)
+        )
     return {row.ext: row for row in rows}
 
 
@@ -348,6 +372,26 @@ def format_of(filename: str) -> FileFormat | None:
     """The row for a file name's extension (aliases included), or None for an unknown one."""
     ext = extension(filename)
     return FORMATS.get(ext) or FORMATS.get(_ALIASES.get(ext, ""))
+
+
+def extension_for_mime(mime: str, default: str = "bin") -> str:
+    """``'image/jpeg'`` -> ``'jpg'``: the canonical extension a file of this type is saved under."""
+    return next((row.ext for row in FORMATS.values() if row.mime == mime), default)
+
+
+# The name a backend gives a file it made itself (OpenAI: ``cfile_<hex>``), not a name anyone chose.
+_MACHINE_NAMED = re.compile(r"cfile_[0-9a-z]+")
+
+
+def machine_named(filename: str) -> bool:
+    """``'/mnt/data/cfile_69f0c0b7.png'`` -> True: the backend named it, so it is no one's variable."""
+    stem = filename.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return _MACHINE_NAMED.fullmatch(stem) is not None
+
+
+def is_shown_image(filename: str) -> bool:
+    """OpenAI stores each plt.show() image as ``cfile_<id>.png``; it is shown from the call's outputs."""
+    return machine_named(filename) and format_of(filename) is FORMATS["png"]
 
 
 def loader_for(filename: str, var: str, container_path: str) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -34,7 +33,7 @@ from ci_magic.backends.base import DEFAULT_DOWNLOAD_SIZE_CAP, Backend, Container
 from ci_magic.errors import BackendError, CIError, ContainerFileError, FileTooLarge, VariableError
 from ci_magic.filenames import download_into, safe_relative_name, variable_name_for
 from ci_magic.variables.codecs import CODECS, PICKLE, Prepared, prepare
-from ci_magic.variables.formats import FileFormat, format_of
+from ci_magic.variables.formats import FileFormat, format_of, machine_named
 from ci_magic.variables.progress import PROGRESS_THRESHOLD, Progress
 from ci_magic.variables.registry import PushedFile, PushRegistry, PushRequest
 from ci_magic.variables.schema import format_size
@@ -56,9 +55,6 @@ DEFAULT_CONCURRENCY = 4
 
 PushStatus = Literal["uploaded", "replaced", "unchanged", "reuploaded", "missing", "skipped"]
 T = TypeVar("T")
-
-# OpenAI names the images plt.show() made cfile_<hex>.png: they are no one's variable.
-_MACHINE_NAMED = re.compile(r"^cfile_[0-9a-f]+$")
 
 
 @dataclass(frozen=True)
@@ -446,14 +442,13 @@ class ContainerFiles:
                 f"need), or raise the cap, e.g. %config CodeInterpreter.download_size_cap = {bigger} "
                 f"({size_text(bigger)})."
             ) from None
-        stem = local.rsplit("/", 1)[-1].rsplit(".", 1)[0]
         common: dict[str, Any] = {
             "name": local,
             "path": saved,
             "container_path": file.path,
             "file_id": file.id,
             "size": size,
-            "variable": "" if _MACHINE_NAMED.match(stem) else variable_name_for(local),
+            "variable": "" if machine_named(local) else variable_name_for(local),
         }
         try:
             value, fmt = await asyncio.to_thread(decode, saved, max_bytes=self.pull_memory_cap)
