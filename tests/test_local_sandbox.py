@@ -453,6 +453,25 @@ def test_a_memory_bomb_is_a_memory_error_and_the_container_keeps_its_files(sandb
     assert stdout(after) == "north,3\n"
 
 
+def test_a_parquet_round_trip_after_a_chart_does_not_hang_under_the_memory_limit(sandbox: Sandbox) -> None:
+    # The everyday notebook order: draw a chart, then read a table. Arrow's default allocator
+    # (mimalloc) spun forever here once the address-space limit refused it a new arena.
+    cid = sandbox.create()
+    events = sandbox.execute(
+        cid,
+        """
+        import matplotlib.pyplot as plt
+        import pandas as pd
+        plt.plot([1, 2, 3]); plt.savefig("chart.png")
+        pd.DataFrame({"a": range(1000)}).to_parquet("table.parquet")
+        print(pd.read_parquet("table.parquet").shape)
+        """,
+        timeout=60,
+    )
+    assert stdout(events) == "(1000, 1)\n", events
+    assert final_status(events) == "completed"
+
+
 def test_the_memory_tier_sets_how_much_the_code_may_allocate(sandbox: Sandbox) -> None:
     two_gib = "block = bytes(2 * 2**30)\nprint(len(block) // 2**30, 'GiB')"
     small = sandbox.create(memory_limit="1g")

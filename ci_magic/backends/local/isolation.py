@@ -597,6 +597,10 @@ class Isolation:
             MKL_NUM_THREADS="1",
             NUMEXPR_NUM_THREADS="1",
             MALLOC_ARENA_MAX="2",
+            # Arrow's default mimalloc pool spins forever once RLIMIT_AS refuses it a new arena
+            # (seen after matplotlib had drawn: pd.read_parquet never returned and ignored the
+            # interrupt). The system allocator answers the same refusal with a MemoryError.
+            ARROW_DEFAULT_MEMORY_POOL="system",
         )
         if python.user_base:
             env["PYTHONUSERBASE"] = python.user_base
