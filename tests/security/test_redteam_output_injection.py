@@ -9,16 +9,27 @@
    present), and a srcdoc frame without ``sandbox`` runs its scripts in the notebook's origin; a
    ``data:`` link with a leading space passes the ``data:`` check as well.
 
+3. The terminal path (IPython in a terminal prints ``text/plain``) strips 7-bit escape sequences
+   but not the 8-bit C1 controls U+0080..U+009F: ``\u009b`` is CSI and ``\u009d`` is OSC for
+   terminals that honour C1 in UTF-8 (xterm does), so sandbox output can still clear the screen,
+   retitle the window or set the clipboard (OSC 52).
+
 Each is ``xfail(strict=True)`` until the hole is closed.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from ci_magic.backends.local.isolation import detect_isolation, probe_python
+from ci_magic.errors import SandboxError
 from ci_magic.render.safe_html import outgoing_bundle
 from tests.notebook_support import kernel_env, run_cells
 
@@ -77,3 +88,42 @@ def test_the_last_pass_before_the_notebook_drops_live_frames_and_data_links(frag
     if "<iframe" in cleaned:
         assert 'sandbox=""' in cleaned, f"a frame without sandbox reached the page: {cleaned}"
     assert "data:text/html" not in cleaned, f"a data: document link reached the page: {cleaned}"
+
+
+TERMINAL_SESSION = """
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance()
+shell.run_line_magic("load_ext", "ci_magic")
+shell.run_line_magic("config", "CodeInterpreter.pool_size = 0")
+shell.run_cell_magic("ci_exec", "", CODE)
+shell.run_line_magic("unload_ext", "ci_magic")
+"""
+# What the sandbox prints: clear the screen, retitle the window, put a command on the clipboard.
+C1_PAYLOAD = "print('before' + chr(0x9b) + '2J' + chr(0x9d) + '52;c;cm0gLXJmIH4K' + chr(0x9c) + 'after')"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="strip_ansi (render/safe_html.py _ANSI/_CONTROL) removes ESC-based sequences and C0 "
+    "controls only; the C1 controls U+0080..U+009F reach the terminal",
+)
+def test_sandbox_output_reaches_a_terminal_without_c1_control_sequences(tmp_path: Path) -> None:
+    try:
+        detect_isolation("auto", probe_python(sys.executable))
+    except SandboxError as err:
+        pytest.skip(f"no namespace isolation on this machine: {err}")
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "CI_MAGIC_BACKEND": "local",
+        "CI_MAGIC_OUTPUT_DIR": str(tmp_path / "outputs"),
+        "PYTHONPATH": str(REPO),
+    }
+    session = f"CODE = {C1_PAYLOAD!r}\n" + TERMINAL_SESSION
+    done = subprocess.run(
+        [sys.executable, "-c", session], env=env, cwd=tmp_path, capture_output=True, timeout=120, check=False
+    )
+    shown = done.stdout.decode("utf-8", errors="replace")
+    assert "before" in shown and "after" in shown, f"the call did not run: {done.stderr[-2000:]!r}"
+    controls = sorted({f"U+{ord(c):04X}" for c in re.findall("[\u0080-\u009f]", shown)})
+    assert not controls, f"C1 control characters from the sandbox reached the terminal: {controls}"
