@@ -36,9 +36,15 @@ def chat_server() -> Iterator[Callable[..., Any]]:
 
 @pytest.fixture
 def openai_server() -> Iterator[Any]:
-    """A fresh ``OpenAIServer`` with the scripted ``quickstart`` model; set ``.responder`` to script turns."""
+    """A fresh ``OpenAIServer`` with the scripted ``quickstart`` model; set ``.responder`` to script turns.
+
+    Its containers are local sandboxes: without a working bubblewrap the test is skipped, saying why."""
+    from tests.servers.containers import sandbox_problem
     from tests.servers.openai_server import OpenAIServer
 
+    problem = sandbox_problem()
+    if problem is not None:
+        pytest.skip(f"the OpenAI test server runs code in local sandboxes, which cannot start: {problem}")
     server = OpenAIServer().start()
     yield server
     server.stop()

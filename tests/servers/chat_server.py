@@ -31,22 +31,26 @@ CLI (for notebooks and demos)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import re
 import secrets
-import signal
-import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal
 
-from tests.servers.http_base import QuietHTTPServer
+from tests.servers.http_base import (
+    ApiError,
+    Exchange,
+    RecordedRequest,
+    Route,
+    StreamCut,
+    TestServer,
+    error_body,
+    serve_until_stopped,
+)
 
 __all__ = [
     "SCENARIOS",
@@ -141,20 +145,10 @@ ScriptItem = Reply | str | Fault | Cut | Recorded
 Script = Sequence[ScriptItem] | Callable[[list[dict[str, Any]]], ScriptItem]
 
 
-@dataclass(frozen=True)
-class RecordedRequest:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any  # the parsed JSON body, or None
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        return list(self.body.get("messages", [])) if isinstance(self.body, dict) else []
-
-
-class ChatServer:
+class ChatServer(TestServer):
     """The server, on a background thread; a context manager that starts and stops it."""
+
+    thread_name = "chat-server"
 
     def __init__(
         self,
@@ -177,60 +171,31 @@ class ChatServer:
         ``api_key``: when set, requests must carry ``Authorization: Bearer <api_key>`` (else 401).
         ``ensure_ascii``: encode non-ASCII code as ``\\uXXXX`` escapes, surrogate pairs included.
         """
+        super().__init__(host=host, port=port, event_delay=event_delay)
         self._script = script if callable(script) else list(script)
         self._position = 0
         self.model = model
         self.models = tuple(models) if models is not None else None
         self.api_key = api_key
-        self.event_delay = event_delay
         self.listing = listing
         self.refuse_null_content = refuse_null_content
         self.context_tokens = context_tokens
         self.ensure_ascii = ensure_ascii
-        self.requests: list[RecordedRequest] = []
         self.usage_sent: list[dict[str, Any]] = []  # the usage object of every answer delivered
         self._rng = random.Random(seed)
-        self._lock = threading.Lock()
-        self._httpd = _Server((host, port), _Handler)
-        self._httpd.chat = self
-        self._thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
+        return self.url
 
     @property
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
 
-    def start(self) -> ChatServer:
-        if self._thread is None:
-            # A short poll interval: shutdown() waits up to one interval, once per test.
-            self._thread = threading.Thread(
-                target=self._httpd.serve_forever, args=(0.02,), name="chat-server", daemon=True
-            )
-            self._thread.start()
-        return self
-
     def close(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._httpd.server_close()
-
-    def __enter__(self) -> ChatServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        self.stop()
 
     # -- used by the handler thread --------------------------------------------------------------
-
-    def _record(self, request: RecordedRequest) -> None:
-        with self._lock:
-            self.requests.append(request)
 
     def _record_usage(self, usage: dict[str, Any]) -> None:
         with self._lock:
@@ -257,145 +222,82 @@ class ChatServer:
             start += size
         return pieces
 
+    # -- answering (handler threads) ---------------------------------------------------------------
 
-class _Server(QuietHTTPServer):
-    chat: ChatServer
+    def routes(self) -> list[Route]:
+        return [
+            ("GET", re.compile(r"/v1/models"), self._models),
+            ("POST", re.compile(r"/v1/chat/completions"), self._chat),
+        ]
+
+    def check_auth(self, request: RecordedRequest) -> None:
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            given = (request.headers.get("authorization") or "").removeprefix("Bearer ")
+            shown = f"{given[:3]}***{given[-2:]}" if len(given) > 5 else "***"
+            raise ApiError(401, f"Incorrect API key provided: {shown}.", code="invalid_api_key")
+
+    def not_found(self, method: str, path: str) -> ApiError:
+        message = f"Unknown request URL: {method} {path}. Please check the URL for typos."
+        return ApiError(404, message, code="unknown_url")
+
+    def _models(self, exchange: Exchange) -> None:
+        if self.listing is not None:
+            exchange.send_json(self.listing)
+            return
+        data = [
+            {"id": name, "object": "model", "created": 1700000000, "owned_by": "ci-magic-tests"}
+            for name in self.models or (self.model,)
+        ]
+        exchange.send_json({"object": "list", "data": data})
+
+    def _chat(self, exchange: Exchange) -> None:
+        body = exchange.record.json
+        problem = _validate(body, self.models) or _habits(self, body)
+        if problem is not None:
+            exchange.send_json(problem[1], problem[0])
+            return
+        item = self._next_item(body["messages"])
+        if isinstance(item, str):
+            item = Reply(text=item)
+        if isinstance(item, Recorded):
+            _send_recorded(exchange, item)
+        elif isinstance(item, Fault):
+            exchange.send_json(_error_body(item.message, item.type, item.code), item.status, item.headers)
+        else:
+            reply, cut = (
+                (item.reply, StreamCut(item.after_chunks, item.clean))
+                if isinstance(item, Cut)
+                else (item, None)
+            )
+            completion = _Completion(self, body, reply)
+            if body.get("stream"):
+                exchange.send_stream(_sse_stream(completion.chunks()), cut=cut)
+            else:
+                exchange.send_json(completion.message())
+
+
+def _send_recorded(exchange: Exchange, item: Recorded) -> None:
+    """A recorded body as it was sent: JSON whole, SSE event by event."""
+    if not item.body.lstrip().startswith(("data:", ":")):
+        exchange.send_json(item.body, item.status)
+        return
+    events = [event.encode() for event in re.findall(r".*?(?:\n\n|\Z)", item.body, re.DOTALL) if event]
+    exchange.send_stream(events, status=item.status, content_type="text/event-stream")
 
 
 def _error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return error_body(message, type_, param, code)
 
 
 def _count_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive and chunked streams, like real servers
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # tests read ``requests`` instead of a log on stderr
-
-    # -- routing ---------------------------------------------------------------------------------
-
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def _handle(self, method: str) -> None:
-        chat = self.server.chat
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            body = None
-        path = self.path.split("?", 1)[0].rstrip("/")
-        chat._record(RecordedRequest(method, path, {k.lower(): v for k, v in self.headers.items()}, body))
-        if chat.api_key is not None and self.headers.get("Authorization") != f"Bearer {chat.api_key}":
-            given = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
-            shown = f"{given[:3]}***{given[-2:]}" if len(given) > 5 else "***"
-            message = f"Incorrect API key provided: {shown}."
-            self._json(401, _error_body(message, "invalid_request_error", "invalid_api_key"))
-        elif method == "GET" and path == "/v1/models" and chat.listing is not None:
-            self._json(200, chat.listing)
-        elif method == "GET" and path == "/v1/models":
-            names = chat.models or (chat.model,)
-            data = [
-                {"id": name, "object": "model", "created": 1700000000, "owned_by": "ci-magic-tests"}
-                for name in names
-            ]
-            self._json(200, {"object": "list", "data": data})
-        elif method == "POST" and path == "/v1/chat/completions":
-            self._chat(chat, body)
-        else:
-            message = f"Unknown request URL: {method} {self.path}. Please check the URL for typos."
-            self._json(404, _error_body(message, "invalid_request_error", "unknown_url"))
-
-    def _chat(self, chat: ChatServer, body: Any) -> None:
-        problem = _validate(body, chat.models) or _habits(chat, body)
-        if problem is not None:
-            self._json(problem[0], problem[1])
-            return
-        item = chat._next_item(body["messages"])
-        if isinstance(item, str):
-            item = Reply(text=item)
-        if isinstance(item, Recorded):
-            self._recorded(chat, item)
-            return
-        if isinstance(item, Fault):
-            self._json(item.status, _error_body(item.message, item.type, item.code), item.headers)
-            return
-        reply, cut = (item.reply, item) if isinstance(item, Cut) else (item, None)
-        completion = _Completion(chat, body, reply)
-        if body.get("stream"):
-            self._stream(chat, completion.chunks(), cut)
-        else:
-            self._json(200, completion.message())
-
-    # -- writing ---------------------------------------------------------------------------------
-
-    def _json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-request-id", f"req_{secrets.token_hex(12)}")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _stream(self, chat: ChatServer, chunks: Iterator[dict[str, Any]], cut: Cut | None) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("x-request-id", f"req_{secrets.token_hex(12)}")
-        self.end_headers()
-        for number, chunk in enumerate(chunks):
-            if cut is not None and number >= cut.after_chunks:
-                if cut.clean:
-                    self._write_chunk(b"")
-                else:
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                return
-            if chat.event_delay:
-                time.sleep(chat.event_delay)
-            self._write_chunk(f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode())
-        self._write_chunk(b"data: [DONE]\n\n")
-        self._write_chunk(b"")
-
-    def _recorded(self, chat: ChatServer, item: Recorded) -> None:
-        if not item.body.lstrip().startswith(("data:", ":")):
-            data = item.body.encode()
-            self.send_response(item.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            return
-        self.send_response(item.status)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for event in re.findall(r".*?(?:\n\n|\Z)", item.body, re.DOTALL):
-            if event:
-                if chat.event_delay:
-                    time.sleep(chat.event_delay)
-                self._write_chunk(event.encode())
-        self._write_chunk(b"")
-
-    def _write_chunk(self, data: bytes) -> None:
-        try:
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away (it cancelled the turn)
+def _sse_stream(chunks: Iterator[dict[str, Any]]) -> Iterator[bytes]:
+    """Chunks as ``data:`` events, then ``[DONE]``; lazily, so a cut stream records no usage."""
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+    yield b"data: [DONE]\n\n"
 
 
 def _validate(body: Any, models: tuple[str, ...] | None) -> tuple[int, dict[str, Any]] | None:
@@ -703,12 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with server:
-        print(f"READY {server.base_url}", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
+    serve_until_stopped(server)
     return 0
 
 

@@ -1,64 +1,65 @@
-"""Containers and container files as OpenAI's Containers API presents them, backed by real folders.
+"""Containers and container files as OpenAI's Containers API presents them, served by any ``Backend``.
 
-Each container owns a folder on disk (its ``/mnt/data``) and, once code runs, a long-lived
-Python worker. Files that code writes into the folder are picked up on the next look and
-listed as ``source: "assistant"`` with ``bytes: null``, as OpenAI lists model-written files.
-Time comes from a ``Clock`` tests can advance: a container whose ``last_active_at`` plus its
-``expires_after.minutes`` has passed is expired, its files are deleted and its worker killed.
+The server keeps OpenAI's side of each container (its ``cntr_<48 hex>`` id, name, expiry on a
+``Clock`` tests can advance, the file table with OpenAI's ``cfile_<32 hex>`` ids) and leaves the
+real work to a :class:`ci_magic.backends.base.Backend`: the backend container (started lazily, on
+the first upload or code run), its files, and running code. By default that is a
+``LocalBackend``, so code runs in a real sandbox kernel, isolated as the product isolates it.
+
+Files code writes are picked up on the next look and listed as ``source: "assistant"`` with
+``bytes: null``, as OpenAI lists model-written files. A container whose ``last_active_at`` plus
+its ``expires_after.minutes`` has passed is expired: its backend container is deleted, files and all.
+Downloads go through ``Backend.download_file`` (streamed into a temporary file, at most
+``DOWNLOAD_CAP`` bytes), so the server never reads the sandbox's folder itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import functools
 import mimetypes
 import os
 import secrets
-import shutil
+import stat
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
-from tests.servers.sandbox_worker import DATA_DIR, ExecResult, Worker
+from ci_magic.backends.base import Backend, ContainerFile, Conversation, TurnRequest
+from ci_magic.errors import CIError
+from ci_magic.events import Completed, Event
+from tests.servers.http_base import ApiError
 
 __all__ = [
-    "ApiError",
+    "DATA_DIR",
+    "BackendRunner",
     "Clock",
     "Container",
     "ContainerStore",
     "StoredFile",
+    "local_backend",
     "new_id",
+    "sandbox_problem",
+    "upload_path",
 ]
 
+DATA_DIR = "/mnt/data"
 DEFAULT_EXPIRY_MINUTES = 20
 MEMORY_LIMITS = ("1g", "4g", "16g", "64g")
+DOWNLOAD_CAP = 1 << 30
+# The server enforces expiry on its own clock; the backend container must not expire before it.
+_BACKEND_EXPIRY_MINUTES = 24 * 60
+T = TypeVar("T")
 
 
 def new_id(prefix: str, hex_chars: int) -> str:
     return f"{prefix}_{secrets.token_hex(hex_chars // 2)}"
-
-
-class ApiError(Exception):
-    """An error the server answers with OpenAI's JSON error body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class Clock:
@@ -74,14 +75,86 @@ class Clock:
         self._offset += seconds
 
 
+class BackendRunner:
+    """A backend and the event loop it lives on (a daemon thread): request threads call ``run``."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="backend-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self.run(self.backend.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+_shared: dict[float, BackendRunner] = {}
+_shared_lock = threading.Lock()
+
+
+def local_backend(exec_timeout: float = 60.0) -> BackendRunner:
+    """One ``LocalBackend`` per execution timeout for the whole process, its warm pool shared by
+    every server: a test's first container comes from the pool instead of a cold start."""
+    with _shared_lock:
+        runner = _shared.get(exec_timeout)
+        if runner is None:
+            from ci_magic.backends.local.backend import LocalBackend
+            from ci_magic.backends.local.sandbox import SandboxManager
+
+            root = Path(tempfile.mkdtemp(prefix="ci-openai-server-"))
+            sandbox = SandboxManager(root, pool_size=2, execution_timeout=exec_timeout)
+            runner = BackendRunner(LocalBackend(sandbox, model_client=None, model=""))
+            _shared[exec_timeout] = runner
+            if len(_shared) == 1:
+                _at_exit(_close_shared)
+        return runner
+
+
+@functools.cache
+def sandbox_problem() -> str | None:
+    """Why local sandboxes cannot run here (no working bubblewrap...), or None when they can."""
+    from ci_magic.backends.local.isolation import detect_isolation, probe_python
+    from ci_magic.errors import CIError
+
+    try:
+        detect_isolation("auto", probe_python(sys.executable))
+    except CIError as error:
+        return str(error)
+    return None
+
+
+def _at_exit(callback: Callable[[], None]) -> None:
+    """Run ``callback`` as the interpreter exits, while thread pools still take work (closing the
+    backend kills its kernels through ``asyncio.to_thread``): ``atexit`` runs after they shut down."""
+    register = getattr(threading, "_register_atexit", None)
+    (register or atexit.register)(callback)
+
+
+def _close_shared() -> None:
+    with _shared_lock:
+        runners = list(_shared.values())
+        _shared.clear()
+    for runner in runners:
+        runner.close()
+
+
 @dataclass
 class StoredFile:
     id: str
     container_id: str
-    relative: str  # path inside the container folder, "/"-separated
+    relative: str  # path inside /mnt/data, "/"-separated
     created_at: int
     source: str  # "user" | "assistant"
     bytes: int | None
+    backend_id: str = ""  # the backend's id of the same file
 
     @property
     def path(self) -> str:
@@ -108,12 +181,13 @@ class Container:
     expiry_minutes: int
     memory_limit: str
     network_policy: dict[str, Any]
-    folder: Path
-    worker: Worker
+    backend_id: str | None = None  # created on first use
     files: dict[str, StoredFile] = field(default_factory=dict)
     expired: bool = False
     # One call at a time per container, as one kernel runs one cell at a time.
     run_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Starting and dropping the backend container, which must not wait for a running call.
+    backend_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -136,10 +210,10 @@ class Container:
 class ContainerStore:
     """All containers of one server; every method is safe to call from request threads."""
 
-    def __init__(self, root: Path, clock: Clock, *, exec_timeout: float = 60.0) -> None:
-        self.root = root
+    def __init__(self, runner: BackendRunner, clock: Clock) -> None:
+        self.runner = runner
+        self.backend = runner.backend
         self.clock = clock
-        self.exec_timeout = exec_timeout
         self._containers: dict[str, Container] = {}
         self._lock = threading.RLock()
 
@@ -171,22 +245,17 @@ class ContainerStore:
             # This server has no Files API, so no file id can exist.
             raise ApiError(404, f"No such File object: {body['file_ids'][0]}", param="file_ids")
         now = int(self.clock.now())
-        container_id = new_id("cntr", 48)
-        folder = self.root / "containers" / container_id
-        folder.mkdir(parents=True)
         container = Container(
-            id=container_id,
+            id=new_id("cntr", 48),
             name=name,
             created_at=now,
             last_active_at=now,
             expiry_minutes=minutes,
             memory_limit=memory_limit,
             network_policy=body.get("network_policy") or {"type": "disabled"},
-            folder=folder,
-            worker=Worker(folder, self.root / "scratch" / container_id, timeout=self.exec_timeout),
         )
         with self._lock:
-            self._containers[container_id] = container
+            self._containers[container.id] = container
         return container
 
     def get(self, container_id: str) -> Container:
@@ -194,8 +263,8 @@ class ContainerStore:
             container = self._containers.get(container_id)
             if container is None:
                 raise ApiError(404, f"Container with id '{container_id}' not found.")
-            self._check_expiry(container)
-            return container
+        self._check_expiry(container)
+        return container
 
     def usable(self, container_id: str) -> Container:
         """The container for an operation that uses it: must be running; marks it active."""
@@ -205,13 +274,13 @@ class ContainerStore:
         container.last_active_at = int(self.clock.now())
         return container
 
-    def list(
+    def all(
         self, *, order: str = "desc", after: str | None = None, limit: int = 20, name: str | None = None
     ) -> tuple[list[Container], bool]:
         with self._lock:
             items = list(self._containers.values())  # insertion order == creation order
-            for container in items:
-                self._check_expiry(container)
+        for container in items:
+            self._check_expiry(container)
         if name is not None:
             items = [c for c in items if c.name == name]
         return _page(items, order=order, after=after, limit=limit)
@@ -220,23 +289,36 @@ class ContainerStore:
         with self._lock:
             container = self.get(container_id)
             del self._containers[container_id]
-        container.worker.close()
-        shutil.rmtree(container.folder, ignore_errors=True)
-        shutil.rmtree(container.worker.scratch_dir, ignore_errors=True)
+        self._drop_backend(container)
 
     def expire(self, container_id: str) -> None:
         with self._lock:
             container = self._containers.get(container_id)
-            if container is None:
-                raise KeyError(container_id)
-            self._mark_expired(container)
+        if container is None:
+            raise KeyError(container_id)
+        self._mark_expired(container)
 
     def close(self) -> None:
+        """Delete every backend container this store started (the backend itself stays)."""
         with self._lock:
             containers = list(self._containers.values())
             self._containers.clear()
         for container in containers:
-            container.worker.close()
+            self._drop_backend(container)
+
+    def backend_id(self, container: Container) -> str:
+        """The backend container behind ``container``, started now if it was not yet."""
+        with container.backend_lock:
+            if container.backend_id is None:
+                info = self.runner.run(
+                    self.backend.create_container(
+                        name=container.name,
+                        memory_limit=container.memory_limit,  # type: ignore[arg-type]
+                        expires_after_minutes=_BACKEND_EXPIRY_MINUTES,
+                    )
+                )
+                container.backend_id = info.id
+            return container.backend_id
 
     def _check_expiry(self, container: Container) -> None:
         if (
@@ -247,9 +329,14 @@ class ContainerStore:
 
     def _mark_expired(self, container: Container) -> None:
         container.expired = True
-        container.worker.close()
         container.files.clear()
-        shutil.rmtree(container.folder, ignore_errors=True)
+        self._drop_backend(container)
+
+    def _drop_backend(self, container: Container) -> None:
+        with container.backend_lock:
+            backend_id, container.backend_id = container.backend_id, None
+        if backend_id is not None:
+            self.runner.run(self.backend.delete_container(backend_id))
 
     # -- files -----------------------------------------------------------------------------
 
@@ -263,9 +350,7 @@ class ContainerStore:
         file_id: str | None = None,
     ) -> StoredFile:
         relative = _safe_relative(filename)
-        target = container.folder / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        uploaded = self.runner.run(self.backend.upload_file(self.backend_id(container), relative, data))
         with self._lock:
             for old in [f for f in container.files.values() if f.relative == relative]:
                 del container.files[old.id]
@@ -276,26 +361,36 @@ class ContainerStore:
                 created_at=int(self.clock.now()),
                 source=source,
                 bytes=len(data) if source == "user" else None,
+                backend_id=uploaded.id,
             )
             container.files[stored.id] = stored
         return stored
 
     def sync_files(self, container: Container) -> list[StoredFile]:
-        """Register files code wrote into the folder, forget deleted ones; returns the new ones."""
-        if container.expired:
+        """Register files code wrote, forget deleted ones; returns the new ones."""
+        if container.expired or container.backend_id is None:
             return []
-        on_disk = {
-            p.relative_to(container.folder).as_posix() for p in container.folder.rglob("*") if p.is_file()
-        }
+        listed: list[ContainerFile] = self.runner.run(self.backend.list_files(container.backend_id))
+        on_backend = {file.name: file for file in listed}
         added: list[StoredFile] = []
         with self._lock:
             for stored in list(container.files.values()):
-                if stored.relative not in on_disk:
+                if stored.relative not in on_backend:
                     del container.files[stored.id]
+                else:
+                    stored.backend_id = on_backend[stored.relative].id
             known = {f.relative for f in container.files.values()}
             now = int(self.clock.now())
-            for relative in sorted(on_disk - known):
-                stored = StoredFile(new_id("cfile", 32), container.id, relative, now, "assistant", None)
+            for relative in sorted(set(on_backend) - known):
+                stored = StoredFile(
+                    new_id("cfile", 32),
+                    container.id,
+                    relative,
+                    now,
+                    "assistant",
+                    None,
+                    on_backend[relative].id,
+                )
                 container.files[stored.id] = stored
                 added.append(stored)
         return added
@@ -315,31 +410,83 @@ class ContainerStore:
             raise ApiError(404, f"Container file with id '{file_id}' not found.")
         return stored
 
-    def read_file(self, container: Container, file_id: str) -> tuple[StoredFile, bytes, str]:
-        stored = self.get_file(container, file_id)
-        data = (container.folder / stored.relative).read_bytes()
-        return stored, data, content_type(stored.relative)
-
     def open_file(self, container: Container, file_id: str) -> tuple[StoredFile, BinaryIO, int, str]:
         """The file opened for streaming, with its size: a large file is sent, not held in memory."""
         stored = self.get_file(container, file_id)
-        handle = (container.folder / stored.relative).open("rb")
-        return stored, handle, os.fstat(handle.fileno()).st_size, content_type(stored.relative)
+        backend_id = self.backend_id(container)
+        opened = _open_local(self.backend, backend_id, stored.relative)
+        if opened is None:
+            opened = self._download(backend_id, stored.backend_id)
+        return stored, opened[0], opened[1], content_type(stored.relative)
+
+    def _download(self, backend_id: str, file_id: str) -> tuple[BinaryIO, int]:
+        """Any backend: ``download_file`` into a temporary file, opened and unlinked at once."""
+        folder = Path(tempfile.mkdtemp(prefix="ci-openai-download-"))
+        target = folder / "file"
+        try:
+            size = self.runner.run(
+                self.backend.download_file(backend_id, file_id, target, max_bytes=DOWNLOAD_CAP)
+            )
+            return target.open("rb"), size
+        finally:
+            target.unlink(missing_ok=True)
+            folder.rmdir()
 
     def delete_file(self, container: Container, file_id: str) -> None:
         stored = self.get_file(container, file_id)
-        (container.folder / stored.relative).unlink(missing_ok=True)
+        self.runner.run(self.backend.delete_file(self.backend_id(container), stored.backend_id))
         with self._lock:
             container.files.pop(file_id, None)
 
     # -- execution -------------------------------------------------------------------------
 
-    def run(self, container: Container, code: str) -> tuple[ExecResult, list[StoredFile]]:
-        """Run code in the container's worker; returns the result and the files it created."""
+    def run(self, container: Container, code: str) -> list[Event]:
+        """Run code in the backend container (as ``%%ci_exec`` does): the events it produced."""
+        request = TurnRequest(
+            prompt="",
+            container_id=self.backend_id(container),
+            model="",
+            instructions="",
+            conversation=Conversation(),
+            exec_code=code,
+        )
         with container.run_lock:
-            result = container.worker.run(code)
+            events = self.runner.run(_collect(self.backend, request))
         container.last_active_at = int(self.clock.now())
-        return result, self.sync_files(container)
+        return events
+
+
+def _open_local(backend: Backend, backend_id: str, relative: str) -> tuple[BinaryIO, int] | None:
+    """A local backend's file opened in place, so a huge (even sparse) file streams to the client
+    as OpenAI would send it, which a bounded ``download_file`` cannot do. Opened as the backend
+    reads its files (``datadir``): no symlink followed at any step, regular single-link files only.
+    None for other backends."""
+    from ci_magic.backends.local.backend import LocalBackend
+    from ci_magic.backends.local.datadir import _open_dirs
+
+    if not isinstance(backend, LocalBackend):
+        return None
+    *folders, name = relative.split("/")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        with _open_dirs(backend.sandbox._data_dir(backend_id), tuple(folders)) as dir_fd:
+            fd = os.open(name, flags, dir_fd=dir_fd)
+    except (OSError, CIError) as error:
+        raise ApiError(404, f"Container file /mnt/data/{relative} cannot be read: {error}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise ApiError(404, f"Container file /mnt/data/{relative} is not a regular file.")
+    return os.fdopen(fd, "rb"), info.st_size
+
+
+async def _collect(backend: Backend, request: TurnRequest) -> list[Event]:
+    events: list[Event] = []
+    async for event in backend.stream(request):
+        events.append(event)
+        if isinstance(event, Completed):
+            break
+    return events
 
 
 def content_type(name: str) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from tests.servers.containers import ApiError, ContainerStore
+from tests.servers.containers import ContainerStore
+from tests.servers.http_base import ApiError
 
 __all__ = ["CONTAINER_EXPIRED", "ChainExpiry"]
 

@@ -1,9 +1,12 @@
-"""An OpenAI-compatible HTTP server for tests, demos and benchmarks (standard library only).
+"""An OpenAI-compatible HTTP server that serves any ``Backend``: for tests, demos and benchmarks.
 
 It speaks the REST shapes of OpenAI's Containers API, container files, ``/v1/models`` and
-``/v1/responses`` (streamed as SSE or not), so the real ``openai`` SDK works against it through
-``base_url``. What a response contains comes from a *responder*: ``Replay`` of a genuine
-recording, or the ``Scripted`` model whose code really runs in a per-container Python process.
+``/v1/responses`` (streamed as SSE or not), so the real ``openai`` SDK (or any OpenAI client)
+works against it through ``base_url``. Containers, files and code run on a
+``ci_magic.backends.base.Backend`` (``containers.py``): by default the local backend, so code
+runs in a real sandbox kernel. What a response contains comes from a *responder*: ``Replay`` of
+a genuine recording, or the ``Scripted`` model, whose turns are our typed events encoded as the
+Responses stream (``responses_stream.ResponseEvents.encode``).
 
     with OpenAIServer(Scripted([[Call("x = 41"), Text("Set x.")]])) as server:
         client = OpenAI(base_url=server.url, api_key="test")
@@ -19,37 +22,42 @@ As a process (prints ``READY <url>`` once listening)::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import email.parser
-import email.policy
-import json
-import math
 import re
 import secrets
-import shutil
-import signal
-import socket
 import sys
-import tempfile
-import threading
-import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
-from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
-from urllib.parse import parse_qs, quote, urlsplit
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
+from urllib.parse import quote
 
-from tests.servers.containers import ApiError, Clock, Container, ContainerStore, new_id, upload_path
+from ci_magic.backends.base import Backend, ContainerInfo
+from tests.servers.containers import (
+    BackendRunner,
+    Clock,
+    Container,
+    ContainerStore,
+    local_backend,
+    new_id,
+    upload_path,
+)
 from tests.servers.expiry import ChainExpiry
-from tests.servers.http_base import QuietHTTPServer
+from tests.servers.http_base import (
+    BAD_JSON,
+    ApiError,
+    Exchange,
+    RecordedRequest,
+    Route,
+    TestServer,
+    serve_until_stopped,
+)
 from tests.servers.replay import Replay
 from tests.servers.responses_stream import Responder, SSEEvent, TurnContext, dumps
 from tests.servers.scripted import Scripted, Turn, quickstart
 
-__all__ = ["DEFAULT_MODELS", "OpenAIServer", "RecordedRequest", "main"]
+__all__ = ["DEFAULT_MODELS", "OpenAIServer", "RecordedRequest", "main", "serve_until_stopped"]
 
+T = TypeVar("T")
 DEFAULT_MODELS = ("gpt-5", "gpt-5-mini", "gpt-5-nano", "gpt-4.1", "gpt-4.1-mini", "o4-mini")
 
 _NO_KEY = (
@@ -58,43 +66,6 @@ _NO_KEY = (
     "if you're accessing the API from your browser and are prompted for a username and password. You "
     "can obtain an API key from https://platform.openai.com/account/api-keys."
 )
-_BAD_JSON = (
-    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-    "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid "
-    "JSON. If you have trouble figuring out how to fix this, please contact us through our help "
-    "center at help.openai.com.)"
-)
-_FAULT_ERRORS: dict[int, tuple[str, str, str | None]] = {
-    429: ("Rate limit reached for requests. Please try again in 1s.", "requests", "rate_limit_exceeded"),
-    500: ("The server had an error while processing your request. Sorry about that!", "server_error", None),
-    502: ("Bad gateway.", "server_error", None),
-    503: ("The server is overloaded or not ready yet.", "server_error", None),
-}
-
-
-@dataclass
-class RecordedRequest:
-    """One request as the server saw it; ``status`` is the status code it was answered with."""
-
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    json: Any = None
-    multipart: dict[str, Any] | None = None
-    status: int | None = None
-
-
-@dataclass
-class _Fault:
-    path_prefix: str
-    status: int
-    times: int
-    body: Any
-    retry_after: float | None
-
-    def matches(self, path: str) -> bool:
-        return path.startswith(self.path_prefix) or path.removeprefix("/v1").startswith(self.path_prefix)
 
 
 @dataclass
@@ -103,14 +74,11 @@ class _StoredResponse:
     response: dict[str, Any] | None = None
 
 
-@dataclass
-class _Upload:
-    fields: dict[str, str] = field(default_factory=dict)
-    files: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)  # name -> filename, type, data
-
-
-class OpenAIServer:
+class OpenAIServer(TestServer):
     """A running OpenAI-compatible server on 127.0.0.1; fresh state per instance."""
+
+    thread_name = "openai-test-server"
+    server_version = "ci-magic-openai-test-server"
 
     def __init__(
         self,
@@ -122,25 +90,23 @@ class OpenAIServer:
         models: Sequence[str] | None = None,
         event_delay: float = 0.0,
         exec_timeout: float = 60.0,
+        backend: Backend | None = None,
     ) -> None:
+        """``backend``: what runs containers, files and code (the server closes it when it stops);
+        default: the process's shared ``LocalBackend`` for ``exec_timeout``, a real sandbox."""
+        super().__init__(host=host, port=port, event_delay=event_delay)
         self.responder = responder
         self.api_key = api_key
-        self.event_delay = event_delay
-        self.requests: list[RecordedRequest] = []
         self.clock = Clock()
-        self._root = Path(tempfile.mkdtemp(prefix="ci-openai-server-"))
-        self.store = ContainerStore(self._root, self.clock, exec_timeout=exec_timeout)
+        self._own_runner = backend is not None
+        runner = BackendRunner(backend) if backend is not None else local_backend(exec_timeout)
+        self.store = ContainerStore(runner, self.clock)
         self._allowed_models: tuple[str, ...] | None = tuple(models) if models else None
-        self._faults: list[_Fault] = []
-        self._cut_after: int | None = None
         # File downloads without Content-Length (chunked), as a gateway may send them.
         self.hide_file_sizes = False
         self._responses: dict[str, _StoredResponse] = {}
         # Whether a previous_response_id whose container expired is refused (tests/servers/expiry.py).
         self.chain_expiry = ChainExpiry()
-        self._lock = threading.Lock()
-        self._httpd = QuietHTTPServer((host, port), _make_handler(self))
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -156,40 +122,11 @@ class OpenAIServer:
             value = Scripted(value)  # a function of the request JSON that returns a turn
         self._responder: Responder = value  # type: ignore[assignment]
 
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """The ``base_url`` for the SDK, ending in ``/v1``."""
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> OpenAIServer:
-        # A short poll interval keeps stop() quick: shutdown() waits for the loop's next poll.
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.02},
-            name="openai-test-server",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._httpd.server_close()
+        super().stop()
         self.store.close()
-        shutil.rmtree(self._root, ignore_errors=True)
-
-    def __enter__(self) -> OpenAIServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        if self._own_runner:
+            self.store.runner.close()
 
     # -- knobs for tests -------------------------------------------------------------------
 
@@ -198,58 +135,57 @@ class OpenAIServer:
         self.clock.advance(seconds)
 
     def expire(self, container_id: str) -> None:
-        """Expire a container now: its files are deleted and its Python process is killed."""
+        """Expire a container now: its backend container (kernel and files) is deleted."""
         self.store.expire(container_id)
 
-    def container_dir(self, container_id: str) -> Path:
-        """The real folder that is the container's ``/mnt/data``."""
-        return self.store.get(container_id).folder
+    @property
+    def backend(self) -> Backend:
+        return self.store.backend
+
+    def backend_container(self, container_id: str) -> ContainerInfo | None:
+        """The backend's container behind ``container_id`` (None: never started, or gone)."""
+        backend_id = self.store.get(container_id).backend_id
+        return None if backend_id is None else self.store.runner.run(self.backend.get_container(backend_id))
+
+    def run_on_backend(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Await a backend coroutine on the backend's event loop, e.g. ``backend.list_files(id)``."""
+        return self.store.runner.run(coroutine)
 
     def container(self, container_id: str) -> Container:
         return self.store.get(container_id)
-
-    def fail_next(
-        self,
-        path_prefix: str,
-        status: int,
-        times: int = 1,
-        body: Any = None,
-        retry_after: float | None = None,
-    ) -> None:
-        """Answer the next ``times`` requests under ``path_prefix`` (e.g. ``/responses``) with an error."""
-        with self._lock:
-            self._faults.append(_Fault(path_prefix, status, times, body, retry_after))
-
-    def cut_stream_after(self, n_events: int) -> None:
-        """Close the socket of the next streamed response after ``n_events`` events (no completion)."""
-        self._cut_after = n_events
 
     def require_model(self, *models: str) -> None:
         """Only these models exist (404 ``model_not_found`` otherwise); no arguments lifts the rule."""
         self._allowed_models = tuple(models) or None
 
-    def requests_to(self, path_prefix: str, method: str | None = None) -> list[RecordedRequest]:
-        return [
-            r
-            for r in list(self.requests)
-            if (r.path.startswith(path_prefix) or r.path.removeprefix("/v1").startswith(path_prefix))
-            and (method is None or r.method == method)
+    # -- routes (called from handler threads) ----------------------------------------------
+
+    def routes(self) -> list[Route]:
+        routes: list[tuple[str, str, Callable[..., None]]] = [
+            ("GET", r"/v1/models", self._list_models),
+            ("POST", r"/v1/containers", self._create_container),
+            ("GET", r"/v1/containers", self._list_containers),
+            ("GET", r"/v1/containers/(?P<cid>[^/]+)", self._get_container),
+            ("DELETE", r"/v1/containers/(?P<cid>[^/]+)", self._delete_container),
+            ("POST", r"/v1/containers/(?P<cid>[^/]+)/files", self._create_file),
+            ("GET", r"/v1/containers/(?P<cid>[^/]+)/files", self._list_files),
+            ("GET", r"/v1/containers/(?P<cid>[^/]+)/files/(?P<fid>[^/]+)", self._get_file),
+            ("DELETE", r"/v1/containers/(?P<cid>[^/]+)/files/(?P<fid>[^/]+)", self._delete_file),
+            ("GET", r"/v1/containers/(?P<cid>[^/]+)/files/(?P<fid>[^/]+)/content", self._file_content),
+            ("POST", r"/v1/responses", self._create_response),
+            ("GET", r"/v1/responses/(?P<rid>[^/]+)", self._get_response),
         ]
+        return [(method, re.compile(pattern), function) for method, pattern, function in routes]
 
-    # -- dispatch (called from handler threads) -------------------------------------------
+    def response_headers(self) -> dict[str, str]:
+        return {
+            "openai-version": "2020-10-01",
+            "openai-processing-ms": "1",
+            "x-request-id": f"req_{secrets.token_hex(16)}",
+        }
 
-    def _take_fault(self, path: str) -> _Fault | None:
-        with self._lock:
-            for fault in self._faults:
-                if fault.matches(path):
-                    fault.times -= 1
-                    if fault.times <= 0:
-                        self._faults.remove(fault)
-                    return fault
-        return None
-
-    def _check_auth(self, headers: dict[str, str]) -> None:
-        value = headers.get("authorization", "")
+    def check_auth(self, request: RecordedRequest) -> None:
+        value = request.headers.get("authorization", "")
         if not value.startswith("Bearer ") or not value[len("Bearer ") :].strip():
             raise ApiError(401, _NO_KEY)
         key = value[len("Bearer ") :].strip()
@@ -316,7 +252,7 @@ class OpenAIServer:
     def _start_response(self, body: Any) -> tuple[TurnContext, Iterator[SSEEvent]]:
         """Validate, pick the container, and pull the first event (so errors become HTTP errors)."""
         if not isinstance(body, dict):
-            raise ApiError(400, _BAD_JSON)
+            raise ApiError(400, BAD_JSON)
         self._check_model(body.get("model"))
         previous_id = body.get("previous_response_id")
         previous = None
@@ -346,10 +282,136 @@ class OpenAIServer:
     def _finish_response(self, ctx: TurnContext, final: dict[str, Any]) -> None:
         self._responses[ctx.response_id].response = final
 
+    def _list_models(self, exchange: Exchange) -> None:
+        exchange.send_json(self._models())
+
+    def _create_container(self, exchange: Exchange) -> None:
+        body = exchange.record.json
+        if not isinstance(body, dict):
+            raise ApiError(400, BAD_JSON)
+        exchange.send_json(self.store.create(body).to_json())
+
+    def _list_containers(self, exchange: Exchange) -> None:
+        items, has_more = self.store.all(name=exchange.query("name"), **_page_args(exchange))
+        exchange.send_json(_list_body([c.to_json() for c in items], has_more))
+
+    def _get_container(self, exchange: Exchange, cid: str) -> None:
+        exchange.send_json(self.store.get(cid).to_json())
+
+    def _delete_container(self, exchange: Exchange, cid: str) -> None:
+        self.store.delete(cid)
+        exchange.send_json({"id": cid, "object": "container.deleted", "deleted": True})
+
+    def _create_file(self, exchange: Exchange, cid: str) -> None:
+        store = self.store
+        container = store.usable(cid)
+        upload = exchange.upload
+        if upload is None or "file" not in upload.files:
+            file_id = (upload.fields.get("file_id") if upload else None) or (exchange.record.json or {}).get(
+                "file_id"
+            )
+            if file_id:
+                raise ApiError(404, f"No such File object: {file_id}", param="file_id")
+            raise ApiError(
+                400, "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
+            )
+        filename, _content_type, data = upload.files["file"]
+        exchange.send_json(store.add_file(container, upload_path(filename or "upload"), data).to_json())
+
+    def _list_files(self, exchange: Exchange, cid: str) -> None:
+        store = self.store
+        container = store.usable(cid)
+        items, has_more = store.list_files(container, **_page_args(exchange))
+        exchange.send_json(_list_body([f.to_json() for f in items], has_more))
+
+    def _get_file(self, exchange: Exchange, cid: str, fid: str) -> None:
+        store = self.store
+        exchange.send_json(store.get_file(store.usable(cid), fid).to_json())
+
+    def _delete_file(self, exchange: Exchange, cid: str, fid: str) -> None:
+        store = self.store
+        store.delete_file(store.usable(cid), fid)
+        exchange.send_json({"id": fid, "object": "container.file.deleted", "deleted": True})
+
+    def _file_content(self, exchange: Exchange, cid: str, fid: str) -> None:
+        store = self.store
+        stored, handle, size, content_type = store.open_file(store.usable(cid), fid)
+        name = PurePosixPath(stored.relative).name
+        # OpenAI sends a generic ASCII name plus the real one in RFC 5987 form (dotnet recording).
+        disposition = (
+            f"attachment; filename=\"file{PurePosixPath(name).suffix}\"; filename*=UTF-8''{quote(name)}"
+        )
+        with handle:
+            exchange.send_file(
+                handle,
+                size,
+                content_type,
+                {"Content-Disposition": disposition},
+                chunked=self.hide_file_sizes,  # no Content-Length, as a gateway may send it
+            )
+
+    def _create_response(self, exchange: Exchange) -> None:
+        body = exchange.record.json
+        ctx, events = self._start_response(body)
+        finish = lambda final: self._finish_response(ctx, final)  # noqa: E731
+        if body.get("stream"):
+            exchange.send_stream(_completing(events, finish), on_error=_stream_error)
+            return
+        final = None
+        for event in events:
+            if event.type == "response.completed":
+                final = _with_billing(event.json["response"])
+        if final is None:
+            raise ApiError(500, "The response ended without completing.", type="server_error")
+        finish(final)
+        exchange.send_json(final)
+
+    def _get_response(self, exchange: Exchange, rid: str) -> None:
+        stored = self._responses.get(rid)
+        if stored is None or stored.response is None:
+            raise ApiError(404, f"Response with id '{rid}' not found.")
+        exchange.send_json(_with_billing(stored.response))
+
 
 def _prepend(first: SSEEvent, rest: Iterator[SSEEvent]) -> Iterator[SSEEvent]:
     yield first
     yield from rest
+
+
+def _completing(events: Iterator[SSEEvent], finish: Callable[[dict[str, Any]], None]) -> Iterator[bytes]:
+    """The events as bytes; the stored response is kept once ``response.completed`` goes out."""
+    try:
+        for event in events:
+            yield event.encode()
+            if event.type == "response.completed":
+                finish(event.json["response"])
+    finally:
+        events.close()  # type: ignore[attr-defined]
+
+
+def _stream_error(exc: Exception, sequence_number: int) -> bytes:
+    """A responder bug mid-stream: told to the client in-band, as OpenAI does."""
+    error = {"type": "error", "sequence_number": sequence_number, "code": "server_error", "message": str(exc)}
+    return SSEEvent("error", dumps({**error, "param": None})).encode()
+
+
+def _page_args(exchange: Exchange) -> dict[str, Any]:
+    limit = exchange.query("limit", "20")
+    try:
+        limit_value = int(limit or "20")
+    except ValueError:
+        raise ApiError(400, f"Invalid 'limit': expected an integer, got {limit!r}.", param="limit") from None
+    return {"order": exchange.query("order", "desc"), "after": exchange.query("after"), "limit": limit_value}
+
+
+def _list_body(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": items,
+        "first_id": items[0]["id"] if items else None,
+        "has_more": has_more,
+        "last_id": items[-1]["id"] if items else None,
+    }
 
 
 def _with_billing(response: dict[str, Any]) -> dict[str, Any]:
@@ -362,358 +424,6 @@ def _with_billing(response: dict[str, Any]) -> dict[str, Any]:
         if key == "background":
             result["billing"] = {"payer": "developer"}
     return result
-
-
-_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
-    (method, re.compile(pattern + r"\Z"), name)
-    for method, pattern, name in [
-        ("GET", r"/v1/models", "list_models"),
-        ("POST", r"/v1/containers", "create_container"),
-        ("GET", r"/v1/containers", "list_containers"),
-        ("GET", r"/v1/containers/(?P<cid>[^/]+)", "get_container"),
-        ("DELETE", r"/v1/containers/(?P<cid>[^/]+)", "delete_container"),
-        ("POST", r"/v1/containers/(?P<cid>[^/]+)/files", "create_file"),
-        ("GET", r"/v1/containers/(?P<cid>[^/]+)/files", "list_files"),
-        ("GET", r"/v1/containers/(?P<cid>[^/]+)/files/(?P<fid>[^/]+)", "get_file"),
-        ("DELETE", r"/v1/containers/(?P<cid>[^/]+)/files/(?P<fid>[^/]+)", "delete_file"),
-        ("GET", r"/v1/containers/(?P<cid>[^/]+)/files/(?P<fid>[^/]+)/content", "file_content"),
-        ("POST", r"/v1/responses", "create_response"),
-        ("GET", r"/v1/responses/(?P<rid>[^/]+)", "get_response"),
-    ]
-]
-
-
-def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(_Handler):
-        owner = server
-
-    return Handler
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive for JSON; SSE uses chunked encoding
-    server_version = "ci-magic-openai-test-server"
-    owner: OpenAIServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # the SDK's own logging is enough
-        return
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    # -- plumbing --------------------------------------------------------------------------
-
-    def _dispatch(self) -> None:
-        url = urlsplit(self.path)
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        raw = self._read_body()
-        record = RecordedRequest(self.command, url.path, parse_qs(url.query), headers)
-        self.record = record
-        self.upload: _Upload | None = None  # handler objects live across keep-alive requests
-        with self.owner._lock:
-            self.owner.requests.append(record)
-        try:
-            if headers.get("content-type", "").startswith("application/json") and raw:
-                try:
-                    record.json = json.loads(raw)
-                except ValueError:
-                    record.json = None
-                    if url.path.startswith("/v1/") and self.command == "POST":
-                        self.owner._check_auth(headers)
-                        raise ApiError(400, _BAD_JSON) from None
-            elif headers.get("content-type", "").startswith("multipart/form-data"):
-                upload = _parse_multipart(headers["content-type"], raw)
-                record.multipart = {
-                    "fields": upload.fields,
-                    "files": [
-                        {"field": name, "filename": f[0], "content_type": f[1], "size": len(f[2])}
-                        for name, f in upload.files.items()
-                    ],
-                }
-                self.upload = upload
-            fault = self.owner._take_fault(url.path)
-            if fault is not None:
-                self._send_fault(fault)
-                return
-            self.owner._check_auth(headers)
-            for method, pattern, name in _ROUTES:
-                match = pattern.match(url.path)
-                if match and method == self.command:
-                    getattr(self, "_" + name)(**match.groupdict())
-                    return
-            raise ApiError(404, f"Invalid URL ({self.command} {url.path})")
-        except ApiError as error:
-            self._send_json(error.body(), error.status)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception:
-            traceback.print_exc()
-            self._send_json(ApiError(500, _FAULT_ERRORS[500][0], type="server_error").body(), 500)
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def _common_headers(self) -> None:
-        self.send_header("openai-version", "2020-10-01")
-        self.send_header("openai-processing-ms", "1")
-        self.send_header("x-request-id", f"req_{secrets.token_hex(16)}")
-
-    def _send_json(self, body: Any, status: int = 200, extra: dict[str, str] | None = None) -> None:
-        payload = (body if isinstance(body, str) else dumps(body)).encode()
-        self.record.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self._common_headers()
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _send_fault(self, fault: _Fault) -> None:
-        if fault.body is not None:
-            body = fault.body
-        else:
-            message, kind, code = _FAULT_ERRORS.get(
-                fault.status, (f"Injected failure {fault.status}.", "server_error", None)
-            )
-            body = ApiError(fault.status, message, type=kind, code=code).body()
-        extra = {}
-        if fault.retry_after is not None:
-            extra["retry-after-ms"] = str(int(fault.retry_after * 1000))
-            extra["retry-after"] = str(max(1, math.ceil(fault.retry_after)))
-        self._send_json(body, fault.status, extra)
-
-    def _send_stream(self, events: Iterator[SSEEvent], on_complete: Callable[[dict[str, Any]], None]) -> None:
-        owner = self.owner
-        cut, owner._cut_after = owner._cut_after, None
-        self.record.status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Cache-Control", "no-cache")
-        self._common_headers()
-        self.end_headers()
-        sent = 0
-        try:
-            while True:
-                if cut is not None and sent >= cut:
-                    self._abort_connection()
-                    return
-                try:
-                    event = next(events)
-                except StopIteration:
-                    break
-                except Exception as exc:  # a responder bug: tell the client in-band, as OpenAI does
-                    traceback.print_exc()
-                    event = SSEEvent(
-                        "error",
-                        dumps(
-                            {
-                                "type": "error",
-                                "sequence_number": sent,
-                                "code": "server_error",
-                                "message": str(exc),
-                                "param": None,
-                            }
-                        ),
-                    )
-                    self._write_chunk(event.encode())
-                    break
-                if sent and owner.event_delay:
-                    time.sleep(owner.event_delay)
-                self._write_chunk(event.encode())
-                sent += 1
-                if event.type == "response.completed":
-                    on_complete(event.json["response"])
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        finally:
-            events.close()  # type: ignore[attr-defined]
-
-    def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def _abort_connection(self) -> None:
-        """Drop the connection mid-body: the client sees an incomplete chunked response."""
-        self.wfile.flush()
-        self.close_connection = True
-        with contextlib.suppress(OSError):  # the client may have gone already
-            self.connection.shutdown(socket.SHUT_RDWR)
-
-    def _query(self, name: str, default: str | None = None) -> str | None:
-        values = self.record.query.get(name)
-        return values[-1] if values else default
-
-    def _page_args(self) -> dict[str, Any]:
-        limit = self._query("limit", "20")
-        try:
-            limit_value = int(limit or "20")
-        except ValueError:
-            raise ApiError(
-                400, f"Invalid 'limit': expected an integer, got {limit!r}.", param="limit"
-            ) from None
-        return {"order": self._query("order", "desc"), "after": self._query("after"), "limit": limit_value}
-
-    @staticmethod
-    def _list_body(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": items,
-            "first_id": items[0]["id"] if items else None,
-            "has_more": has_more,
-            "last_id": items[-1]["id"] if items else None,
-        }
-
-    # -- routes ----------------------------------------------------------------------------
-
-    def _list_models(self) -> None:
-        self._send_json(self.owner._models())
-
-    def _create_container(self) -> None:
-        body = self.record.json
-        if not isinstance(body, dict):
-            raise ApiError(400, _BAD_JSON)
-        self._send_json(self.owner.store.create(body).to_json())
-
-    def _list_containers(self) -> None:
-        items, has_more = self.owner.store.list(name=self._query("name"), **self._page_args())
-        self._send_json(self._list_body([c.to_json() for c in items], has_more))
-
-    def _get_container(self, cid: str) -> None:
-        self._send_json(self.owner.store.get(cid).to_json())
-
-    def _delete_container(self, cid: str) -> None:
-        self.owner.store.delete(cid)
-        self._send_json({"id": cid, "object": "container.deleted", "deleted": True})
-
-    def _create_file(self, cid: str) -> None:
-        store = self.owner.store
-        container = store.usable(cid)
-        upload = self.upload
-        if upload is None or "file" not in upload.files:
-            file_id = (upload.fields.get("file_id") if upload else None) or (self.record.json or {}).get(
-                "file_id"
-            )
-            if file_id:
-                raise ApiError(404, f"No such File object: {file_id}", param="file_id")
-            raise ApiError(
-                400, "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
-            )
-        filename, _content_type, data = upload.files["file"]
-        self._send_json(store.add_file(container, upload_path(filename or "upload"), data).to_json())
-
-    def _list_files(self, cid: str) -> None:
-        store = self.owner.store
-        container = store.usable(cid)
-        items, has_more = store.list_files(container, **self._page_args())
-        self._send_json(self._list_body([f.to_json() for f in items], has_more))
-
-    def _get_file(self, cid: str, fid: str) -> None:
-        store = self.owner.store
-        self._send_json(store.get_file(store.usable(cid), fid).to_json())
-
-    def _delete_file(self, cid: str, fid: str) -> None:
-        store = self.owner.store
-        store.delete_file(store.usable(cid), fid)
-        self._send_json({"id": fid, "object": "container.file.deleted", "deleted": True})
-
-    def _file_content(self, cid: str, fid: str) -> None:
-        store = self.owner.store
-        stored, handle, size, content_type = store.open_file(store.usable(cid), fid)
-        name = PurePosixPath(stored.relative).name
-        # OpenAI sends a generic ASCII name plus the real one in RFC 5987 form (dotnet recording).
-        disposition = (
-            f"attachment; filename=\"file{PurePosixPath(name).suffix}\"; filename*=UTF-8''{quote(name)}"
-        )
-        with handle:
-            self._send_file(handle, size, content_type, {"Content-Disposition": disposition})
-
-    def _send_file(self, handle: BinaryIO, size: int, content_type: str, extra: dict[str, str]) -> None:
-        """Stream a file in chunks; without Content-Length (chunked) when the owner hides file sizes."""
-        chunked = self.owner.hide_file_sizes
-        self.record.status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.send_header("Content-Length", str(size))
-        self._common_headers()
-        for name, value in extra.items():
-            self.send_header(name, value)
-        self.end_headers()
-        try:
-            while block := handle.read(1 << 20):
-                if chunked:
-                    self._write_chunk(block)
-                else:
-                    self.wfile.write(block)
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client stopped reading (e.g. at its size cap)
-
-    def _create_response(self) -> None:
-        body = self.record.json
-        ctx, events = self.owner._start_response(body)
-        finish = lambda final: self.owner._finish_response(ctx, final)  # noqa: E731
-        if body.get("stream"):
-            self._send_stream(events, finish)
-            return
-        final = None
-        for event in events:
-            if event.type == "response.completed":
-                final = _with_billing(event.json["response"])
-        if final is None:
-            raise ApiError(500, "The response ended without completing.", type="server_error")
-        finish(final)
-        self._send_json(final)
-
-    def _get_response(self, rid: str) -> None:
-        stored = self.owner._responses.get(rid)
-        if stored is None or stored.response is None:
-            raise ApiError(404, f"Response with id '{rid}' not found.")
-        self._send_json(_with_billing(stored.response))
-
-
-def _parse_multipart(content_type: str, body: bytes) -> _Upload:
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body
-    )
-    upload = _Upload()
-    if not message.is_multipart():
-        raise ApiError(400, "Could not parse the multipart form body.")
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str):
-            continue
-        data = part.get_payload(decode=True) or b""
-        filename = part.get_filename()
-        if filename is None:
-            upload.fields[name] = data.decode("utf-8", errors="replace")
-        else:
-            upload.files[name] = (filename, part.get_content_type(), data)
-    return upload
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -750,20 +460,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         exec_timeout=args.exec_timeout,
     )
     serve_until_stopped(server)
-
-
-def serve_until_stopped(server: OpenAIServer) -> None:
-    """Start ``server``, print ``READY <url>`` for the parent process, serve until SIGTERM or Ctrl-C."""
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    server.start()
-    print(f"READY {server.url}", flush=True)
-    try:
-        stopped.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -13,14 +13,35 @@ import base64
 import csv
 import io
 import json
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tests.servers.containers import ApiError
+from ci_magic.events import (
+    CallStarted,
+    CallStatus,
+    CodeDelta,
+    CodeDone,
+    Event,
+    FileCited,
+    Image,
+    Logs,
+    TextDelta,
+    TextDone,
+    ThinkingDelta,
+)
+from tests.servers.http_base import ApiError
 from tests.servers.recordings import load_response, load_stream, resolve_recording
-from tests.servers.responses_stream import ResponseEvents, SSEEvent, TurnContext, dumps
+from tests.servers.responses_stream import (
+    ResponseEvents,
+    SSEEvent,
+    TurnContext,
+    code_chunks,
+    dumps,
+    text_chunks,
+)
 
 __all__ = ["Replay"]
 
@@ -70,21 +91,13 @@ class Replay:
         assert self.response is not None and ctx.container is not None
         recorded = json.loads(self._rewrite(json.dumps(self.response, ensure_ascii=False), ctx))
         writer = ResponseEvents(ctx, base={**recorded, "output": [], "usage": None})
-        yield from writer.start()
-        for item in recorded["output"]:
-            if item["type"] == "reasoning":
-                yield from writer.reasoning(item_id=item["id"])
-            elif item["type"] == "code_interpreter_call":
-                yield from writer.code_call(
-                    item["code"],
-                    item["container_id"],
-                    lambda item=item: item["outputs"] or [],
-                    item_id=item["id"],
-                )
-            elif item["type"] == "message":
-                part = item["content"][0]
-                yield from writer.message(part["text"], part["annotations"], item_id=item["id"])
-        yield from writer.complete(recorded["usage"])
+        item_ids = iter([item["id"] for item in recorded["output"]])
+        yield from writer.encode(
+            _as_events(recorded["output"]),
+            container_id=ctx.container.id,
+            item_ids=item_ids,
+            usage=recorded["usage"],
+        )
 
     def _register_cited_files(self, ctx: TurnContext) -> None:
         assert ctx.container is not None
@@ -111,6 +124,40 @@ class Replay:
                 stack.extend(node.values())
             elif isinstance(node, list):
                 stack.extend(node)
+
+
+def _as_events(output: list[dict[str, Any]]) -> Iterator[Event]:
+    """A recorded response's output items as our typed events (``ResponseEvents.encode`` makes
+    the stream OpenAI would have sent for it)."""
+    for item in output:
+        if item["type"] == "reasoning":
+            yield ThinkingDelta("")
+        elif item["type"] == "code_interpreter_call":
+            call_id = item["id"]
+            yield CallStarted(call_id, item["container_id"])
+            for piece in code_chunks(item["code"]):
+                yield CodeDelta(call_id, piece)
+            yield CodeDone(call_id, item["code"])
+            yield CallStatus(call_id, "running")
+            for recorded in item.get("outputs") or []:
+                if recorded["type"] == "logs":
+                    yield Logs(call_id, recorded["logs"])
+                elif recorded["type"] == "image" and recorded["url"].startswith(_PNG_URL):
+                    yield Image(call_id, base64.b64decode(recorded["url"][len(_PNG_URL) :]))
+            yield CallStatus(call_id, "completed")
+        elif item["type"] == "message":
+            part = item["content"][0]
+            for piece in text_chunks(part["text"], random.Random(item["id"])):
+                yield TextDelta(piece)
+            for note in part["annotations"]:
+                yield FileCited(
+                    note["container_id"],
+                    note["file_id"],
+                    note["filename"],
+                    note["start_index"],
+                    note["end_index"],
+                )
+            yield TextDone(part["text"])
 
 
 def _bytes_for(filename: str, image: bytes | None) -> bytes:

@@ -15,15 +15,35 @@ says ``service_tier: "auto"`` until ``response.completed`` says ``"default"``.
 
 from __future__ import annotations
 
+import base64
+import itertools
 import json
 import random
 import re
 import secrets
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
+
+from ci_magic.events import (
+    CallStarted,
+    CallStatus,
+    CodeDelta,
+    CodeDone,
+    Completed,
+    Event,
+    ExecutionError,
+    Failed,
+    FileCited,
+    Image,
+    Logs,
+    RichOutput,
+    TextDelta,
+    TextDone,
+    ThinkingDelta,
+)
 
 if TYPE_CHECKING:
     from tests.servers.containers import Container, ContainerStore
@@ -36,9 +56,11 @@ __all__ = [
     "SSEEvent",
     "TurnContext",
     "citation",
+    "code_chunks",
     "dumps",
     "prompt_text",
     "response_object",
+    "text_chunks",
 ]
 
 OUTPUTS_INCLUDE = "code_interpreter_call.outputs"
@@ -194,6 +216,9 @@ class ResponseEvents:
         self._random = random.Random(ctx.response_id)
         self._generated_chars = 0
         self._reasoning_items = 0
+        self._open: _OpenItem | None = None
+        self._container_id: str | None = None
+        self._item_ids: Iterator[str] | None = None
 
     # -- framing ---------------------------------------------------------------------------
 
@@ -239,115 +264,236 @@ class ResponseEvents:
             "total_tokens": input_tokens + output_tokens,
         }
 
-    # -- items -----------------------------------------------------------------------------
+    # -- our events, encoded -----------------------------------------------------------------
 
-    def reasoning(self, item_id: str | None = None) -> Iterator[SSEEvent]:
-        item: dict[str, Any] = {"id": item_id or self._id("rs"), "type": "reasoning"}
+    def encode(
+        self,
+        events: Iterable[Event],
+        *,
+        container_id: str | None = None,
+        item_ids: Iterator[str] | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> Iterator[SSEEvent]:
+        """The Responses stream for one turn of our typed events (``ci_magic.events``).
+
+        Any backend's turn can be served this way. ``container_id`` names the container in code
+        calls (the server's id, not the backend's); ``item_ids`` gives output items their ids
+        in order (a replayed recording's), else they are made up; ``usage`` replaces the estimate.
+        The first event is pulled before ``response.created`` goes out, so a turn that fails at
+        once becomes an HTTP error, not a stream.
+        """
+        self._container_id = container_id
+        self._item_ids = item_ids
+        iterator = iter(events)
+        first = next(iterator, None)
+        yield from self.start()
+        pending = [] if first is None else [first]
+        for event in itertools.chain(pending, iterator):
+            if isinstance(event, Completed):
+                yield from self._close()
+                yield from self.complete(usage)
+                return
+            if isinstance(event, Failed):
+                yield from self._close()
+                yield self.event("error", code="server_error", message=event.message, param=None)
+                return
+            yield from self._encode(event)
+        yield from self._close()
+        yield from self.complete(usage)
+
+    def _encode(self, event: Event) -> Iterator[SSEEvent]:
+        if isinstance(event, ThinkingDelta):
+            if self._open is None or self._open.item["type"] != "reasoning":
+                yield from self._close()
+                yield from self._open_reasoning()
+        elif isinstance(event, CallStarted):
+            yield from self._close()
+            yield from self._open_call(event.call_id)
+        elif isinstance(event, CodeDelta):
+            where = self._call_where()
+            self._open_item().code += event.delta
+            yield self.event(
+                "response.code_interpreter_call_code.delta",
+                **where,
+                delta=event.delta,
+                obfuscation=self._obfuscation(event.delta),
+            )
+        elif isinstance(event, CodeDone):
+            where = self._call_where()
+            self._open_item().code = event.code
+            self._generated_chars += len(event.code)
+            yield self.event("response.code_interpreter_call_code.done", **where, code=event.code)
+        elif isinstance(event, CallStatus):
+            if event.status in ("running", "interpreting"):
+                yield self.event("response.code_interpreter_call.interpreting", **self._call_where())
+            elif event.status in ("completed", "failed", "incomplete"):
+                yield from self._close(status="incomplete" if event.status == "incomplete" else "completed")
+        elif isinstance(event, (Logs, Image, RichOutput, ExecutionError)):
+            self._open_item().outputs.add(event)
+        elif isinstance(event, TextDelta):
+            if self._open is None or self._open.item["type"] != "message":
+                yield from self._close()
+                yield from self._open_message()
+            self._open_item().text += event.delta
+            yield self.event(
+                "response.output_text.delta",
+                **self._text_where(),
+                delta=event.delta,
+                logprobs=[],
+                obfuscation=self._obfuscation(event.delta),
+            )
+        elif isinstance(event, FileCited):
+            if self._open is None or self._open.item["type"] != "message":
+                yield from self._close()
+                yield from self._open_message()
+            item = self._open_item()
+            annotation = citation(
+                event.container_id, event.file_id, event.filename, event.start_index, event.end_index
+            )
+            yield self.event(
+                "response.output_text.annotation.added",
+                **self._text_where(),
+                annotation_index=len(item.annotations),
+                annotation=annotation,
+            )
+            item.annotations.append(annotation)
+        elif isinstance(event, TextDone) and self._open is not None and self._open.item["type"] == "message":
+            self._open.text = event.text
+            yield from self._close()
+        # TurnStarted is response.created; a Notice has no Responses equivalent.
+
+    def _open_reasoning(self) -> Iterator[SSEEvent]:
+        item: dict[str, Any] = {"id": self._id("rs"), "type": "reasoning"}
         if REASONING_INCLUDE in self.ctx.include:
             item["encrypted_content"] = "gAAAAA" + secrets.token_urlsafe(96)
         item["summary"] = []
         self._reasoning_items += 1
-        index = self._add(item)
-        yield self.event("response.output_item.added", output_index=index, item=item)
-        yield self.event("response.output_item.done", output_index=index, item=item)
+        yield from self._add(item)
 
-    def code_call(
-        self,
-        code: str,
-        container_id: str,
-        run: Callable[[], list[dict[str, Any]]],
-        item_id: str | None = None,
-    ) -> Iterator[SSEEvent]:
-        """A code_interpreter_call; ``run()`` executes the code and returns its outputs."""
-        include_outputs = OUTPUTS_INCLUDE in self.ctx.include
-        item_id = item_id or self._id("ci")
-        item = {
-            "id": item_id,
+    def _open_call(self, call_id: str) -> Iterator[SSEEvent]:
+        item: dict[str, Any] = {
+            "id": self._id("ci"),
             "type": "code_interpreter_call",
             "status": "in_progress",
             "code": "",
-            "container_id": container_id,
-            "outputs": [] if include_outputs else None,
+            "container_id": self._container_id,
+            "outputs": [] if OUTPUTS_INCLUDE in self.ctx.include else None,
         }
-        index = self._add(item)
-        yield self.event("response.output_item.added", output_index=index, item=item)
-        yield self.event("response.code_interpreter_call.in_progress", output_index=index, item_id=item_id)
-        for delta in _code_chunks(code):
-            yield self.event(
-                "response.code_interpreter_call_code.delta",
-                output_index=index,
-                item_id=item_id,
-                delta=delta,
-                obfuscation=self._obfuscation(delta),
-            )
-        self._generated_chars += len(code)
-        yield self.event(
-            "response.code_interpreter_call_code.done", output_index=index, item_id=item_id, code=code
-        )
-        yield self.event("response.code_interpreter_call.interpreting", output_index=index, item_id=item_id)
-        outputs = run()
-        yield self.event("response.code_interpreter_call.completed", output_index=index, item_id=item_id)
-        done = {**item, "status": "completed", "code": code, "outputs": outputs if include_outputs else None}
+        yield from self._add(item)
+        yield self.event("response.code_interpreter_call.in_progress", **self._call_where())
+
+    def _open_message(self) -> Iterator[SSEEvent]:
+        item: dict[str, Any] = {
+            "id": self._id("msg"),
+            "type": "message",
+            "status": "in_progress",
+            "content": [],
+            "role": "assistant",
+        }
+        yield from self._add(item)
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+        yield self.event("response.content_part.added", **self._text_where(), part=part)
+
+    def _add(self, item: dict[str, Any]) -> Iterator[SSEEvent]:
+        self.output.append(item)
+        self._open = _OpenItem(item, len(self.output) - 1)
+        yield self.event("response.output_item.added", output_index=self._open.index, item=item)
+
+    def _close(self, status: str = "completed") -> Iterator[SSEEvent]:
+        """Finish the open output item, as OpenAI does once an item is complete."""
+        open_item, self._open = self._open, None
+        if open_item is None:
+            return
+        item, index = open_item.item, open_item.index
+        if item["type"] == "code_interpreter_call":
+            where = {"output_index": index, "item_id": item["id"]}
+            yield self.event("response.code_interpreter_call.completed", **where)
+            outputs = open_item.outputs.encoded() if OUTPUTS_INCLUDE in self.ctx.include else None
+            done = {**item, "status": status, "code": open_item.code, "outputs": outputs}
+        elif item["type"] == "message":
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            text = open_item.text
+            self._generated_chars += len(text)
+            yield self.event("response.output_text.done", **where, text=text, logprobs=[])
+            part = {"type": "output_text", "annotations": open_item.annotations, "logprobs": [], "text": text}
+            yield self.event("response.content_part.done", **where, part=part)
+            done = {**item, "status": "completed", "content": [part]}
+        else:
+            done = item
         self.output[index] = done
         yield self.event("response.output_item.done", output_index=index, item=done)
 
-    def message(
-        self, text: str, annotations: list[dict[str, Any]], item_id: str | None = None
-    ) -> Iterator[SSEEvent]:
-        item_id = item_id or self._id("msg")
-        item = {"id": item_id, "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
-        index = self._add(item)
-        where = {"item_id": item_id, "output_index": index, "content_index": 0}
-        yield self.event("response.output_item.added", output_index=index, item=item)
-        yield self.event(
-            "response.content_part.added",
-            **where,
-            part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""},
-        )
-        for delta in self._text_chunks(text):
-            yield self.event(
-                "response.output_text.delta",
-                **where,
-                delta=delta,
-                logprobs=[],
-                obfuscation=self._obfuscation(delta),
-            )
-        self._generated_chars += len(text)
-        for number, annotation in enumerate(annotations):
-            yield self.event(
-                "response.output_text.annotation.added",
-                **where,
-                annotation_index=number,
-                annotation=annotation,
-            )
-        yield self.event("response.output_text.done", **where, text=text, logprobs=[])
-        part = {"type": "output_text", "annotations": annotations, "logprobs": [], "text": text}
-        yield self.event("response.content_part.done", **where, part=part)
-        done = {**item, "status": "completed", "content": [part]}
-        self.output[index] = done
-        yield self.event("response.output_item.done", output_index=index, item=done)
+    def _open_item(self) -> _OpenItem:
+        if self._open is None:
+            raise ValueError("an output or delta arrived outside an output item")
+        return self._open
+
+    def _call_where(self) -> dict[str, Any]:
+        item = self._open_item()
+        return {"output_index": item.index, "item_id": item.item["id"]}
+
+    def _text_where(self) -> dict[str, Any]:
+        item = self._open_item()
+        return {"item_id": item.item["id"], "output_index": item.index, "content_index": 0}
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _add(self, item: dict[str, Any]) -> int:
-        self.output.append(item)
-        return len(self.output) - 1
-
     def _id(self, prefix: str) -> str:
+        if self._item_ids is not None:
+            return next(self._item_ids)
         return f"{prefix}_{secrets.token_hex(25)}"
 
     def _obfuscation(self, delta: str) -> str:
         return "".join(self._random.choices(_ALPHABET, k=max(_PAD_TO - len(delta), 1)))
 
-    def _text_chunks(self, text: str) -> Iterator[str]:
-        position = 0
-        while position < len(text):
-            size = self._random.randint(3, 8)
-            yield text[position : position + size]
-            position += size
+
+@dataclass
+class _Outputs:
+    """A call's outputs as OpenAI reports them: each image, then one ``logs`` text of all the rest."""
+
+    images: list[str] = field(default_factory=list)
+    logs: list[str] = field(default_factory=list)
+
+    def add(self, event: Logs | Image | RichOutput | ExecutionError) -> None:
+        if isinstance(event, Logs):
+            self.logs.append(event.text)
+        elif isinstance(event, Image):
+            self.images.append(f"data:{event.mime};base64," + base64.b64encode(event.data).decode())
+        elif isinstance(event, ExecutionError):
+            text = event.traceback or f"{event.name}: {event.value}"
+            self.logs.append(text if text.endswith("\n") else text + "\n")
+        elif isinstance(event.bundle.get("image/png"), str):
+            self.images.append(f"data:image/png;base64,{event.bundle['image/png']}")
+        elif isinstance(event.bundle.get("text/plain"), str):  # a trailing expression's value
+            self.logs.append(f"{event.bundle['text/plain']}\n")
+
+    def encoded(self) -> list[dict[str, Any]]:
+        outputs: list[dict[str, Any]] = [{"type": "image", "url": url} for url in self.images]
+        if self.logs:
+            outputs.append({"type": "logs", "logs": "".join(self.logs)})
+        return outputs
 
 
-def _code_chunks(code: str) -> Iterator[str]:
+@dataclass
+class _OpenItem:
+    item: dict[str, Any]
+    index: int
+    code: str = ""
+    text: str = ""
+    outputs: _Outputs = field(default_factory=_Outputs)
+    annotations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def text_chunks(text: str, rng: random.Random) -> Iterator[str]:
+    """Text deltas of 3 to 8 characters, as the recordings' are."""
+    position = 0
+    while position < len(text):
+        size = rng.randint(3, 8)
+        yield text[position : position + size]
+        position += size
+
+
+def code_chunks(code: str) -> Iterator[str]:
     """Token-like pieces as the recordings show (``import``, `` numpy``, ``\\r\\n``), at most 12 chars."""
     position = 0
     for match in _CODE_TOKEN.finditer(code):

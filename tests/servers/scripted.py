@@ -1,7 +1,8 @@
 """The scripted code-interpreter model: a test double that really runs its code.
 
 A turn is a list of steps, ``Call(code)`` and ``Text(markdown)``. The server streams each call's
-code, executes it in the container's persistent Python worker and reports logs, shown figures
+code, runs it through the server's ``Backend`` (a sandbox kernel by default, persistent per container)
+and reports logs, shown figures
 (image outputs plus zero-length ``cfile_<id>.png`` citations, as OpenAI does for ``plt.show()``)
 and new files; each ``sandbox:/mnt/data/<name>`` link in a text gets a citation covering the
 link target. Turns come from a list (one per request, in order) or from a function of the
@@ -10,15 +11,42 @@ request JSON, e.g. ``quickstart`` below, which scripts by prompt.
 
 from __future__ import annotations
 
-import base64
+import dataclasses
+import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from threading import Lock
 from typing import Any, Literal
 
-from tests.servers.containers import ApiError, StoredFile, new_id
-from tests.servers.responses_stream import ResponseEvents, SSEEvent, TurnContext, citation, prompt_text
+from ci_magic.events import (
+    CallStarted,
+    CallStatus,
+    CallStatusName,
+    CodeDelta,
+    CodeDone,
+    Completed,
+    Event,
+    ExecutionError,
+    FileCited,
+    Image,
+    Logs,
+    RichOutput,
+    TextDelta,
+    TextDone,
+    ThinkingDelta,
+    TurnStarted,
+)
+from tests.servers.containers import StoredFile, new_id
+from tests.servers.http_base import ApiError
+from tests.servers.responses_stream import (
+    ResponseEvents,
+    SSEEvent,
+    TurnContext,
+    code_chunks,
+    prompt_text,
+    text_chunks,
+)
 
 __all__ = [
     "Call",
@@ -89,60 +117,73 @@ class Scripted:
 
     def events(self, ctx: TurnContext) -> Iterator[SSEEvent]:
         turn = self.next_turn(ctx.request)
-        container = ctx.container
-        if container is None and any(isinstance(step, Call) for step in turn):
+        if ctx.container is None and any(isinstance(step, Call) for step in turn):
             raise ApiError(
                 400,
                 "The scripted turn runs code but the request has no code_interpreter tool. "
                 "Add tools=[{'type': 'code_interpreter', 'container': ...}].",
                 param="tools",
             )
-        writer = ResponseEvents(ctx)
-        yield from writer.start()
+        container_id = ctx.container.id if ctx.container else None
+        yield from ResponseEvents(ctx).encode(self._turn(ctx, turn), container_id=container_id)
+
+    def _turn(self, ctx: TurnContext, turn: Turn) -> Iterator[Event]:
+        """The turn as our typed events; each call's code really runs through the store's backend."""
+        rng = random.Random(ctx.response_id)
         figures: list[StoredFile] = []
+        yield TurnStarted(ctx.response_id, ctx.request.get("model"))
         for number, step in enumerate(turn):
             if self.reasoning == "each" or (self.reasoning == "first" and number == 0):
-                yield from writer.reasoning()
+                yield ThinkingDelta("")
             if isinstance(step, Call):
-                assert container is not None
-                yield from writer.code_call(
-                    step.code, container.id, lambda code=step.code: _run(ctx, code, figures)
-                )
+                yield from _call(ctx, step.code, figures)
             else:
-                annotations = [citation(f.container_id, f.id, f.relative, 0, 0) for f in figures]
+                yield from _text(ctx, step.text, figures, rng)
                 figures.clear()
-                if container is not None:
-                    ctx.store.sync_files(container)
-                    for match in _LINK.finditer(step.text):
-                        stored = container.file_by_path(match.group(1))
-                        if stored is not None:
-                            annotations.append(
-                                citation(
-                                    container.id,
-                                    stored.id,
-                                    stored.relative.rsplit("/", 1)[-1],
-                                    match.start(),
-                                    match.end(),
-                                )
-                            )
-                yield from writer.message(step.text, annotations)
-        yield from writer.complete()
+        yield Completed(ctx.response_id, container_id=ctx.container.id if ctx.container else None)
 
 
-def _run(ctx: TurnContext, code: str, figures: list[StoredFile]) -> list[dict[str, Any]]:
-    """Execute in the container; shown figures become image outputs and ``cfile_<id>.png`` files."""
-    assert ctx.container is not None
-    result, _new_files = ctx.store.run(ctx.container, code)
-    outputs: list[dict[str, Any]] = []
-    for png in result.images:
-        file_id = new_id("cfile", 32)
-        figures.append(
-            ctx.store.add_file(ctx.container, f"{file_id}.png", png, source="assistant", file_id=file_id)
-        )
-        outputs.append({"type": "image", "url": "data:image/png;base64," + base64.b64encode(png).decode()})
-    if result.logs:
-        outputs.append({"type": "logs", "logs": result.logs})
-    return outputs
+def _call(ctx: TurnContext, code: str, figures: list[StoredFile]) -> Iterator[Event]:
+    """One call: its code streamed, then what the backend's run of it produced. Shown figures are
+    kept as ``cfile_<id>.png`` files, as OpenAI does for ``plt.show()``."""
+    container = ctx.container
+    assert container is not None
+    call_id = new_id("ci", 50)
+    yield CallStarted(call_id, container.id)
+    for piece in code_chunks(code):
+        yield CodeDelta(call_id, piece)
+    yield CodeDone(call_id, code)
+    yield CallStatus(call_id, "running")
+    status: CallStatusName = "completed"
+    for event in ctx.store.run(container, code):
+        if isinstance(event, Image):
+            file_id = new_id("cfile", 32)
+            stored = ctx.store.add_file(
+                container, f"{file_id}.png", event.data, source="assistant", file_id=file_id
+            )
+            figures.append(stored)
+        if isinstance(event, (Logs, Image, RichOutput, ExecutionError)):
+            yield dataclasses.replace(event, call_id=call_id)
+        elif isinstance(event, CallStatus) and event.status in ("failed", "incomplete"):
+            status = event.status
+    yield CallStatus(call_id, status)
+
+
+def _text(ctx: TurnContext, text: str, figures: list[StoredFile], rng: random.Random) -> Iterator[Event]:
+    """The answer in deltas; shown figures cited at zero length, each sandbox link at its target."""
+    for piece in text_chunks(text, rng):
+        yield TextDelta(piece)
+    container = ctx.container
+    for figure in figures:
+        yield FileCited(figure.container_id, figure.id, figure.relative, 0, 0, displayed=True)
+    if container is not None:
+        ctx.store.sync_files(container)
+        for match in _LINK.finditer(text):
+            stored = container.file_by_path(match.group(1))
+            if stored is not None:
+                name = stored.relative.rsplit("/", 1)[-1]
+                yield FileCited(container.id, stored.id, name, match.start(), match.end())
+    yield TextDone(text)
 
 
 # -- tool_choice forcing (the %%ci_exec path) ---------------------------------------------------
