@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -362,3 +363,19 @@ def test_a_wrong_token_then_a_culled_kernel_a_gateway_crash_and_reset_in_one_ses
         assert "re-sent your files" in texts[index]
     assert len({seen["first"], seen["second"], seen["third"]}) == 3
     assert seen["third"] not in seen["left"], "%ci_reset deleted the kernel on the gateway"
+    assert not _processes_of_kernel(seen["second"]), "a crashed gateway's kernels stop with it"
+
+
+def _processes_of_kernel(kernel_id: str, wait: float = 15.0) -> list[int]:
+    """Host processes still running the gateway kernel ``kernel_id`` (waits for them to go)."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if kernel_id.encode() in f.read(4096):
+                        alive.append(int(entry.name))
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)

@@ -251,7 +251,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("-f", "--connection-file", required=True, type=Path)
     args = parser.parse_args(argv)
+    _stop_with_parent()
     return asyncio.run(serve(args.connection_file))
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM when whoever started us (the gateway) dies, so a crashed gateway leaves no kernel.
+
+    Without it a gateway killed outright orphans its kernels, each still holding a sandbox.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":
