@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
-__all__ = ["kernel_env", "output_text", "outputs_of", "run_cells", "texts_by_mime"]
+__all__ = ["answers_of", "kernel_env", "output_text", "outputs_of", "run_cells", "texts_by_mime"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,21 @@ def texts_by_mime(cell: Mapping[str, Any], mime: str) -> list[str]:
             value = data[mime]
             found.append(value if isinstance(value, str) else json.dumps(value))
     return found
+
+
+# The model's answer is Markdown we render to HTML ourselves: a <div> of blocks (paragraphs, lists,
+# headings...). Code blocks, file links, tables and the status line open differently.
+_ANSWER_HTML = re.compile(r"<div><(p|ul|ol|h[1-6]|blockquote|pre)\b")
+
+
+def answers_of(cell: Mapping[str, Any]) -> list[Mapping[str, str]]:
+    """The displays of the model's answer in a cell: ``{"text/html": ..., "text/plain": ...}`` each."""
+    return [
+        output["data"]
+        for output in outputs_of(cell)
+        if set(output.get("data", {})) == {"text/html", "text/plain"}
+        and _ANSWER_HTML.match(output["data"]["text/html"])
+    ]
 
 
 def output_text(cell: Mapping[str, Any]) -> str:

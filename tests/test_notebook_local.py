@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.notebook_support import kernel_env, output_text, run_cells, texts_by_mime
+from tests.notebook_support import answers_of, kernel_env, output_text, run_cells, texts_by_mime
 from tests.servers.chat_server import quickstart
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,8 @@ def test_prompt_streams_code_runs_it_locally_and_files_come_back(chat_server, tm
     text = output_text(ci_cell)
     assert "** 2" in text or "**2" in text, "the model's code is shown"
     assert texts_by_mime(ci_cell, "image/png"), "the chart from the sandbox kernel is inline"
-    assert any("squares.csv" in md for md in texts_by_mime(ci_cell, "text/markdown"))
+    assert any("squares.csv" in answer["text/plain"] for answer in answers_of(ci_cell)), "the answer"
+    assert not texts_by_mime(ci_cell, "text/markdown"), "nothing the model wrote goes out as Markdown"
     saved = pd.read_csv(tmp_path / "ci_outputs" / "squares.csv")
     assert saved.shape[0] == 100
     assert "DataFrame (100, 2) 10000" in output_text(notebook.cells[2])

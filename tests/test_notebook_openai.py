@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from tests.notebook_support import kernel_env, openai_env, output_text, outputs_of, run_cells, texts_by_mime
+from tests.notebook_support import (
+    answers_of,
+    kernel_env,
+    openai_env,
+    output_text,
+    run_cells,
+    texts_by_mime,
+)
 from tests.servers.recordings import PYDANTIC_IMAGE_STREAM, VERCEL_CHUNKS, fixtures_available, load_stream
 from tests.servers.replay import Replay
 from tests.servers.scripted import Call, Text
@@ -39,10 +47,11 @@ def test_quickstart_cell_shows_code_chart_table_file_and_answer(openai_server, t
     assert 'df["square"] = df["n"] ** 2' in text  # the first call's code
     assert "plt.show()" in text  # the second call's code
     assert texts_by_mime(cell, "image/png"), "the chart is shown inline"
-    assert any("squares.csv" in md for md in texts_by_mime(cell, "text/markdown")), "the answer as Markdown"
-    assert "sandbox:/mnt/data" not in "".join(texts_by_mime(cell, "text/markdown")), (
-        "links point at local copies"
-    )
+    answers = answers_of(cell)
+    assert any("squares.csv" in answer["text/plain"] for answer in answers), "the answer, as text"
+    assert any('href="ci_outputs/squares.csv"' in answer["text/html"] for answer in answers), "as a link"
+    assert "sandbox:/mnt/data" not in json.dumps(answers), "links point at local copies"
+    assert not texts_by_mime(cell, "text/markdown"), "nothing the model wrote goes out as Markdown"
     assert (tmp_path / "ci_outputs" / "squares.csv").read_text().startswith("n,square")
     html = "\n".join(texts_by_mime(cell, "text/html"))
     assert "<table" in html and "square" in html and "100 rows" in html, "the csv is previewed as a table"
@@ -99,10 +108,8 @@ def test_replayed_recording_renders_every_call_text_and_images(
                 ).replace("&gt;", ">").replace("&amp;", "&"), f"code line missing: {line}"
     final_text = next(e for e in events if e["type"] == "response.output_text.done")["text"]
     first_words = final_text.split("\n")[0][:40]
-    # The answer's own display: its text/markdown escapes Markdown punctuation, its text/plain reads as is.
-    answers = [
-        o["data"].get("text/plain", "") for o in outputs_of(cell) if "text/markdown" in o.get("data", {})
-    ]
+    # The answer's own display: HTML we rendered from its Markdown, and its text/plain read as is.
+    answers = [answer["text/plain"] for answer in answers_of(cell)]
     assert any(first_words in plain for plain in answers), answers
     images = texts_by_mime(cell, "image/png")
     has_image_output = any(

@@ -192,7 +192,8 @@ def test_the_recorded_openai_turn_shows_each_call_its_logs_and_the_answer_linked
         assert "call" in bundle["text/html"] and "done" in bundle["text/html"]
     answer = next(s.bundle for s in frontend.slots if s.role == "text")
     assert 'href="ci_outputs/roll2dice_sums_10000.csv"' in answer["text/html"]
-    assert "sandbox:" not in answer["text/markdown"]
+    assert "sandbox:" not in answer["text/html"] and "sandbox:" not in answer["text/plain"]
+    assert set(answer) == {"text/html", "text/plain"}, "the model's answer never goes out as Markdown"
     table = frontend.slots[-1].bundle
     assert table["text/plain"].startswith("table roll2dice_sums_10000.csv (")
     assert "10,000 rows × 1 columns" in table["text/html"]
@@ -220,10 +221,10 @@ def test_html_in_the_models_answer_is_shown_as_text_not_run() -> None:
     assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in shown
     assert "window.__pwned=1" in visible_text(shown), "the text itself stays readable"
     assert "if a &lt; b:" in shown
-    # Markdown parsers disagree (tests/security/test_output_injection.py): any Markdown copy of the
-    # answer has every active character escaped, so no parser finds HTML, a link or a fence in it.
-    markdown = bundle.get("text/markdown", "")
-    assert not re.search(r"(?<!\\)[<\[`&]", markdown), markdown
+    # Markdown parsers disagree (tests/security/test_output_injection.py): the answer has no Markdown
+    # copy for a frontend's parser to read differently, only our HTML and the text as is.
+    assert "text/markdown" not in bundle, bundle
+    assert "<script>window.__pwned=1</script>" in bundle["text/plain"]
 
 
 def test_markdown_escaping_leaves_nothing_active_and_broken_html_is_closed() -> None:

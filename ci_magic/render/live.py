@@ -57,9 +57,8 @@ from ci_magic.render.files import file_bundle, human_size, link_bundle, relative
 from ci_magic.render.frontend import OUTPUT_METADATA, Frontend, MimeBundle, Slot, SlotRole
 from ci_magic.render.safe_html import (
     DISPLAYED_MIMES,
+    answer_bundle,
     escape,
-    escape_markdown,
-    markdown_to_html,
     safe_bundle,
     strip_ansi,
 )
@@ -291,11 +290,9 @@ class _Text(_Piece):
 
     def bundle(self) -> MimeBundle:
         text = self.final if self.final is not None else self.segment.text
-        return {
-            "text/markdown": escape_markdown(text),
-            "text/html": f"<div>{markdown_to_html(text)}</div>",
-            "text/plain": strip_ansi(text),
-        }
+        # Untrusted (data the model read can steer it): HTML we rendered ourselves and plain text,
+        # never text/markdown that a frontend's own parser could read differently.
+        return answer_bundle(text)
 
 
 class _Thinking(_Piece):
