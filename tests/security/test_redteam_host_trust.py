@@ -1,0 +1,58 @@
+"""Red-team payload for class 3 of issue 9 (the host trusting sandbox bytes), not in the review.
+
+The sandbox *is* the Jupyter kernel the host talks to, so it can write any message it likes on
+its own iopub socket, signed with the key it was given. Nothing bounds a message before the host
+receives and decodes it: one 200 MiB ``stream`` message costs the user's process (the notebook
+kernel; here the attack driver) several times that in memory, and arrives as one event with the
+whole text. ``xfail(strict=True)`` until the hole is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.security.sandbox_support import USERS, Attacker, attacker_as
+
+MIB = 1 << 20
+MESSAGE_MIB = 200
+
+
+@pytest.fixture(params=USERS)
+def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
+    with attacker_as(request.param) as found:
+        yield found
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the host's kernel client (backends/local/kernel.py) sets no zmq MAXMSGSIZE and no cap "
+    "on a message's text before it becomes an event: the sandbox chooses the host's memory use",
+)
+def test_one_huge_message_on_the_kernels_own_socket_costs_the_host_little(attacker: Attacker) -> None:
+    attacker.start(execution_timeout=120)
+    attacker.create("1g")
+    before = peak_rss(attacker.process.pid)
+    forge = (
+        "kernel = get_ipython().kernel\n"
+        f"text = 'Z' * ({MESSAGE_MIB} * 2**20)\n"
+        "kernel.session.send(kernel.iopub_socket, 'stream', {'name': 'stdout', 'text': text},\n"
+        "                    parent=kernel.get_parent('shell'))\n"
+        "del text\n"
+    )
+    events = attacker.execute(forge, timeout=120)
+    grown = peak_rss(attacker.process.pid) - before
+    longest = max((len(e.get("text") or "") for e in events), default=0)
+    assert grown < 100 * MIB and longest < 16 * MIB, (
+        f"one {MESSAGE_MIB} MiB message from the sandbox grew the host process by {grown // MIB} MiB "
+        f"and arrived as an event of {longest // MIB} MiB of text"
+    )
