@@ -621,6 +621,31 @@ def test_deleting_a_container_deletes_its_backend_container(openai_server, clien
         client.containers.retrieve(container.id)
 
 
+@needs_sandbox
+def test_the_server_serves_any_backend_even_another_openai_server(openai_server, tmp_path):
+    """The seam ARCHITECTURE.md keeps: containers, files and code on any Backend. Here the backend is
+    ci-magic's openai backend, talking to a second server (whose containers are local sandboxes)."""
+    from ci_magic.backends.openai_backend import OpenAIBackend
+
+    upstream = openai.AsyncOpenAI(base_url=openai_server.url, api_key="test")
+    model = Scripted(
+        lambda request: [Call(f"print(len(open({request['input']!r}).read().split()))"), Text("")]
+    )
+    with OpenAIServer(model, backend=OpenAIBackend(upstream)) as proxy, client_for(proxy) as client:
+        container = client.containers.create(name="proxied")
+        uploaded = client.containers.files.create(container.id, file=("rows.txt", b"a\nb\nc\n"))
+        response = client.responses.create(
+            model="gpt-5", input=uploaded.path, tools=code_tool(container.id), include=OUTPUTS
+        )
+        content = client.containers.files.content.retrieve(uploaded.id, container_id=container.id).read()
+
+    assert response.output[1].outputs[0].logs == "3\n"
+    assert content == b"a\nb\nc\n"
+    upstream_calls = openai_server.requests_to("/responses", "POST")
+    assert len(upstream_calls) == 1 and "print(len(open(" in json.dumps(upstream_calls[0].json)
+    assert openai_server.requests_to("/containers", "POST")[0].json["name"] == "proxied"
+
+
 def test_forced_tool_choice_runs_exactly_the_fenced_code(openai_server, client):
     prompt = "Run this code exactly:\n```python\nvalues = [6, 7]\nprint(values[0] * values[1])\n```"
     response = client.responses.create(

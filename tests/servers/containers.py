@@ -53,8 +53,9 @@ DATA_DIR = "/mnt/data"
 DEFAULT_EXPIRY_MINUTES = 20
 MEMORY_LIMITS = ("1g", "4g", "16g", "64g")
 DOWNLOAD_CAP = 1 << 30
-# The server enforces expiry on its own clock; the backend container must not expire before it.
-_BACKEND_EXPIRY_MINUTES = 24 * 60
+# The server enforces expiry on its own clock (tests move it); the backend container must not
+# expire first in real time. 20 minutes is also the longest OpenAI's containers accept.
+_BACKEND_EXPIRY_MINUTES = 20
 T = TypeVar("T")
 
 
@@ -314,7 +315,7 @@ class ContainerStore:
                     self.backend.create_container(
                         name=container.name,
                         memory_limit=container.memory_limit,  # type: ignore[arg-type]
-                        expires_after_minutes=_BACKEND_EXPIRY_MINUTES,
+                        expires_after_minutes=max(container.expiry_minutes, _BACKEND_EXPIRY_MINUTES),
                     )
                 )
                 container.backend_id = info.id
@@ -351,6 +352,7 @@ class ContainerStore:
     ) -> StoredFile:
         relative = _safe_relative(filename)
         uploaded = self.runner.run(self.backend.upload_file(self.backend_id(container), relative, data))
+        relative = uploaded.name  # where the backend put it (OpenAI's own prefixes the name again)
         with self._lock:
             for old in [f for f in container.files.values() if f.relative == relative]:
                 del container.files[old.id]
@@ -440,12 +442,13 @@ class ContainerStore:
 
     # -- execution -------------------------------------------------------------------------
 
-    def run(self, container: Container, code: str) -> list[Event]:
-        """Run code in the backend container (as ``%%ci_exec`` does): the events it produced."""
+    def run(self, container: Container, code: str, *, model: str = "") -> list[Event]:
+        """Run code in the backend container (as ``%%ci_exec`` does): the events it produced.
+        ``model``: for a backend that asks a model to run the code verbatim (the openai one)."""
         request = TurnRequest(
             prompt="",
             container_id=self.backend_id(container),
-            model="",
+            model=model,
             instructions="",
             conversation=Conversation(),
             exec_code=code,

@@ -1,10 +1,12 @@
 """The ``/v1/responses`` event encoding: what OpenAI streams for code interpreter turns.
 
-``ResponseEvents`` numbers events and shapes every object exactly as the genuine recordings do
-(key sets, key order, ``obfuscation`` padding, where outputs and citations appear); responders
-(replay, scripted model) only decide *what* happens. A code call's outputs are produced by a
-callback run between ``...call.interpreting`` and ``...call.completed``, which is when the
-sandbox really executes, so streaming shows real progress.
+``ResponseEvents.encode`` turns one turn of our typed events (``ci_magic.events``, what every
+backend emits) into the Responses stream, numbering events and shaping every object exactly as
+the genuine recordings do (key sets, key order, ``obfuscation`` padding, where outputs and
+citations appear). So any backend's turn can be served to OpenAI clients; responders (replay,
+scripted model) only decide *what* happens. The encoder pulls events as it streams: a code call's
+outputs are awaited between ``...call.interpreting`` and ``...call.completed``, which is when
+the sandbox really executes.
 
 Recorded facts this encodes: an ``obfuscation`` string pads each delta to 16 characters; code
 outputs appear only in ``output_item.done`` and ``response.completed`` (``[]`` while in progress

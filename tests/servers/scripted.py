@@ -155,7 +155,7 @@ def _call(ctx: TurnContext, code: str, figures: list[StoredFile]) -> Iterator[Ev
     yield CodeDone(call_id, code)
     yield CallStatus(call_id, "running")
     status: CallStatusName = "completed"
-    for event in ctx.store.run(container, code):
+    for event in ctx.store.run(container, code, model=str(ctx.request.get("model") or "")):
         if isinstance(event, Image):
             file_id = new_id("cfile", 32)
             stored = ctx.store.add_file(
