@@ -225,7 +225,7 @@ class CodeInterpreter(Settings):
                 "The replay did not run the recorded code as written (the model changed it while "
                 "copying it), so its outputs are not a reproduction. Run %ci_replay again."
             )
-            error.result = result
+            error.result, result.error = result, error
             raise self._for_caller(error)
         return result
 

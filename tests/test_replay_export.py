@@ -133,3 +133,39 @@ def test_export_runs_with_plain_python_and_reproduces_the_output(openai_server, 
     nbformat.validate(exported)
     code_cells = [c.source for c in exported.cells if c.cell_type == "code"]
     assert any("source['b'] = source['a'] * 10" in c for c in code_cells)
+
+
+def test_replay_on_openai_is_one_forced_run_of_the_recorded_code(openai_server, tmp_path: Path) -> None:
+    openai_server.responder = [
+        [Call(SCALE), Call(SHOW), Text("Saved scaled.csv.")],
+        [Call(f"{SCALE}\n\n{SHOW}"), Text("Ran it.")],  # the model copies the code it is given
+    ]
+    cells = [
+        "%load_ext ci_magic",
+        "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\n%ci_push df",
+        "%%ci\nScale column a of df by 10 and save it as scaled.csv",
+        "%ci_replay",
+    ]
+    with kernel_env(**openai_env(openai_server.url)):
+        notebook = run_cells(cells, tmp_path)
+    replay = notebook.cells[3]
+    assert not errors_of(replay), output_text(replay)
+    assert "60" in output_text(replay)
+    requests = [r.json for r in openai_server.requests if r.method == "POST" and r.path == "/v1/responses"]
+    assert len(requests) == 2, "one request for the turn, one for its replay"
+    assert requests[1]["tool_choice"] == {"type": "code_interpreter"}, "the model must run, not write, code"
+    assert SCALE in str(requests[1]["input"]) and SHOW in str(requests[1]["input"])
+
+
+def test_a_replay_the_model_changed_is_refused(openai_server, tmp_path: Path) -> None:
+    openai_server.responder = [
+        [Call("print('recorded')"), Text("Done.")],
+        [Call("print('something else')"), Text("Ran it.")],  # a model that did not copy the code
+    ]
+    cells = ["%load_ext ci_magic", "%%ci\nPrint something", "%ci_replay", "print(_ci.ok)"]
+    with kernel_env(**openai_env(openai_server.url)):
+        notebook = run_cells(cells, tmp_path)
+    [error] = errors_of(notebook.cells[2])
+    assert "did not run the recorded code as written" in "\n".join(error.traceback)
+    assert "Traceback" not in "\n".join(error.traceback)
+    assert output_text(notebook.cells[3]).strip() == "False", "_ci is the refused replay's Result"
