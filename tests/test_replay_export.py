@@ -139,12 +139,15 @@ def test_replay_on_openai_is_one_forced_run_of_the_recorded_code(openai_server, 
     openai_server.responder = [
         [Call(SCALE), Call(SHOW), Text("Saved scaled.csv.")],
         [Call(f"{SCALE}\n\n{SHOW}"), Text("Ran it.")],  # the model copies the code it is given
+        [Call("print('something else')"), Text("Ran it.")],  # a model that did not copy it
     ]
     cells = [
         "%load_ext ci_magic",
         "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\n%ci_push df",
-        "%%ci\nScale column a of df by 10 and save it as scaled.csv",
+        "%%ci -o scaled\nScale column a of df by 10 and save it as scaled.csv",
         "%ci_replay",
+        "%ci_replay scaled",
+        "print(_ci.ok)",
     ]
     with kernel_env(**openai_env(openai_server.url)):
         notebook = run_cells(cells, tmp_path)
@@ -152,20 +155,11 @@ def test_replay_on_openai_is_one_forced_run_of_the_recorded_code(openai_server, 
     assert not errors_of(replay), output_text(replay)
     assert "60" in output_text(replay)
     requests = [r.json for r in openai_server.requests if r.method == "POST" and r.path == "/v1/responses"]
-    assert len(requests) == 2, "one request for the turn, one for its replay"
+    assert len(requests) == 3, "one request for the turn, one for each replay"
     assert requests[1]["tool_choice"] == {"type": "code_interpreter"}, "the model must run, not write, code"
     assert SCALE in str(requests[1]["input"]) and SHOW in str(requests[1]["input"])
 
-
-def test_a_replay_the_model_changed_is_refused(openai_server, tmp_path: Path) -> None:
-    openai_server.responder = [
-        [Call("print('recorded')"), Text("Done.")],
-        [Call("print('something else')"), Text("Ran it.")],  # a model that did not copy the code
-    ]
-    cells = ["%load_ext ci_magic", "%%ci\nPrint something", "%ci_replay", "print(_ci.ok)"]
-    with kernel_env(**openai_env(openai_server.url)):
-        notebook = run_cells(cells, tmp_path)
-    [error] = errors_of(notebook.cells[2])
+    [error] = errors_of(notebook.cells[4])
     assert "did not run the recorded code as written" in "\n".join(error.traceback)
     assert "Traceback" not in "\n".join(error.traceback)
-    assert output_text(notebook.cells[3]).strip() == "False", "_ci is the refused replay's Result"
+    assert output_text(notebook.cells[5]).strip() == "False", "_ci is the refused replay's Result"
