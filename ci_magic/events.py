@@ -177,10 +177,16 @@ class FileCited:
 
 @dataclass(frozen=True)
 class Notice:
-    """A one-line message to the user (container recreated, step cap reached...)."""
+    """A one-line message to the user (container recreated, step cap reached...).
+
+    ``kind="status"``: not a message but a caveat about the whole turn that its status line
+    carries on every redraw (the local sandbox without isolation: "not isolated"); the backend
+    sends it every turn, so the renderer needs to know nothing about backends.
+    """
 
     text: str
     level: Literal["info", "warning"] = "info"
+    kind: Literal["message", "status"] = "message"
 
 
 @dataclass(frozen=True)

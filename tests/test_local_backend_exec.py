@@ -300,10 +300,16 @@ def test_reduced_isolation_is_announced_in_the_first_turn_only(
         second = turn(runner, backend, info.id, "print('hi')")
     finally:
         runner.run(backend.aclose())
-    (notice,) = [e for e in first if isinstance(e, Notice)]
+
+    def messages(events: list[Event]) -> list[Notice]:
+        return [e for e in events if isinstance(e, Notice) and e.kind == "message"]
+
+    (notice,) = messages(first)
     assert notice.level == "warning" and "isolation is reduced" in notice.text
     assert isinstance(first[0], TurnStarted) and isinstance(first[1], Notice)
-    assert not [e for e in second if isinstance(e, Notice)]
+    assert not messages(second)
+    for events in first, second:  # what every status line carries, every turn
+        assert [e.text for e in events if isinstance(e, Notice) and e.kind == "status"] == ["not isolated"]
 
 
 def test_a_prompt_runs_the_models_code_in_the_sandbox(

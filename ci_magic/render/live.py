@@ -119,12 +119,14 @@ class _Status(_Piece):
         self.text = ""
         self.failed = False
         self.provenance: dict[str, Any] | None = None  # the turn's record, on the final status line
+        self.caveats: list[str] = []  # status notices ("not isolated"): on every redraw of the line
 
     def bundle(self) -> MimeBundle:
         color = "#b00020" if self.failed else "#666"
+        text = " · ".join([self.text, *self.caveats])
         bundle: MimeBundle = {
-            "text/html": f'<div style="font-size:0.85em;color:{color}">ci · {escape(self.text)}</div>',
-            "text/plain": f"ci: {self.text}",
+            "text/html": f'<div style="font-size:0.85em;color:{color}">ci · {escape(text)}</div>',
+            "text/plain": f"ci: {text}",
         }
         if self.provenance is not None:
             bundle[OUTPUT_METADATA] = {METADATA_KEY: self.provenance}
@@ -408,8 +410,10 @@ class TurnView:
         for record in result.calls:
             block = self._block(record.call_id)
             block.live, block.link_base = False, link_base
-        if result.notices:
-            self._notice_piece().notices = list(result.notices)
+        messages = [n for n in result.notices if n.kind == "message"]
+        if messages:
+            self._notice_piece().notices = messages
+        self._status.caveats = list(dict.fromkeys(n.text for n in result.notices if n.kind == "status"))
         if self._quiet:
             shown: list[_Piece] = [self._quiet_summary()] if self._blocks else []
             for record in result.calls:
@@ -474,6 +478,10 @@ class TurnView:
                     self._set_phase("thinking")
                 self._thinking.parts.append(delta)
                 self._mark(self._thinking)
+            case Notice(kind="status", text=text):
+                if text not in self._status.caveats:
+                    self._status.caveats.append(text)
+                    self._mark(self._status)
             case Notice():
                 notices = self._notice_piece()
                 notices.notices.append(event)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 import sys
 from collections.abc import Iterator
@@ -167,3 +168,42 @@ def test_without_libseccomp_the_cell_stops_instead_of_running_unfiltered(
     assert isinstance(error, SandboxError), error
     assert "libseccomp" in str(error) and "apt-get install libseccomp2" in str(error)
     assert not (tmp_path / MARKER).exists()
+
+
+def status_lines(shown: str) -> list[str]:
+    """The final status line of every turn, as the terminal shows it (``ci: done in ...``)."""
+    return [line for line in shown.splitlines() if line.startswith("ci: ")]
+
+
+TURNS = ["%%ci_exec\nprint(6 * 7)", "%%ci_exec\n1 / 0", "%%ci_exec\nimport os\nprint(os.getpid())"]
+
+
+def test_every_status_line_says_not_isolated_when_isolation_is_none(
+    notebook: InteractiveShell,
+    no_bwrap_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("PATH", no_bwrap_path)
+    notebook.run_line_magic("config", 'CodeInterpreter.isolation = "none"')
+    capsys.readouterr()
+    for cell in TURNS:  # a fine turn, one whose code raised, and one after the warning was shown
+        notebook.run_cell(cell)
+    lines = status_lines(capsys.readouterr().out)
+    assert len(lines) == len(TURNS), lines
+    assert all("not isolated" in line for line in lines), lines
+
+
+def test_no_status_line_says_not_isolated_under_bubblewrap(
+    notebook: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (apt-get install bubblewrap)")
+    capsys.readouterr()
+    for cell in TURNS:
+        outcome = notebook.run_cell(cell)
+        if isinstance(outcome.error_in_exec, SandboxError):
+            pytest.skip(f"bubblewrap cannot make a sandbox here: {outcome.error_in_exec}")
+    lines = status_lines(capsys.readouterr().out)
+    assert len(lines) == len(TURNS), lines
+    assert not any("not isolated" in line for line in lines), lines

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ci_magic.backends.base import ContainerFile, ContainerInfo, MemoryLimit, TurnRequest
 from ci_magic.backends.local.sandbox import SandboxManager
 from ci_magic.errors import ConfigurationError
-from ci_magic.events import CallStarted, CallStatus, CodeDone, Completed, Event, TurnStarted
+from ci_magic.events import CallStarted, CallStatus, CodeDone, Completed, Event, Notice, TurnStarted
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -91,7 +91,7 @@ class LocalBackend:
         call_id = _call_id()
         container_id = request.container_id
         yield TurnStarted()
-        for notice in self.sandbox.take_notices():
+        for notice in self._turn_notices():
             yield notice
         yield CallStarted(call_id=call_id, container_id=container_id)
         yield CodeDone(call_id=call_id, code=code)
@@ -118,13 +118,21 @@ class LocalBackend:
         def run(code: str, call_id: str) -> AsyncIterator[Event]:
             return self.sandbox.execute(container_id, code, call_id=call_id)
 
-        notices = self.sandbox.take_notices()
+        notices = self._turn_notices()
         async for event in loop.run(request, run):
             yield event
             # After the loop's first event (TurnStarted), so the turn's shape stays intact.
             for notice in notices:
                 yield notice
             notices = []
+
+    def _turn_notices(self) -> list[Notice]:
+        """The sandbox's one-time warnings, then what every status line of this turn must carry."""
+        notices = self.sandbox.take_notices()
+        isolation = self.sandbox.isolation
+        if isolation is not None and isolation.label:
+            notices.append(Notice(isolation.label, "warning", kind="status"))
+        return notices
 
     async def warm(self) -> None:
         """Start the sandbox's warm pool now (the extension calls this when it loads)."""
