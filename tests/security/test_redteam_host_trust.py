@@ -2,7 +2,7 @@
 
 The sandbox *is* the Jupyter kernel the host talks to, so it can write any message it likes on
 its own iopub socket, signed with the key it was given. Nothing bounds a message before the host
-receives and decodes it: one 200 MiB ``stream`` message costs the user's process (the notebook
+receives and decodes it: one 100 MiB ``stream`` message costs the user's process (the notebook
 kernel; here the attack driver) several times that in memory, and arrives as one event with the
 whole text. ``xfail(strict=True)`` until the hole is closed.
 """
@@ -16,7 +16,7 @@ import pytest
 from tests.security.sandbox_support import USERS, Attacker, attacker_as
 
 MIB = 1 << 20
-MESSAGE_MIB = 200
+MESSAGE_MIB = 100
 
 
 @pytest.fixture(params=USERS)
