@@ -66,6 +66,10 @@ def record_turn(
     """Fill ``result``'s timings, cost and provenance (and the transcript entry's file hashes)."""
     ended_at = started_at + result.wall_time
     timings = result.timings
+    measured = builder.call_seconds
+    for call in entry.calls:  # backends that report no "running" status: timed from the complete code
+        if call.seconds is None and call.call_id in measured:
+            call.seconds = measured[call.call_id]
     timings.code = entry.code_seconds
     if builder.stream_seconds is not None:
         timings.model = max(0.0, builder.stream_seconds - timings.code)

@@ -247,6 +247,8 @@ class ResultBuilder:
         self._open: TextSegment | None = None  # the segment text deltas go to now
         self._origin = time.monotonic()  # the turn's start, for the time to the first code
         self._stream_span: tuple[float, float] | None = None  # first and latest backend event
+        self._call_started: dict[str, float] = {}
+        self.call_seconds: dict[str, float] = {}  # call id -> execution time, from the events
 
     @property
     def stream_seconds(self) -> float | None:
@@ -275,6 +277,7 @@ class ResultBuilder:
             self._stream_span = (first, moment)
             if isinstance(event, CallStarted) and result.timings.first_code is None:
                 result.timings.first_code = moment - self._origin
+            self._time_call(event, moment)
         match event:
             case TurnStarted(response_id=rid, model=model):
                 result.response_id = rid or result.response_id
@@ -327,6 +330,18 @@ class ResultBuilder:
                 result.usage = usage
             case Failed(message=message):
                 self.fail(BackendError(message))
+
+    def _time_call(self, event: Event, moment: float) -> None:
+        """A call runs from its "running" status (or, for backends that send none, its complete code)
+        to its final status."""
+        if isinstance(event, CodeDone):
+            self._call_started.setdefault(event.call_id, moment)
+        elif isinstance(event, CallStatus) and event.call_id not in self.call_seconds:
+            started = self._call_started.get(event.call_id)
+            if event.status in ("running", "interpreting"):
+                self._call_started[event.call_id] = moment
+            elif event.status in ("completed", "failed", "incomplete") and started is not None:
+                self.call_seconds[event.call_id] = moment - started
 
     def fail(self, error: CIError) -> None:
         """The turn stops with ``error``; it carries this Result (what arrived before it)."""

@@ -55,6 +55,9 @@ def test_replay_reruns_recorded_code_without_a_model_request(chat_server, tmp_pa
     for cell in notebook.cells:
         assert not errors_of(cell), output_text(cell)
     assert asked[0] > 0 and len(server.chat_requests) == asked[0], "the replays asked the model nothing"
+    [turn] = records_of(notebook.cells[1])
+    assert turn["backend"] == "local" and turn["kind"] == "ci" and len(turn["calls"]) >= 2
+    assert all(call["seconds"] is not None for call in turn["calls"]), "each call's execution time"
     replay = notebook.cells[2]
     assert re.search(r"Re-running [23] code blocks of the last turn", output_text(replay))
     assert 'df["square"] = df["n"] ** 2' in output_text(replay), "rendered like any turn: the code is shown"
