@@ -135,12 +135,6 @@ def test_the_host_log_the_kernel_inherits_is_not_a_second_disk(attacker: Attacke
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memfd_bytes (budget.py) finds memfds only in /proc/<pid>/fd, and socket_buffer_bytes "
-    "counts a queued message's bytes, not the files it carries: a memfd held only in flight "
-    "(SCM_RIGHTS) is counted nowhere",
-)
 def test_memfds_held_only_in_a_sockets_queue_stay_within_a_1g_containers_budget(attacker: Attacker) -> None:
     attacker.start(execution_timeout=60)
     attacker.create("1g")

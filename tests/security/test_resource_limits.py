@@ -81,8 +81,10 @@ def test_processes_sharing_a_mapping_stay_within_a_1g_containers_budget(attacker
     assert stdout(after) == "north,3\n", after  # the container survives, its files too
 
 
-def test_memory_in_memfd_files_counts_against_the_budget(attacker: Attacker) -> None:
-    """Shared memory that no mount shows and no mapping needs: ``memfd_create`` + ``write``."""
+def test_memory_in_memfd_files_is_refused_at_its_source(attacker: Attacker) -> None:
+    """Shared memory that no mount shows and no mapping needs (``memfd_create`` + ``write``), and
+    that no process need hold open (sent over a socket, then closed): refused by the filter, as
+    on a kernel without it, so libraries fall back to the counted /dev/shm."""
     attacker.start(execution_timeout=60)
     attacker.create("1g")
     events = attacker.execute(
@@ -101,11 +103,9 @@ def test_memory_in_memfd_files_counts_against_the_budget(attacker: Attacker) -> 
         ),
         timeout=50,
     )
-    progress = [int(line) for line in stdout(events).split() if line.isdigit()]
-    assert "held 3072 MiB" not in stdout(events)
-    assert progress and max(progress) <= 1536, progress[-3:]
+    assert stdout(events) == ""
     (error,) = errors(events)
-    assert error["name"] == "SandboxRestarted" and "memory budget" in error["value"], error
+    assert error["name"] == "OSError" and "Function not implemented" in error["value"], error
     assert stdout(attacker.execute("print('back')")) == "back\n"
 
 

@@ -109,7 +109,10 @@ DATA_HEADROOM = 512 << 20
 # private pages, so the tier plus this lets one process allocate about the tier.
 ADDRESS_HEADROOM = 512 << 20
 KERNEL_ALLOWANCE = 256 << 20  # the idle kernel's own ~120 MB, on top of the tier, for the tree
-MAX_OPEN_FILES = 4096  # per process; budget.MAX_OPEN_FILES reads as many
+# Per process; budget.MAX_OPEN_FILES reads as many. Also bounds what pipes (64 KiB each, charged
+# by the watchdog) a process can fill between two of its looks.
+MAX_OPEN_FILES = 1024
+MAX_LOCKED_BYTES = 8 << 20  # mlock()ed pages cannot be reclaimed; nothing here needs many
 
 LAUNCHER_SOURCE = (Path(__file__).with_name("_launcher.py")).read_text(encoding="utf-8")
 REQUIRED_MODULE = "ipykernel"
@@ -151,7 +154,8 @@ class Limits:
             "RLIMIT_AS": self.memory_bytes + ADDRESS_HEADROOM,
             "RLIMIT_FSIZE": self.max_file_bytes,
             "RLIMIT_CORE": 0,  # a crash must not drop a core file into /mnt/data
-            "RLIMIT_NOFILE": MAX_OPEN_FILES,  # bounds the watchdog's walk of open files (memfd)
+            "RLIMIT_NOFILE": MAX_OPEN_FILES,  # bounds the watchdog's walk of open files (pipes)
+            "RLIMIT_MEMLOCK": MAX_LOCKED_BYTES,
             "RLIMIT_NPROC": processes_already_running + self.max_processes,
         }
 

@@ -3,8 +3,15 @@
 Sandbox code never needs to debug other processes, load kernel code, mount file systems, make
 namespaces or inject keystrokes into a terminal, and each of those is kernel attack surface that
 has had local privilege escalations. The filter answers them with ``EPERM`` (``clone3`` with
-``ENOSYS``, so libc falls back to ``clone``, whose flags a filter can read). Everything else is
-allowed. System calls of another architecture (32-bit ``int 0x80`` on x86-64) kill the caller,
+``ENOSYS``, so libc falls back to ``clone``, whose flags a filter can read). Sockets are limited
+to the families a data-science library uses (UNIX, IPv4, IPv6, netlink): the others, AF_VSOCK
+first, are not isolated by the network namespace or are rarely-used kernel code. Memory the
+container's budget could not see is refused at its source: ``memfd_create`` (a memfd sent over a
+socket and closed belongs to no process; libraries fall back to the counted /dev/shm and /tmp)
+and growing a pipe past its default 64 KiB (``F_SETPIPE_SZ``), so the watchdog can charge every
+open pipe at that size. Everything else is allowed.
+
+System calls of another architecture (32-bit ``int 0x80`` on x86-64) kill the caller,
 libseccomp's default for a foreign architecture, so the filter cannot be sidestepped that way.
 
 The filter is compiled once per process (:func:`filter_bpf`) and written into a pipe for each
@@ -22,7 +29,7 @@ from typing import Any
 
 from ci_magic.errors import SandboxError
 
-__all__ = ["DENIED_SYSCALLS", "filter_bpf", "filter_pipe"]
+__all__ = ["ALLOWED_SOCKET_FAMILIES", "DENIED_SYSCALLS", "filter_bpf", "filter_pipe"]
 
 # Denied outright (EPERM). Names missing on this architecture are skipped.
 DENIED_SYSCALLS = (
@@ -40,6 +47,19 @@ DENIED_SYSCALLS = (
     # File handles bypass path permissions (the "shocker" escape).
     "open_by_handle_at", "name_to_handle_at",
 )  # fmt: skip
+
+# Answered with ENOSYS, as on a kernel without them, so libraries take their fallback path.
+UNAVAILABLE_SYSCALLS = ("memfd_create", "memfd_secret")
+
+# socket()/socketpair() families the sandbox may use; any other is refused with EAFNOSUPPORT.
+ALLOWED_SOCKET_FAMILIES = (
+    1,  # AF_UNIX: ipykernel's ipc sockets, multiprocessing
+    2,  # AF_INET
+    10,  # AF_INET6
+    16,  # AF_NETLINK: libc's getaddrinfo, psutil (only the sandbox's own network namespace)
+)
+HIGHEST_FAMILY = 64  # above AF_MAX of any kernel: one "greater or equal" rule covers the rest
+F_SETPIPE_SZ = 1031  # fcntl: a pipe's capacity up to fs.pipe-max-size (1 MiB), unaccounted
 
 # clone() flags that make a new namespace; CLONE_NEWTIME (0x80) lies in clone's exit-signal
 # byte, which no real signal number reaches.
@@ -81,6 +101,18 @@ def filter_bpf() -> bytes:
     for request in (TIOCSTI, TIOCLINUX):
         _add(rules, deny, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
     _add(rules, deny, "personality", seccomp.Arg(0, seccomp.NE, PER_LINUX))
+    unavailable = seccomp.ERRNO(errno.ENOSYS)
+    for name in UNAVAILABLE_SYSCALLS:
+        _add(rules, unavailable, name)
+    _add(rules, deny, "fcntl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, F_SETPIPE_SZ))
+    # A family is an int, but the filter sees the whole 64-bit register: every value that is
+    # not exactly an allowed family is refused, high bits set included (the GE rule).
+    no_family = seccomp.ERRNO(errno.EAFNOSUPPORT)
+    for name in ("socket", "socketpair"):
+        for family in range(HIGHEST_FAMILY):
+            if family not in ALLOWED_SOCKET_FAMILIES:
+                _add(rules, no_family, name, seccomp.Arg(0, seccomp.EQ, family))
+        _add(rules, no_family, name, seccomp.Arg(0, seccomp.GE, HIGHEST_FAMILY))
     _add(rules, seccomp.ERRNO(errno.ENOSYS), "clone3")
     with tempfile.TemporaryFile() as out:
         rules.export_bpf(out)
