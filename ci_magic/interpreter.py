@@ -219,6 +219,7 @@ class CodeInterpreter(Settings):
     def replay(self, plan: ReplayPlan, *, quiet: bool = False, display: bool = True) -> Result:
         """Re-run ``plan``'s recorded code in the current container without asking the model to write
         any (``replay.py``); rendered and recorded like any turn."""
+        plan = plan.with_current_uploads(self._get_session().registry)
         result = self._turn(plan.code, exec_code=plan.code, quiet=quiet, display=display, kind="replay")
         if not ran_as_recorded(plan, result):
             error = BackendError(

@@ -41,6 +41,7 @@ __all__ = [
     "rewrite_data_paths",
 ]
 
+DATA_ROOT = "/mnt/data"
 EXPORTED_KINDS = ("ci", "exec", "replay")  # restores re-create state the script builds by itself
 _DATA_PATH = re.compile(r"/mnt/data(?![\w.-])(/?)")
 _IPYTHON_LINE = re.compile(r"^\s*[!%]")  # shell escapes and magics: not plain Python
@@ -57,6 +58,19 @@ class ReplayPlan:
     @property
     def code(self) -> str:
         return "\n\n".join(block.rstrip("\n") for block in self.blocks)
+
+    def with_current_uploads(self, registry: PushRegistry) -> ReplayPlan:
+        """The plan with OpenAI upload paths (``/mnt/data/<32 hex>-df.parquet``: a new random prefix in
+        each container) pointing at where the same pushed file is now."""
+        blocks = self.blocks
+        for entry in registry:
+            if entry.container_id is None:
+                continue
+            stale = re.compile(
+                re.escape(DATA_ROOT + "/") + r"[0-9a-f]{32}-" + re.escape(entry.filename) + r"(?![\w.-])"
+            )
+            blocks = [stale.sub(lambda _m, path=entry.path: path, block) for block in blocks]
+        return ReplayPlan(self.source, blocks, self.skipped)
 
     def line(self) -> str:
         """The one line shown before the replay runs."""

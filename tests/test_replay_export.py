@@ -14,7 +14,8 @@ import pytest
 
 from tests.notebook_support import kernel_env, openai_env, output_text, run_cells
 from tests.servers.chat_server import quickstart
-from tests.servers.scripted import Call, Text
+from tests.servers.responses_stream import prompt_text
+from tests.servers.scripted import Call, Text, forced_code_turn
 from tests.test_notebook_local import local_env
 from tests.test_provenance import SCALE, SHOW, records_of
 
@@ -166,3 +167,39 @@ def test_replay_on_openai_is_one_forced_run_of_the_recorded_code(openai_server, 
     assert "did not run the recorded code as written" in "\n".join(error.traceback)
     assert "Traceback" not in "\n".join(error.traceback)
     assert output_text(notebook.cells[5]).strip() == "False", "_ci is the refused replay's Result"
+
+
+def upload_reader(request: dict) -> list:
+    """A model that reads the pushed table at the path its schema card gives (OpenAI's hashed name),
+    and runs the code it is given when the tool is forced."""
+    forced = forced_code_turn(request, text="Ran it.")
+    if forced is not None:
+        return list(forced)
+    path = re.search(r"/mnt/data/[0-9a-f]{32}-df\.parquet", prompt_text(request)).group(0)
+    return [
+        Call(f"import pandas as pd\nprint('total', pd.read_parquet({path!r})['a'].sum())"),
+        Text("Read it."),
+    ]
+
+
+def test_a_saved_cell_replays_in_a_new_container_where_the_upload_has_a_new_name(
+    openai_server, tmp_path: Path
+) -> None:
+    openai_server.responder = upload_reader
+    push = "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\n%ci_push df"
+    with kernel_env(**openai_env(openai_server.url)):
+        first = run_cells(
+            ["%load_ext ci_magic", push, "%%ci\nWhat is the total of df.a?"], tmp_path, save_as="first.ipynb"
+        )
+        (tmp_path / "later").mkdir()
+        later = run_cells(
+            ["%load_ext ci_magic", push, "%ci_replay --cell 3 --notebook ../first.ipynb"], tmp_path / "later"
+        )
+    [recorded] = records_of(first.cells[2])
+    [replayed] = records_of(later.cells[2])
+    assert recorded["container_id"] != replayed["container_id"]
+    assert recorded["inputs"][0]["path"] != replayed["inputs"][0]["path"], "OpenAI named the upload anew"
+    assert replayed["inputs"][0]["path"] in replayed["calls"][0]["code"]
+    assert not errors_of(later.cells[2]) and "total 6" in output_text(later.cells[2]), output_text(
+        later.cells[2]
+    )
