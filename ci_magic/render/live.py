@@ -58,6 +58,7 @@ from ci_magic.render.frontend import OUTPUT_METADATA, Frontend, MimeBundle, Slot
 from ci_magic.render.safe_html import (
     DISPLAYED_MIMES,
     answer_bundle,
+    cap_display_text,
     escape,
     safe_bundle,
     strip_ansi,
@@ -182,7 +183,8 @@ class _Plain:
 
     def __init__(self, output: RichOutput) -> None:
         plain = output.bundle.get("text/plain")
-        self.text = strip_ansi(plain) if isinstance(plain, str) else "[display output]"
+        # Capped like a call's logs: a display must not carry what the log cap keeps out.
+        self.text = cap_display_text(strip_ansi(plain)) if isinstance(plain, str) else "[display output]"
 
 
 _Item = LogText | _Plain | ExecutionError

@@ -46,6 +46,7 @@ __all__ = [
     "IFRAME_MAX_BYTES",
     "IMAGE_MAX_PIXELS",
     "answer_bundle",
+    "cap_display_text",
     "escape",
     "escape_markdown",
     "image_pixels",
@@ -63,6 +64,12 @@ SANITIZE_MAX_CHARS = 2_000_000
 SVG_MAX_BYTES = 2_000_000
 # A few kilobytes of PNG can declare billions of pixels, which the browser then allocates.
 IMAGE_MAX_PIXELS = 40_000_000
+# One sandbox display's budget, per mime type, so a display cannot carry what the 20 KB log cap
+# keeps out of the notebook (a 20 MB text/plain or JSON would otherwise be saved whole).
+DISPLAY_TEXT_KEEP_CHARS = 20_000  # text/plain: first and last 20 KB, as a call's logs
+DISPLAY_JSON_MAX_CHARS = 200_000  # application/json, serialized: dropped whole above it
+DISPLAY_HTML_MAX_CHARS = 1_000_000  # the HTML we built (from HTML, Markdown or SVG)
+DISPLAY_IMAGE_MAX_BYTES = 2_000_000  # each raster image, decoded
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -314,6 +321,24 @@ def image_pixels(data: bytes) -> int | None:
     return int(width) * int(height)
 
 
+def cap_display_text(text: str, keep: int = DISPLAY_TEXT_KEEP_CHARS) -> str:
+    """``text`` with only its first and last ``keep`` characters when longer (a note in between)."""
+    if len(text) <= 2 * keep:
+        return text
+    omitted = len(text) - 2 * keep
+    return f"{text[:keep]}\n[... {omitted:,} characters not shown ...]\n{text[-keep:]}"
+
+
+def _json_size(value: object) -> int:
+    """The serialized size of a JSON value (the budget's unit), or a huge number when unserializable."""
+    import json
+
+    try:
+        return len(json.dumps(value, ensure_ascii=False, default=str))
+    except (TypeError, ValueError, RecursionError):
+        return DISPLAY_JSON_MAX_CHARS + 1
+
+
 def safe_bundle(bundle: dict[str, object]) -> dict[str, object]:
     """The parts of a sandbox mime bundle that are safe to display here, in forms we built.
 
@@ -323,18 +348,27 @@ def safe_bundle(bundle: dict[str, object]) -> dict[str, object]:
     has a ``text/plain``.
     """
     safe: dict[str, object] = {}
-    skipped = ""
+    notes: list[str] = []
     for mime in _RASTER:
         image = _base64_image(bundle.get(mime))
         if image is None:
             continue
+        # Decoded size from the base64 length, before decoding anything.
+        decoded = len(image) * 3 // 4
+        if decoded > DISPLAY_IMAGE_MAX_BYTES:
+            notes.append(f"[image not shown: {decoded:,} bytes, over the {DISPLAY_IMAGE_MAX_BYTES:,} cap]")
+            continue
         pixels = image_pixels(base64.b64decode(image))
         if pixels is not None and pixels > IMAGE_MAX_PIXELS:
-            skipped = f"[image not shown: it declares {pixels:,} pixels]"
+            notes.append(f"[image not shown: it declares {pixels:,} pixels]")
             continue
         safe[mime] = image
     if "application/json" in bundle and bundle["application/json"] is not None:
-        safe["application/json"] = bundle["application/json"]
+        size = _json_size(bundle["application/json"])
+        if size <= DISPLAY_JSON_MAX_CHARS:
+            safe["application/json"] = bundle["application/json"]
+        else:
+            notes.append(f"[JSON not shown: {size:,} characters, over the {DISPLAY_JSON_MAX_CHARS:,} cap]")
     raw_html, markdown, svg = (
         bundle.get("text/html"),
         bundle.get("text/markdown"),
@@ -350,18 +384,22 @@ def safe_bundle(bundle: dict[str, object]) -> dict[str, object]:
         shown = markdown_to_html(markdown)
     if not shown and isinstance(svg, (str, bytes)) and len(svg) <= SVG_MAX_BYTES:
         shown = svg_image_html(svg.encode("utf-8") if isinstance(svg, str) else svg, alt="SVG output")
+    if len(shown) > DISPLAY_HTML_MAX_CHARS:
+        notes.append(f"[HTML not shown: {len(shown):,} characters, over the {DISPLAY_HTML_MAX_CHARS:,} cap]")
+        shown = ""
     if shown:
         safe["text/html"] = shown
     plain = bundle.get("text/plain")
-    if skipped:
-        safe["text/plain"] = skipped + (f" {strip_ansi(plain)}" if isinstance(plain, str) else "")
-    elif isinstance(plain, str):
-        safe["text/plain"] = strip_ansi(plain)
+    skipped = " ".join(notes)
+    if isinstance(plain, str):
+        text = cap_display_text(strip_ansi(plain))
+        safe["text/plain"] = f"{skipped} {text}" if skipped else text
     elif isinstance(markdown, str):
-        safe["text/plain"] = strip_ansi(markdown)
+        text = cap_display_text(strip_ansi(markdown))
+        safe["text/plain"] = f"{skipped} {text}" if skipped else text
     else:
         kinds = ", ".join(sorted(bundle)) or "empty"
-        safe["text/plain"] = f"[display output: {kinds}]"
+        safe["text/plain"] = skipped or f"[display output: {kinds}]"
     return safe
 
 

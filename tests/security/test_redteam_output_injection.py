@@ -19,6 +19,8 @@ Each is ``xfail(strict=True)`` until the hole is closed.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import subprocess
@@ -30,7 +32,7 @@ import pytest
 
 from ci_magic.backends.local.isolation import detect_isolation, probe_python
 from ci_magic.errors import SandboxError
-from ci_magic.render.safe_html import outgoing_bundle
+from ci_magic.render.safe_html import outgoing_bundle, safe_bundle
 from tests.notebook_support import kernel_env, run_cells
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,11 +40,6 @@ CAP_BYTES = 1_000_000  # far above any cap the renderer keeps (logs: 20 KB head 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="safe_bundle (render/safe_html.py) keeps a sandbox display's text/plain and "
-    "application/json whatever their size; only stream logs are capped",
-)
 def test_a_huge_display_from_the_sandbox_is_capped_like_its_logs(tmp_path: Path) -> None:
     env = {
         "OPENAI_API_KEY": None,
@@ -68,6 +65,22 @@ def test_a_huge_display_from_the_sandbox_is_capped_like_its_logs(tmp_path: Path)
     }
     assert max(sizes.values()) < CAP_BYTES, f"sandbox display outputs kept whole: {sizes}"
     assert saved.stat().st_size < 4 * CAP_BYTES
+
+
+def test_every_mime_type_of_one_sandbox_display_has_a_budget() -> None:
+    # What display(..., raw=True) in the sandbox can send: each type far over any cap.
+    png_header = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+    flood = {
+        "text/plain": "P" * 5_000_000,
+        "application/json": {"rows": ["J" * 1000] * 5000},
+        "text/html": "<table><tr><td>" + "<b>x</b>" * 200_000 + "</td></tr></table>",
+        "image/png": base64.b64encode(png_header + b"\0" * 5_000_000).decode("ascii"),
+    }
+    shown = safe_bundle(flood)
+    sizes = {mime: len(v if isinstance(v, str) else json.dumps(v)) for mime, v in shown.items()}
+    assert sum(sizes.values()) < CAP_BYTES, f"one display kept {sizes}"
+    plain = str(shown["text/plain"])
+    assert "JSON not shown" in plain and "image not shown" in plain and "characters not shown" in plain, plain
 
 
 @pytest.mark.xfail(
