@@ -698,6 +698,7 @@ def test_the_server_is_listed_once_per_backend_not_every_cell(chat_server: Start
     server = chat_server(["One.", "Two.", "Three."], listing=LLAMA_SERVER_LISTING)
     sandbox = FakeSandbox()
     sandbox.take_notices = list  # type: ignore[attr-defined]  # what LocalBackend asks the sandbox for
+    sandbox.isolation = None  # type: ignore[attr-defined]
     conversation = Conversation()
 
     async def three_cells() -> None:

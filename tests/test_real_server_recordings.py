@@ -58,6 +58,8 @@ LLAMA_CPP_PYTHON_LISTING = {  # llama_cpp.server's ModelList (no recording of it
 class RecordingSandbox:
     """Stands in for the kernel: records the code and prints what the real kernel printed."""
 
+    isolation = None  # what LocalBackend reads to label an unisolated sandbox: not probed here
+
     def __init__(self, printed: str = "385\n") -> None:
         self.printed = printed
         self.ran: list[str] = []
