@@ -62,14 +62,7 @@ class ReplayPlan:
     def with_current_uploads(self, registry: PushRegistry) -> ReplayPlan:
         """The plan with OpenAI upload paths (``/mnt/data/<32 hex>-df.parquet``: a new random prefix in
         each container) pointing at where the same pushed file is now."""
-        blocks = self.blocks
-        for entry in registry:
-            if entry.container_id is None:
-                continue
-            stale = re.compile(
-                re.escape(DATA_ROOT + "/") + r"[0-9a-f]{32}-" + re.escape(entry.filename) + r"(?![\w.-])"
-            )
-            blocks = [stale.sub(lambda _m, path=entry.path: path, block) for block in blocks]
+        blocks = [with_current_uploads(block, registry) for block in self.blocks]
         return ReplayPlan(self.source, blocks, self.skipped)
 
     def line(self) -> str:
@@ -77,6 +70,19 @@ class ReplayPlan:
         count = f"{len(self.blocks)} code block{'s' if len(self.blocks) != 1 else ''}"
         failed = f"; {self.skipped} that failed left out" if self.skipped else ""
         return f"Re-running {count} of {self.source} in the current container, without the model{failed}."
+
+
+def with_current_uploads(code: str, registry: PushRegistry) -> str:
+    """``code`` with every OpenAI upload path of a pushed file (``/mnt/data/<32 hex>-df.parquet``, a new
+    random prefix in each container) replaced by the file's path now."""
+    for entry in registry:
+        if entry.container_id is None:
+            continue
+        stale = re.compile(
+            re.escape(DATA_ROOT + "/") + r"[0-9a-f]{32}-" + re.escape(entry.filename) + r"(?![\w.-])"
+        )
+        code = stale.sub(entry.path.replace("\\", "\\\\"), code)  # the path as is, not a template
+    return code
 
 
 def _plan(source: str, calls: Iterable[tuple[str, bool]]) -> ReplayPlan:
@@ -242,7 +248,7 @@ def export_session(
         for call in turn.calls:
             if not call.code.strip():
                 continue
-            code = plain_python(rewrite_data_paths(call.code.rstrip("\n")))
+            code = plain_python(rewrite_data_paths(with_current_uploads(call.code.rstrip("\n"), registry)))
             if call.ok:
                 outcome.blocks += 1
                 cells.append(("code", code))
