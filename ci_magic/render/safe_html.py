@@ -147,16 +147,48 @@ _OWN_STYLE_PROPERTIES = {
 _IMAGE_DATA_URL = re.compile(r"data:image/(?:png|jpeg|gif|svg\+xml);base64,[A-Za-z0-9+/=]*")
 
 
+# Browsers drop ASCII whitespace and C0 controls around a URL and tabs/newlines inside it, and read
+# the scheme case-insensitively; the parser has already decoded entities. Checked on that form.
+_URL_IGNORED = re.compile(r"[\x00-\x20\x7f]")
+_URL_SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):")
+
+
 def _own_attribute(tag: str, attribute: str, value: str) -> str | None:
-    # nh3 has already dropped disallowed schemes; images may only be data: images we encoded.
+    # Images may only be data: images we encoded; links only http(s), mailto or relative.
     if tag == "img" and attribute == "src" and not _IMAGE_DATA_URL.fullmatch(value):
         return None
-    if tag == "a" and attribute == "href" and value.lower().startswith("data:"):
-        return None
+    if tag == "a" and attribute == "href":
+        scheme = _URL_SCHEME.match(_URL_IGNORED.sub("", value).lower())
+        if scheme is not None and scheme.group(1) not in _LINK_SCHEMES:
+            return None
     return value
 
 
+# ammonia's output quotes every attribute value with " and escapes " inside it, so a start tag is
+# exactly this; a frame is ours only with sandbox="" (nh3 only checks that value when present).
+_IFRAME = re.compile(r'<iframe((?:\s+[^\s"=>]+(?:="[^"]*")?)*)\s*>.*?</iframe>', re.DOTALL)
+_EMPTY_SANDBOX = re.compile(r'\ssandbox=""(?=\s|$)')
+
+
+def _drop_unsandboxed_frames(cleaned: str) -> str:
+    if "<iframe" not in cleaned:
+        return cleaned
+    kept: list[str] = []
+    start = 0
+    for frame in _IFRAME.finditer(cleaned):
+        # Fail closed: a start tag this pattern does not read (none expected) is left as text.
+        kept.append(cleaned[start : frame.start()].replace("<iframe", "&lt;iframe"))
+        kept.append(frame.group(0) if _EMPTY_SANDBOX.search(frame.group(1)) else "")
+        start = frame.end()
+    kept.append(cleaned[start:].replace("<iframe", "&lt;iframe"))
+    return "".join(kept)
+
+
 def _clean_own_html(fragment: str) -> str:
+    return _drop_unsandboxed_frames(_nh3_own_html(fragment))
+
+
+def _nh3_own_html(fragment: str) -> str:
     return nh3.clean(
         fragment,
         tags=set(_OWN_TAGS),

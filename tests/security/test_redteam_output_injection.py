@@ -83,17 +83,16 @@ def test_every_mime_type_of_one_sandbox_display_has_a_budget() -> None:
     assert "JSON not shown" in plain and "image not shown" in plain and "characters not shown" in plain, plain
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_clean_own_html allows <iframe srcdoc> and only checks sandbox's value when the "
-    "attribute is present; _own_attribute's data: check misses a leading space",
-)
 @pytest.mark.parametrize(
     "fragment",
     [
         # No sandbox attribute: the frame's document is same-origin and its script runs.
         '<iframe srcdoc="&lt;script&gt;parent.document.title=1&lt;/script&gt;"></iframe>',
+        '<iframe sandbox="allow-scripts allow-same-origin" srcdoc="&lt;script&gt;1&lt;/script&gt;"></iframe>',
+        '<iframe title="a > b" srcdoc="&lt;script&gt;1&lt;/script&gt;"></iframe>',
         '<a href=" data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==">open</a>',
+        '<a href="&#x01;DaTa&#x09;:text/html,&lt;script&gt;1&lt;/script&gt;">open</a>',
+        '<a href="&#32;javascript&#58;parent.alert(1)">open</a>',
     ],
 )
 def test_the_last_pass_before_the_notebook_drops_live_frames_and_data_links(fragment: str) -> None:
@@ -101,6 +100,7 @@ def test_the_last_pass_before_the_notebook_drops_live_frames_and_data_links(frag
     if "<iframe" in cleaned:
         assert 'sandbox=""' in cleaned, f"a frame without sandbox reached the page: {cleaned}"
     assert "data:text/html" not in cleaned, f"a data: document link reached the page: {cleaned}"
+    assert "href" not in cleaned, f"a link with a live scheme reached the page: {cleaned}"
 
 
 TERMINAL_SESSION = """
