@@ -18,7 +18,7 @@ import shutil
 import sys
 from typing import Any, Literal, Protocol, TextIO
 
-from ci_magic.render.safe_html import outgoing_bundle
+from ci_magic.render.safe_html import outgoing_bundle, strip_ansi
 
 __all__ = [
     "OUTPUT_METADATA",
@@ -203,5 +203,7 @@ class TerminalFrontend:
 
 
 def _plain(bundle: MimeBundle) -> str:
+    # The last step before the terminal: no escape sequence, C1 or bidi control gets through,
+    # whichever upstream path the text took.
     text = bundle.get("text/plain")
-    return text if isinstance(text, str) else ""
+    return strip_ansi(text) if isinstance(text, str) else ""

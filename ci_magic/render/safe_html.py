@@ -71,8 +71,17 @@ DISPLAY_JSON_MAX_CHARS = 200_000  # application/json, serialized: dropped whole 
 DISPLAY_HTML_MAX_CHARS = 1_000_000  # the HTML we built (from HTML, Markdown or SVG)
 DISPLAY_IMAGE_MAX_BYTES = 2_000_000  # each raster image, decoded
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Escape sequences in their 7-bit (ESC ...) and 8-bit C1 forms: terminals that honour C1 in
+# UTF-8 (xterm) read U+009B as CSI and U+009D as OSC (OSC 52 writes the clipboard).
+_ANSI = re.compile(
+    r"(?:\x1b\[|\x9b)[0-9;?:<=>]*[ -/]*[@-~]"  # CSI
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"  # OSC, DCS, SOS, PM, APC
+    r"|\x1b[@-Z\\-_]"
+)
+# C0 (but tab, newline, carriage return), DEL, any C1 left over, and bidi controls, which make a
+# terminal or a page show text in an order other than its bytes (a command that reads as harmless).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_HAS_SEQUENCE = re.compile(r"[\x1b\x90\x98\x9b\x9d\x9e\x9f]")
 
 
 def escape(text: str) -> str:
@@ -80,8 +89,8 @@ def escape(text: str) -> str:
 
 
 def strip_ansi(text: str) -> str:
-    """Text without terminal escape sequences or stray control characters (tracebacks, tqdm)."""
-    if "\x1b" in text:
+    """Text without terminal escape sequences (7- and 8-bit), control or bidi characters."""
+    if _HAS_SEQUENCE.search(text):
         text = _ANSI.sub("", text)
     return _CONTROL.sub("", text)
 
@@ -441,9 +450,13 @@ def safe_bundle(bundle: dict[str, object]) -> dict[str, object]:
 def outgoing_bundle(bundle: dict[str, Any]) -> dict[str, Any]:
     """A bundle as it may reach the notebook: HTML cleaned with the allow-list of what we build.
 
-    Idempotent and cheap for our own output (ammonia is fast); a no-op for bundles without HTML.
+    Its ``text/plain`` (what a console or a notebook's plain view shows) loses any escape
+    sequence, control or bidi character. Idempotent and cheap for our own output (ammonia is fast).
     """
-    value = bundle.get("text/html")
-    if not isinstance(value, str):
-        return bundle
-    return {**bundle, "text/html": _clean_own_html(value)}
+    value, plain = bundle.get("text/html"), bundle.get("text/plain")
+    cleaned = dict(bundle)
+    if isinstance(value, str):
+        cleaned["text/html"] = _clean_own_html(value)
+    if isinstance(plain, str):
+        cleaned["text/plain"] = strip_ansi(plain)
+    return cleaned

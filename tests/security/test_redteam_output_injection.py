@@ -112,14 +112,13 @@ shell.run_cell_magic("ci_exec", "", CODE)
 shell.run_line_magic("unload_ext", "ci_magic")
 """
 # What the sandbox prints: clear the screen, retitle the window, put a command on the clipboard.
-C1_PAYLOAD = "print('before' + chr(0x9b) + '2J' + chr(0x9d) + '52;c;cm0gLXJmIH4K' + chr(0x9c) + 'after')"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="strip_ansi (render/safe_html.py _ANSI/_CONTROL) removes ESC-based sequences and C0 "
-    "controls only; the C1 controls U+0080..U+009F reach the terminal",
+# Then show a file name in reversed order (bidi override: "gnp.exe" reads as "exe.png").
+C1_PAYLOAD = (
+    "print('before' + chr(0x9b) + '2J' + chr(0x9d) + '52;c;cm0gLXJmIH4K' + chr(0x9c) + 'after'"
+    " + chr(0x202e) + 'gnp.exe' + chr(0x2066) + chr(0x200f))"
 )
+
+
 def test_sandbox_output_reaches_a_terminal_without_c1_control_sequences(tmp_path: Path) -> None:
     try:
         detect_isolation("auto", probe_python(sys.executable))
@@ -138,5 +137,10 @@ def test_sandbox_output_reaches_a_terminal_without_c1_control_sequences(tmp_path
     )
     shown = done.stdout.decode("utf-8", errors="replace")
     assert "before" in shown and "after" in shown, f"the call did not run: {done.stderr[-2000:]!r}"
-    controls = sorted({f"U+{ord(c):04X}" for c in re.findall("[\u0080-\u009f]", shown)})
-    assert not controls, f"C1 control characters from the sandbox reached the terminal: {controls}"
+    controls = sorted(
+        {
+            f"U+{ord(c):04X}"
+            for c in re.findall("[\u0080-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]", shown)
+        }
+    )
+    assert not controls, f"C1 or bidi control characters from the sandbox reached the terminal: {controls}"
