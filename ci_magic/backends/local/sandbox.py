@@ -26,7 +26,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,7 +377,7 @@ class SandboxManager:
 
     async def execute(
         self, container_id: str, code: str, *, call_id: str, timeout: float | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Run code in the container's kernel: its outputs, then ``CallStatus(completed|failed)``."""
         container = await self._usable(container_id)
         async with container.lock:
