@@ -34,11 +34,15 @@ __all__ = [
     "ExportOutcome",
     "ReplayPlan",
     "export_session",
+    "plain_python",
     "plan_from_entry",
     "plan_from_notebook",
+    "plan_from_records",
     "plan_from_result",
     "ran_as_recorded",
     "rewrite_data_paths",
+    "this_notebook",
+    "with_current_uploads",
 ]
 
 DATA_ROOT = "/mnt/data"
