@@ -195,11 +195,69 @@ def _import_folders() -> list[Path]:
     return folders
 
 
+def _config_folders() -> list[tuple[str, Path]]:
+    """Folders whose files Python, IPython or Jupyter read or run at start-up, with what they are."""
+    home = Path.home()
+    found: list[tuple[str, str | Path]] = [
+        *((f"~/{name}", home / name) for name in (".ipython", ".jupyter", ".config", ".local")),
+        ("XDG_CONFIG_HOME", os.environ.get("XDG_CONFIG_HOME", "")),
+        ("IPYTHONDIR", os.environ.get("IPYTHONDIR", "")),
+        ("sys.prefix", sys.prefix),
+        ("sys.base_prefix", sys.base_prefix),
+        ("sys.exec_prefix", sys.exec_prefix),
+    ]
+    with contextlib.suppress(Exception):
+        import site
+
+        found += [("site-packages", p) for p in site.getsitepackages()]
+        found.append(("the user site-packages", site.getusersitepackages()))
+    with contextlib.suppress(Exception):
+        from IPython.paths import get_ipython_dir
+
+        found.append(("the IPython folder", get_ipython_dir()))
+    with contextlib.suppress(Exception):
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None:
+            found.append(("the IPython profile", shell.profile_dir.location))
+    with contextlib.suppress(Exception):
+        from jupyter_core import paths as jupyter_paths
+
+        found += [("a Jupyter config folder", p) for p in jupyter_paths.jupyter_config_path()]
+        found += [("a Jupyter data folder", p) for p in jupyter_paths.jupyter_path()]
+        found.append(("the Jupyter runtime folder", jupyter_paths.jupyter_runtime_dir()))
+    folders = []
+    for what, entry in found:
+        if not str(entry).strip():
+            continue
+        with contextlib.suppress(OSError, RuntimeError):
+            folders.append((what, Path(entry).expanduser().resolve()))
+    return folders
+
+
+def _config_folder_problem(folder: Path) -> str | None:
+    with contextlib.suppress(OSError, RuntimeError):
+        # Home itself, or above it: a sub-folder the sandbox names (.ipython/profile_default/startup,
+        # .bashrc, .config/autostart) would be a start-up file. A folder below home is fine.
+        home = Path.home().resolve()
+        if folder == home or folder in home.parents:
+            where = "your home folder" if folder == home else "a parent of your home folder"
+            return f"it is {where} ({home})"
+    for what, location in _config_folders():
+        if folder == location or folder in location.parents or location in folder.parents:
+            return f"{what} ({location}) holds files that run or configure Python, IPython or Jupyter"
+    return None
+
+
 def output_dir_problem(output_dir: str | Path) -> str | None:
     """Why saving sandbox files into ``output_dir`` could run them in this kernel; None: it is safe.
 
     Files land in ``output_dir`` and in sub-folders the sandbox names, so the folder must not be
-    the working directory, a folder on ``sys.path``, or a parent of either; nor a Python package.
+    the working directory, a folder on ``sys.path``, or a parent of either; nor a Python package;
+    nor home, a parent of home, or a folder inside, equal to or above a start-up/config location
+    (~/.ipython, ~/.jupyter, ~/.config, ~/.local, the IPython profile, Jupyter's config and data
+    folders, site-packages, sys.prefix).
     """
     try:
         folder = Path(output_dir).expanduser().resolve()
@@ -216,7 +274,7 @@ def output_dir_problem(output_dir: str | Path) -> str | None:
             return f"Python imports modules from {entry}, which is {'it' if folder == entry else 'inside it'}"
     if (folder / "__init__.py").exists():
         return f"{folder} is a Python package"
-    return None
+    return _config_folder_problem(folder)
 
 
 def output_dir_message(

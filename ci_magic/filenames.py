@@ -58,7 +58,10 @@ def safe_relative_name(name: str) -> str:
 
     ``/mnt/data/out/a.csv`` -> ``out/a.csv``; ``sandbox:/mnt/data/a.csv`` -> ``a.csv``.
     Raises ``ContainerFileError`` for ``..``, absolute paths outside /mnt/data, control
-    characters, reserved device names and empty names.
+    characters, reserved device names and empty names. A component that starts with a dot gets a
+    leading ``_`` instead (``.ipython/profile_default/startup/x.py`` ->
+    ``_ipython/profile_default/startup/x.py``): a dot-name is a start-up or config file to some
+    program (.bashrc, .ipython, .git, .config), so no sandbox file is ever saved under one.
     """
     if not isinstance(name, str):
         raise _refuse(repr(name), "it is not a string")
@@ -86,7 +89,12 @@ def safe_relative_name(name: str) -> str:
             raise _refuse(name, f"{part!r} is a reserved device name on Windows")
         if len(part.encode("utf-8")) > _MAX_COMPONENT_BYTES:
             raise _refuse(name, f"a component is longer than {_MAX_COMPONENT_BYTES} bytes")
-    return "/".join(parts)
+    return "/".join(_undotted(part) for part in parts)
+
+
+def _undotted(part: str) -> str:
+    # Same length, never "." or "..", never hidden: "..x" -> "_.x", ".env" -> "_env".
+    return "_" + part[1:] if part.startswith(".") else part
 
 
 def variable_name_for(filename: str) -> str:

@@ -25,11 +25,30 @@ from tests.fakes import FakeBackend
         ("out\\clean.csv", "out/clean.csv"),
         ("/mnt/data/données/été.csv", "données/été.csv"),
         ("/mnt/data/📈 growth.png", "📈 growth.png"),
-        ("/mnt/data/.hidden", ".hidden"),
+        ("/mnt/data/.hidden", "_hidden"),
     ],
 )
 def test_container_paths_become_relative_names(name: str, expected: str) -> None:
     assert safe_relative_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # Where shells, IPython, git and desktop sessions read start-up code and settings.
+        (".ipython/profile_default/startup/00-run.py", "_ipython/profile_default/startup/00-run.py"),
+        (".bashrc", "_bashrc"),
+        ("repo/.git/hooks/pre-commit", "repo/_git/hooks/pre-commit"),
+        ("/mnt/data/.config/autostart/x.desktop", "_config/autostart/x.desktop"),
+        ("..pth", "_.pth"),
+        ("out/...", "out/_.."),
+    ],
+)
+def test_no_saved_file_or_folder_is_a_dot_name(name: str, expected: str, tmp_path: Path) -> None:
+    assert safe_relative_name(name) == expected
+    saved = save_into(tmp_path, name, b"import os")
+    assert saved == tmp_path / expected and saved.read_bytes() == b"import os"
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
 
 
 def test_unicode_names_are_normalized_to_one_spelling() -> None:

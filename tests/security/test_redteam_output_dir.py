@@ -32,11 +32,6 @@ PLANT = (
 CHECK = "import builtins\nprint('PWNED' if hasattr(builtins, 'PWNED') else 'clean')"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.output_dir_problem accepts the home folder when the notebook is not under it, "
-    "and filenames.safe_relative_name keeps dot-folders such as .ipython/profile_default/startup",
-)
 def test_sandbox_files_never_land_where_ipython_runs_startup_code(tmp_path: Path) -> None:
     home, notebooks = tmp_path / "home", tmp_path / "workspace"
     home.mkdir()
