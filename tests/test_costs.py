@@ -66,3 +66,15 @@ def test_prices_follow_dated_model_names_and_say_when_unknown() -> None:
     assert token_cost("my-local-model", usage, prices) == 0.0
     assert token_cost("qwen2.5-coder", usage, prices) is None
     assert token_cost("qwen2.5-coder", Usage(), prices) == 0.0
+
+
+def test_an_unpriced_local_model_is_not_named_in_the_status_line() -> None:
+    # llama.cpp serves a model by its file path: the status line never shows the user's folders.
+    from ci_magic.costs import TurnCost
+    from ci_magic.render.live import _cost_and_times
+    from ci_magic.result import Result
+
+    result = Result(prompt="p")
+    result.cost = TurnCost(model="/home/ana/.cache/models/smollm2.gguf", tokens=None)
+    (shown,) = _cost_and_times(result)
+    assert "/home/ana" not in shown and "CodeInterpreter.prices" in shown

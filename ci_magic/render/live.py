@@ -665,7 +665,8 @@ def _cost_and_times(result: Result) -> list[str]:
     if cost is None:
         return parts  # not measured: a turn the session did not finish (or no session at all)
     if cost.tokens is None:
-        parts.append(f"cost: price of {cost.model or 'the model'} unknown (set CodeInterpreter.prices)")
+        # The model's name can be a local file path (llama.cpp serves a .gguf by its path): not shown.
+        parts.append("cost: no price for this model (CodeInterpreter.prices)")
     else:
         fee = f" incl. {dollars(cost.container)} container" if cost.container else ""
         parts.append(f"~{dollars(cost.total)}{fee}")
