@@ -472,6 +472,33 @@ def test_a_parquet_round_trip_after_a_chart_does_not_hang_under_the_memory_limit
     assert final_status(events) == "completed"
 
 
+@pytest.mark.parametrize("allocator", ["default", "mimalloc"])
+def test_after_reading_parquet_the_code_still_has_its_memory_tier(sandbox: Sandbox, allocator: str) -> None:
+    # mimalloc (Arrow's default pool, and the one code may pick) reserved 1 GiB of address space
+    # for its first arena: after a chart, read_parquet then hung past the interrupt; without the
+    # chart it returned, but a 1g container had 50 MiB left for anything else.
+    cid = sandbox.create(memory_limit="1g")
+    pick = "pa.set_memory_pool(pa.mimalloc_memory_pool())" if allocator == "mimalloc" else ""
+    events = sandbox.execute(
+        cid,
+        f"""
+        import matplotlib.pyplot as plt
+        import numpy as np
+        import pandas as pd
+        import pyarrow as pa
+        {pick}
+        plt.plot([1, 2, 3]); plt.savefig("chart.png")
+        pd.DataFrame({{"a": range(100_000)}}).to_parquet("table.parquet")
+        print(pd.read_parquet("table.parquet").shape)
+        block = np.ones(600 * 2**20 // 8)
+        print(block.nbytes // 2**20, "MiB")
+        """,
+        timeout=60,
+    )
+    assert stdout(events) == "(100000, 1)\n600 MiB\n", events
+    assert final_status(events) == "completed"
+
+
 def test_the_memory_tier_sets_how_much_the_code_may_allocate(sandbox: Sandbox) -> None:
     two_gib = "block = bytes(2 * 2**30)\nprint(len(block) // 2**30, 'GiB')"
     small = sandbox.create(memory_limit="1g")

@@ -605,6 +605,9 @@ class Isolation:
             # (seen after matplotlib had drawn: pd.read_parquet never returned and ignored the
             # interrupt). The system allocator answers the same refusal with a MemoryError.
             ARROW_DEFAULT_MEMORY_POOL="system",
+            # mimalloc (Arrow's, for code that picks it, and other libraries bundling it) reserves
+            # 1 GiB of address space for its first arena: two thirds of a 1g container's limit.
+            MIMALLOC_ARENA_RESERVE="64MiB",
         )
         if python.user_base:
             env["PYTHONUSERBASE"] = python.user_base
