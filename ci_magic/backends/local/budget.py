@@ -8,9 +8,10 @@ shared mapping reached 7.6 GiB from a ``1g`` container), so the budget is held f
   controllers (:class:`CgroupV2`): ``memory.max`` (tmpfs and shared memory are charged to it too),
   ``memory.swap.max = 0`` and ``pids.max``; ``cgroup.kill`` ends the container.
 * Otherwise the :class:`Watchdog`, one host thread for every sandbox of the process: every
-  ``MEMORY_TICK`` it adds up the tree's private and shared memory and what its tmpfs folders hold,
-  and kills the largest process when the sum is over the budget (then everything but PID 1 if
-  that did not help). Every process also has ``RLIMIT_AS`` (set by the launcher from
+  ``MEMORY_TICK`` it adds up the tree's private and shared memory, what its tmpfs folders hold,
+  its memfd files, every pipe it holds open (at full capacity) and its socket queues, and
+  kills the largest process when the sum is over the budget (then everything but PID 1 if that
+  did not help). Every process also has ``RLIMIT_AS`` (set by the launcher from
   :class:`~.isolation.Limits`), so one process alone meets a ``MemoryError`` first.
 * The data folder has no quota here: the watchdog measures its allocated size every
   ``DISK_TICK`` (more rarely when the folder is large) and flags the sandbox, which stops the
@@ -71,7 +72,15 @@ MEMORY_TICK = 0.05  # seconds between two memory checks of every sandbox
 DISK_TICK = 0.05  # seconds between two measurements of a small data folder
 DISK_CPU_SHARE = 0.05  # a large data folder is measured at most this share of the time
 QUIET_EVERY = 5  # memory ticks between two checks of an idle kernel with nothing else running
-MEMFD_EVERY = 5  # memory ticks between two walks of the tree's open files (memfd)
+MEMFD_EVERY = 5  # memory ticks between two walks of the tree's open files (memfd, pipes)
+FILES_CPU_SHARE = 0.05  # a tree with many open files is walked at most this share of the time
+# Seconds between two walks of an idle kernel's open files when nothing else runs: its own
+# threads can hold at most RLIMIT_NOFILE pipes (64 MiB), within the kernel's allowance.
+QUIET_FILES_EVERY = 2.0
+# What one pipe may hold: its default capacity (16 pages). The seccomp filter refuses
+# F_SETPIPE_SZ, so no pipe of the sandbox grows past it (past fs.pipe-user-pages-soft new pipes
+# get only 2 pages: charging 16 is an upper bound).
+PIPE_CAPACITY = 16 * (os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096)
 MAX_OPEN_FILES = 1024  # RLIMIT_NOFILE of sandbox processes (isolation.Limits)
 MAX_DATA_ENTRIES = 200_000  # more files than this in /mnt/data counts as over the disk limit
 LAUNCHER_MARK = "kernel_module"  # in the launcher's JSON argument (isolation.Isolation.command)
@@ -304,12 +313,13 @@ class MemoryUse:
     largest: int | None = None  # the process holding the most
     largest_bytes: int = 0
     memfd: int = 0  # memfd files (shared memory no mount shows), counted apart from mappings
+    pipes: int = 0  # pipe buffers (kernel memory), each open pipe at its full capacity
     sockets: int = 0  # queued in the sandbox's sockets (kernel memory)
     members: tuple[int, ...] = ()  # the processes counted
 
     @property
     def total(self) -> int:
-        return self.processes + self.tmpfs + self.memfd + self.sockets
+        return self.processes + self.tmpfs + self.memfd + self.pipes + self.sockets
 
 
 def _status_bytes(pid: int) -> int | None:
@@ -351,60 +361,83 @@ def tmpfs_bytes(root: str | None, sizes: Sequence[int]) -> int:
     return used
 
 
-def memfd_bytes(pids: Sequence[int]) -> dict[int, int]:
-    """Bytes held in memfd files, per process holding them open, each file counted once.
+@dataclass(frozen=True)
+class OpenFiles:
+    """Memory held through open files, per process holding them, each file counted once."""
+
+    memfd: dict[int, int] = field(default_factory=dict)
+    pipes: dict[int, int] = field(default_factory=dict)
+
+
+def open_file_bytes(pids: Sequence[int]) -> OpenFiles:
+    """Bytes held in memfd files and pipe buffers, per process holding them open.
 
     ``memfd_create`` memory is shared memory on no mount the host can ``statvfs``, and needs no
-    mapping (``write`` fills it): only the open descriptors show it. Each process has at most
-    ``MAX_OPEN_FILES`` of them (RLIMIT_NOFILE), which bounds this walk.
+    mapping (``write`` fills it); a pipe's buffer is kernel memory no process's RSS shows. Only
+    the open descriptors show either. A pipe is charged at its full capacity
+    (``PIPE_CAPACITY``): what it holds cannot be read without touching it. Each process has at
+    most ``MAX_OPEN_FILES`` descriptors (RLIMIT_NOFILE), which bounds this walk.
     """
-    seen: set[tuple[int, int]] = set()
-    held: dict[int, int] = {}
+    seen_files: set[tuple[int, int]] = set()
+    seen_pipes: set[str] = set()
+    memfd: dict[int, int] = {}
+    pipes: dict[int, int] = {}
     for pid in pids:
+        folder = f"/proc/{pid}/fd/"
         try:
-            fds = os.listdir(f"/proc/{pid}/fd")
+            fds = os.listdir(folder)
         except OSError:
             continue  # gone, or not ours to look at
         for fd in fds[:MAX_OPEN_FILES]:
-            link = f"/proc/{pid}/fd/{fd}"
+            link = folder + fd
             try:
-                if not os.readlink(link).startswith("/memfd:"):
-                    continue
-                info = os.stat(link)
+                target = os.readlink(link)
             except OSError:
                 continue
-            if (info.st_dev, info.st_ino) not in seen:
-                seen.add((info.st_dev, info.st_ino))
-                held[pid] = held.get(pid, 0) + info.st_blocks * 512
-    return held
+            if target.startswith("pipe:"):
+                if target not in seen_pipes:  # "pipe:[inode]": both ends are one pipe
+                    seen_pipes.add(target)
+                    pipes[pid] = pipes.get(pid, 0) + PIPE_CAPACITY
+            elif target.startswith("/memfd:"):
+                try:
+                    info = os.stat(link)
+                except OSError:
+                    continue
+                if (info.st_dev, info.st_ino) not in seen_files:
+                    seen_files.add((info.st_dev, info.st_ino))
+                    memfd[pid] = memfd.get(pid, 0) + info.st_blocks * 512
+    return OpenFiles(memfd, pipes)
 
 
 def memory_use(
     tree: SandboxTree,
     tmpfs_sizes: Sequence[int],
     budget: int,
-    memfd: dict[int, int] | None = None,
+    files: OpenFiles | None = None,
     sockets: int = 0,
 ) -> MemoryUse:
     """What the tree holds: a cheap upper bound first, the exact (proportional) sum only near the budget.
 
-    ``memfd`` and ``sockets``: what :func:`memfd_bytes` and :func:`socket_buffer_bytes` found
+    ``files`` and ``sockets``: what :func:`open_file_bytes` and :func:`socket_buffer_bytes` found
     (measured less often).
     """
     members = tree.members()
     tmpfs = tmpfs_bytes(tree.tmpfs_root(), tmpfs_sizes)
-    files = memfd or {}
-    in_files = sum(files.values())
+    found = files or OpenFiles()
+    in_memfd, in_pipes = sum(found.memfd.values()), sum(found.pipes.values())
+    in_files = in_memfd + in_pipes
     rough = {pid: size for pid in members if (size := _status_bytes(pid)) is not None}
     sizes: dict[int, int] = rough
     if sum(rough.values()) + tmpfs + in_files + sockets > budget:
         exact = {pid: _proportional_bytes(pid) for pid in rough}
         sizes = {pid: exact_size if (exact_size := exact[pid]) is not None else rough[pid] for pid in rough}
-    # The process to kill first holds the most, its memfd files included.
-    holding = {pid: size + files.get(pid, 0) for pid, size in sizes.items()}
+    # The process to kill first holds the most, its memfd files and pipes included.
+    holding = {pid: size + found.memfd.get(pid, 0) + found.pipes.get(pid, 0) for pid, size in sizes.items()}
     largest = max(holding, key=holding.__getitem__, default=None)
     largest_bytes = holding.get(largest, 0) if largest else 0
-    return MemoryUse(sum(sizes.values()), tmpfs, largest, largest_bytes, in_files, sockets, tuple(members))
+    return MemoryUse(
+        sum(sizes.values()), tmpfs, largest, largest_bytes, in_memfd, in_pipes, sockets, tuple(members)
+    )
 
 
 # ----------------------------------------------------------------------------------------- disk
@@ -473,12 +506,17 @@ class Watched:
     kernel_killed_for: str | None = None  # what the container held when the kernel was killed
     _next_disk: float = 0.0
     _killed: tuple[int, int | None] | None = None  # the process killed last (pid, start time)
-    _memfd: dict[int, int] = field(default_factory=dict)
+    _files: OpenFiles = field(default_factory=OpenFiles)
+    _next_files: float = 0.0
     diag: socket.socket | None = None  # sock_diag in the sandbox's network namespace
     _sockets: int = 0
     _ticks: int = 0
     _alone: bool = False  # the last check found no process but the kernel
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wake(self) -> None:
+        """Check open files (pipes, memfd) at the next tick: code starts running now."""
+        self._next_files = 0.0
 
     def take_breaches(self) -> list[Breach]:
         with self.lock:
@@ -567,19 +605,29 @@ class Watchdog:
 
     def _check_memory(self, item: Watched) -> None:
         tree = item.tree
-        if item._ticks % MEMFD_EVERY == 1:
-            item._memfd = memfd_bytes(tree.members())
+        now = time.monotonic()
+        if now >= item._next_files:
+            started = time.thread_time()
+            item._files = open_file_bytes(tree.members())
             if item.diag is not None:
                 item._sockets = socket_buffer_bytes(item.diag) or 0
-        use = memory_use(tree, item.tmpfs_sizes, item.memory_budget, item._memfd, item._sockets)
+            # Every MEMFD_EVERY ticks, less often when a tree with many open files makes it dear.
+            spent = time.thread_time() - started
+            quiet = not item.executing and item._alone
+            every = QUIET_FILES_EVERY if quiet else MEMFD_EVERY * self.tick
+            item._next_files = now + max(every, spent / FILES_CPU_SHARE)
+        use = memory_use(tree, item.tmpfs_sizes, item.memory_budget, item._files, item._sockets)
         item.peak_memory = max(item.peak_memory, use.total)
         item._alone = set(use.members) <= {tree.kernel_pid, tree.reaper_pid}
+        if not item._alone and item._next_files > now + MEMFD_EVERY * self.tick:
+            item._next_files = now  # the quiet pace no longer fits: walk again at the next tick
         if use.total <= item.memory_budget or use.largest is None:
             item._killed = None
             return
         if item._killed is not None and start_time(item._killed[0]) == item._killed[1]:
             return  # the process killed last is still releasing its memory
         memfd = f", {format_size(use.memfd)} in memfd files" if use.memfd else ""
+        memfd += f", {format_size(use.pipes)} in pipes" if use.pipes > MIB else ""
         memfd += f", {format_size(use.sockets)} queued in sockets" if use.sockets > MIB else ""
         held = (
             f"{format_size(use.total)} ({format_size(use.processes)} in processes, "
