@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, TraitType, Unicode, default, validate
 from traitlets.config import Configurable
@@ -24,10 +26,12 @@ __all__ = [
     "DEFAULT_INSTRUCTIONS",
     "MaskedHeaders",
     "MaskedText",
+    "MaskedUrl",
     "SecretDict",
     "SecretUnicode",
     "Settings",
     "masked",
+    "masked_url",
     "openai_key_configured",
     "output_dir_problem",
 ]
@@ -131,6 +135,54 @@ class MaskedHeaders(dict):  # type: ignore[type-arg]
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(repr(self))
+
+
+# Query parameters that carry credentials (Azure's api-key, SAS sig, token=, key=, ...).
+_SECRET_QUERY_KEY = re.compile(r"key|token|sig|secret|pass|auth|credential|session", re.IGNORECASE)
+
+
+def masked_url(url: str) -> str:
+    """``url`` as it may be shown: a userinfo password (or a lone user, often a token) and
+    credential-like query values become ``<secret>``; scheme, host, port and path stay readable."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<secret>" if url else ""
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, has_password, _password = userinfo.partition(":")
+        netloc = f"{user}:<secret>@{host}" if has_password else f"<secret>@{host}"
+    query = "&".join(
+        f"{name}=<secret>" if sep and _SECRET_QUERY_KEY.search(unquote(name)) else f"{name}{sep}{value}"
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
+    )
+    fragment = "<secret>" if parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query if parts.query else "", fragment))
+
+
+class MaskedUrl(str):
+    """A URL setting: works as the URL, but its repr hides a password and credential query values."""
+
+    def __repr__(self) -> str:
+        return repr(masked_url(str(self)))
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
+
+
+class UrlUnicode(Unicode):  # type: ignore[type-arg]
+    """A URL setting (model server, gateway): used whole, shown without its credentials."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metadata["url"] = True
+
+    def validate(self, obj: Any, value: Any) -> MaskedUrl:
+        return MaskedUrl(super().validate(obj, value))
+
+    def error(self, obj: Any, value: Any, error: Exception | None = None, info: str | None = None) -> Any:
+        raise _secret_error(self, obj, value)
 
 
 def masked(value: Any) -> str:
@@ -304,12 +356,16 @@ class Settings(Configurable):
         cls, trait: TraitType[Any, Any], inst: Any = None, helptext: str | None = None
     ) -> str:
         """``%config CodeInterpreter`` prints this per trait, with "Current:" values: never a secret's."""
-        if not trait.metadata.get("secret"):
+        secret, url = trait.metadata.get("secret"), trait.metadata.get("url")
+        if not secret and not url:
             return super().class_get_trait_help(trait, inst, helptext)
         text = super().class_get_trait_help(trait, None, helptext)
+        # The default may come from the environment (CI_MAGIC_MODEL_BASE_URL): not shown either.
         lines = [line for line in text.splitlines() if not line.strip().startswith("Default:")]
         if inst is not None:
-            lines.append(indent(f"Current: {masked(getattr(inst, trait.name or ''))}"))
+            value = getattr(inst, trait.name or "")
+            shown = masked(value) if secret else repr(MaskedUrl(value))
+            lines.append(indent(f"Current: {shown}"))
         return "\n".join(lines)
 
     backend = Enum(
@@ -413,7 +469,7 @@ class Settings(Configurable):
         "metadata before decoding, so a small compressed file that would expand past it is refused.",
     ).tag(config=True)
 
-    model_base_url = Unicode(
+    model_base_url = UrlUnicode(
         help="local backend: base URL of an OpenAI-compatible Chat Completions server "
         "(e.g. http://localhost:11434/v1). Env: CI_MAGIC_MODEL_BASE_URL.",
     ).tag(config=True)
@@ -498,7 +554,7 @@ class Settings(Configurable):
             raise TraitError(f"context_tokens must be at least 512, not {value}")
         return value
 
-    gateway_url = Unicode(
+    gateway_url = UrlUnicode(
         help="gateway backend: base URL of a Jupyter Kernel Gateway or Enterprise Gateway "
         "(e.g. http://gateway-host:8888). Env: CI_MAGIC_GATEWAY_URL.",
     ).tag(config=True)

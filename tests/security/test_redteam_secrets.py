@@ -29,11 +29,6 @@ def closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model_base_url is not a secret trait: %config CodeInterpreter prints its "
-    "'Current:' value with the user:password@ part into the saved notebook",
-)
 def test_a_password_in_the_model_url_is_never_shown_or_saved(tmp_path: Path) -> None:
     password = f"canary-pw-{secrets.token_hex(12)}"
     # Nothing listens there: the turn fails, and the failure names the server.
@@ -47,10 +42,28 @@ def test_a_password_in_the_model_url_is_never_shown_or_saved(tmp_path: Path) -> 
         "CI_MAGIC_MODEL_API_KEY": None,
         "PYTHONPATH": str(REPO),
     }
-    cells = ["%load_ext ci_magic", "%config CodeInterpreter", "%%ci\nSum the numbers 1..10", "%ci_status"]
+    gateway_token = f"canary-gw-{secrets.token_hex(12)}"
+    cells = [
+        "%load_ext ci_magic",
+        # A gateway reached with a token in its query string, as Jupyter prints its own URLs.
+        f'%config CodeInterpreter.gateway_url = "http://gw.example:8888/?token={gateway_token}"',
+        "%config CodeInterpreter",
+        "%config CodeInterpreter.model_base_url",
+        "%config CodeInterpreter.gateway_url",
+        "%%ci\nSum the numbers 1..10",
+        "%ci_status",
+    ]
     with kernel_env(**env):
         run_cells(cells, tmp_path, timeout=120, save_as="analysis.ipynb")
     saved = (tmp_path / "analysis.ipynb").read_text()
     cells_out = nbformat.reads(saved, as_version=4).cells
-    shown = [i for i, cell in enumerate(cells_out) if password in json.dumps(cell.get("outputs", []))]
-    assert not shown, f"the model URL's password is in the saved outputs of cell(s) {shown}"
+    shown = [
+        i
+        for i, cell in enumerate(cells_out)
+        if password in json.dumps(cell.get("outputs", []))
+        or gateway_token in json.dumps(cell.get("outputs", []))
+    ]
+    assert not shown, f"a URL's password or token is in the saved outputs of cell(s) {shown}"
+    # Masked, not hidden: the user still sees which servers are configured.
+    settings = json.dumps(cells_out[2].get("outputs", [])) + json.dumps(cells_out[3].get("outputs", []))
+    assert "127.0.0.1" in settings and "gw.example:8888" in settings, settings[:2000]
