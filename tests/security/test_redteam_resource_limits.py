@@ -164,12 +164,6 @@ def test_memfds_held_only_in_a_sockets_queue_stay_within_a_1g_containers_budget(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/run/ci-magic is a writable bind of the host's runtime folder (isolation.py "
-    "mount_plan), and the disk watchdog walks only the data folder: files there are outside "
-    "disk_limit, with no bound but RLIMIT_FSIZE per file",
-)
 def test_files_written_outside_mnt_data_count_against_the_disk_limit(attacker: Attacker) -> None:
     attacker.start(disk_limit="100m")
     attacker.create("1g")

@@ -13,7 +13,8 @@ shared mapping reached 7.6 GiB from a ``1g`` container), so the budget is held f
   kills the largest process when the sum is over the budget (then everything but PID 1 if that
   did not help). Every process also has ``RLIMIT_AS`` (set by the launcher from
   :class:`~.isolation.Limits`), so one process alone meets a ``MemoryError`` first.
-* The data folder has no quota here: the watchdog measures its allocated size every
+* The data folder (and the runtime folder, the sandbox's /run/ci-magic) has no quota here:
+  the watchdog measures their allocated size every
   ``DISK_TICK`` (more rarely when the folder is large) and flags the sandbox, which stops the
   running code with a clear error (:mod:`.kernel`).
 
@@ -497,6 +498,9 @@ class Watched:
     tmpfs_sizes: tuple[int, ...]
     data_dir: Path | None
     disk_limit: int | None
+    # Other sandbox-writable host folders that count against disk_limit (the runtime folder,
+    # /run/ci-magic inside: its ipc sockets must be on a folder both sides reach).
+    other_dirs: tuple[Path, ...] = ()
     check_memory: bool = True  # False when a cgroup holds the memory budget
     executing: bool = False  # code is running now: a disk breach interrupts it at once
     breaches: list[Breach] = field(default_factory=list)
@@ -513,6 +517,7 @@ class Watched:
     _ticks: int = 0
     _alone: bool = False  # the last check found no process but the kernel
     lock: threading.Lock = field(default_factory=threading.Lock)
+    disk_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def wake(self) -> None:
         """Check open files (pipes, memfd) at the next tick: code starts running now."""
@@ -580,21 +585,37 @@ class Watchdog:
             return
         if item.check_memory:
             self._check_memory(item)
-        now = time.monotonic()
-        if item.data_dir is not None and item.disk_limit is not None and now >= item._next_disk:
+        self.check_disk(item)
+
+    def check_disk(self, item: Watched, *, now: bool = False) -> None:
+        """Measure the sandbox's disk when it is time (``now``: at once, as code finishes)."""
+        tree = item.tree
+        if item.data_dir is None or item.disk_limit is None:
+            return
+        with item.disk_lock:  # the watchdog's thread and an execution's end may both measure
+            if now or time.monotonic() >= item._next_disk:
+                self._measure_disk(item, tree, item.disk_limit)
+
+    def _measure_disk(self, item: Watched, tree: SandboxTree, limit: int) -> None:
+        if item.data_dir is not None:
             started = time.monotonic()
             use = data_usage(item.data_dir)
+            for folder in item.other_dirs:
+                more = data_usage(folder, max_entries=MAX_DATA_ENTRIES - use.entries)
+                use = DiskUse(
+                    use.bytes + more.bytes, use.entries + more.entries, use.complete and more.complete
+                )
             spent = time.monotonic() - started
             item._next_disk = time.monotonic() + max(DISK_TICK, spent / DISK_CPU_SHARE)
             item.disk_used = use.bytes
-            over = use.bytes > max(item.disk_limit, item.disk_allowed) or not use.complete
+            over = use.bytes > max(limit, item.disk_allowed) or not use.complete
             if over:
                 # Background writers stop now; the kernel's own code is interrupted by execute().
                 kill_all_but(tree, [tree.init_pid, tree.kernel_pid])
                 what = (
                     f"more than {MAX_DATA_ENTRIES:,} files"
                     if not use.complete
-                    else f"{format_size(use.bytes)} (limit {format_size(item.disk_limit)})"
+                    else f"{format_size(use.bytes)} (limit {format_size(limit)})"
                 )
                 item.disk_allowed = max(item.disk_allowed, use.bytes)
                 # At once (every 50 ms of delay is more written), as the launcher would: SIGINT.

@@ -144,6 +144,9 @@ class Kernel(Protocol):
 
     def end_execution(self) -> None: ...
 
+    async def measure_disk(self) -> None:
+        """Measure the disk at once (the code just finished: a burst may have come since a tick)."""
+
 
 @dataclass(frozen=True)
 class KernelSetup:
@@ -288,6 +291,7 @@ class LocalKernel:
             tmpfs_sizes=limits.tmpfs_sizes if setup.isolation.namespaced else (),
             data_dir=setup.data_dir if limits.disk_bytes is not None else None,
             disk_limit=limits.disk_bytes,
+            other_dirs=(paths.runtime_dir,),
             check_memory=self._group is None,
             diag=diag,
         )
@@ -452,6 +456,12 @@ class LocalKernel:
         if self._watched is not None:
             self._watched.executing = False
 
+    async def measure_disk(self) -> None:
+        watched = self._watched
+        if watched is not None and watched.disk_limit is not None:
+            watched.executing = False  # the code has finished: nothing to interrupt
+            await asyncio.to_thread(watchdog().check_disk, watched, now=True)
+
     @property
     def peak_memory(self) -> int:
         """The most memory the sandbox tree held while watched (bytes; the budget's own measure)."""
@@ -607,7 +617,8 @@ def _disk_stop(breach: Breach, now: float) -> _Stop:
     return _Stop(
         now,
         "DiskLimitExceeded",
-        f"The container wrote more than its disk_limit to /mnt/data (it now holds {breach.message}), "
+        "The container wrote more than its disk_limit to /mnt/data and /run/ci-magic "
+        f"(they now hold {breach.message}), "
         "so the code was stopped and the container kept",
         "Delete files you no longer need or raise CodeInterpreter.disk_limit.",
     )
@@ -641,7 +652,8 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
             yield _memory_notice(breach)
         elif breach.kind == "disk":
             yield Notice(
-                f"The container wrote more than its disk_limit to /mnt/data (it now holds {breach.message}), "
+                "The container wrote more than its disk_limit to /mnt/data and /run/ci-magic "
+                f"(they now hold {breach.message}), "
                 "so processes still writing in the background were stopped. Delete files you no longer "
                 "need or raise CodeInterpreter.disk_limit.",
                 "warning",
@@ -709,6 +721,7 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
         finished = True
         await _drain_reply(client, msg_id)
         if stop is None:
+            await kernel.measure_disk()  # a burst faster than the watchdog's tick counts too
             stop, news, _ = _budget_news(kernel, stop, time.monotonic())  # found as the code finished
             for notice in news:
                 yield notice
