@@ -50,6 +50,18 @@ def openai_env(base_url: str, **extra: str | None) -> dict[str, str | None]:
     }
 
 
+def local_env(**extra: str | None) -> dict[str, str | None]:
+    """The local backend with no key and no model server, ci-magic from this checkout."""
+    return {
+        "OPENAI_API_KEY": None,
+        "AZURE_OPENAI_API_KEY": None,
+        "CI_MAGIC_BACKEND": "local",
+        "CI_MAGIC_MODEL_BASE_URL": None,
+        "PYTHONPATH": str(REPO),
+        **extra,
+    }
+
+
 def run_cells(
     cells: Iterable[str],
     workdir: Path,

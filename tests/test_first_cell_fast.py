@@ -16,11 +16,10 @@ import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
-from tests.notebook_support import kernel_env, output_text
+from tests.notebook_support import kernel_env, local_env, output_text
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Waits (only) until the background pool has a kernel ready; the story's assertion is the next cell.
 POOL_READY = (
@@ -43,13 +42,7 @@ def test_after_load_ext_the_first_data_cell_finds_pandas_imported(tmp_path: Path
     cells = ["%load_ext ci_magic", POOL_READY, FIRST_DATA_CELL]
     notebook = new_notebook(cells=[new_code_cell(source) for source in cells])
     probe = notebook.cells[1]
-    env = {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": None,
-        "PYTHONPATH": str(REPO),
-    }
+    env = local_env()
     with kernel_env(**env):
         client = NotebookClient(
             notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

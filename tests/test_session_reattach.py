@@ -27,7 +27,7 @@ from nbclient.util import ensure_async, run_sync
 from nbformat.v4 import new_code_cell, new_notebook
 
 from tests.gateway_support import KernelGateway, gateway_available
-from tests.notebook_support import kernel_env, openai_env, output_text
+from tests.notebook_support import kernel_env, local_env, openai_env, output_text
 
 pytestmark = pytest.mark.slow
 
@@ -170,16 +170,11 @@ def test_openai_restart_reattaches_to_the_same_container_and_conversation(
 
 def test_local_restart_reattaches_keeps_files_and_reruns_memory(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    env = {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": None,
-        "XDG_CACHE_HOME": str(cache),
-        "JUPYTER_DATA_DIR": str(tmp_path / "jupyter-data"),
-        "JPY_SESSION_NAME": None,  # no notebook path: the kernel's connection file names the session
-        "PYTHONPATH": str(REPO),
-    }
+    env = local_env(
+        XDG_CACHE_HOME=str(cache),
+        JUPYTER_DATA_DIR=str(tmp_path / "jupyter-data"),
+        JPY_SESSION_NAME=None,  # no notebook path: the kernel's connection file names the session
+    )
     cells = [
         "%load_ext ci_magic",
         "%%ci_exec\nx = 41\nwith open('/mnt/data/kept.txt', 'w') as f:\n    f.write('written before')",
@@ -230,16 +225,11 @@ def _sandboxes_under(folder: Path) -> list[int]:
 def test_reset_forgets_the_saved_state(tmp_path: Path) -> None:
     """%ci_reset removes the state file at once (not only at the next save)."""
     data_dir = tmp_path / "jupyter-data"
-    env = {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": None,
-        "XDG_CACHE_HOME": str(tmp_path / "cache"),
-        "JUPYTER_DATA_DIR": str(data_dir),
-        "JPY_SESSION_NAME": str(tmp_path / "reset.ipynb"),
-        "PYTHONPATH": str(REPO),
-    }
+    env = local_env(
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+        JUPYTER_DATA_DIR=str(data_dir),
+        JPY_SESSION_NAME=str(tmp_path / "reset.ipynb"),
+    )
     seen: dict[str, list[Path]] = {}
     cells = ["%load_ext ci_magic", "%%ci_exec\nx = 1", "%ci_reset", "print('done')"]
 

@@ -16,10 +16,10 @@ import pytest
 
 from tests.gateway_support import KernelGateway, gateway_available
 from tests.notebook_support import kernel_env, openai_env, output_text, run_cells
+from tests.notebook_support import local_env as notebook_local_env
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 SQUARES = "%%ci\nLoad the numbers 1..100, plot their squares and save the table as squares.csv"
 
 # Two idle hours pass for the local sandbox: its clock is moved on (as the OpenAI test server's
@@ -43,15 +43,9 @@ def errors_of(cell: Any) -> list:
 
 
 def local_env(tmp_path: Path) -> dict[str, str | None]:
-    return {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": None,
-        "XDG_CACHE_HOME": str(tmp_path / "cache"),
-        "JUPYTER_DATA_DIR": str(tmp_path / "jupyter-data"),
-        "PYTHONPATH": str(REPO),
-    }
+    return notebook_local_env(
+        XDG_CACHE_HOME=str(tmp_path / "cache"), JUPYTER_DATA_DIR=str(tmp_path / "jupyter-data")
+    )
 
 
 def test_local_state_comes_back_after_expiry_and_each_rule_holds(tmp_path: Path) -> None:

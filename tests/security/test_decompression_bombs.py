@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.notebook_support import kernel_env, openai_env, output_text, run_cells
+from tests.notebook_support import kernel_env, local_env, openai_env, output_text, run_cells
 
 pytestmark = pytest.mark.slow
 
@@ -60,16 +60,6 @@ PEAK_GROWTH = (
     "bound = sorted(n for n in ('totals', 'events', 'grid', 'parts') if n in globals())\n"
     "print('REPORT', json.dumps({'peak_growth': growth, 'bound': bound}))"
 )
-
-
-def local_env() -> dict[str, str | None]:
-    return {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": None,
-        "PYTHONPATH": str(REPO),
-    }
 
 
 def assert_bombs_refused(notebook, tmp_path: Path) -> None:

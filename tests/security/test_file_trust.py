@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.notebook_support import kernel_env, openai_env, output_text, run_cells
+from tests.notebook_support import local_env as notebook_local_env
 
 pytestmark = pytest.mark.slow
 
@@ -47,14 +48,7 @@ PEAK_GROWTH = (
 
 
 def local_env() -> dict[str, str | None]:
-    return {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": None,
-        "CI_MAGIC_DOWNLOAD_SIZE_CAP": None,
-        "PYTHONPATH": str(REPO),
-    }
+    return notebook_local_env(CI_MAGIC_DOWNLOAD_SIZE_CAP=None)
 
 
 def report(cell) -> dict:

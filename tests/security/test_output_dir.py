@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.notebook_support import kernel_env, output_text, run_cells
+from tests.notebook_support import local_env as notebook_local_env
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 
 TROJAN = (
     "%%ci_exec\n"
@@ -39,14 +39,7 @@ IMPORT_CHECK = (
 
 
 def local_env() -> dict[str, str | None]:
-    return {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": None,
-        "CI_MAGIC_OUTPUT_DIR": None,
-        "PYTHONPATH": str(REPO),
-    }
+    return notebook_local_env(CI_MAGIC_OUTPUT_DIR=None)
 
 
 def errors_of(cell) -> list:
