@@ -15,7 +15,7 @@ Prints, from one run (medians of ``--repeat`` measurements unless said otherwise
 Every protection is on for 1-4 (user, PID, mount, network, IPC and UTS namespaces, seccomp,
 no capabilities, non-dumpable PID 1, only the interpreter's own folders visible).
 
-Run: /work/venv/bin/python bench/bench_local_sandbox.py [--repeat 7] [--containers 16] [--isolation auto]
+Run: .venv/bin/python bench/bench_local_sandbox.py [--repeat 7] [--containers 16] [--isolation auto]
 """
 
 from __future__ import annotations

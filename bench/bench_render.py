@@ -9,7 +9,7 @@ Prints, from one run:
 2. Display messages per second when the same events arrive at 300 events/s (fake clock), with
    the default budget and without one (target <= 20/s; unthrottled shows what the budget saves).
 
-Run: /work/venv/bin/python bench/bench_render.py [--repeat N]
+Run: .venv/bin/python bench/bench_render.py [--repeat N]
 """
 
 from __future__ import annotations

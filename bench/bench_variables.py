@@ -15,7 +15,7 @@ Prints, from one run (each figure the median of ``--repeat`` measurements):
    ``pd.read_csv`` of the CSV baseline (target >= 5x);
 and with ``--codecs``, the Parquet compression/write/read measurements behind the defaults.
 
-Run: /work/venv/bin/python bench/bench_variables.py [--rows 1000000] [--repeat 3] [--codecs]
+Run: .venv/bin/python bench/bench_variables.py [--rows 1000000] [--repeat 3] [--codecs]
 """
 
 from __future__ import annotations
