@@ -91,11 +91,6 @@ def test_full_pipes_in_many_processes_stay_within_a_1g_containers_budget(attacke
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the kernel inherits the host's kernel.log (in the host-only runtime folder) as an open "
-    "descriptor: the sandbox fills it up to RLIMIT_FSIZE, outside disk_limit and /mnt/data",
-)
 def test_the_host_log_the_kernel_inherits_is_not_a_second_disk(attacker: Attacker) -> None:
     attacker.start(disk_limit="100m")
     attacker.create("1g")
@@ -191,3 +186,53 @@ def test_files_written_outside_mnt_data_count_against_the_disk_limit(attacker: A
         f"{held / MIB:.0f} MiB written into the host's {host_folder} from a container with "
         "disk_limit=100m, and the code ran to its end"
     )
+
+
+def test_no_process_of_the_sandbox_holds_a_host_file_open_for_writing(attacker: Attacker) -> None:
+    """Whatever the name: every writable regular file open in the sandbox is one it can see there."""
+    attacker.start(disk_limit="100m")
+    attacker.create("1g")
+    survey = textwrap.dedent(
+        """
+        import os, stat
+        def visible(target, link):  # the name leads to the same file inside the sandbox
+            try:
+                return os.path.samestat(os.stat(target), os.stat(link))
+            except OSError:
+                return False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    flags = int(open(f"/proc/{pid}/fdinfo/{fd}").read().split("flags:")[1].split()[0], 8)
+                    regular = stat.S_ISREG(os.stat(f"/proc/{pid}/fd/{fd}").st_mode)
+                except (OSError, IndexError, ValueError):
+                    continue
+                link = f"/proc/{pid}/fd/{fd}"
+                if regular and flags & os.O_ACCMODE != os.O_RDONLY and not visible(target, link):
+                    print(pid, fd, target)
+        print("done")
+        """
+    )
+    shown = stdout(attacker.execute(survey)).splitlines()
+    assert shown[-1:] == ["done"] and shown[:-1] == [], f"writable host files in the sandbox: {shown[:-1]}"
+
+
+def test_the_host_keeps_only_the_end_of_what_the_kernel_writes() -> None:
+    from ci_magic.backends.local.kernel import OUTPUT_KEPT, OutputTail
+
+    read_end, write_end = os.pipe()
+    tail = OutputTail(read_end)
+    tail.start()
+    for n in range(64):
+        os.write(write_end, f"line {n}\n".encode() * 2000)
+    os.write(write_end, b"ModuleNotFoundError: No module named 'ipykernel'\n")
+    os.close(write_end)
+    tail._thread.join(5)
+    text = tail.text()
+    assert len(text) == OUTPUT_KEPT
+    assert text.splitlines()[-1] == "ModuleNotFoundError: No module named 'ipykernel'"

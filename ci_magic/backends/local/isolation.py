@@ -28,8 +28,9 @@ the host paths of the binds (the data folder, the interpreter): names only, noth
 
 What the host reads back. The runtime folder is two folders: ``k`` (the sandbox's
 ``/run/ci-magic``: connection file, ipc sockets, matplotlib's config) and ``h`` (host only: the
-kernel's output log, the passwd file, and hard links to the kernel's sockets, each checked to be
-a socket owned by the sandbox's uid before the host connects through it). Exit status comes back
+passwd file, and hard links to the kernel's sockets, each checked to be a socket owned by the
+sandbox's uid before the host connects through it). The kernel's output is a pipe whose last
+64 KiB the host keeps in memory, never a host file the sandbox could fill. Exit status comes back
 over a pipe (see ``_launcher.py``), never through a file the sandbox could replace.
 """
 
@@ -350,7 +351,7 @@ class LaunchPaths:
 
     data_dir: Path  # becomes /mnt/data
     runtime_dir: Path  # sandbox-writable (becomes /run/ci-magic): connection file, ipc sockets
-    host_dir: Path  # the host's only: kernel.log, checked links to the sockets, passwd
+    host_dir: Path  # the host's only: checked links to the sockets, passwd
 
     @classmethod
     def create(cls, data_dir: Path) -> LaunchPaths:

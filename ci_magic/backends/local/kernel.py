@@ -28,6 +28,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -74,8 +75,8 @@ log = logging.getLogger(__name__)
 # renderer read them as text).
 KERNEL_ARGS = ("--HistoryManager.enabled=False", "--InteractiveShell.colors=nocolor")
 CHANNEL_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
-NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-LOG_TAIL = 4096  # bytes of the kernel's output log read to explain a failed start
+LOG_TAIL = 4096  # bytes of the kernel's output shown to explain a failed start
+OUTPUT_KEPT = 64 << 10  # bytes of the kernel's stdout/stderr the host keeps (the latest)
 STATUS_MAX = 64  # bytes read from the launcher's status pipe
 STATUS_LINE = re.compile(r"(exit|signal) (\d{1,3})\n")
 INTERRUPT_GRACE = 3.0  # seconds an interrupted execution gets to stop before the kernel is killed
@@ -180,6 +181,7 @@ class LocalKernel:
         self._tree: SandboxTree | None = None
         self._watched: Watched | None = None
         self._group: Path | None = None
+        self._output: OutputTail | None = None
 
     @property
     def client(self) -> AsyncKernelClient:
@@ -193,9 +195,9 @@ class LocalKernel:
         return self._process.pid if self._process else None
 
     @property
-    def log_path(self) -> Path | None:
-        """The kernel's stdout and stderr, in the host-only folder (the sandbox writes, never names it)."""
-        return self._paths.host_dir / "kernel.log" if self._paths else None
+    def output_tail(self) -> str:
+        """The latest of the kernel's stdout and stderr (at most ``OUTPUT_KEPT`` bytes)."""
+        return self._output.text() if self._output is not None else ""
 
     async def start(self) -> None:
         if self._process is not None:
@@ -242,14 +244,16 @@ class LocalKernel:
             argv = CgroupV2.wrap(self._group, argv)
         self._launch, self._ctl, self._exit_status = plan, plan.control_fd, None
         try:
-            log_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW
-            log_fd = os.open(paths.host_dir / "kernel.log", log_flags, 0o600)
+            # stdout and stderr are a pipe the host drains, never a host file: what the sandbox
+            # writes there costs the host OUTPUT_KEPT bytes of memory and no disk.
+            output_read, output_write = os.pipe2(os.O_CLOEXEC)
+            self._output = OutputTail(output_read)
             try:
                 self._process = subprocess.Popen(
                     argv,
                     env=plan.env,
                     stdin=subprocess.DEVNULL,
-                    stdout=log_fd,
+                    stdout=output_write,
                     stderr=subprocess.STDOUT,
                     pass_fds=plan.child_fds,
                     start_new_session=True,
@@ -257,7 +261,8 @@ class LocalKernel:
                     extra_groups=plan.extra_groups,
                 )
             finally:
-                os.close(log_fd)
+                os.close(output_write)
+                self._output.start()
             plan.spawned()
             plan.map_user()  # as root: bwrap waits for the uid map before it goes on
         except (OSError, SandboxError, ValueError, KeyError) as err:
@@ -352,7 +357,7 @@ class LocalKernel:
         )
 
     def _startup_failure(self) -> str:
-        text = _read_tail(self.log_path) if self.log_path else ""
+        text = self.output_tail[-LOG_TAIL:]
         lines = [ln for ln in text.splitlines() if ln.strip()]
         return (lines[-1] if lines else "") or self.death_reason()
 
@@ -537,21 +542,38 @@ def _kind(mode: int) -> str:
     return "socket" if stat.S_ISSOCK(mode) else "special file"
 
 
-def _read_tail(path: Path, limit: int = LOG_TAIL) -> str:
-    """The last ``limit`` bytes of a regular file, never following a symlink, never blocking."""
-    try:
-        fd = os.open(path, os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return ""
-        return os.pread(fd, limit, max(info.st_size - limit, 0)).decode(errors="replace")
-    except OSError:
-        return ""
-    finally:
-        os.close(fd)
+class OutputTail:
+    """Drains the read end of the kernel's stdout/stderr pipe in a thread, keeping only its end.
+
+    The sandbox may write without pause: the thread reads as fast as it writes and the host holds
+    ``OUTPUT_KEPT`` bytes at most. The thread ends when every writer is gone (the sandbox ended).
+    """
+
+    def __init__(self, fd: int, keep: int = OUTPUT_KEPT) -> None:
+        self._fd = fd
+        self._keep = keep
+        self._data = bytearray()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._drain, name="ci-magic-kernel-output", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def text(self) -> str:
+        with self._lock:
+            return bytes(self._data).decode(errors="replace")
+
+    def _drain(self) -> None:
+        try:
+            while chunk := os.read(self._fd, 1 << 16):
+                with self._lock:
+                    self._data += chunk
+                    if len(self._data) > self._keep:
+                        del self._data[: len(self._data) - self._keep]
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)
 
 
 def _seed_font_cache(source: Path | None, target: Path) -> list[Path]:
