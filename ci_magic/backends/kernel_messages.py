@@ -12,9 +12,22 @@ from typing import Any
 
 from ci_magic.events import Event, ExecutionError, Image, Logs, RichOutput
 
-__all__ = ["ANSI", "events_from_message", "idle_after"]
+__all__ = ["ANSI", "MAX_TEXT", "bounded_text", "events_from_message", "idle_after"]
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Characters of one stream message or traceback that become an event. The sandbox chooses what
+# it sends; the renderer shows 20 KB of a call's logs anyway, and the model reads less.
+MAX_TEXT = 2 << 20
+
+
+def bounded_text(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` with its middle cut out when longer than ``limit`` (head and tail kept)."""
+    if not isinstance(text, str):
+        text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}\n[... {len(text) - 2 * keep:,} characters cut ...]\n{text[-keep:]}"
 
 
 def events_from_message(msg: dict[str, Any], call_id: str) -> list[Event]:
@@ -22,7 +35,7 @@ def events_from_message(msg: dict[str, Any], call_id: str) -> list[Event]:
     kind = msg["header"]["msg_type"]
     content = msg.get("content", {})
     if kind == "stream":
-        text = content.get("text", "")
+        text = bounded_text(content.get("text", ""))
         if content.get("name") == "stderr":
             return [Logs(call_id=call_id, text=text, stream="stderr")]
         return [Logs(call_id=call_id, text=text, stream="stdout")]
@@ -38,12 +51,12 @@ def events_from_message(msg: dict[str, Any], call_id: str) -> list[Event]:
             return [Image(call_id=call_id, data=base64.b64decode(png), mime="image/png")]
         return [RichOutput(call_id=call_id, bundle=data, display_id=display_id, update=update)]
     if kind == "error":
-        traceback = ANSI.sub("", "\n".join(content.get("traceback") or []))
+        traceback = ANSI.sub("", bounded_text("\n".join(map(str, content.get("traceback") or []))))
         return [
             ExecutionError(
                 call_id=call_id,
-                name=content.get("ename", "Error"),
-                value=content.get("evalue", ""),
+                name=bounded_text(content.get("ename", "Error"), 200),
+                value=bounded_text(content.get("evalue", ""), 1 << 16),
                 traceback=traceback,
             )
         ]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.security.sandbox_support import USERS, Attacker, attacker_as
+from tests.security.sandbox_support import USERS, Attacker, attacker_as, errors, final_status, stdout
 
 MIB = 1 << 20
 MESSAGE_MIB = 100
@@ -33,11 +33,6 @@ def peak_rss(pid: int) -> int:
     raise AssertionError(f"no VmHWM for {pid}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the host's kernel client (backends/local/kernel.py) sets no zmq MAXMSGSIZE and no cap "
-    "on a message's text before it becomes an event: the sandbox chooses the host's memory use",
-)
 def test_one_huge_message_on_the_kernels_own_socket_costs_the_host_little(attacker: Attacker) -> None:
     attacker.start(execution_timeout=120)
     attacker.create("1g")
@@ -56,3 +51,37 @@ def test_one_huge_message_on_the_kernels_own_socket_costs_the_host_little(attack
         f"one {MESSAGE_MIB} MiB message from the sandbox grew the host process by {grown // MIB} MiB "
         f"and arrived as an event of {longest // MIB} MiB of text"
     )
+
+
+def test_an_oversized_message_is_dropped_and_the_user_told_in_one_line(attacker: Attacker) -> None:
+    attacker.start(execution_timeout=60)
+    attacker.create("1g")
+    attacker.execute("open('keep.txt', 'w').write('kept')")
+    forge = (
+        "kernel = get_ipython().kernel\n"
+        "kernel.session.send(kernel.iopub_socket, 'display_data',\n"
+        "                    {'data': {'text/plain': 'Z' * (80 * 2**20)}, 'metadata': {}},\n"
+        "                    parent=kernel.get_parent('shell'))\n"
+    )
+    events = attacker.execute(forge, timeout=60)
+    (error,) = errors(events)
+    assert error["name"] == "MessageTooLarge", error
+    assert "64 MiB" in error["value"] and "\n" not in error["value"], error
+    assert final_status(events) == "failed"
+    assert stdout(attacker.execute("print(open('keep.txt').read())")) == "kept\n"
+
+
+def test_a_long_stream_message_under_the_size_limit_arrives_cut_to_a_few_mib(attacker: Attacker) -> None:
+    attacker.start(execution_timeout=60)
+    attacker.create("1g")
+    forge = (
+        "kernel = get_ipython().kernel\n"
+        "text = 'head' + 'Z' * (40 * 2**20) + 'tail'\n"
+        "kernel.session.send(kernel.iopub_socket, 'stream', {'name': 'stdout', 'text': text},\n"
+        "                    parent=kernel.get_parent('shell'))\n"
+    )
+    events = attacker.execute(forge, timeout=60)
+    shown = stdout(events)
+    assert shown.startswith("head") and shown.endswith("tail") and "characters cut" in shown
+    assert len(shown) < 4 * MIB
+    assert final_status(events) == "completed"

@@ -77,6 +77,9 @@ KERNEL_ARGS = ("--HistoryManager.enabled=False", "--InteractiveShell.colors=noco
 CHANNEL_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 LOG_TAIL = 4096  # bytes of the kernel's output shown to explain a failed start
 OUTPUT_KEPT = 64 << 10  # bytes of the kernel's stdout/stderr the host keeps (the latest)
+# The largest kernel message the host accepts (zmq drops the connection of a bigger one before
+# reading it). A real chart is a few MiB of base64 PNG; a rich HTML output some tens at most.
+MAX_MESSAGE_BYTES = 64 << 20
 STATUS_MAX = 64  # bytes read from the launcher's status pipe
 STATUS_LINE = re.compile(r"(exit|signal) (\d{1,3})\n")
 INTERRUPT_GRACE = 3.0  # seconds an interrupted execution gets to stop before the kernel is killed
@@ -95,6 +98,10 @@ SIGNAL_HINTS = {
     signal.SIGXFSZ: "was killed for writing a file over the size limit (SIGXFSZ)",
 }
 RESTARTED = "It was restarted: variables and imports are gone, files in /mnt/data are intact."
+OVERSIZED = (
+    f"The sandbox sent a message larger than {MAX_MESSAGE_BYTES >> 20} MiB, the most the host accepts, "
+    f"so the host dropped it and the connection. {RESTARTED} Write large results to a file in /mnt/data."
+)
 
 
 def new_context() -> zmq.asyncio.Context:
@@ -103,6 +110,8 @@ def new_context() -> zmq.asyncio.Context:
     # The client connects before the kernel has bound its ipc sockets; zmq's default 100 ms
     # retry interval would add up to 100 ms to every start.
     context.setsockopt(zmq.RECONNECT_IVL, 5)
+    # The sandbox chooses what it sends: no message may cost the host more than this.
+    context.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     return context
 
 
@@ -148,6 +157,9 @@ class Kernel(Protocol):
     async def measure_disk(self) -> None:
         """Measure the disk at once (the code just finished: a burst may have come since a tick)."""
 
+    def connection_dropped(self) -> bool:
+        """The host dropped a connection to the kernel (a message over ``MAX_MESSAGE_BYTES``)."""
+
 
 @dataclass(frozen=True)
 class KernelSetup:
@@ -182,6 +194,8 @@ class LocalKernel:
         self._watched: Watched | None = None
         self._group: Path | None = None
         self._output: OutputTail | None = None
+        # (channel socket, its monitor as a blocking socket, the monitor itself: kept alive)
+        self._monitors: list[tuple[zmq.Socket[Any], zmq.Socket[Any], zmq.Socket[Any]]] = []
 
     @property
     def client(self) -> AsyncKernelClient:
@@ -328,6 +342,13 @@ class LocalKernel:
         client.load_connection_info({**self._connection, "ip": str(paths.host_dir / "k")})  # type: ignore[typeddict-item]
         client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
         self._client = client
+        # zmq drops the connection of an oversized message without a word: watch for that.
+        for channel in (client.shell_channel, client.iopub_channel, client.control_channel):
+            sock = channel.socket
+            if sock is not None:
+                watching = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                monitor: zmq.Socket[Any] = zmq.Socket.shadow(watching.underlying)
+                self._monitors.append((sock, monitor, watching))
 
     async def _wait_ready(self, timeout: float) -> None:
         """Until the kernel answers kernel_info and our iopub subscription demonstrably works."""
@@ -381,6 +402,11 @@ class LocalKernel:
             watchdog().forget(self._watched)
             if self._watched.diag is not None:
                 self._watched.diag.close()
+        for sock, _, watching in self._monitors:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            watching.close(linger=0)
+        self._monitors = []
         if self._client is not None:
             self._client.stop_channels()
             self._client = None
@@ -480,6 +506,15 @@ class LocalKernel:
 
     def is_alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def connection_dropped(self) -> bool:
+        dropped = False
+        for _, monitor, _ in self._monitors:
+            with contextlib.suppress(zmq.ZMQError):
+                while monitor.poll(0):
+                    event = monitor.recv_multipart(zmq.NOBLOCK)
+                    dropped = dropped or int.from_bytes(event[0][:2], "little") == zmq.EVENT_DISCONNECTED
+        return dropped
 
     def death_reason(self) -> str:
         if self._reason:
@@ -722,6 +757,12 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
                     yield ExecutionError(call_id, "SandboxRestarted", message)
                     yield CallStatus(call_id, "failed")
                     return
+                if kernel.connection_dropped():
+                    await kernel.restart()
+                    finished = True
+                    yield ExecutionError(call_id, "MessageTooLarge", OVERSIZED)
+                    yield CallStatus(call_id, "failed")
+                    return
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue  # left over from an earlier request
@@ -740,6 +781,12 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
                         event = ExecutionError(call_id, stop.name, stop.message)
                         stop.reported = True
                 yield event
+        if kernel.connection_dropped():  # the oversized message came before the idle status
+            await kernel.restart()
+            finished = True
+            yield ExecutionError(call_id, "MessageTooLarge", OVERSIZED)
+            yield CallStatus(call_id, "failed")
+            return
         finished = True
         await _drain_reply(client, msg_id)
         if stop is None:
