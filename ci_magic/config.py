@@ -10,17 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, TraitType, Unicode, default, validate
 from traitlets.config import Configurable
 from traitlets.utils.text import indent
 
 from ci_magic.errors import ConfigurationError
+from ci_magic.redact import masked_url
 
 __all__ = [
     "DEFAULT_INSTRUCTIONS",
@@ -135,30 +134,6 @@ class MaskedHeaders(dict):  # type: ignore[type-arg]
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(repr(self))
-
-
-# Query parameters that carry credentials (Azure's api-key, SAS sig, token=, key=, ...).
-_SECRET_QUERY_KEY = re.compile(r"key|token|sig|secret|pass|auth|credential|session", re.IGNORECASE)
-
-
-def masked_url(url: str) -> str:
-    """``url`` as it may be shown: a userinfo password (or a lone user, often a token) and
-    credential-like query values become ``<secret>``; scheme, host, port and path stay readable."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<secret>" if url else ""
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user, has_password, _password = userinfo.partition(":")
-        netloc = f"{user}:<secret>@{host}" if has_password else f"<secret>@{host}"
-    query = "&".join(
-        f"{name}=<secret>" if sep and _SECRET_QUERY_KEY.search(unquote(name)) else f"{name}{sep}{value}"
-        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
-    )
-    fragment = "<secret>" if parts.fragment else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query if parts.query else "", fragment))
 
 
 class MaskedUrl(str):
