@@ -112,7 +112,9 @@ def local_backend(exec_timeout: float = 60.0) -> BackendRunner:
 
             root = Path(tempfile.mkdtemp(prefix="ci-openai-server-"))
             sandbox = SandboxManager(root, pool_size=2, execution_timeout=exec_timeout)
-            runner = BackendRunner(LocalBackend(sandbox, model_client=None, model=""))
+            backend = LocalBackend(sandbox, model_client=None, model="")
+            runner = BackendRunner(backend)
+            runner.run(backend.warm())  # the pool starts filling now, before the first container
             _shared[exec_timeout] = runner
             if len(_shared) == 1:
                 _at_exit(_close_shared)
