@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import mimetypes
 import os
@@ -114,7 +115,8 @@ def local_backend(exec_timeout: float = 60.0) -> BackendRunner:
             sandbox = SandboxManager(root, pool_size=2, execution_timeout=exec_timeout)
             backend = LocalBackend(sandbox, model_client=None, model="")
             runner = BackendRunner(backend)
-            runner.run(backend.warm())  # the pool starts filling now, before the first container
+            with contextlib.suppress(CIError):  # no sandbox here: said on first use, not at startup
+                runner.run(backend.warm())  # the pool starts filling now, before the first container
             _shared[exec_timeout] = runner
             if len(_shared) == 1:
                 _at_exit(_close_shared)
