@@ -22,6 +22,7 @@ import functools
 import mimetypes
 import os
 import secrets
+import shutil
 import stat
 import sys
 import tempfile
@@ -47,6 +48,7 @@ __all__ = [
     "local_backend",
     "new_id",
     "sandbox_problem",
+    "shared_local_backend",
     "upload_path",
 ]
 
@@ -78,10 +80,12 @@ class Clock:
 
 
 class BackendRunner:
-    """A backend and the event loop it lives on (a daemon thread): request threads call ``run``."""
+    """A backend and the event loop it lives on (a daemon thread): request threads call ``run``.
+    ``folder``: removed when the runner closes (a local backend's containers)."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, folder: Path | None = None) -> None:
         self.backend = backend
+        self.folder = folder
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="backend-loop", daemon=True)
         self._thread.start()
@@ -93,34 +97,51 @@ class BackendRunner:
         if self._loop.is_closed():
             return
         self.run(self.backend.aclose())
+        self.run(_settle())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
-_shared: dict[float, BackendRunner] = {}
+async def _settle(timeout: float = 30.0) -> None:
+    """Let the backend's background work end (a sandbox builds its font cache in a thread, which
+    cancelling its task does not stop), so nothing writes into the folder after it is removed."""
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    if others:
+        await asyncio.wait(others, timeout=timeout)
+    await asyncio.get_running_loop().shutdown_default_executor()
+
+
+DEFAULT_EXEC_TIMEOUT = 60.0
+_shared: list[BackendRunner] = []
 _shared_lock = threading.Lock()
 
 
-def local_backend(exec_timeout: float = 60.0) -> BackendRunner:
-    """One ``LocalBackend`` per execution timeout for the whole process, its warm pool shared by
-    every server: a test's first container comes from the pool instead of a cold start."""
-    with _shared_lock:
-        runner = _shared.get(exec_timeout)
-        if runner is None:
-            from ci_magic.backends.local.backend import LocalBackend
-            from ci_magic.backends.local.sandbox import SandboxManager
+def local_backend(exec_timeout: float = DEFAULT_EXEC_TIMEOUT, *, pool_size: int = 0) -> BackendRunner:
+    """A new ``LocalBackend`` (a real sandbox per container) on its own runner."""
+    from ci_magic.backends.local.backend import LocalBackend
+    from ci_magic.backends.local.sandbox import SandboxManager
 
-            root = Path(tempfile.mkdtemp(prefix="ci-openai-server-"))
-            sandbox = SandboxManager(root, pool_size=2, execution_timeout=exec_timeout)
-            backend = LocalBackend(sandbox, model_client=None, model="")
-            runner = BackendRunner(backend)
-            with contextlib.suppress(CIError):  # no sandbox here: said on first use, not at startup
-                runner.run(backend.warm())  # the pool starts filling now, before the first container
-            _shared[exec_timeout] = runner
-            if len(_shared) == 1:
-                _at_exit(_close_shared)
-        return runner
+    root = Path(tempfile.mkdtemp(prefix="ci-openai-server-"))
+    sandbox = SandboxManager(root, pool_size=pool_size, execution_timeout=exec_timeout)
+    backend = LocalBackend(sandbox, model_client=None, model="")
+    runner = BackendRunner(backend, root)
+    if pool_size:
+        with contextlib.suppress(CIError):  # no sandbox here: said on first use, not at startup
+            runner.run(backend.warm())  # the pool starts filling now, before the first container
+    return runner
+
+
+def shared_local_backend() -> BackendRunner:
+    """One ``LocalBackend`` for the whole process, its warm pool shared by every server that
+    keeps the default timeout: a test's first container comes from the pool, not a cold start."""
+    with _shared_lock:
+        if not _shared:
+            _shared.append(local_backend(pool_size=2))
+            _at_exit(_close_shared)
+        return _shared[0]
 
 
 @functools.cache
@@ -145,7 +166,7 @@ def _at_exit(callback: Callable[[], None]) -> None:
 
 def _close_shared() -> None:
     with _shared_lock:
-        runners = list(_shared.values())
+        runners = list(_shared)
         _shared.clear()
     for runner in runners:
         runner.close()

@@ -33,12 +33,14 @@ from urllib.parse import quote
 
 from ci_magic.backends.base import Backend, ContainerInfo
 from tests.servers.containers import (
+    DEFAULT_EXEC_TIMEOUT,
     BackendRunner,
     Clock,
     Container,
     ContainerStore,
     local_backend,
     new_id,
+    shared_local_backend,
     upload_path,
 )
 from tests.servers.expiry import ChainExpiry
@@ -89,17 +91,24 @@ class OpenAIServer(TestServer):
         api_key: str | None = None,
         models: Sequence[str] | None = None,
         event_delay: float = 0.0,
-        exec_timeout: float = 60.0,
+        exec_timeout: float = DEFAULT_EXEC_TIMEOUT,
         backend: Backend | None = None,
     ) -> None:
         """``backend``: what runs containers, files and code (the server closes it when it stops);
-        default: the process's shared ``LocalBackend`` for ``exec_timeout``, a real sandbox."""
+        default: a ``LocalBackend`` (a real sandbox per container), shared by the process's
+        servers when ``exec_timeout`` is the default."""
         super().__init__(host=host, port=port, event_delay=event_delay)
         self.responder = responder
         self.api_key = api_key
         self.clock = Clock()
-        self._own_runner = backend is not None
-        runner = BackendRunner(backend) if backend is not None else local_backend(exec_timeout)
+        shared = backend is None and exec_timeout == DEFAULT_EXEC_TIMEOUT
+        if shared:
+            runner = shared_local_backend()
+        elif backend is None:  # its own timeout: its own sandboxes, gone when the server stops
+            runner = local_backend(exec_timeout)
+        else:
+            runner = BackendRunner(backend)
+        self._own_runner = not shared
         self.store = ContainerStore(runner, self.clock)
         self._allowed_models: tuple[str, ...] | None = tuple(models) if models else None
         # File downloads without Content-Length (chunked), as a gateway may send them.
@@ -446,7 +455,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--scenario", default="quickstart", help="quickstart | replay:<recording file>")
     parser.add_argument("--event-delay", type=float, default=0.0, help="seconds between streamed events")
-    parser.add_argument("--exec-timeout", type=float, default=60.0, help="seconds a code call may run")
+    parser.add_argument(
+        "--exec-timeout", type=float, default=DEFAULT_EXEC_TIMEOUT, help="seconds a code call may run"
+    )
     parser.add_argument("--api-key", default=None, help="accept only this key (default: any Bearer key)")
     parser.add_argument("--model", action="append", default=None, help="allowed model (repeatable)")
     args = parser.parse_args(argv)
