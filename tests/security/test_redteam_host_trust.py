@@ -9,11 +9,12 @@ whole text. ``xfail(strict=True)`` until the hole is closed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.security.sandbox_support import USERS, Attacker, attacker_as, errors, final_status, stdout
+from tests.security.sandbox_support import USERS, Attacker, attacker_as, errors, final_status, notices, stdout
 
 MIB = 1 << 20
 MESSAGE_MIB = 100
@@ -85,3 +86,22 @@ def test_a_long_stream_message_under_the_size_limit_arrives_cut_to_a_few_mib(att
     assert shown.startswith("head") and shown.endswith("tail") and "characters cut" in shown
     assert len(shown) < 4 * MIB
     assert final_status(events) == "completed"
+
+
+def test_an_oversized_message_sent_between_runs_is_reported_at_the_next_one(attacker: Attacker) -> None:
+    attacker.start(execution_timeout=60)
+    attacker.create("1g")
+    later = (
+        "import threading, time\n"
+        "kernel = get_ipython().kernel\n"
+        "def send():\n"
+        "    time.sleep(1)\n"
+        "    content = {'name': 'stdout', 'text': 'Z' * (80 * 2**20)}\n"
+        "    kernel.session.send(kernel.iopub_socket, 'stream', content)\n"
+        "threading.Thread(target=send).start()\n"
+    )
+    assert final_status(attacker.execute(later)) == "completed"
+    time.sleep(4)
+    events = attacker.execute("print('next')")
+    assert any("larger than 64 MiB" in text for text in notices(events)), events
+    assert stdout(events) == "next\n"

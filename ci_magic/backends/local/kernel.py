@@ -703,6 +703,9 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
         reason = kernel.death_reason()
         await kernel.restart()
         yield Notice(f"Since the last run, the sandbox's Python process {reason}. {RESTARTED}", "warning")
+    elif kernel.connection_dropped():  # sent by something still running after the last run
+        await kernel.restart()
+        yield Notice(f"Since the last run: {OVERSIZED}", "warning")
     stop: _Stop | None = None
     for breach in kernel.take_breaches():  # from background processes, between two runs
         if breach.kind == "memory" and not breach.killed_kernel:
