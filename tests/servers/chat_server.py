@@ -30,7 +30,6 @@ CLI (for notebooks and demos)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -48,8 +47,10 @@ from tests.servers.http_base import (
     Route,
     StreamCut,
     TestServer,
+    command_line,
     error_body,
     serve_until_stopped,
+    server_options,
 )
 
 __all__ = [
@@ -587,24 +588,11 @@ SCENARIOS: dict[str, Callable[[list[dict[str, Any]]], ScriptItem]] = {"quickstar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tests.servers.chat_server", description="Serve a scripted Chat Completions model."
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser = command_line("python -m tests.servers.chat_server", "Serve a scripted Chat Completions model.")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="quickstart")
     parser.add_argument("--model", default="scripted-model")
-    parser.add_argument("--api-key", default=None, help="require this bearer token")
-    parser.add_argument("--event-delay", type=float, default=0.0, help="seconds between SSE events")
     args = parser.parse_args(argv)
-    server = ChatServer(
-        SCENARIOS[args.scenario],
-        model=args.model,
-        api_key=args.api_key,
-        event_delay=args.event_delay,
-        host=args.host,
-        port=args.port,
-    )
+    server = ChatServer(SCENARIOS[args.scenario], model=args.model, **server_options(args))
     serve_until_stopped(server)
     return 0
 

@@ -17,6 +17,7 @@ Errors are answered in OpenAI's shape, ``{"error": {"message", "type", "param", 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import email.parser
 import email.policy
@@ -46,8 +47,10 @@ __all__ = [
     "StreamCut",
     "TestServer",
     "Upload",
+    "command_line",
     "error_body",
     "serve_until_stopped",
+    "server_options",
 ]
 
 BAD_JSON = (
@@ -502,6 +505,20 @@ def _parse_multipart(content_type: str, body: bytes) -> Upload:
         else:
             upload.files[name] = (filename, part.get_content_type(), data)
     return upload
+
+
+def command_line(prog: str, description: str) -> argparse.ArgumentParser:
+    """A server's command line with the options every test server takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--api-key", default=None, help="accept only this bearer key (default: any)")
+    parser.add_argument("--event-delay", type=float, default=0.0, help="seconds between streamed events")
+    return parser
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"host": args.host, "port": args.port, "api_key": args.api_key, "event_delay": args.event_delay}
 
 
 def serve_until_stopped(server: TestServer) -> None:

@@ -21,7 +21,6 @@ As a process (prints ``READY <url>`` once listening)::
 
 from __future__ import annotations
 
-import argparse
 import re
 import secrets
 import sys
@@ -51,7 +50,9 @@ from tests.servers.http_base import (
     RecordedRequest,
     Route,
     TestServer,
+    command_line,
     serve_until_stopped,
+    server_options,
 )
 from tests.servers.replay import Replay
 from tests.servers.responses_stream import Responder, SSEEvent, TurnContext, dumps
@@ -447,28 +448,17 @@ def _scenario(name: str) -> Responder:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m tests.servers.openai_server",
-        description="Run the OpenAI-compatible test server until interrupted.",
+    parser = command_line(
+        "python -m tests.servers.openai_server", "Run the OpenAI-compatible test server until interrupted."
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--scenario", default="quickstart", help="quickstart | replay:<recording file>")
-    parser.add_argument("--event-delay", type=float, default=0.0, help="seconds between streamed events")
     parser.add_argument(
         "--exec-timeout", type=float, default=DEFAULT_EXEC_TIMEOUT, help="seconds a code call may run"
     )
-    parser.add_argument("--api-key", default=None, help="accept only this key (default: any Bearer key)")
     parser.add_argument("--model", action="append", default=None, help="allowed model (repeatable)")
     args = parser.parse_args(argv)
     server = OpenAIServer(
-        _scenario(args.scenario),
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        models=args.model,
-        event_delay=args.event_delay,
-        exec_timeout=args.exec_timeout,
+        _scenario(args.scenario), models=args.model, exec_timeout=args.exec_timeout, **server_options(args)
     )
     serve_until_stopped(server)
 
