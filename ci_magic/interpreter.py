@@ -37,14 +37,7 @@ from ci_magic.session import (
     kernel_session_id,
     session_settings,
 )
-from ci_magic.state_file import (
-    StateFile,
-    capture,
-    kernel_is_restarting,
-    notebook_key,
-    resume,
-    settings_fingerprint,
-)
+from ci_magic.state_file import NotebookState, kernel_is_restarting
 from ci_magic.transcript import TurnEntry, TurnKind
 from ci_magic.variables import transfer
 from ci_magic.variables.progress import default_progress
@@ -76,9 +69,7 @@ class CodeInterpreter(Settings):
         self.session_id = kernel_session_id()
         self._session: Session | None = None  # built on first use
         self._backend_stale = False
-        # The notebook's saved session (reattach after a kernel restart); None outside a kernel.
-        key = notebook_key(shell) if shell is not None else None
-        self._state_file: StateFile | None = StateFile(key) if key else None
+        self._saved = NotebookState(shell)  # reattach after a kernel restart
 
     def __enter__(self) -> CodeInterpreter:
         return self
@@ -108,10 +99,10 @@ class CodeInterpreter(Settings):
                     session_id=self.session_id,
                     progress=default_progress,
                     on_change=self._save_state,
-                    registry=self._state_file.new_registry() if self._state_file is not None else None,
+                    registry=self._saved.new_registry(),
                     **settings,
                 )
-                self._resume_saved(self._session)
+                self._saved.take_over(self._session, self)
             elif self._backend_stale:
                 self._run(self._session.reset(build_backend(self)))
         except CIError as error:  # no key, a bad setting: said the way the caller configures
@@ -122,15 +113,9 @@ class CodeInterpreter(Settings):
             setattr(session, name, value)
         return session
 
-    def _resume_saved(self, session: Session) -> None:
-        """Take over what the kernel before a restart saved for this notebook, on the same backend."""
-        state = self._state_file.load() if self._state_file is not None else None
-        if state is not None and state.backend_fingerprint == settings_fingerprint(self):
-            resume(session, state)
-
-    def _save_state(self, *, ended: str | None = None) -> None:
-        if self._state_file is not None and self._session is not None:
-            self._state_file.save(capture(self._session, settings_fingerprint(self), ended=ended))
+    def _save_state(self) -> None:
+        if self._session is not None:
+            self._saved.save(self._session, self)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine from synchronous code; errors keep their class, worded for who is calling."""
@@ -285,8 +270,7 @@ class CodeInterpreter(Settings):
         if self._session is not None:
             self._backend_stale = True  # so the session is reset with a backend built afresh
             self._get_session()
-        if self._state_file is not None:
-            self._state_file.forget()
+        self._saved.forget()
 
     def status(self) -> Status:
         """Backend, model, the container as the backend reports it now, its files, usage and turns."""
@@ -305,12 +289,7 @@ class CodeInterpreter(Settings):
         if self._session is None:
             return
         restarting = kernel_is_restarting(self.shell)
-        if self._state_file is not None:
-            if restarting or self._state_file.from_notebook_path:
-                with contextlib.suppress(Exception):
-                    self._save_state(ended="restart" if restarting else "shutdown")
-            else:
-                self._state_file.forget(spools=True)  # keyed by this kernel's connection file: gone for good
+        self._saved.at_exit(self._session, self, restarting=restarting)
         session, self._session = self._session, None
         delete = self.delete_container_on_exit and not restarting
         with contextlib.suppress(CIError, RuntimeError, OSError):

@@ -313,3 +313,38 @@ def resume(session: Any, state: SessionState) -> None:
         turns=state.turns,
         model=state.model,
     )
+
+
+class NotebookState:
+    """What a ``CodeInterpreter`` keeps across kernel restarts for its notebook (nothing outside one)."""
+
+    def __init__(self, shell: Any) -> None:
+        key = notebook_key(shell) if shell is not None else None
+        self.file = StateFile(key) if key else None
+
+    def new_registry(self) -> Any:
+        return self.file.new_registry() if self.file is not None else None
+
+    def take_over(self, session: Any, settings: Any) -> None:
+        """Take over what the kernel before a restart saved for this notebook, on the same backend."""
+        state = self.file.load() if self.file is not None else None
+        if state is not None and state.backend_fingerprint == settings_fingerprint(settings):
+            resume(session, state)
+
+    def save(self, session: Any, settings: Any, *, ended: str | None = None) -> None:
+        if self.file is not None:
+            self.file.save(capture(session, settings_fingerprint(settings), ended=ended))
+
+    def forget(self) -> None:
+        if self.file is not None:
+            self.file.forget()
+
+    def at_exit(self, session: Any, settings: Any, *, restarting: bool) -> None:
+        """Saved for a restart (or for a notebook that will be reopened), else forgotten for good."""
+        if self.file is None:
+            return
+        if restarting or self.file.from_notebook_path:
+            with contextlib.suppress(Exception):
+                self.save(session, settings, ended="restart" if restarting else "shutdown")
+        else:
+            self.file.forget(spools=True)  # keyed by this kernel's connection file: never seen again

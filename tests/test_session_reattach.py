@@ -274,11 +274,14 @@ def test_gateway_restart_reattaches_to_the_same_kernel_with_its_memory(tmp_path:
         ]
         with kernel_env(**env):
             notebook = run_with_restarts(cells, tmp_path)
-        left = gateway.kernel_ids()
+        texts = [output_text(cell) for cell in notebook]
+        kernel_id = texts[2].strip().splitlines()[-1]
+        # The gateway lists a kernel until its own shutdown of it has finished: wait for that.
+        deadline = time.monotonic() + 20
+        while kernel_id in (left := gateway.kernel_ids()) and time.monotonic() < deadline:
+            time.sleep(0.3)
         saved = state_files(tmp_path / "jupyter-data")
         state_text = saved[0].read_text() if saved else ""
-    texts = [output_text(cell) for cell in notebook]
-    kernel_id = texts[2].strip().splitlines()[-1]
     after = notebook[4]
     assert not errors_of(after), texts[4]
     assert (
