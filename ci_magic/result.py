@@ -56,30 +56,56 @@ class LogText:
 
     ``head_tail`` reads only the ends, so showing a 10 MB log costs what is shown, not 10 MB.
     ``saved_as`` is the local file holding all of it, once the session wrote it (long logs only).
+    The sandbox decides how much it prints, so the host keeps at most ``memory_cap`` characters:
+    past it, the first half stays and the rest is a rolling tail, with a line saying what was dropped.
     """
+
+    memory_cap = 32 << 20  # characters of one call's stream held in host memory
 
     def __init__(self, call_id: str, stream: str) -> None:
         self.call_id = call_id
         self.stream = stream
-        self.size = 0  # characters
-        self._parts: list[str] = []
+        self.size = 0  # characters printed (all of them, kept or not)
+        self._parts: list[str] = []  # all of it, or the tail once the cap was passed
+        self._held = 0  # characters in _parts
+        self._head: str | None = None  # set once the cap was passed
+        self.dropped = 0  # characters not kept (between the head and the tail)
         self.saved_as: Path | None = None
 
     def append(self, text: str) -> None:
         self._parts.append(text)
         self.size += len(text)
+        self._held += len(text)
+        # Head and tail together stay within the cap: the tail may grow to half of it.
+        if self._held > (self.memory_cap if self._head is None else self.memory_cap // 2):
+            self._bound()
+
+    def _bound(self) -> None:
+        half = self.memory_cap // 2
+        joined = "".join(self._parts)
+        if self._head is None:
+            self._head, joined = joined[:half], joined[half:]
+        # Trim the tail to a quarter of the cap so the next trim is far away (appending stays O(1)).
+        keep = half // 2
+        self.dropped += max(0, len(joined) - keep)
+        self._parts = [joined[-keep:]] if keep else []
+        self._held = len(self._parts[0]) if self._parts else 0
 
     @property
     def text(self) -> str:
         if len(self._parts) > 1:
             self._parts[:] = ["".join(self._parts)]
-        return self._parts[0] if self._parts else ""
+        tail = self._parts[0] if self._parts else ""
+        if self._head is None:
+            return tail
+        return f"{self._head}\n[... {self.dropped:,} characters not kept ...]\n{tail}"
 
     def head_tail(self, keep: int) -> tuple[str, str]:
         """The first and last ``keep`` characters; ("all of it", "") when it is not longer than 2 x keep."""
         if self.size <= 2 * keep:
             return self.text, ""
-        return _take(self._parts, keep), _take(reversed(self._parts), keep, from_end=True)
+        head_parts = [self._head] if self._head is not None else self._parts
+        return _take(head_parts, keep), _take(reversed(self._parts), keep, from_end=True)
 
     def __repr__(self) -> str:
         return f"LogText({self.stream}, {self.size:,} characters)"

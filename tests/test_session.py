@@ -209,3 +209,28 @@ def test_files_written_by_exec_are_the_users_and_reset_counts_turns_from_zero(tm
     replacement = FakeBackend()
     runner.run(session.reset(replacement))
     assert session.turns == 0 and session.backend is replacement and session.container is None
+
+
+def test_a_call_printing_without_end_holds_a_bounded_log_in_host_memory(monkeypatch) -> None:
+    # The sandbox decides how much it prints: past the cap the log keeps its head and a rolling tail.
+    monkeypatch.setattr(LogText, "memory_cap", 1_000)
+    log = LogText("call_1", "stdout")
+    for i in range(200):
+        log.append(f"{i:04d}" + "x" * 96)  # 100 characters a line, 20,000 in all
+    assert log.size == 20_000
+    text = log.text
+    assert text.startswith("0000") and text.endswith("0199" + "x" * 96)
+    assert "characters not kept" in text and log.dropped > 0
+    assert len(text) < 1_100 and log._held <= 500
+    head, tail = log.head_tail(50)
+    assert head.startswith("0000") and tail.endswith("x" * 50)
+
+
+def test_a_stream_message_of_megabytes_becomes_events_of_at_most_2_mib_with_nothing_lost() -> None:
+    from ci_magic.backends.kernel_messages import MAX_TEXT, events_from_message
+
+    text = "a" * (5 * MAX_TEXT // 2)
+    message = {"header": {"msg_type": "stream"}, "content": {"name": "stdout", "text": text}}
+    events = events_from_message(message, "call_1")
+    assert [len(e.text) for e in events] == [MAX_TEXT, MAX_TEXT, MAX_TEXT // 2]  # type: ignore[attr-defined]
+    assert "".join(e.text for e in events) == text  # type: ignore[attr-defined]

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any
+from typing import Any, Literal
 
 from ci_magic.events import Event, ExecutionError, Image, Logs, RichOutput
 
 __all__ = ["ANSI", "MAX_TEXT", "bounded_text", "events_from_message", "idle_after"]
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# Characters of one stream message or traceback that become an event. The sandbox chooses what
-# it sends; the renderer shows 20 KB of a call's logs anyway, and the model reads less.
+# Characters of one event: a longer stream message becomes several events, a longer traceback is
+# cut (head and tail kept). The renderer shows 20 KB of a call's logs anyway, the model reads less.
 MAX_TEXT = 2 << 20
 
 
@@ -35,10 +35,15 @@ def events_from_message(msg: dict[str, Any], call_id: str) -> list[Event]:
     kind = msg["header"]["msg_type"]
     content = msg.get("content", {})
     if kind == "stream":
-        text = bounded_text(content.get("text", ""))
-        if content.get("name") == "stderr":
-            return [Logs(call_id=call_id, text=text, stream="stderr")]
-        return [Logs(call_id=call_id, text=text, stream="stdout")]
+        # Nothing printed is cut here (a fast loop fills one message with megabytes): the message's
+        # size is bounded by the socket (MAXMSGSIZE), a call's log in memory by ``LogText``.
+        text = content.get("text", "")
+        text = text if isinstance(text, str) else str(text)
+        stream: Literal["stdout", "stderr"] = "stderr" if content.get("name") == "stderr" else "stdout"
+        return [
+            Logs(call_id=call_id, text=text[start : start + MAX_TEXT], stream=stream)
+            for start in range(0, max(len(text), 1), MAX_TEXT)
+        ]
     if kind in ("display_data", "execute_result", "update_display_data"):
         data = dict(content.get("data") or {})
         if not data:
