@@ -146,20 +146,6 @@ class MaskedUrl(str):
         printer.text(repr(self))
 
 
-class UrlUnicode(Unicode):  # type: ignore[type-arg]
-    """A URL setting (model server, gateway): used whole, shown without its credentials."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.metadata["url"] = True
-
-    def validate(self, obj: Any, value: Any) -> MaskedUrl:
-        return MaskedUrl(super().validate(obj, value))
-
-    def error(self, obj: Any, value: Any, error: Exception | None = None, info: str | None = None) -> Any:
-        raise _secret_error(self, obj, value)
-
-
 def masked(value: Any) -> str:
     """What a secret value shows instead of itself: whether it is set, never what it is."""
     if isinstance(value, dict):
@@ -178,17 +164,27 @@ def _secret_error(trait: TraitType[Any, Any], obj: Any, value: Any) -> TraitErro
 
 
 class SecretUnicode(Unicode):  # type: ignore[type-arg]
-    """A string setting that is a secret (API key, token)."""
+    """A string setting that is a secret (API key, token): used whole, shown as ``shown_as`` shows it."""
+
+    marker = "secret"  # the trait metadata %config's listing reads
+    shown_as: type[str] = MaskedText
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.metadata["secret"] = True
+        self.metadata[self.marker] = True
 
-    def validate(self, obj: Any, value: Any) -> MaskedText:
-        return MaskedText(super().validate(obj, value))
+    def validate(self, obj: Any, value: Any) -> str:
+        return self.shown_as(super().validate(obj, value))
 
     def error(self, obj: Any, value: Any, error: Exception | None = None, info: str | None = None) -> Any:
         raise _secret_error(self, obj, value)
+
+
+class UrlUnicode(SecretUnicode):
+    """A URL setting (model server, gateway): used whole, shown without its credentials."""
+
+    marker = "url"
+    shown_as = MaskedUrl
 
 
 class SecretDict(Dict):  # type: ignore[type-arg]
