@@ -235,7 +235,7 @@ def test_containers_are_created_listed_retrieved_and_deleted(
     info = runner.run(backend.create_container(name="scratch", memory_limit="4g", expires_after_minutes=5))
     assert info.id.startswith("cntr_") and info.usable and info.memory_limit == "4g"
     assert runner.run(backend.get_container(info.id)) == info
-    assert info.id in {c.id for c in runner.run(backend.sandbox.list())}
+    assert info.id in {c.id for c in runner.run(backend.sandbox.containers())}
     runner.run(backend.delete_container(info.id))
     assert runner.run(backend.get_container(info.id)) is None
     assert not (backend.sandbox.root / info.id).exists()

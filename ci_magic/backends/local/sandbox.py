@@ -298,7 +298,7 @@ class SandboxManager:
         container = await self._lookup(container_id)
         return container.info() if container else None
 
-    async def list(self) -> list[ContainerInfo]:
+    async def containers(self) -> list[ContainerInfo]:
         self._load()
         for container in list(self._containers.values()):
             await self._check_expiry(container)
