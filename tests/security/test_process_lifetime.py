@@ -94,8 +94,10 @@ def test_after_a_timeout_no_thread_or_detached_process_keeps_burning_cpu(attacke
     assert "stopped after 3 s" in error["value"] and "CodeInterpreter.execution_timeout" in error["value"]
     assert "KeyboardInterrupt" not in error.get("traceback", "") + error["value"]
     assert final_status(events) == "failed"
-    # The kernel's own threads cannot be killed apart from it: it was restarted, and said so.
-    assert any("restarted" in text for text in notices(events)), events
+    # The kernel's own threads cannot be killed apart from it: it was restarted, and said so, in a
+    # notice when the interrupt stopped the main loop, in the error itself when the spinning threads
+    # kept the kernel from settling within the grace (which of the two depends on the machine's load).
+    assert any("restarted" in text for text in [*notices(events), error["value"]]), events
     assert took < 3 + 3 + 5, took
     assert processes_with(marker) == [], "detached processes outlived the timeout"
     # From the host: the sandbox (restarted or not) is idle now, and nothing of the first one runs.
