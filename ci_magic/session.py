@@ -21,19 +21,18 @@ from typing import Any, Protocol
 from ci_magic.backends.base import (
     DEFAULT_DOWNLOAD_SIZE_CAP,
     Backend,
-    ContainerFile,
     ContainerInfo,
     Conversation,
     TurnRequest,
 )
 from ci_magic.config import Settings, output_dir_message, output_dir_problem
+from ci_magic.continuity import Continuity, container_still_usable
 from ci_magic.costs import CostLedger
 from ci_magic.downloads import (
     DEFAULT_DOWNLOAD_TURN_BUDGET,
     DownloadAllowance,
     TurnDownloads,
     displayed_copies_marked,
-    is_show_image_file,
 )
 from ci_magic.errors import (
     BackendError,
@@ -45,10 +44,8 @@ from ci_magic.errors import (
 from ci_magic.events import Event, Image, Notice, Usage
 from ci_magic.filenames import save_into
 from ci_magic.provenance import record_turn
-from ci_magic.restore import defined_names, plan_restore, run_restore, summary_line
 from ci_magic.result import LOG_KEEP_CHARS, LogText, Result, ResultBuilder, SavedFile
-from ci_magic.transcript import CallTimer, Transcript, TurnEntry, TurnKind, turn_record
-from ci_magic.variables.discover import always_push_items
+from ci_magic.transcript import CallTimer, Transcript, TurnKind, turn_record
 from ci_magic.variables.formats import extension_for_mime
 from ci_magic.variables.progress import Progress
 from ci_magic.variables.registry import PushRegistry, PushRequest
@@ -70,25 +67,6 @@ __all__ = [
     "kernel_session_id",
     "session_settings",
 ]
-
-
-RECREATED_NOTE = (
-    "The previous container expired and was replaced by a new one: files sent from the notebook were "
-    "uploaded again, but variables and other in-memory state from earlier code are gone; re-create "
-    "what you need."
-)
-RESTORED_NOTE = (
-    "The previous container expired and was replaced by a new one: files sent from the notebook were "
-    "uploaded again, and the code that had run successfully before was run again there, in order{names}."
-)
-CARRIED_OVER = (
-    "The server no longer accepts the earlier conversation (its container expired), so the conversation "
-    "was carried over: the model received the session's own record of it."
-)
-# Backends whose containers lose their in-memory state when the notebook's kernel restarts (the
-# local sandbox dies with its parent by design); elsewhere the container keeps running remotely.
-STATE_LOST_ON_RESTART = frozenset({"local"})
-CHECKED_FIRST = frozenset({"local"})  # backends whose container check costs nothing: done before the turn
 
 
 class View(Protocol):
@@ -177,7 +155,7 @@ class Session:
         self.turns = 0
         self._made_by_exec: set[str] = set()  # file ids %%ci_exec code wrote: the user's, not the model's
         self._sizes: dict[str, int] = {}  # file id -> bytes saved locally (listings may not say)
-        self._seen_files: set[str] = set()  # container file ids already known: not "new" in a turn
+        self.seen_files: set[str] = set()  # container file ids already known: not "new" in a turn
         self.restore_on_expiry = restore_on_expiry
         self.restore_time_limit = restore_time_limit
         self.transcript = transcript if transcript is not None else Transcript()
@@ -186,143 +164,10 @@ class Session:
         self.ledger = CostLedger()  # the session's running cost and time totals
         self.model = ""  # the last turn's model: a restore outside a turn (%ci_push) uses it
         self.instructions = ""
-        self._restore_from: str | None = None  # the replaced container whose state is still to re-run
-        self._moved_paths: dict[str, str] = {}  # pushed files' paths in the old container -> the new one
-        self._reattaching = False  # the container came from a state file: check it and say so once
+        # Replaces, restores and reattaches the container, and carries the conversation over.
+        self.continuity = Continuity(self)
 
-    # -- container lifecycle -------------------------------------------------------------------
-
-    async def ensure_container(self, *, verify: bool = True) -> tuple[ContainerInfo, list[Notice]]:
-        """The session's usable container, created or replaced as needed, with notices to show.
-
-        ``verify=False`` returns the current container unchecked (the turn checks it concurrently).
-        """
-        notices: list[Notice] = []
-        if self.container is not None and not verify:
-            return self.container, notices
-        if self.container is not None:
-            reattaching, self._reattaching = self._reattaching, False
-            current = await self._current(self.container.id, reattaching)
-            if current is not None and current.usable:
-                self.container = current
-                if reattaching:
-                    notices.append(await self._reattached(current))
-                return current, notices
-            state = "is gone" if current is None else f"is {current.status}"
-            notices.append(
-                Notice(f"Container {self.container.id} {state}; started a new one and re-sent your files.")
-            )
-            self._replaced(self.container.id)
-        old_paths = {
-            e.name: e.path for e in self.registry if self.container and e.in_container(self.container.id)
-        }
-        self._seen_files.clear()
-        self.container = await self.backend.create_container(
-            name=f"ci-magic-{self.session_id}",
-            memory_limit=self.memory_limit,  # type: ignore[arg-type]
-            expires_after_minutes=self.expires_after_minutes,
-        )
-        notices.extend(await self._restore_files(self.container))
-        # OpenAI stores an upload under a new random prefix in each container: recorded code that read
-        # the old path reads the new one when it is re-run.
-        self._moved_paths = {
-            old_paths[e.name]: e.path
-            for e in self.registry
-            if e.name in old_paths and e.in_container(self.container.id) and old_paths[e.name] != e.path
-        }
-        return self.container, notices
-
-    async def _current(self, container_id: str, reattaching: bool) -> ContainerInfo | None:
-        """The container as the backend sees it; one from before a kernel restart is adopted first
-        (a gateway kernel this process did not start)."""
-        adopt = getattr(self.backend, "adopt", None) if reattaching else None
-        if adopt is not None:
-            adopted: ContainerInfo | None = await adopt(
-                container_id, expires_after_minutes=self.expires_after_minutes, memory_limit=self.memory_limit
-            )
-            return adopted
-        return await self.backend.get_container(container_id)
-
-    async def _reattached(self, container: ContainerInfo) -> Notice:
-        """Reattach to the container of the session before the kernel restart: learn its files (not
-        new to this turn), and plan to re-run its state where the restart took it away."""
-        listing = await self.backend.list_files(container.id)
-        self._seen_files.update(f.id for f in listing)
-        _relink_registry(self.registry, container.id, listing)
-        if self.backend.name in STATE_LOST_ON_RESTART:
-            self._replaced(container.id)
-            return Notice(
-                f"Reattached to container {container.id} after the kernel restart: its files are there; "
-                "its in-memory state is re-run below."
-                if self._restore_from
-                else f"Reattached to container {container.id} after the kernel restart: its files are there."
-            )
-        return Notice(
-            f"Reattached to container {container.id} after the kernel restart; the conversation continues."
-        )
-
-    def _replaced(self, old_id: str) -> None:
-        """The container ``old_id`` lost its in-memory state: re-run it before the next turn (or, with
-        restore off or nothing to re-run, tell the model it is gone)."""
-        if self.restore_on_expiry == "replay" and self.transcript.code_in(old_id):
-            self._restore_from = old_id
-        elif self.turns or len(self.transcript):
-            self.conversation.notes.append(RECREATED_NOTE)
-
-    async def _restore_state(self, container: ContainerInfo, options: TurnOptions | None) -> list[Notice]:
-        """Re-run the replaced container's successful code in ``container`` (``restore.py``)."""
-        old, self._restore_from = self._restore_from, None
-        if old is None:
-            return []
-        blocks = [
-            dataclasses.replace(b, code=_with_paths(b.code, self._moved_paths))
-            for b in self.transcript.code_in(old)
-        ]
-        plan = plan_restore(blocks, time_limit=self.restore_time_limit)
-        if plan.skip is not None:
-            self.conversation.notes.append(RECREATED_NOTE)
-            return [Notice(plan.skip, level="warning")]
-        started = time.time()
-        try:
-            outcome = await run_restore(
-                self.backend,
-                container.id,
-                plan.blocks,
-                model=(options.model if options else "") or self.model,
-                instructions=(options.instructions if options else "") or self.instructions,
-                extra_headers=dict(options.extra_headers or {}) if options else None,
-            )
-        except asyncio.CancelledError:
-            self._restore_from = old  # Ctrl-C: the next turn restores again, from the start
-            raise
-        try:
-            listing = await self.backend.list_files(container.id)
-        except CIError:
-            listing = []  # the count of files back is only for the summary line
-        fresh = [f for f in listing if f.id not in self._seen_files and f.source != "user"]
-        self._seen_files.update(f.id for f in listing)
-        files = [f for f in fresh if not is_show_image_file(f)]
-        self.transcript.add(
-            TurnEntry(
-                kind="restore",
-                prompt=f"restore of {old}",
-                calls=list(outcome.ran) + ([outcome.failed] if outcome.failed else []),
-                started_at=started,
-                seconds=outcome.seconds,
-                container_id=container.id,
-                ok=outcome.failed is None and outcome.problem is None,
-                error=outcome.problem or (outcome.failed.error if outcome.failed else None),
-            )
-        )
-        names = list(dict.fromkeys(n for b in outcome.ran for n in defined_names(b.code)))
-        if outcome.ran:
-            listed = f" (so {', '.join(names[:12])} exist again)" if names else ""
-            self.conversation.notes.append(RESTORED_NOTE.format(names=listed))
-        else:
-            self.conversation.notes.append(RECREATED_NOTE)
-        complete = outcome.failed is None and outcome.problem is None
-        line = summary_line(outcome, total=len(plan.blocks), files=len(files))
-        return [Notice(line, level="info" if complete else "warning")]
+    # -- lifecycle -----------------------------------------------------------------------------
 
     def resume(
         self,
@@ -340,11 +185,7 @@ class Session:
         self.transcript = transcript
         self.turns = turns
         self.model = model
-        self._reattaching = container is not None
-        if previous_response_id is None and transcript.conversation():
-            # No server-side chain (chat backends keep history client-side, and it died with the
-            # kernel): the transcript is the conversation so far.
-            self.conversation.messages[:] = transcript.as_messages()
+        self.continuity.resume(reattach=container is not None)
 
     async def reset(self, backend: Backend | None = None) -> None:
         """A new container and a fresh conversation (the push registry is kept); turns count from 0.
@@ -355,8 +196,7 @@ class Session:
         self.conversation.reset()
         self.turns = 0
         self.transcript.clear()
-        self._restore_from = None
-        self._reattaching = False
+        self.continuity.forget()
         if old is not None:
             with contextlib.suppress(CIError, OSError):
                 await self.backend.delete_container(old.id)
@@ -396,21 +236,10 @@ class Session:
 
     async def push(self, requests: Sequence[PushRequest]) -> tuple[list[PushOutcome], list[Notice]]:
         """Push now (``%ci_push``), into the container (made or replaced as needed); its notices too."""
-        container, notices = await self.ensure_container()
-        if self._restore_from is not None:
-            notices.extend(await self._restore_state(container, None))
+        container, notices = await self.continuity.ready()
         outcomes = await self.files(container, uploading=True).push(requests)
         self._changed()
         return outcomes, notices
-
-    async def _restore_files(self, container: ContainerInfo) -> list[Notice]:
-        """A new container gets back every pushed file, then the ``always_push`` files."""
-        files = self.files(container, uploading=True)
-        restored = await files.reupload()
-        notices = [Notice(f"{o.name}: {o.note}", level="warning") for o in restored if not o.sent]
-        if self.always_push:
-            await files.push(always_push_items(self.always_push))
-        return notices
 
     async def _push_for_turn(
         self, container: ContainerInfo, push: Sequence[PushRequest], report: Callable[[Notice], None]
@@ -552,22 +381,20 @@ class Session:
         for attempt in (1, 2, 3):
             # A container made just now, or one verified on the retry, needs no check; a local one is
             # checked first (in-process, no latency to hide), since its stream starts before it runs.
-            unverified = (
-                attempt == 1
-                and self.container is not None
-                and not self._reattaching
-                and self.backend.name not in CHECKED_FIRST
+            unverified = attempt == 1 and self.continuity.can_check_beside_turn()
+            container, notices = await self.continuity.ready(
+                verify=not unverified,
+                model=options.model,
+                instructions=options.instructions,
+                extra_headers=dict(options.extra_headers or {}),
             )
-            container, notices = await self.ensure_container(verify=not unverified)
-            if self._restore_from is not None:
-                notices.extend(await self._restore_state(container, options))
             for notice in notices:
                 view.handle(notice)
             check = asyncio.ensure_future(self.backend.get_container(container.id)) if unverified else None
             downloads = TurnDownloads(
                 self.backend,
                 container.id,
-                self._seen_files,
+                self.seen_files,
                 self.output_dir,
                 self.download_concurrency,
                 DownloadAllowance(self.download_size_cap, self.download_turn_budget),
@@ -589,13 +416,13 @@ class Session:
             except BackendError as error:
                 if streamed or attempt == 3:
                     raise
-                if check is not None and not await _container_still_usable(check):
+                if check is not None and not await container_still_usable(check):
                     continue  # the container went away between cells: verify, replace, run again
-                if carried_over or not self.conversation.previous_response_id or not _refuses_chain(error):
+                carried = None if carried_over else self.continuity.carry_over(error)
+                if carried is None:
                     raise
                 carried_over = True
-                self._carry_over()
-                view.handle(Notice(CARRIED_OVER))
+                view.handle(carried)
                 continue
             finally:
                 downloads.cancel()
@@ -621,17 +448,12 @@ class Session:
             downloads.observe(event)
             timer.observe(event)
 
-    def _carry_over(self) -> None:
-        """Continue without the server's chain: the transcript goes as the conversation's messages."""
-        self.conversation.previous_response_id = None
-        self.conversation.messages[:] = self.transcript.as_messages()
-
     async def _collect_files(
         self, container: ContainerInfo, result: Result, downloads: TurnDownloads
     ) -> list[SavedFile]:
         """Every cited file plus every new file the model wrote without citing it, saved locally."""
         listing = await downloads.final_listing()
-        self._seen_files.update(f.id for f in listing or [])
+        self.seen_files.update(f.id for f in listing or [])
         outcomes = await downloads.finished()
         shown_images = {c.file_id for c in result.citations if c.displayed}
         saved = [o for o in outcomes if isinstance(o, SavedFile) and o.file_id not in shown_images]
@@ -739,43 +561,6 @@ def kernel_session_id() -> str:
     if isinstance(session, str) and session:
         return session.replace("-", "")[:12]
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _with_paths(code: str, moved: dict[str, str]) -> str:
-    for old, new in moved.items():
-        code = code.replace(old, new)
-    return code
-
-
-def _refuses_chain(error: BackendError) -> bool:
-    """OpenAI's refusals of a ``previous_response_id``: its container expired (400 "Container is
-    expired."), or the response itself is gone (400 "Previous response ... not found")."""
-    text = error.message.lower()
-    return error.status_code == 400 and (
-        "container is expired" in text or ("previous response" in text and "not found" in text)
-    )
-
-
-def _relink_registry(registry: PushRegistry, container_id: str, listing: Sequence[ContainerFile]) -> None:
-    """Pushed files found again in a reattached container, by path (a gateway numbers files anew)."""
-    by_path = {f.path: f for f in listing}
-    by_id = {f.id for f in listing}
-    for entry in registry:
-        if entry.container_id != container_id or entry.file_id in by_id:
-            continue
-        found = by_path.get(entry.path)
-        if found is None:
-            registry.detach(entry.name)
-        else:
-            registry.put(dataclasses.replace(entry, file_id=found.id))
-
-
-async def _container_still_usable(check: asyncio.Future[ContainerInfo | None]) -> bool:
-    try:
-        current = await check
-    except CIError:
-        return True  # cannot tell: report the turn's own error
-    return current is not None and current.usable
 
 
 def _short(call_id: str) -> str:
