@@ -1,8 +1,10 @@
 """Session: the state of one kernel's code interpreter and the flow of one turn.
 
-Owns the backend, the container (and its recreation when it expires), the conversation, the
-registry of pushed files and usage totals. ``run_turn`` is the one flow:
+Owns the backend, the container, the conversation, the registry of pushed files and usage totals.
+``run_turn`` is the one flow:
 container check -> push -> backend.stream -> view + ResultBuilder -> file downloads -> Result.
+Keeping the container usable across expiry and kernel restarts (replace, re-send, re-run, reattach,
+carry the conversation over) is :mod:`~ci_magic.continuity`'s job, asked before each turn and push.
 """
 
 from __future__ import annotations
@@ -41,12 +43,11 @@ from ci_magic.errors import (
     ContainerFileError,
     Interrupted,
 )
-from ci_magic.events import Event, Image, Notice, Usage
-from ci_magic.filenames import save_into
+from ci_magic.events import Event, Notice, Usage
 from ci_magic.provenance import record_turn
-from ci_magic.result import LOG_KEEP_CHARS, LogText, Result, ResultBuilder, SavedFile
+from ci_magic.result import Result, ResultBuilder, SavedFile
+from ci_magic.saved_outputs import save_figures, save_long_logs
 from ci_magic.transcript import CallTimer, Transcript, TurnKind, turn_record
-from ci_magic.variables.formats import extension_for_mime
 from ci_magic.variables.progress import Progress
 from ci_magic.variables.registry import PushRegistry, PushRequest
 from ci_magic.variables.transfer import (
@@ -167,7 +168,7 @@ class Session:
         # Replaces, restores and reattaches the container, and carries the conversation over.
         self.continuity = Continuity(self)
 
-    # -- lifecycle -----------------------------------------------------------------------------
+    # -- taken over, reset, closed -------------------------------------------------------------
 
     def resume(
         self,
@@ -218,7 +219,7 @@ class Session:
         self.container = None
         await self.backend.aclose()
 
-    # -- files: push, re-upload, pull, list ----------------------------------------------------
+    # -- files: push, pull, list ---------------------------------------------------------------
 
     def files(self, container: ContainerInfo, *, uploading: bool = False) -> ContainerFiles:
         """The file operations on ``container``, recording pushes in the session's registry
@@ -324,7 +325,7 @@ class Session:
             result.container_id = result.container_id or self.container.id
         self.turns += 1
         self.usage = self.usage + result.usage
-        self._save_long_logs(result)
+        save_long_logs(result, self.output_dir)
         result.files = displayed_copies_marked(result)
         for saved in result.files:
             if saved.file_id:
@@ -451,41 +452,16 @@ class Session:
     async def _collect_files(
         self, container: ContainerInfo, result: Result, downloads: TurnDownloads
     ) -> list[SavedFile]:
-        """Every cited file plus every new file the model wrote without citing it, saved locally."""
+        """Every cited file, every new file the model wrote without citing it, and every figure the code
+        displayed, saved locally."""
         listing = await downloads.final_listing()
         self.seen_files.update(f.id for f in listing or [])
         outcomes = await downloads.finished()
         shown_images = {c.file_id for c in result.citations if c.displayed}
         saved = [o for o in outcomes if isinstance(o, SavedFile) and o.file_id not in shown_images]
         result.notices.extend(o for o in outcomes if isinstance(o, Notice))
-        saved.extend(self._save_figures(result))
+        saved.extend(save_figures(result, self.output_dir))
         return saved
-
-    def _save_figures(self, result: Result) -> list[SavedFile]:
-        """Images the code displayed become files too, so every frontend can point at them."""
-        saved: list[SavedFile] = []
-        for call in result.calls:
-            images = [o for o in call.outputs if isinstance(o, Image)]
-            for number, image in enumerate(images, start=1):
-                ext = extension_for_mime(image.mime, default="png")
-                name = f"figures/{_short(call.call_id)}-{number}.{ext}"
-                try:
-                    path = save_into(self.output_dir, name, image.data)
-                except (ContainerFileError, OSError):
-                    continue
-                saved.append(SavedFile(name, path, "", "", len(image.data), False, displayed=True))
-        return saved
-
-    def _save_long_logs(self, result: Result) -> None:
-        """Output too long to show whole is kept whole in a file, which the view links."""
-        for call in result.calls:
-            for output in call.outputs:
-                if isinstance(output, LogText) and output.size > 2 * LOG_KEEP_CHARS:
-                    name = f"logs/{_short(call.call_id)}-{output.stream}.txt"
-                    with contextlib.suppress(ContainerFileError, OSError):
-                        output.saved_as = save_into(
-                            self.output_dir, name, output.text.encode("utf-8", "replace")
-                        )
 
     async def status(self, *, model: str) -> Status:
         """The session as ``%ci_status`` shows it, with the container checked now (never replaced: the
@@ -561,10 +537,6 @@ def kernel_session_id() -> str:
     if isinstance(session, str) and session:
         return session.replace("-", "")[:12]
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _short(call_id: str) -> str:
-    return call_id[-8:] if len(call_id) > 8 else call_id
 
 
 async def _tick_every(view: View, seconds: float) -> None:
