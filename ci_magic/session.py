@@ -47,6 +47,7 @@ from ci_magic.events import Event, Notice, Usage
 from ci_magic.provenance import record_turn
 from ci_magic.result import Result, ResultBuilder, SavedFile
 from ci_magic.saved_outputs import save_figures, save_long_logs
+from ci_magic.status import Status, check_status
 from ci_magic.transcript import CallTimer, Transcript, TurnKind, turn_record
 from ci_magic.variables.progress import Progress
 from ci_magic.variables.registry import PushRegistry, PushRequest
@@ -464,49 +465,8 @@ class Session:
         return saved
 
     async def status(self, *, model: str) -> Status:
-        """The session as ``%ci_status`` shows it, with the container checked now (never replaced: the
-        next turn does that) and never failing: a check that fails is reported in the status."""
-        container, files, state = self.container, None, "not created yet"
-        if container is not None:
-            try:
-                current = await self.backend.get_container(container.id)
-                if current is not None and current.usable:
-                    self.container = container = current
-                    files, state = await self.file_rows(), current.status
-                else:
-                    gone = "gone" if current is None else current.status
-                    state = f"{gone}: the next cell starts a new container and re-sends the files you pushed"
-            except BackendError as error:
-                state = f"unknown, the check failed: {error.message}"
-        talk = self.conversation
-        return Status(
-            backend=self.backend.name,
-            model=model,
-            container_id=container.id if container else None,
-            container_status=state,
-            expires_at=container.expires_at if container and files is not None else None,
-            files=files,
-            usage=self.usage,
-            turns=self.turns,
-            conversation=talk.previous_response_id or f"{len(talk.messages)} messages",
-            costs=dataclasses.replace(self.ledger),
-        )
-
-
-@dataclass(frozen=True)
-class Status:
-    """What ``%ci_status`` shows: the backend and model in force and the container as checked now."""
-
-    backend: str
-    model: str
-    container_id: str | None
-    container_status: str
-    expires_at: int | None = None
-    files: list[FileRow] | None = None  # None: not listed (no usable container)
-    usage: Usage = dataclasses.field(default_factory=Usage)
-    turns: int = 0
-    conversation: str = "none yet"
-    costs: CostLedger | None = None  # the session's cost and time totals so far
+        """The session as ``%ci_status`` shows it, with the container checked now (``status.py``)."""
+        return await check_status(self, model=model)
 
 
 def session_settings(settings: Settings) -> dict[str, Any]:
