@@ -13,35 +13,25 @@ and a ``Status``. How they look in a notebook lives in ``magics.py`` and ``rende
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from traitlets import observe
 
-from ci_magic.backends.factory import BACKEND_SETTINGS, build_backend
+from ci_magic.backends.factory import BACKEND_SETTINGS
 from ci_magic.bridge import run_sync
 from ci_magic.config import Settings
-from ci_magic.errors import BackendError, CIError, ConfigurationError, Interrupted, for_scripts
+from ci_magic.errors import CIError, ConfigurationError, Interrupted, for_scripts
 from ci_magic.events import Notice
+from ci_magic.lifecycle import SessionKeeper
 from ci_magic.render.frontend import Frontend, detect_frontend
-from ci_magic.replay import ExportOutcome, ReplayPlan, export_session, ran_as_recorded
+from ci_magic.replay import EXPORTED_KINDS, ExportOutcome, ReplayPlan, confirm_replayed, export_session
 from ci_magic.result import Result
-from ci_magic.session import (
-    Session,
-    SilentView,
-    Status,
-    TurnOptions,
-    View,
-    kernel_session_id,
-    session_settings,
-)
-from ci_magic.state_file import NotebookState, kernel_is_restarting
-from ci_magic.transcript import TurnEntry, TurnKind
-from ci_magic.variables import transfer
-from ci_magic.variables.progress import default_progress
-from ci_magic.variables.registry import PushRequest
+from ci_magic.session import Session, SilentView, Status, TurnOptions, View
+from ci_magic.transcript import Transcript, TurnEntry
+from ci_magic.variables.registry import PushRegistry, PushRequest
+from ci_magic.variables.transfer import FileRow, PulledFile, PushOutcome
 
 __all__ = ["DEFAULT_OPENAI_MODEL", "CodeInterpreter", "Status"]
 
@@ -63,13 +53,10 @@ class CodeInterpreter(Settings):
 
     def __init__(self, shell: Any = None, *, frontend: Frontend | None = None, **kwargs: Any) -> None:
         """``frontend``: where turns are shown (default: the notebook, or the terminal outside one)."""
+        self._kept = SessionKeeper(self, shell)  # before the settings: setting them marks it stale
         super().__init__(parent=shell, **kwargs)
         self.shell = shell
         self.frontend = frontend
-        self.session_id = kernel_session_id()
-        self._session: Session | None = None  # built on first use
-        self._backend_stale = False
-        self._saved = NotebookState(shell)  # reattach after a kernel restart
 
     def __enter__(self) -> CodeInterpreter:
         return self
@@ -79,48 +66,29 @@ class CodeInterpreter(Settings):
 
     @observe(*BACKEND_SETTINGS)
     def _backend_changed(self, change: dict[str, Any]) -> None:
-        self._backend_stale = True
+        self._kept.backend_stale = True
 
     def resolved_model(self) -> str:
         if self.model:
             return self.model
         return DEFAULT_OPENAI_MODEL if self.backend == "openai" else ""
 
-    # -- the session ---------------------------------------------------------------------------
+    # -- the session, and errors worded for who is calling -------------------------------------
+
+    @property
+    def _session(self) -> Session | None:
+        return self._kept.session
 
     def _get_session(self) -> Session:
-        """The session, built on first use and reset with a new backend after a backend setting changed."""
-        try:
-            if self._session is None:
-                backend = build_backend(self)
-                settings = session_settings(self)
-                self._session = Session(
-                    backend,
-                    session_id=self.session_id,
-                    progress=default_progress,
-                    on_change=self._save_state,
-                    registry=self._saved.new_registry(),
-                    **settings,
-                )
-                self._saved.take_over(self._session, self)
-            elif self._backend_stale:
-                self._run(self._session.reset(build_backend(self)))
-        except CIError as error:  # no key, a bad setting: said the way the caller configures
-            raise self._for_caller(error) from error.__cause__
-        self._backend_stale = False
-        session = self._session
-        for name, value in session_settings(self).items():  # cheap ones apply without a restart
-            setattr(session, name, value)
-        return session
-
-    def _save_state(self) -> None:
-        if self._session is not None:
-            self._saved.save(self._session, self)
+        return self._call(self._kept.get)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine from synchronous code; errors keep their class, worded for who is calling."""
+        return self._call(run_sync, coro)
+
+    def _call(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)``; errors keep their class, worded for who is calling (Ctrl-C included)."""
         try:
-            return run_sync(coro)
+            return function(*args)
         except KeyboardInterrupt:
             raise self._for_caller(
                 Interrupted("Interrupted; nothing in the kernel or the container was lost.")
@@ -153,7 +121,8 @@ class CodeInterpreter(Settings):
         if not prompt.strip():
             raise self._for_caller(ConfigurationError(EMPTY_PROMPT))
         items = [PushRequest(name, value) for name, value in (variables or {}).items()]
-        return self._turn(prompt, model=model, new=new, quiet=quiet, display=display, items=items)
+        options = self._options(model=model, new_conversation=new)
+        return self._turn(prompt, options, quiet=quiet, display=display, push=items)
 
     def exec(self, code: str, *, quiet: bool = False, display: bool = True) -> Result:
         """Run ``code`` verbatim in the session's container (no model on the local backend)."""
@@ -161,69 +130,52 @@ class CodeInterpreter(Settings):
             raise self._for_caller(
                 ConfigurationError("There is no code to run: give exec() some Python code.")
             )
-        return self._turn(code, exec_code=code, quiet=quiet, display=display)
+        return self._turn(code, self._options(exec_code=code), quiet=quiet, display=display)
 
-    def _turn(
-        self,
-        prompt: str,
-        *,
-        model: str | None = None,
-        new: bool = False,
-        quiet: bool = False,
-        display: bool = True,
-        exec_code: str | None = None,
-        items: list[PushRequest] | None = None,
-        kind: TurnKind | None = None,
-    ) -> Result:
-        session = self._get_session()
-        options = TurnOptions(
+    def _options(self, *, model: str | None = None, **options: Any) -> TurnOptions:
+        return TurnOptions(
             model=model or self.resolved_model(),
             instructions=self.instructions,
-            new_conversation=new,
-            exec_code=exec_code,
             extra_headers=dict(self.extra_headers),
-            kind=kind,
+            **options,
         )
+
+    def _turn(
+        self, prompt: str, options: TurnOptions, quiet: bool, display: bool, push: Sequence[PushRequest] = ()
+    ) -> Result:
+        session = self._get_session()
         view: View = SilentView()
         if display:
             from ci_magic.render.live import TurnView  # imports Pygments: only when something is shown
 
             frontend = self.frontend or detect_frontend()
             view = TurnView(frontend, quiet=quiet, max_updates_per_second=self.max_updates_per_second)
-        result = self._run(session.run_turn(prompt, options, view, push=items or (), link_base=Path.cwd()))
+        result = self._run(session.run_turn(prompt, options, view, push=push, link_base=Path.cwd()))
         if result.error is not None:
             raise self._for_caller(result.error)
         return result
 
-    # -- reproducing: replay and export ------------------------------------------------------
+    # -- reproducing: replay and export (replay.py) --------------------------------------------
 
     def last_turn(self) -> TurnEntry | None:
         """The session's latest turn that ran code or asked the model (not a restore)."""
-        return self._session.transcript.last("ci", "exec", "replay") if self._session is not None else None
+        return self._session.transcript.last(*EXPORTED_KINDS) if self._session is not None else None
 
     def replay(self, plan: ReplayPlan, *, quiet: bool = False, display: bool = True) -> Result:
         """Re-run ``plan``'s recorded code in the current container without asking the model to write
         any (``replay.py``); rendered and recorded like any turn."""
         plan = plan.with_current_uploads(self._get_session().registry)
-        result = self._turn(plan.code, exec_code=plan.code, quiet=quiet, display=display, kind="replay")
-        if not ran_as_recorded(plan, result):
-            error = BackendError(
-                "The replay did not run the recorded code as written (the model changed it while "
-                "copying it), so its outputs are not a reproduction. Run %ci_replay again."
-            )
-            error.result, result.error = result, error
-            raise self._for_caller(error)
-        return result
+        options = self._options(exec_code=plan.code, kind="replay")
+        return self._call(
+            confirm_replayed, plan, self._turn(plan.code, options, quiet=quiet, display=display)
+        )
 
     def export(self, path: str | Path) -> ExportOutcome:
         """Write the code this session ran as a plain script (``.py``) or notebook (``.ipynb``), with
         the pushed inputs beside it (``replay.py``)."""
-        if self._session is None:
-            raise self._for_caller(
-                ConfigurationError("No code has run in this session yet, so there is nothing to export.")
-            )
         session = self._session
-        return export_session(session.transcript, session.registry, Path(path).expanduser())
+        ran = (session.transcript, session.registry) if session else (Transcript(), PushRegistry())
+        return self._call(export_session, *ran, Path(path).expanduser())
 
     # -- variables and files -------------------------------------------------------------------
 
@@ -234,15 +186,12 @@ class CodeInterpreter(Settings):
         as_name: str | None = None,
         allow_pickle: bool = False,
         **variables: Any,
-    ) -> list[transfer.PushOutcome]:
+    ) -> list[PushOutcome]:
         """Send ``name=value`` pairs to /mnt/data now (unchanged values are not sent again)."""
-        items = [
-            PushRequest(name, value, "variable", fmt, as_name, allow_pickle)
-            for name, value in variables.items()
-        ]
+        items = [PushRequest(n, v, "variable", fmt, as_name, allow_pickle) for n, v in variables.items()]
         return self.push_requests(items)[0]
 
-    def push_requests(self, requests: list[PushRequest]) -> tuple[list[transfer.PushOutcome], list[Notice]]:
+    def push_requests(self, requests: list[PushRequest]) -> tuple[list[PushOutcome], list[Notice]]:
         """Push what ``%ci_push`` resolved; also the notices of a container made or replaced for it."""
         return self._run(self._get_session().push(requests))
 
@@ -250,35 +199,28 @@ class CodeInterpreter(Settings):
         """Download a container file into the output folder and return it decoded (never unpickled)."""
         return self.pull_file(name).value
 
-    def pull_file(self, name: str) -> transfer.PulledFile:
+    def pull_file(self, name: str) -> PulledFile:
         """``pull`` with what is known about the file: its kind, local path, the name to bind."""
         return self._run(self._get_session().pull(name))
 
-    def pull_all(self) -> list[transfer.PulledFile]:
+    def pull_all(self) -> list[PulledFile]:
         """Download and decode every file the model made."""
         return self._run(self._get_session().pull_all())
 
-    def files(self) -> list[transfer.FileRow]:
+    def files(self) -> list[FileRow]:
         """The container's files: name, size, source (notebook / model), created."""
         return self._run(self._session.file_rows()) if self._session is not None else []
 
-    # -- session management --------------------------------------------------------------------
+    # -- session management (lifecycle.py) -----------------------------------------------------
 
     def reset(self) -> None:
         """Start over: a new container, a fresh conversation, and a backend built from the current
         configuration and environment (a new API key is picked up). Pushed files are re-sent."""
-        if self._session is not None:
-            self._backend_stale = True  # so the session is reset with a backend built afresh
-            self._get_session()
-        self._saved.forget()
+        self._call(self._kept.reset)
 
     def status(self) -> Status:
         """Backend, model, the container as the backend reports it now, its files, usage and turns."""
-        model = self.resolved_model() or "(server default)"
-        if self._session is None or (self._backend_stale and self._session.backend.name != self.backend):
-            when = "on this backend" if self._session is not None else "by the first cell"
-            return Status(self.backend, model, None, f"not created yet (the next cell starts one {when})")
-        return self._run(self._session.status(model=model))
+        return self._call(self._kept.status, self.resolved_model() or "(server default)")
 
     def close(self) -> None:
         """Delete the container (if configured) and close connections.
@@ -286,11 +228,4 @@ class CodeInterpreter(Settings):
         When the kernel is being restarted (not shut down), the container is kept and the session's
         state saved, so the first cell after the restart reattaches to it.
         """
-        if self._session is None:
-            return
-        restarting = kernel_is_restarting(self.shell)
-        self._saved.at_exit(self._session, self, restarting=restarting)
-        session, self._session = self._session, None
-        delete = self.delete_container_on_exit and not restarting
-        with contextlib.suppress(CIError, RuntimeError, OSError):
-            run_sync(session.close(delete_container=delete))
+        self._kept.close()

@@ -23,16 +23,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ci_magic.errors import ConfigurationError, ContainerFileError
+from ci_magic.errors import BackendError, ConfigurationError, ContainerFileError
 from ci_magic.filenames import safe_relative_name
 from ci_magic.provenance import cell_provenance, read_notebook
 from ci_magic.result import Result
-from ci_magic.transcript import Transcript, TurnEntry
+from ci_magic.transcript import Transcript, TurnEntry, TurnKind
 from ci_magic.variables.registry import PushRegistry
 
 __all__ = [
     "ExportOutcome",
     "ReplayPlan",
+    "confirm_replayed",
     "export_session",
     "plain_python",
     "plan_from_entry",
@@ -46,7 +47,11 @@ __all__ = [
 ]
 
 DATA_ROOT = "/mnt/data"
-EXPORTED_KINDS = ("ci", "exec", "replay")  # restores re-create state the script builds by itself
+EXPORTED_KINDS: tuple[TurnKind, ...] = (
+    "ci",
+    "exec",
+    "replay",
+)  # restores re-create state the script builds by itself
 _DATA_PATH = re.compile(r"/mnt/data(?![\w.-])(/?)")
 _IPYTHON_LINE = re.compile(r"^\s*[!%]")  # shell escapes and magics: not plain Python
 
@@ -162,6 +167,18 @@ def ran_as_recorded(plan: ReplayPlan, result: Result) -> bool:
     model copies the code, and a replay that changed it is not a replay."""
     ran = _squeeze(result.code)
     return all(_squeeze(block) in ran for block in plan.blocks)
+
+
+def confirm_replayed(plan: ReplayPlan, result: Result) -> Result:
+    """``result`` when its run was ``plan``'s code as recorded; else a ``BackendError`` carrying it."""
+    if not ran_as_recorded(plan, result):
+        error = BackendError(
+            "The replay did not run the recorded code as written (the model changed it while "
+            "copying it), so its outputs are not a reproduction. Run %ci_replay again."
+        )
+        error.result, result.error = result, error
+        raise error
+    return result
 
 
 def _squeeze(code: str) -> str:

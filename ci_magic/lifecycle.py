@@ -1,0 +1,85 @@
+"""The one ``Session`` a ``CodeInterpreter`` keeps, from its first use to the kernel's exit.
+
+Built from the settings on first use; reset with a backend built afresh after a backend setting
+changed (or ``reset()``: a new API key is picked up); carried across kernel restarts through the
+notebook's state file (``state_file.py``); closed at exit, keeping the container for a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from ci_magic.backends.factory import build_backend
+from ci_magic.bridge import run_sync
+from ci_magic.config import Settings
+from ci_magic.errors import CIError
+from ci_magic.session import Session, Status, kernel_session_id, session_settings
+from ci_magic.state_file import NotebookState, kernel_is_restarting
+from ci_magic.variables.progress import default_progress
+
+__all__ = ["SessionKeeper"]
+
+
+class SessionKeeper:
+    """Holds the session of ``settings`` (a ``CodeInterpreter``) for the shell it runs in (or None)."""
+
+    def __init__(self, settings: Settings, shell: object = None) -> None:
+        self.settings = settings
+        self.shell = shell
+        self.session_id = kernel_session_id()
+        self.session: Session | None = None  # built on first use
+        self.backend_stale = False  # a backend setting changed: the next use builds the backend again
+        self._saved = NotebookState(shell)  # reattach after a kernel restart
+
+    def get(self) -> Session:
+        """The session, built on first use and reset with a new backend after a backend setting
+        changed; the settings that need no new backend apply again each time (no restart needed)."""
+        settings = self.settings
+        if self.session is None:
+            self.session = Session(
+                build_backend(settings),
+                session_id=self.session_id,
+                progress=default_progress,
+                on_change=self._save,
+                registry=self._saved.new_registry(),
+                **session_settings(settings),
+            )
+            self._saved.take_over(self.session, settings)
+        elif self.backend_stale:
+            run_sync(self.session.reset(build_backend(settings)))
+        self.backend_stale = False
+        for name, value in session_settings(settings).items():
+            setattr(self.session, name, value)
+        return self.session
+
+    def _save(self) -> None:
+        if self.session is not None:
+            self._saved.save(self.session, self.settings)
+
+    def reset(self) -> None:
+        """A new container, a fresh conversation and a backend built afresh; the saved state forgotten."""
+        self.backend_stale = True
+        if self.session is not None:
+            self.get()
+        self._saved.forget()
+
+    def status(self, model: str) -> Status:
+        """The session's status, checked now; before it exists (or when the next use builds it on
+        another backend), what the next cell will do."""
+        session, backend = self.session, self.settings.backend
+        if session is None or (self.backend_stale and session.backend.name != backend):
+            when = "on this backend" if session is not None else "by the first cell"
+            return Status(backend, model, None, f"not created yet (the next cell starts one {when})")
+        return run_sync(session.status(model=model))
+
+    def close(self) -> None:
+        """Delete the container (if configured) and close connections; when the kernel is being
+        restarted, the container is kept and the state saved for the first cell after it."""
+        if self.session is None:
+            return
+        restarting = kernel_is_restarting(self.shell)
+        self._saved.at_exit(self.session, self.settings, restarting=restarting)
+        session, self.session = self.session, None
+        delete = self.settings.delete_container_on_exit and not restarting
+        with contextlib.suppress(CIError, RuntimeError, OSError):
+            run_sync(session.close(delete_container=delete))
