@@ -67,6 +67,20 @@ def notebook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Intera
     InteractiveShell.clear_instance()
 
 
+@pytest.fixture
+def unisolated_notebook(
+    notebook: InteractiveShell,
+    no_bwrap_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> InteractiveShell:
+    """A notebook on a machine without bubblewrap whose user chose ``isolation = "none"``."""
+    monkeypatch.setenv("PATH", no_bwrap_path)
+    notebook.run_line_magic("config", 'CodeInterpreter.isolation = "none"')
+    capsys.readouterr()
+    return notebook
+
+
 def hostile_cell(tmp_path: Path) -> str:
     """Code that would leave a file on the host if it ran without a sandbox."""
     return f"open({str(tmp_path / MARKER)!r}, 'w').write('x')\nprint('ran')"
@@ -103,16 +117,9 @@ def test_auto_with_a_bubblewrap_that_cannot_make_namespaces_fails_closed(
 
 
 def test_isolation_none_is_a_knowing_choice_and_says_not_isolated(
-    notebook: InteractiveShell,
-    no_bwrap_path: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    unisolated_notebook: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("PATH", no_bwrap_path)
-    notebook.run_line_magic("config", 'CodeInterpreter.isolation = "none"')
-    capsys.readouterr()
-    outcome = notebook.run_cell("%%ci_exec\nprint(6 * 7)")
+    outcome = unisolated_notebook.run_cell("%%ci_exec\nprint(6 * 7)")
     assert outcome.error_in_exec is None, outcome.error_in_exec
     shown = capsys.readouterr().out
     assert "42" in shown and "not isolated" in shown, shown
@@ -179,16 +186,10 @@ TURNS = ["%%ci_exec\nprint(6 * 7)", "%%ci_exec\n1 / 0", "%%ci_exec\nimport os\np
 
 
 def test_every_status_line_says_not_isolated_when_isolation_is_none(
-    notebook: InteractiveShell,
-    no_bwrap_path: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    unisolated_notebook: InteractiveShell, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("PATH", no_bwrap_path)
-    notebook.run_line_magic("config", 'CodeInterpreter.isolation = "none"')
-    capsys.readouterr()
     for cell in TURNS:  # a fine turn, one whose code raised, and one after the warning was shown
-        notebook.run_cell(cell)
+        unisolated_notebook.run_cell(cell)
     lines = status_lines(capsys.readouterr().out)
     assert len(lines) == len(TURNS), lines
     assert all("not isolated" in line for line in lines), lines
