@@ -26,7 +26,9 @@ __all__ = [
     "Backend",
     "ContainerFile",
     "ContainerInfo",
+    "ContainerRecord",
     "Conversation",
+    "FileRecord",
     "TurnRequest",
     "check_reported_size",
     "discard_download",
@@ -62,6 +64,40 @@ class ContainerInfo:
             return None
         anchor = self.last_active_at or self.created_at
         return anchor + 60 * self.expires_after_minutes
+
+
+@dataclass
+class FileRecord:
+    """What a backend that keeps its own file table (local, gateway) knows of one container file."""
+
+    id: str
+    created_at: int
+    source: str  # "user" | "assistant"
+    bytes: int
+
+
+@dataclass
+class ContainerRecord:
+    """A backend's own, mutable record of one container; :meth:`info` is what the session sees."""
+
+    id: str
+    name: str
+    created_at: int
+    last_active_at: int
+    expires_after_minutes: int
+    memory_limit: str
+    status: str  # "running" | "expired"
+
+    def info(self) -> ContainerInfo:
+        return ContainerInfo(
+            id=self.id,
+            name=self.name,
+            status=self.status,
+            created_at=self.created_at,
+            last_active_at=self.last_active_at,
+            expires_after_minutes=self.expires_after_minutes,
+            memory_limit=self.memory_limit,
+        )
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 from ci_magic.backends.base import (
     ContainerFile,
     ContainerInfo,
+    ContainerRecord,
+    FileRecord,
     MemoryLimit,
     TurnRequest,
     check_reported_size,
@@ -102,41 +104,15 @@ class GatewayFile(ContainerFile):
 
 
 @dataclass
-class _FileRecord:
-    id: str
-    created_at: int
-    source: str
-    bytes: int
-
-
-@dataclass
-class _Kernel:
+class _Kernel(ContainerRecord):
     """One container: a gateway kernel, its channels and the files we know of."""
 
-    id: str
-    name: str
-    created_at: int
-    last_active_at: int
-    expires_after_minutes: int
-    memory_limit: str
     channels: KernelChannels
     data_dir: str = SANDBOX_DATA
-    status: str = "running"
-    files: dict[str, _FileRecord] = field(default_factory=dict)
+    files: dict[str, FileRecord] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
-    def info(self) -> ContainerInfo:
-        return ContainerInfo(
-            id=self.id,
-            name=self.name,
-            status=self.status,
-            created_at=self.created_at,
-            last_active_at=self.last_active_at,
-            expires_after_minutes=self.expires_after_minutes,
-            memory_limit=self.memory_limit,
-        )
-
-    def as_file(self, relative: str, record: _FileRecord) -> GatewayFile:
+    def as_file(self, relative: str, record: FileRecord) -> GatewayFile:
         return GatewayFile(
             id=record.id,
             container_id=self.id,
@@ -204,6 +180,7 @@ class GatewayBackend:
             last_active_at=now,
             expires_after_minutes=expires_after_minutes,
             memory_limit=str(memory_limit),
+            status="running",
             channels=KernelChannels(self.client, model.id),
         )
         try:
@@ -256,6 +233,7 @@ class GatewayBackend:
             last_active_at=now,
             expires_after_minutes=expires_after_minutes,
             memory_limit=memory_limit,
+            status="running",
             channels=KernelChannels(self.client, container_id),
         )
         try:
@@ -637,7 +615,7 @@ class GatewayBackend:
                 f"{filename} arrived in the gateway kernel with a different checksum; nothing was stored. "
                 "Push it again."
             )
-        record = _FileRecord(_new_file_id(), int(self._clock()), "user", size)
+        record = FileRecord(_new_file_id(), int(self._clock()), "user", size)
         kernel.files[relative] = record
         return kernel.as_file(relative, record)
 
@@ -663,7 +641,7 @@ class GatewayBackend:
         for path, (size, mtime) in found.items():
             record = kernel.files.get(path)
             if record is None:
-                kernel.files[path] = _FileRecord(_new_file_id(), int(mtime), "assistant", size)
+                kernel.files[path] = FileRecord(_new_file_id(), int(mtime), "assistant", size)
             else:
                 record.bytes = size
         return [kernel.as_file(path, record) for path, record in sorted(kernel.files.items())]

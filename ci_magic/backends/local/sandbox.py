@@ -33,7 +33,7 @@ from typing import Any
 
 import zmq.asyncio
 
-from ci_magic.backends.base import ContainerFile, ContainerInfo
+from ci_magic.backends.base import ContainerFile, ContainerInfo, ContainerRecord, FileRecord
 from ci_magic.backends.local.budget import CgroupV2, parse_size
 from ci_magic.backends.local.datadir import (
     DATA_PREFIX,
@@ -77,23 +77,8 @@ def default_root() -> Path:
 
 
 @dataclass
-class _FileRecord:
-    id: str
-    created_at: int
-    source: str  # "user" | "assistant"
-    bytes: int
-
-
-@dataclass
-class _Container:
-    id: str
-    name: str
-    created_at: int
-    last_active_at: int
-    expires_after_minutes: int
-    memory_limit: str
-    status: str  # "running" | "expired"
-    files: dict[str, _FileRecord] = field(default_factory=dict)  # keyed by path below /mnt/data
+class _Container(ContainerRecord):
+    files: dict[str, FileRecord] = field(default_factory=dict)  # keyed by path below /mnt/data
     saved_active_at: int = field(default=0, repr=False)  # last_active_at as last written to disk
     kernel: LocalKernel | None = field(default=None, repr=False)
     starting: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -102,17 +87,6 @@ class _Container:
     @property
     def expires_at(self) -> int:
         return self.last_active_at + 60 * self.expires_after_minutes
-
-    def info(self) -> ContainerInfo:
-        return ContainerInfo(
-            id=self.id,
-            name=self.name,
-            status=self.status,
-            created_at=self.created_at,
-            last_active_at=self.last_active_at,
-            expires_after_minutes=self.expires_after_minutes,
-            memory_limit=self.memory_limit,
-        )
 
     def touch(self, now: float) -> None:
         self.last_active_at = int(now)
@@ -131,7 +105,7 @@ class _Container:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> _Container:
-        files = {str(p): _FileRecord(**r) for p, r in dict(data.get("files") or {}).items()}
+        files = {str(p): FileRecord(**r) for p, r in dict(data.get("files") or {}).items()}
         return cls(
             id=str(data["id"]),
             name=str(data["name"]),
@@ -407,7 +381,7 @@ class SandboxManager:
                 raise ContainerFileError(f"Cannot upload {str(source)!r}: it is not a readable file.")
         user = self._sandbox_user(container.id)
         size = await asyncio.to_thread(write_file, self._data_dir(container.id), relative, payload, user)
-        record = _FileRecord(id=_new_id("cfile_"), created_at=int(self._clock()), source="user", bytes=size)
+        record = FileRecord(id=_new_id("cfile_"), created_at=int(self._clock()), source="user", bytes=size)
         container.files[relative] = record
         container.touch(self._clock())
         self._save(container)
@@ -473,7 +447,7 @@ class SandboxManager:
         for path, (size, mtime) in found.items():
             record = container.files.get(path)
             if record is None:
-                container.files[path] = _FileRecord(
+                container.files[path] = FileRecord(
                     id=_new_id("cfile_"), created_at=int(mtime), source="assistant", bytes=size
                 )
                 changed = True
@@ -684,7 +658,7 @@ def _new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
 
-def _as_file(cid: str, relative: str, record: _FileRecord) -> ContainerFile:
+def _as_file(cid: str, relative: str, record: FileRecord) -> ContainerFile:
     return ContainerFile(
         id=record.id,
         container_id=cid,
