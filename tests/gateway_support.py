@@ -156,6 +156,17 @@ class KernelGateway:
     def kernel_ids(self) -> set[str]:
         return {kernel["id"] for kernel in self.kernels()}
 
+    def kernel_ids_once_gone(self, kernel_id: str, *, wait: float = 30.0) -> set[str]:
+        """The kernels listed once ``kernel_id`` is gone, or after ``wait`` seconds if it stays.
+
+        A DELETE sent as a notebook's kernel exits may still be running when that kernel is gone:
+        the gateway lists the kernel until its own shutdown of it (up to its shutdown_wait_time,
+        then a kill) has finished, which takes longer on a busy machine."""
+        deadline = time.monotonic() + wait
+        while kernel_id in (listed := self.kernel_ids()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return listed
+
     def delete_kernel(self, kernel_id: str) -> None:
         self.request("DELETE", f"/api/kernels/{kernel_id}")
 

@@ -293,7 +293,8 @@ def test_the_same_notebook_runs_unchanged_on_local_and_gateway(
         if backend == "gateway":
             kernel_id = texts[7].strip().splitlines()[-1]
             assert kernel_id in live["kernels"], "the code ran in a kernel of this gateway"
-            assert kernel_id not in gateway.kernel_ids(), "closing the notebook deleted its kernel"
+            left = gateway.kernel_ids_once_gone(kernel_id)
+            assert kernel_id not in left, "closing the notebook deleted its kernel"
             request = server.chat_requests[0].body
             assert request["tools"][0]["function"]["name"] == "python"
     for marker in ("pulled", "revenue", "equal"):

@@ -89,6 +89,7 @@ def test_after_a_timeout_no_thread_or_detached_process_keeps_burning_cpu(attacke
     started = time.monotonic()
     events = attacker.execute(code)
     took = time.monotonic() - started
+    print(f"the run ended {took:.2f} s after it started (3 s limit)")
     (error,) = errors(events)
     assert error["name"] == "TimeoutError"
     assert "stopped after 3 s" in error["value"] and "CodeInterpreter.execution_timeout" in error["value"]
@@ -98,7 +99,9 @@ def test_after_a_timeout_no_thread_or_detached_process_keeps_burning_cpu(attacke
     # notice when the interrupt stopped the main loop, in the error itself when the spinning threads
     # kept the kernel from settling within the grace (which of the two depends on the machine's load).
     assert any("restarted" in text for text in [*notices(events), error["value"]]), events
-    assert took < 3 + 3 + 5, took
+    # The limit, the interrupt's grace, then at most a kernel restart: that restart takes 1-3 s on a
+    # busy 2-core machine (8.5 s in all measured at load 27), so 10 s are left for it and the rest.
+    assert took < 3 + 3 + 10, took
     assert processes_with(marker) == [], "detached processes outlived the timeout"
     # From the host: the sandbox (restarted or not) is idle now, and nothing of the first one runs.
     members = processes_in(first_sandbox or "") + processes_in(sandbox_namespace(attacker.pid or 0) or "")
