@@ -169,7 +169,7 @@ class Session:
         # Replaces, restores and reattaches the container, and carries the conversation over.
         self.continuity = Continuity(self)
 
-    # -- taken over, reset, closed -------------------------------------------------------------
+    # -- taken over, reset, checked, closed ----------------------------------------------------
 
     def resume(
         self,
@@ -207,11 +207,9 @@ class Session:
             with contextlib.suppress(CIError, OSError, RuntimeError):
                 await previous.aclose()
 
-    def describe_file(self, row: FileRow) -> FileRow:
-        """A listing row with what the session knows: its size once saved, and who wrote it."""
-        size = row.size if row.size is not None else self._sizes.get(row.file_id)
-        source = "notebook" if row.file_id in self._made_by_exec else row.source
-        return dataclasses.replace(row, size=size, source=source)
+    async def status(self, *, model: str) -> Status:
+        """The session as ``%ci_status`` shows it, with the container checked now (``status.py``)."""
+        return await check_status(self, model=model)
 
     async def close(self, *, delete_container: bool) -> None:
         if delete_container and self.container is not None:
@@ -274,6 +272,12 @@ class Session:
         if self.container is None:
             return []
         return [self.describe_file(row) for row in await self.files(self.container).listing()]
+
+    def describe_file(self, row: FileRow) -> FileRow:
+        """A listing row with what the session knows: its size once saved, and who wrote it."""
+        size = row.size if row.size is not None else self._sizes.get(row.file_id)
+        source = "notebook" if row.file_id in self._made_by_exec else row.source
+        return dataclasses.replace(row, size=size, source=source)
 
     def _existing_container(self, doing: str) -> ContainerInfo:
         if self.container is None:
@@ -463,10 +467,6 @@ class Session:
         result.notices.extend(o for o in outcomes if isinstance(o, Notice))
         saved.extend(save_figures(result, self.output_dir))
         return saved
-
-    async def status(self, *, model: str) -> Status:
-        """The session as ``%ci_status`` shows it, with the container checked now (``status.py``)."""
-        return await check_status(self, model=model)
 
 
 def session_settings(settings: Settings) -> dict[str, Any]:
