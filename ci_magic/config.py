@@ -94,6 +94,11 @@ def _env_bytes(variable: str, setting: str, fallback: int) -> int:
         raise _bad_env(variable, text, "a number of bytes", setting, str(fallback)) from None
 
 
+def _env_text(setting: str, variable: str) -> Any:
+    """The ``@default`` of a text setting: the environment variable's value, else empty."""
+    return default(setting)(lambda _settings: _env(variable) or "")
+
+
 def openai_key_configured() -> bool:
     return bool(_env("OPENAI_API_KEY") or (_env("AZURE_OPENAI_API_KEY") and _env("AZURE_OPENAI_ENDPOINT")))
 
@@ -379,11 +384,13 @@ class Settings(Configurable):
     ).tag(config=True)
 
     download_size_cap = Int(
+        min=1,
         help="Largest container file (bytes) brought to this machine, by the automatic downloads and "
         "%ci_pull; checked before reading. Env: CI_MAGIC_DOWNLOAD_SIZE_CAP. Default: 256 MB.",
     ).tag(config=True)
 
     download_turn_budget = Int(
+        min=1,
         help="Bytes all automatic downloads of one turn may take together. Env: "
         "CI_MAGIC_DOWNLOAD_TURN_BUDGET. Default: 1 GB.",
     ).tag(config=True)
@@ -413,14 +420,18 @@ class Settings(Configurable):
         'minute, ..., "minimum_minutes": 5}}. Defaults: OpenAI\'s published prices (see the README).',
     ).tag(config=True)
 
-    download_concurrency = Int(4, help="Files downloaded at once after a turn.").tag(config=True)
+    download_concurrency = Int(4, min=0, help="Files downloaded at once after a turn.").tag(config=True)
 
-    max_retries = Int(2, help="Retries (with backoff) of 429, 5xx and connection errors.").tag(config=True)
+    max_retries = Int(2, min=0, help="Retries (with backoff) of 429, 5xx and connection errors.").tag(
+        config=True
+    )
 
     request_timeout = Float(600.0, help="Seconds before a model request times out.").tag(config=True)
 
     max_updates_per_second = Float(
         12.0,
+        min=0.5,
+        max=60.0,
         help="Upper bound on live display updates per second (each display's final redraw is extra).",
     ).tag(config=True)
 
@@ -472,11 +483,13 @@ class Settings(Configurable):
         "CI_MAGIC_DISK_LIMIT.",
     ).tag(config=True)
 
-    pool_size = Int(1, help="local backend: containers kept warm so a new one is ready at once.").tag(
+    pool_size = Int(1, min=0, help="local backend: containers kept warm so a new one is ready at once.").tag(
         config=True
     )
 
-    max_steps = Int(12, help="local backend: tool calls the model may make in one turn.").tag(config=True)
+    max_steps = Int(12, min=0, help="local backend: tool calls the model may make in one turn.").tag(
+        config=True
+    )
 
     tool_choice = Enum(
         ["", "auto", "required", "named", "none"],
@@ -489,6 +502,7 @@ class Settings(Configurable):
 
     max_tokens = Int(
         0,
+        min=0,
         help="local/gateway: most tokens one model answer may have, sent on every request. 0: a quarter "
         "of the model's context, at most 4096. Env: CI_MAGIC_MAX_TOKENS.",
     ).tag(config=True)
@@ -501,6 +515,7 @@ class Settings(Configurable):
 
     context_tokens = Int(
         8192,
+        min=512,
         help="local/gateway: the model's context size in tokens, used when the server does not report "
         "it (llama.cpp, vLLM and LM Studio do). The conversation sent is kept within it. "
         "Env: CI_MAGIC_CONTEXT_TOKENS.",
@@ -517,13 +532,6 @@ class Settings(Configurable):
     @default("context_tokens")
     def _default_context_tokens(self) -> int:
         return _env_int("CI_MAGIC_CONTEXT_TOKENS", "context_tokens", 8192)
-
-    @validate("context_tokens")
-    def _check_context_tokens(self, proposal: dict[str, Any]) -> int:
-        value = int(proposal["value"])
-        if value < 512:
-            raise TraitError(f"context_tokens must be at least 512, not {value}")
-        return value
 
     gateway_url = UrlUnicode(
         help="gateway backend: base URL of a Jupyter Kernel Gateway or Enterprise Gateway "
@@ -550,9 +558,7 @@ class Settings(Configurable):
         fallback = "openai" if openai_key_configured() else "local"
         return _env_choice("CI_MAGIC_BACKEND", "backend", self._choices("backend"), fallback)
 
-    @default("model")
-    def _default_model(self) -> str:
-        return _env("CI_MAGIC_MODEL") or ""
+    _default_model = _env_text("model", "CI_MAGIC_MODEL")
 
     @default("memory_limit")
     def _default_memory_limit(self) -> str:
@@ -587,15 +593,6 @@ class Settings(Configurable):
     def _default_download_turn_budget(self) -> int:
         return _env_bytes("CI_MAGIC_DOWNLOAD_TURN_BUDGET", "download_turn_budget", 1024 * 1024 * 1024)
 
-    @validate("download_size_cap", "download_turn_budget")
-    def _check_byte_count(self, proposal: dict[str, Any]) -> int:
-        value = int(proposal["value"])
-        if value < 1:
-            raise TraitError(
-                f"{proposal['trait'].name} is a number of bytes and must be positive, not {value}"
-            )
-        return value
-
     @validate("output_dir")
     def _check_output_dir(self, proposal: dict[str, Any]) -> str:
         value = str(proposal["value"])
@@ -604,13 +601,8 @@ class Settings(Configurable):
             raise TraitError(output_dir_message(value, problem))
         return value
 
-    @default("model_base_url")
-    def _default_model_base_url(self) -> str:
-        return _env("CI_MAGIC_MODEL_BASE_URL") or ""
-
-    @default("model_api_key")
-    def _default_model_api_key(self) -> str:
-        return _env("CI_MAGIC_MODEL_API_KEY") or ""
+    _default_model_base_url = _env_text("model_base_url", "CI_MAGIC_MODEL_BASE_URL")
+    _default_model_api_key = _env_text("model_api_key", "CI_MAGIC_MODEL_API_KEY")
 
     @default("disk_limit")
     def _default_disk_limit(self) -> str:
@@ -619,7 +611,6 @@ class Settings(Configurable):
     @validate("disk_limit")
     def _check_disk_limit(self, proposal: dict[str, Any]) -> str:
         from ci_magic.backends.local.budget import parse_size
-        from ci_magic.errors import ConfigurationError
 
         text = str(proposal["value"]).strip()
         if text:
@@ -633,17 +624,9 @@ class Settings(Configurable):
     def _default_isolation(self) -> str:
         return (_env("CI_MAGIC_ISOLATION") or "auto").strip().lower()
 
-    @default("gateway_url")
-    def _default_gateway_url(self) -> str:
-        return _env("CI_MAGIC_GATEWAY_URL") or ""
-
-    @default("gateway_token")
-    def _default_gateway_token(self) -> str:
-        return _env("CI_MAGIC_GATEWAY_TOKEN") or ""
-
-    @default("gateway_kernel_name")
-    def _default_gateway_kernel_name(self) -> str:
-        return _env("CI_MAGIC_GATEWAY_KERNEL_NAME") or ""
+    _default_gateway_url = _env_text("gateway_url", "CI_MAGIC_GATEWAY_URL")
+    _default_gateway_token = _env_text("gateway_token", "CI_MAGIC_GATEWAY_TOKEN")
+    _default_gateway_kernel_name = _env_text("gateway_kernel_name", "CI_MAGIC_GATEWAY_KERNEL_NAME")
 
     @validate("expires_after_minutes")
     def _check_expiry(self, proposal: dict[str, Any]) -> int:
@@ -653,17 +636,3 @@ class Settings(Configurable):
                 f"expires_after_minutes must be between 1 and 1440 (OpenAI allows 1-20), not {minutes}"
             )
         return minutes
-
-    @validate("download_concurrency", "pool_size", "max_steps", "max_retries", "max_tokens")
-    def _check_non_negative(self, proposal: dict[str, Any]) -> int:
-        value = int(proposal["value"])
-        if value < 0:
-            raise TraitError(f"{proposal['trait'].name} cannot be negative ({value})")
-        return value
-
-    @validate("max_updates_per_second")
-    def _check_rate(self, proposal: dict[str, Any]) -> float:
-        rate = float(proposal["value"])
-        if not 0.5 <= rate <= 60:
-            raise TraitError(f"max_updates_per_second must be between 0.5 and 60, not {rate}")
-        return rate

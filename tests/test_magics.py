@@ -56,6 +56,47 @@ def test_config_and_environment_set_the_same_traits(shell, monkeypatch) -> None:
         ci.expires_after_minutes = 0
 
 
+OUT_OF_RANGE = [
+    ("context_tokens", 511),
+    ("download_size_cap", 0),
+    ("download_turn_budget", 0),
+    ("download_concurrency", -1),
+    ("max_retries", -1),
+    ("pool_size", -1),
+    ("max_steps", -1),
+    ("max_tokens", -1),
+    ("max_updates_per_second", 0.4),
+    ("max_updates_per_second", 61.0),
+]
+AT_THE_EDGE = [
+    ("context_tokens", 512),
+    ("download_size_cap", 1),
+    ("pool_size", 0),
+    ("max_updates_per_second", 0.5),
+    ("max_updates_per_second", 60.0),
+]
+
+
+def test_counts_and_rates_out_of_range_are_refused_whether_configured_or_from_the_environment(
+    shell, monkeypatch, caplog
+) -> None:
+    ci = interpreter(shell)
+    for name, value in OUT_OF_RANGE:
+        before = getattr(ci, name)
+        caplog.clear()
+        shell.run_line_magic("config", f"CodeInterpreter.{name} = {value!r}")  # %config logs the refusal
+        assert f"'{name}' trait" in caplog.text, caplog.text
+        assert getattr(ci, name) == before, f"a refused {name} is not kept"
+        with pytest.raises(TraitError, match=name):
+            setattr(ci, name, value)
+    for name, value in AT_THE_EDGE:
+        shell.run_line_magic("config", f"CodeInterpreter.{name} = {value!r}")
+        assert getattr(ci, name) == value
+    monkeypatch.setenv("CI_MAGIC_CONTEXT_TOKENS", "100")
+    with pytest.raises(TraitError, match="context_tokens"):
+        CodeInterpreter().context_tokens  # noqa: B018
+
+
 def test_line_prompts_are_prose_not_shell_words() -> None:
     assert split_options("--new -o r what's the mean of df? -- it's \"odd\"") == (
         "--new -o r",
