@@ -92,15 +92,15 @@ class Continuity:
 
     def __init__(self, session: OwningSession) -> None:
         self.session = session
-        self.restore_from: str | None = None  # the replaced container whose state is still to re-run
-        self.moved_paths: dict[str, str] = {}  # pushed files' paths in the old container -> the new one
-        self.reattaching = False  # the container came from a state file: check it and say so once
+        self._restore_from: str | None = None  # the replaced container whose state is still to re-run
+        self._moved_paths: dict[str, str] = {}  # pushed files' paths in the old container -> the new one
+        self._reattaching = False  # the container came from a state file: check it and say so once
 
     def can_check_beside_turn(self) -> bool:
         """Whether the container check may run beside the model request (hiding its latency): not
         for a container to reattach (checked and announced first), nor where a check costs nothing."""
         s = self.session
-        return s.container is not None and not self.reattaching and s.backend.name not in CHECKED_FIRST
+        return s.container is not None and not self._reattaching and s.backend.name not in CHECKED_FIRST
 
     async def ready(
         self,
@@ -115,7 +115,7 @@ class Continuity:
         with the notices to show. ``verify=False`` takes the current container unchecked (the turn
         checks it concurrently)."""
         container, notices = await self._container(verify=verify)
-        if self.restore_from is not None:
+        if self._restore_from is not None:
             notices.extend(await self._restore_state(container, model, instructions, extra_headers))
         return container, notices
 
@@ -133,26 +133,28 @@ class Continuity:
         """The session took over a previous kernel's saved state: check (and announce) its container
         at the next use; with no server-side chain, the transcript is the conversation so far."""
         s = self.session
-        self.reattaching = reattach
+        self._reattaching = reattach
         if s.conversation.previous_response_id is None and s.transcript.conversation():
             # Chat backends keep history client-side, and it died with the kernel.
             s.conversation.messages[:] = s.transcript.as_messages()
 
     def forget(self) -> None:
         """The session was reset: nothing is left to restore or reattach."""
-        self.restore_from = None
-        self.moved_paths = {}
-        self.reattaching = False
+        self._restore_from = None
+        self._moved_paths = {}
+        self._reattaching = False
 
     # -- the container: checked, reattached, or replaced --------------------------------------
 
     async def _container(self, *, verify: bool) -> tuple[ContainerInfo, list[Notice]]:
+        """The current container if it is usable (reattached, the first time after a restart), else a
+        new one with the pushed files re-sent; its state's re-run is planned, not done, here."""
         s = self.session
         notices: list[Notice] = []
         if s.container is not None and not verify:
             return s.container, notices
         if s.container is not None:
-            reattaching, self.reattaching = self.reattaching, False
+            reattaching, self._reattaching = self._reattaching, False
             current = await self._current(s.container.id, reattaching)
             if current is not None and current.usable:
                 s.container = current
@@ -175,7 +177,7 @@ class Continuity:
         notices.extend(await self._restore_files(new))
         # OpenAI stores an upload under a new random prefix in each container: recorded code that read
         # the old path reads the new one when it is re-run.
-        self.moved_paths = {
+        self._moved_paths = {
             old_paths[e.name]: e.path
             for e in s.registry
             if e.name in old_paths and e.in_container(new.id) and old_paths[e.name] != e.path
@@ -206,7 +208,7 @@ class Continuity:
             return Notice(
                 f"Reattached to container {container.id} after the kernel restart: its files are there; "
                 "its in-memory state is re-run below."
-                if self.restore_from
+                if self._restore_from
                 else f"Reattached to container {container.id} after the kernel restart: its files are there."
             )
         return Notice(
@@ -218,7 +220,7 @@ class Continuity:
         restore off or nothing to re-run, tell the model it is gone)."""
         s = self.session
         if s.restore_on_expiry == "replay" and s.transcript.code_in(old_id):
-            self.restore_from = old_id
+            self._restore_from = old_id
         elif s.turns or len(s.transcript):
             s.conversation.notes.append(RECREATED_NOTE)
 
@@ -242,11 +244,11 @@ class Continuity:
     ) -> list[Notice]:
         """Re-run the replaced container's successful code in ``container`` (``restore.py``)."""
         s = self.session
-        old, self.restore_from = self.restore_from, None
+        old, self._restore_from = self._restore_from, None
         if old is None:
             return []
         blocks = [
-            dataclasses.replace(b, code=with_paths(b.code, self.moved_paths))
+            dataclasses.replace(b, code=with_paths(b.code, self._moved_paths))
             for b in s.transcript.code_in(old)
         ]
         plan = plan_restore(blocks, time_limit=s.restore_time_limit)
@@ -264,7 +266,7 @@ class Continuity:
                 extra_headers=extra_headers,
             )
         except asyncio.CancelledError:
-            self.restore_from = old  # Ctrl-C: the next turn restores again, from the start
+            self._restore_from = old  # Ctrl-C: the next turn restores again, from the start
             raise
         try:
             listing = await s.backend.list_files(container.id)
