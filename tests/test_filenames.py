@@ -125,12 +125,18 @@ def test_a_symlinked_folder_inside_the_output_folder_is_not_followed(tmp_path: P
     assert list(outside.iterdir()) == []
 
 
-def test_a_symlink_at_the_destination_is_replaced_not_written_through(tmp_path: Path, save_mode: str) -> None:
+def output_with_a_planted_link(tmp_path: Path) -> tuple[Path, Path]:
+    """An output folder whose report.txt is a symlink to a precious file outside it: (folder, victim)."""
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"precious")
     folder = tmp_path / "output"
     folder.mkdir()
     (folder / "report.txt").symlink_to(victim)
+    return folder, victim
+
+
+def test_a_symlink_at_the_destination_is_replaced_not_written_through(tmp_path: Path, save_mode: str) -> None:
+    folder, victim = output_with_a_planted_link(tmp_path)
     saved = save_into(folder, "report.txt", b"from the model")
     assert victim.read_bytes() == b"precious"
     assert not saved.is_symlink()
@@ -202,11 +208,7 @@ def test_a_download_over_the_cap_writes_nothing(tmp_path: Path, save_mode: str) 
 
 
 def test_a_download_replaces_a_symlink_at_its_destination(tmp_path: Path, save_mode: str) -> None:
-    victim = tmp_path / "victim.txt"
-    victim.write_bytes(b"precious")
-    folder = tmp_path / "output"
-    folder.mkdir()
-    (folder / "report.txt").symlink_to(victim)
+    folder, victim = output_with_a_planted_link(tmp_path)
     backend = FakeBackend()
     cid, fid = model_file(backend, "/mnt/data/report.txt", b"from the model")
     path, _ = asyncio.run(download_into(backend, cid, fid, folder, "report.txt", max_bytes=100))
