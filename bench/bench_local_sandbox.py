@@ -8,9 +8,18 @@ Prints, from one run (medians of ``--repeat`` measurements unless said otherwise
 4. ``--containers`` (16) containers alive at once: all answer, and each one's idle memory: RSS of
    the kernel process and of the sandbox's whole process tree, plus PSS, which shares the
    interpreter's pages fairly between processes (target RSS <= 80 MB each);
-5. what each protection costs, as ratios: cold create with and without the seccomp filter, and
-   a bubblewrap start of ``true`` with the user namespace (and, as root, the host-written uid map
-   and setpriv) against one without (as root only: an ordinary user cannot do without it).
+5. what each protection costs, measured interleaved (one start of each variant in turn, so a
+   change of the machine's load hits them alike): cold create with everything on, without the
+   seccomp filter, without the namespace helper (System V IPC caps and the socket-memory probe),
+   and with ``isolation="none"`` (no namespaces, filter, uid switch or helper: only the
+   launcher's rlimits and non-dumpable PID 1, a system call each); wall time and CPU time (the
+   host process plus every sandbox process: what a loaded machine cannot hide). The round trip
+   with the budget watchdog watching and not, and with ``isolation="none"``; a bubblewrap start
+   of ``true`` with the user namespace (and, as root, the host-written uid map and setpriv)
+   against one without (as root only: an ordinary user cannot do without it).
+
+The machine's 1-minute load average is printed with each section: on a shared 2-core machine it
+moves the absolute figures a lot; the ratios within one section much less.
 
 Every protection is on for 1-4 (user, PID, mount, network, IPC and UTS namespaces, seccomp,
 no capabilities, non-dumpable PID 1, only the interpreter's own folders visible).
@@ -22,24 +31,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 from jupyter_client.manager import AsyncKernelManager
 
+from ci_magic.backends.local import kernel as kernel_module
+from ci_magic.backends.local.budget import watchdog
 from ci_magic.backends.local.isolation import Isolation, detect_isolation, probe_python
 from ci_magic.backends.local.sandbox import SandboxManager
 from ci_magic.events import Logs
 
 MB = 1 << 20
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def p50(values: Sequence[float]) -> float:
@@ -211,17 +225,117 @@ async def many(root: Path, count: int, isolation: str) -> tuple[float, list[tupl
         await manager.aclose()
 
 
-async def without_seccomp(root: Path, repeat: int, isolation: str) -> list[float]:
-    """Cold create -> print(1) with the filter left out (the only change)."""
-    original = Isolation.launch
-    Isolation.launch = functools.partialmethod(original, seccomp=False)  # type: ignore[method-assign,assignment]
-    manager = SandboxManager(root / "no-seccomp", pool_size=0, isolation=isolation)
+def load() -> str:
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
+def cpu_seconds_of_tree(pid: int) -> float:
+    """User + system CPU time of every live process of the tree below ``pid`` (itself included)."""
+    total = 0.0
+    for member in tree(pid):
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[None]:
+    """One protection left out (the only change) while the block runs; "all on" changes nothing."""
+    restore: list[Callable[[], None]] = []
+    if name == "no seccomp":
+        original = Isolation.launch
+        Isolation.launch = functools.partialmethod(original, seccomp=False)  # type: ignore[method-assign,assignment]
+        restore.append(lambda: setattr(Isolation, "launch", original))
+    elif name == "no namespace helper":
+        helper = kernel_module._enter_namespaces
+
+        async def skipped(*_: object) -> None:
+            return None
+
+        kernel_module._enter_namespaces = skipped  # type: ignore[assignment]
+        restore.append(lambda: setattr(kernel_module, "_enter_namespaces", helper))
     try:
-        await first_print(manager)
-        return await timed(lambda: first_print(manager), repeat)
+        yield
     finally:
-        Isolation.launch = original  # type: ignore[method-assign]
-        await manager.aclose()
+        for undo in restore:
+            undo()
+
+
+VARIANTS = ("all on", "no seccomp", "no namespace helper", "isolation none")
+
+
+async def protection_costs(
+    root: Path, repeat: int, isolation: str
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Cold create -> print(1) per variant, interleaved: {variant: (wall seconds, CPU seconds)}."""
+    managers = {
+        name: SandboxManager(
+            root / f"cost-{index}", pool_size=0, isolation="none" if name == "isolation none" else isolation
+        )
+        for index, name in enumerate(VARIANTS)
+    }
+    found: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in VARIANTS}
+    try:
+        for name, manager in managers.items():
+            with variant(name):
+                await manager.delete(await first_print(manager))  # probes: once per session
+        for _ in range(repeat):
+            for name, manager in managers.items():
+                with variant(name):
+                    host_before = resource.getrusage(resource.RUSAGE_SELF)
+                    helpers_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    started = time.perf_counter()
+                    cid = await first_print(manager)
+                    wall = time.perf_counter() - started
+                    host_after = resource.getrusage(resource.RUSAGE_SELF)
+                    helpers_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    kernel = manager._containers[cid].kernel  # the bench may look inside
+                    assert kernel is not None and kernel.pid is not None
+                    cpu = cpu_seconds_of_tree(kernel.pid)
+                    for before, after in ((host_before, host_after), (helpers_before, helpers_after)):
+                        cpu += after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                    found[name][0].append(wall)
+                    found[name][1].append(cpu)
+                    await manager.delete(cid)
+    finally:
+        for manager in managers.values():
+            await manager.aclose()
+    return found
+
+
+async def round_trip_costs(root: Path, count: int, isolation: str) -> dict[str, list[float]]:
+    """Round trip of `1` with every protection, without the watchdog watching, and unisolated."""
+    full = SandboxManager(root / "trip-full", pool_size=0, isolation=isolation)
+    bare = SandboxManager(root / "trip-none", pool_size=0, isolation="none")
+    found: dict[str, list[float]] = {"all on": [], "watchdog not watching": [], "isolation none": []}
+    try:
+        full_id, bare_id = await first_print(full), await first_print(bare)
+        watched = full._containers[full_id].kernel._watched  # type: ignore[union-attr]
+        assert watched is not None
+
+        def trivial(manager: SandboxManager, cid: str) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                async for _ in manager.execute(cid, "1", call_id="b"):
+                    pass
+
+            return run
+
+        await timed(trivial(full, full_id), 5)
+        await timed(trivial(bare, bare_id), 5)
+        block = 10
+        for _ in range(max(count // block, 1)):
+            found["all on"] += await timed(trivial(full, full_id), block)
+            watchdog().forget(watched)
+            try:
+                found["watchdog not watching"] += await timed(trivial(full, full_id), block)
+            finally:
+                watchdog().watch(watched)
+            found["isolation none"] += await timed(trivial(bare, bare_id), block)
+    finally:
+        await full.aclose()
+        await bare.aclose()
+    return found
 
 
 def bwrap_true(repeat: int) -> tuple[list[float], list[float]]:
@@ -273,16 +387,22 @@ async def main() -> None:
     python = probe_python(sys.executable).executable
     spawn = python_spawn(python, max(args.repeat, 10))
     bare_starts, bare_trips = await bare_kernel(args.repeat, args.round_trips)
+    loads = {"baselines": load()}
     with tempfile.TemporaryDirectory(prefix="ci-magic-bench-") as tmp:
         root = Path(tmp)
         cold, warm, mode = await cold_and_warm(root, args.repeat, args.isolation)
+        loads["1-2"] = load()
         trips = await round_trip(root, args.round_trips, args.isolation)
+        loads["3"] = load()
         all_answered, sizes = await many(root, args.containers, args.isolation)
-        bare_filter = await without_seccomp(root, args.repeat, args.isolation)
+        loads["4"] = load()
+        costs = await protection_costs(root, args.repeat, args.isolation)
+        trip_costs = await round_trip_costs(root, args.round_trips, args.isolation)
+        loads["5"] = load()
     userns, no_userns = bwrap_true(max(args.repeat, 10))
     protections = detect_isolation(args.isolation, probe_python(sys.executable))
 
-    print(f"local sandbox ({mode} isolation), {python}")
+    print(f"local sandbox ({mode} isolation), {python}; {', '.join(f'{k}: {v}' for k, v in loads.items())}")
     print(f"baseline  python -c pass spawn           p50 {ms(p50(spawn))}")
     print(f"baseline  bare kernel start -> print(1)  p50 {ms(p50(bare_starts))}")
     print(f"baseline  bare kernel round trip         p50 {ms(p50(bare_trips))}")
@@ -310,11 +430,18 @@ async def main() -> None:
         f"tree PSS p50 {p50(tree_pss) / MB:.0f} MB   (target RSS <= 80 MB)"
     )
 
-    print(f"5. cost of each protection ({'root' if protections.as_root else 'unprivileged'} host):")
-    print(
-        f"   seccomp filter: cold create p50 {ms(p50(cold))} with, {ms(p50(bare_filter))} without   "
-        f"x{p50(cold) / p50(bare_filter):.2f}"
-    )
+    host = "root" if protections.as_root else "unprivileged"
+    print(f"5. cost of each protection ({host} host), interleaved:")
+    wall_on, cpu_on = (p50(values) for values in costs["all on"])
+    for name in VARIANTS:
+        wall, cpu = (p50(values) for values in costs[name])
+        print(
+            f"   cold create, {name:<20} wall p50 {ms(wall)} (all on x{wall_on / wall:.2f})   "
+            f"CPU p50 {ms(cpu)} (all on x{cpu_on / cpu:.2f})"
+        )
+    trip_on = p50(trip_costs["all on"])
+    for name, values in trip_costs.items():
+        print(f"   round trip, {name:<22} p50 {ms(p50(values))} (all on x{trip_on / p50(values):.2f})")
     if no_userns:
         print(
             f"   user namespace + uid map + setpriv: bwrap `true` p50 {ms(p50(userns))} with, "

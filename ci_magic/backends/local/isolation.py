@@ -477,8 +477,10 @@ class Launch:
     user: tuple[int, int] | None = None  # root: the host uid/gid the sandbox's uid 1000 maps to
     info_fd: int | None = None  # root: bwrap's --info-fd (child-pid)
     release_fd: int | None = None  # root: bwrap's --userns-block-fd, written once mapped
-    # As root, bwrap starts with no supplementary groups (root's would reach the sandbox).
-    extra_groups: list[int] | None = field(default_factory=lambda: [] if _is_root() else None)
+    # As root, bwrap starts with no supplementary groups (root's would reach the sandbox). None
+    # when root has none to drop: any list, even empty, makes Python fork instead of vfork, and
+    # forking a notebook kernel of a few hundred MB costs tens of milliseconds per sandbox start.
+    extra_groups: list[int] | None = field(default_factory=lambda: [] if _root_with_groups() else None)
 
     def spawned(self) -> None:
         """Close the sandbox's ends of the pipes in the host (the child has its own copies)."""
@@ -719,6 +721,10 @@ def _write_identity(folder: Path) -> None:
 
 def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _root_with_groups() -> bool:
+    return _is_root() and bool(os.getgroups())
 
 
 def _user_tasks() -> int:

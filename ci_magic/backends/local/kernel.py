@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 # renderer read them as text).
 KERNEL_ARGS = ("--HistoryManager.enabled=False", "--InteractiveShell.colors=nocolor")
 CHANNEL_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
+BIND_ORDER = (1, 3, 4, 2, 5)  # ipykernel's KernelApp binds shell, stdin, control, iopub, heartbeat
 LOG_TAIL = 4096  # bytes of the kernel's output shown to explain a failed start
 OUTPUT_KEPT = 64 << 10  # bytes of the kernel's stdout/stderr the host keeps (the latest)
 # The largest kernel message the host accepts (zmq drops the connection of a bigger one before
@@ -328,9 +329,13 @@ class LocalKernel:
         paths = self._paths
         assert paths is not None
         # All five: the gateway's relay (gateway/sandbox_kernel.py) also uses stdin and heartbeat.
-        pending = list(CHANNEL_PORTS.values())
+        # In the order ipykernel binds them; each tick tries them until one is missing, so a tick
+        # of the ~0.5 s the kernel takes to get there costs one failed link(), not five (the
+        # host's CPU is the kernel's on a two-core laptop).
+        pending = sorted(CHANNEL_PORTS.values(), key=BIND_ORDER.index)
         while pending:
-            pending = [port for port in pending if not _link_socket(paths, port, sandbox_uid)]
+            while pending and _link_socket(paths, pending[0], sandbox_uid):
+                pending.pop(0)
             if not pending:
                 break
             if not self.is_alive():
@@ -549,21 +554,21 @@ class LocalKernel:
 
 def _link_socket(paths: LaunchPaths, port: int, owner: int) -> bool:
     """Hard-link the kernel's socket ``k-<port>`` into the host folder; False until it exists."""
-    source, link = paths.runtime_dir / f"k-{port}", paths.host_dir / f"k-{port}"
+    source, link = f"{paths.runtime_dir}/k-{port}", f"{paths.host_dir}/k-{port}"  # polled: no pathlib
     try:
         os.link(source, link, follow_symlinks=False)
     except FileNotFoundError:
         return False
     except OSError as err:  # a folder there, or anything else a socket never is
         raise SandboxError(
-            f"The sandbox put something other than its kernel's socket at {source.name} ({err.strerror}); "
+            f"The sandbox put something other than its kernel's socket at k-{port} ({err.strerror}); "
             "it was not used and the sandbox was stopped."
         ) from None
     info = os.lstat(link)
     if not stat.S_ISSOCK(info.st_mode) or info.st_uid != owner:
         os.unlink(link)
         raise SandboxError(
-            f"The sandbox put something other than its kernel's socket at {source.name} "
+            f"The sandbox put something other than its kernel's socket at k-{port} "
             f"(a {_kind(info.st_mode)} owned by uid {info.st_uid}); it was not used and the sandbox "
             "was stopped."
         )
