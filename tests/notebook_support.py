@@ -14,7 +14,15 @@ import nbformat
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
-__all__ = ["answers_of", "kernel_env", "output_text", "outputs_of", "run_cells", "texts_by_mime"]
+__all__ = [
+    "answers_of",
+    "kernel_env",
+    "notebook_client",
+    "output_text",
+    "outputs_of",
+    "run_cells",
+    "texts_by_mime",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,6 +70,21 @@ def local_env(**extra: str | None) -> dict[str, str | None]:
     }
 
 
+def notebook_client(
+    cells: Iterable[str], workdir: Path, *, timeout: int, allow_errors: bool = True
+) -> NotebookClient:
+    """A Python 3 notebook of ``cells`` (``client.nb``) and the client that runs it in ``workdir``."""
+    notebook = new_notebook(cells=[new_code_cell(source) for source in cells])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return NotebookClient(
+        notebook,
+        timeout=timeout,
+        kernel_name="python3",
+        allow_errors=allow_errors,
+        resources={"metadata": {"path": str(workdir)}},
+    )
+
+
 def run_cells(
     cells: Iterable[str],
     workdir: Path,
@@ -75,15 +98,8 @@ def run_cells(
 
     ``before[i](notebook)`` runs in this process just before cell ``i`` (e.g. to expire a container).
     """
-    notebook = new_notebook(cells=[new_code_cell(source) for source in cells])
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    client = NotebookClient(
-        notebook,
-        timeout=timeout,
-        kernel_name="python3",
-        allow_errors=allow_errors,
-        resources={"metadata": {"path": str(workdir)}},
-    )
+    client = notebook_client(cells, workdir, timeout=timeout, allow_errors=allow_errors)
+    notebook = client.nb
     with client.setup_kernel():
         for index, cell in enumerate(notebook.cells):
             if before and index in before:

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-from nbformat.v4 import new_code_cell, new_notebook
 
-from tests.notebook_support import kernel_env, local_env, output_text
+from tests.notebook_support import kernel_env, local_env, notebook_client, output_text
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +38,20 @@ FIRST_DATA_CELL = (
 
 def test_after_load_ext_the_first_data_cell_finds_pandas_imported(tmp_path: Path) -> None:
     cells = ["%load_ext ci_magic", POOL_READY, FIRST_DATA_CELL]
-    notebook = new_notebook(cells=[new_code_cell(source) for source in cells])
+    client = notebook_client(cells, tmp_path, timeout=180, allow_errors=False)
+    notebook = client.nb
     probe = notebook.cells[1]
     env = local_env()
-    with kernel_env(**env):
-        client = NotebookClient(
-            notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-        )
-        with client.setup_kernel():
-            client.execute_cell(notebook.cells[0], 0)
-            # The user reads for a while; no ci-magic cell runs meanwhile (the probe only looks).
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                client.execute_cell(probe, 1)
-                if "ready" in output_text(probe):
-                    break
-                time.sleep(1.0)
-            client.execute_cell(notebook.cells[2], 2)
+    with kernel_env(**env), client.setup_kernel():
+        client.execute_cell(notebook.cells[0], 0)
+        # The user reads for a while; no ci-magic cell runs meanwhile (the probe only looks).
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            client.execute_cell(probe, 1)
+            if "ready" in output_text(probe):
+                break
+            time.sleep(1.0)
+        client.execute_cell(notebook.cells[2], 2)
     assert "ready" in output_text(probe), "the pool never filled after %load_ext"
     text = output_text(notebook.cells[2])
     assert "pre-imported: True" in text, text

@@ -22,12 +22,10 @@ from typing import Any
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 from nbclient.util import ensure_async, run_sync
-from nbformat.v4 import new_code_cell, new_notebook
 
 from tests.gateway_support import KernelGateway, gateway_available
-from tests.notebook_support import kernel_env, local_env, openai_env, output_text
+from tests.notebook_support import kernel_env, local_env, notebook_client, openai_env, output_text
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +45,8 @@ def run_with_restarts(
     "Restart kernel" does it (KernelManager.restart_kernel: a shutdown_request with restart=True).
     ``expire_before[i](container_id)`` runs before cell ``i`` with the id the cell before the restart
     printed last. Returns the executed cells (RESTART markers left out)."""
-    notebook = new_notebook(cells=[new_code_cell(c) for c in cells if c != RESTART])
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    client = NotebookClient(
-        notebook,
-        timeout=timeout,
-        kernel_name="python3",
-        allow_errors=True,
-        resources={"metadata": {"path": str(workdir)}},
-    )
+    client = notebook_client([c for c in cells if c != RESTART], workdir, timeout=timeout)
+    notebook = client.nb
     restart_before = set()
     index = 0
     for source in cells:
