@@ -9,9 +9,7 @@ test_session_restore.py and test_session_reattach.py; here each step is checked 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from ci_magic.backends.base import TurnRequest
 from ci_magic.errors import BackendError
@@ -25,27 +23,11 @@ from ci_magic.events import (
     TextDone,
     TurnStarted,
 )
-from ci_magic.session import Session, SilentView, TurnOptions
+from ci_magic.session import TurnOptions
 from ci_magic.transcript import Transcript
 from ci_magic.variables.registry import PushRequest
 from tests.fakes import FakeBackend
-
-ASK = TurnOptions(model="fake-model", instructions="Be brief.")
-
-
-def make_session(backend: FakeBackend, tmp_path: Path, **options: object) -> Session:
-    return Session(
-        backend,
-        session_id="test",
-        memory_limit="1g",
-        expires_after_minutes=20,
-        output_dir=tmp_path / "ci_outputs",
-        **options,  # type: ignore[arg-type]
-    )
-
-
-def turn(session: Session, runner: asyncio.Runner, prompt: str, options: TurnOptions = ASK, **kwargs: object):
-    return runner.run(session.run_turn(prompt, options, SilentView(), **kwargs))  # type: ignore[arg-type]
+from tests.test_session import make_session, turn
 
 
 def answer(text: str, *, response_id: str = "resp_1", chained_to: list[str | None] | None = None):
@@ -96,7 +78,9 @@ def test_a_lost_container_gets_the_pushed_file_at_its_new_path_and_the_code_that
     runner.run(session.push([PushRequest("notes", "sales went up")]))
     old_path = session.registry.get("notes").path  # type: ignore[union-attr]
     backend.turns.append(runs_code(ran))
-    first = turn(session, runner, "load", TurnOptions("m", "", exec_code=f"text = open({old_path!r}).read()"))
+    first = turn(
+        session, runner, "load", options=TurnOptions("m", "", exec_code=f"text = open({old_path!r}).read()")
+    )
     assert first.ok
 
     backend.expire(first.container_id)  # a long lunch
@@ -119,7 +103,7 @@ def test_with_restore_off_the_model_is_told_the_state_is_gone(tmp_path, runner) 
     session = make_session(backend, tmp_path, restore_on_expiry="off")
     ran: list[TurnRequest] = []
     backend.turns.append(runs_code(ran))
-    first = turn(session, runner, "load", TurnOptions("m", "", exec_code="text = 'kept?'"))
+    first = turn(session, runner, "load", options=TurnOptions("m", "", exec_code="text = 'kept?'"))
     backend.expire(first.container_id)
     backend.turns += [answer("never streamed"), answer("Gone.")]
     assert turn(session, runner, "Is text still there?").ok
@@ -191,7 +175,7 @@ def test_a_local_container_reattached_after_a_restart_gets_its_state_re_run(tmp_
     before = make_session(backend, tmp_path)
     ran: list[TurnRequest] = []
     backend.turns.append(runs_code(ran))
-    first = turn(before, runner, "load", TurnOptions("m", "", exec_code="total = 42"))
+    first = turn(before, runner, "load", options=TurnOptions("m", "", exec_code="total = 42"))
 
     after = make_session(backend, tmp_path)
     after.resume(before.container, previous_response_id=None, transcript=before.transcript, turns=1, model="")
