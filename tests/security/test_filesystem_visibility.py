@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.security.sandbox_support import USERS, Attacker, attacker_as, stdout
+from tests.security.sandbox_support import Attacker, stdout
 
 PROJECT = Path(__file__).resolve().parents[2]
 LOOK = """
@@ -33,12 +33,6 @@ for path in PATHS:
         found[path] = type(err).__name__
 print(json.dumps(found))
 """
-
-
-@pytest.fixture(params=USERS)
-def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
-    with attacker_as(request.param) as found:
-        yield found
 
 
 def sandbox_python(attacker: Attacker) -> str:

@@ -11,15 +11,10 @@ import os
 import socket
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.security.sandbox_support import (
-    USERS,
     Attacker,
-    attacker_as,
     errors,
     notices,
     processes_in,
@@ -28,12 +23,6 @@ from tests.security.sandbox_support import (
 )
 
 CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
-
-
-@pytest.fixture(params=USERS)
-def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
-    with attacker_as(request.param) as found:
-        yield found
 
 
 def status_fields(pid: int | str) -> dict[str, str]:

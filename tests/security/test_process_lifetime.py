@@ -11,14 +11,9 @@ from __future__ import annotations
 import secrets
 import textwrap
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from tests.security.sandbox_support import (
-    USERS,
     Attacker,
-    attacker_as,
     cpu_seconds,
     errors,
     final_status,
@@ -29,12 +24,6 @@ from tests.security.sandbox_support import (
     sandbox_namespace,
     stdout,
 )
-
-
-@pytest.fixture(params=USERS)
-def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
-    with attacker_as(request.param) as found:
-        yield found
 
 
 def escapees(marker: str) -> str:

@@ -10,20 +10,11 @@ whole text. ``xfail(strict=True)`` until the hole is closed.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
-
-from tests.security.sandbox_support import USERS, Attacker, attacker_as, errors, final_status, notices, stdout
+from tests.security.sandbox_support import Attacker, errors, final_status, notices, stdout
 
 MIB = 1 << 20
 MESSAGE_MIB = 100
-
-
-@pytest.fixture(params=USERS)
-def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
-    with attacker_as(request.param) as found:
-        yield found
 
 
 def peak_rss(pid: int) -> int:

@@ -10,16 +10,11 @@ from __future__ import annotations
 import os
 import re
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.security.sandbox_support import (
-    USERS,
     Attacker,
     allocated_bytes,
-    attacker_as,
     errors,
     final_status,
     processes_in,
@@ -30,12 +25,6 @@ from tests.security.sandbox_support import (
 GIB = 1 << 30
 MIB = 1 << 20
 BUDGET_1G = GIB + (256 << 20)  # the tier plus the idle kernel's allowance (Limits.budget_bytes)
-
-
-@pytest.fixture(params=USERS)
-def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
-    with attacker_as(request.param) as found:
-        yield found
 
 
 def test_full_pipes_in_many_processes_stay_within_a_1g_containers_budget(attacker: Attacker) -> None:

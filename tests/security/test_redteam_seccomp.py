@@ -10,19 +10,12 @@ netlink sockets. The tests only create sockets; they connect nowhere.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 
-from tests.security.sandbox_support import USERS, Attacker, attacker_as, stdout
+from tests.security.sandbox_support import Attacker, stdout
 
 AF_VSOCK = 40
-
-
-@pytest.fixture(params=USERS)
-def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
-    with attacker_as(request.param) as found:
-        yield found
 
 
 def test_the_sandbox_cannot_open_a_socket_that_bypasses_its_network_namespace(attacker: Attacker) -> None:

@@ -9,19 +9,10 @@ is the filter's doing. Run as root and as ``nobody``.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 
 import pyseccomp  # a dependency of ci-magic: its absence is a failure, not a skip
-import pytest
 
-from tests.security.sandbox_support import USERS, Attacker, attacker_as, stdout
-
-
-@pytest.fixture(params=USERS)
-def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
-    with attacker_as(request.param) as found:
-        yield found
-
+from tests.security.sandbox_support import Attacker, stdout
 
 # name -> arguments (ints; "buf" is a 4 KiB scratch buffer). Chosen so that without the filter
 # the call would succeed or fail with another errno than EPERM where the kernel allows it.
