@@ -38,7 +38,7 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 README_SCREENSHOT = REPO / "docs" / "quickstart.png"
-EVENT_DELAY = 0.03  # ~230 events: about 7 s of streaming, enough to watch it grow
+EVENT_DELAY = 0.04  # ~230 events: about 9 s of streaming, time for two screenshots on a busy machine
 CELL_TIMEOUT = 120
 HOSTILE_PROMPT = "%%ci\nMake me an untrusted page: a small report with a script in it."
 # The sandbox's own displays (display_data bundles) exist on the local backend: a second notebook
@@ -62,6 +62,16 @@ class Sample:
     executed: bool
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """One state of the quickstart cell the page drew, as the page itself recorded it frame by frame."""
+
+    seconds: float
+    status: str
+    code_chars: int
+    executed: bool
+
+
 @dataclass
 class Visit:
     notebook: Path
@@ -69,6 +79,7 @@ class Visit:
     quickstart_index: int
     hostile_index: int
     samples: list[Sample] = field(default_factory=list)
+    drawn: list[Drawn] = field(default_factory=list)  # every state drawn, however slow the sampling
     streaming_shots: list[tuple[Path, int]] = field(default_factory=list)  # screenshot, code chars then
     quickstart: CellView | None = None
     hostile: CellView | None = None
@@ -174,9 +185,17 @@ def visit_notebook(page: LabPage, lab: JupyterLab, visit: Visit) -> None:
     page.open_notebook(lab.notebook_url(visit.notebook.name))
     for index in visit.code_cells[:-2]:  # %load_ext ci_magic and %ci_status
         page.run_cell_and_wait(index, timeout=CELL_TIMEOUT)
+    page.record_cell(visit.quickstart_index)
     page.run_cell(visit.quickstart_index)
     watch_streaming(page, visit.quickstart_index, visit)
-    timeline = [dataclasses.asdict(sample) for sample in visit.samples]
+    visit.drawn = [
+        Drawn(shown["seconds"], shown["status"], shown["codeChars"], shown["executed"])
+        for shown in page.recorded(visit.quickstart_index)
+    ]
+    timeline = {
+        "sampled": [dataclasses.asdict(sample) for sample in visit.samples],
+        "drawn": [dataclasses.asdict(drawn) for drawn in visit.drawn],
+    }
     (ARTIFACTS / "quickstart-timeline.json").write_text(json.dumps(timeline, indent=1, ensure_ascii=False))
     visit.quickstart = page.wait_until_executed(visit.quickstart_index, timeout=CELL_TIMEOUT)
     shot = page.cell_screenshot(visit.quickstart_index, "quickstart-output")
@@ -235,12 +254,12 @@ def test_code_grows_on_screen_while_the_cell_streams(visit: Visit) -> None:
     (first, first_chars), (second, second_chars) = visit.streaming_shots
     assert second_chars > first_chars, "the code view had grown between the two screenshots"
     assert first.read_bytes() != second.read_bytes(), "the two mid-stream screenshots look the same"
-    running = [s for s in visit.samples if not s.executed]
-    assert len({s.code_chars for s in running}) >= 5, "the code appeared in several steps, not all at once"
+    running = [d for d in visit.drawn if not d.executed]
+    assert len({d.code_chars for d in running}) >= 5, "the code appeared in several steps, not all at once"
 
 
 def test_status_line_follows_the_turn_and_ends_with_a_summary(visit: Visit) -> None:
-    phases = [phase(s.status) for s in visit.samples if s.status.startswith("ci ·")]
+    phases = [phase(d.status) for d in visit.drawn if d.status.startswith("ci ·")]
     distinct = list(dict.fromkeys(phases))
     assert any(p.startswith("writing code") for p in distinct), distinct
     assert any(p.startswith("running call") for p in distinct), distinct

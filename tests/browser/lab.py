@@ -120,6 +120,47 @@ requestAnimationFrame(() => requestAnimationFrame(
   () => setTimeout(() => done(performance.now() - start), 0)));
 """
 
+# What one cell drew, frame by frame, recorded by the page itself: after each change to the cell, the
+# next animation frame (the one that paints it) notes the status line, the code's length and whether
+# the cell has finished. Polling from the test misses short phases when one screenshot takes seconds
+# on a busy machine; the page's own record does not depend on how fast the test asks.
+_RECORD_CELL = """
+const index = arguments[0];
+const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[index];
+const record = {started: performance.now(), shown: []};
+(window.__ciRecords = window.__ciRecords || {})[index] = record;
+let pending = false;
+const note = () => {
+  pending = false;
+  const outputs = [...cell.querySelectorAll('.jp-OutputArea-output')].map(o => o.innerText.trim());
+  const prompt = cell.querySelector('.jp-InputPrompt');
+  const shown = {
+    seconds: (performance.now() - record.started) / 1000,
+    status: outputs.find(o => o.startsWith('ci ·')) || '',
+    codeChars: [...cell.querySelectorAll('.jp-OutputArea-output pre')]
+      .reduce((total, pre) => total + pre.innerText.length, 0),
+    executed: /^\\[\\d+\\]:$/.test(prompt ? prompt.innerText.trim() : ''),
+  };
+  const last = record.shown[record.shown.length - 1];
+  if (!last || last.status !== shown.status || last.codeChars !== shown.codeChars
+      || last.executed !== shown.executed) {
+    record.shown.push(shown);
+  }
+};
+record.observer = new MutationObserver(() => {
+  if (!pending) { pending = true; requestAnimationFrame(note); }
+});
+record.observer.observe(cell, {childList: true, subtree: true, characterData: true});
+note();
+"""
+
+_RECORDED = """
+const record = (window.__ciRecords || {})[arguments[0]];
+if (!record) return null;
+record.observer.disconnect();
+return record.shown;
+"""
+
 
 # Where each image of a cell sits inside the cell's box (CSS pixels), to find it in a screenshot.
 _IMAGE_BOXES = """
@@ -280,6 +321,19 @@ class LabPage:
         wait_for("the notebook's kernel after reload", lambda: self.kernel_status() == "idle", timeout)
         wait_for("the notebook's cells after reload", lambda: self.cell_count() > 0, timeout)
         self.driver.execute_script("window.jupyterapp.shell.collapseLeft();")
+
+    def record_cell(self, index: int) -> None:
+        """From now on the page notes each state of the cell it draws (see :meth:`recorded`)."""
+        self.driver.execute_script(_RECORD_CELL, index)
+
+    def recorded(self, index: int) -> list[dict[str, Any]]:
+        """The states of the cell the page drew since :meth:`record_cell`, oldest first; stops recording.
+
+        Each is ``{"seconds", "status", "codeChars", "executed"}``, kept only when one of them changed."""
+        shown = self.driver.execute_script(_RECORDED, index)
+        if shown is None:
+            raise AssertionError(f"cell {index} was not being recorded")
+        return list(shown)
 
     def frame_latency_ms(self) -> float:
         """Milliseconds until the page has drawn two frames and run a task: high when it is stuck."""
