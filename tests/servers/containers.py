@@ -67,16 +67,22 @@ def new_id(prefix: str, hex_chars: int) -> str:
 
 
 class Clock:
-    """Wall-clock seconds plus an offset that tests move forward."""
+    """Wall-clock seconds plus an offset that tests move forward; :meth:`freeze` stops the wall clock."""
 
     def __init__(self) -> None:
         self._offset = 0.0
+        self._frozen_at: float | None = None
 
     def now(self) -> float:
-        return time.time() + self._offset
+        return (time.time() if self._frozen_at is None else self._frozen_at) + self._offset
 
     def advance(self, seconds: float) -> None:
         self._offset += seconds
+
+    def freeze(self) -> None:
+        """From now on only :meth:`advance` moves the clock: a test that steps up to one second
+        before a deadline (timestamps are whole seconds) stays there however slow the machine."""
+        self._frozen_at = time.time()
 
 
 class BackendRunner:
@@ -115,6 +121,9 @@ async def _settle(timeout: float = 30.0) -> None:
 
 
 DEFAULT_EXEC_TIMEOUT = 60.0
+# What a hosted container may hold on disk: more than the local default (twice the 1g tier), so
+# files of a few GiB (sparse ones count whole) can be made there as on OpenAI's containers.
+SERVER_DISK_LIMIT = "8g"
 _shared: list[BackendRunner] = []
 _shared_lock = threading.Lock()
 
@@ -125,7 +134,9 @@ def local_backend(exec_timeout: float = DEFAULT_EXEC_TIMEOUT, *, pool_size: int 
     from ci_magic.backends.local.sandbox import SandboxManager
 
     root = Path(tempfile.mkdtemp(prefix="ci-openai-server-"))
-    sandbox = SandboxManager(root, pool_size=pool_size, execution_timeout=exec_timeout)
+    sandbox = SandboxManager(
+        root, pool_size=pool_size, execution_timeout=exec_timeout, disk_limit=SERVER_DISK_LIMIT
+    )
     backend = LocalBackend(sandbox, model_client=None, model="")
     runner = BackendRunner(backend, root)
     if pool_size:
