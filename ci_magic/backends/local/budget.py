@@ -77,6 +77,7 @@ DISK_TICK = 0.05  # seconds between two measurements of a small data folder
 # Seconds between two measurements woken by writes (inotify): at 2-4 GiB/s into the page cache,
 # 5 ms is 10-20 MiB past the limit at most, for a walk of a small folder costing ~0.1 ms.
 DISK_EVENT_GAP = 0.005
+IDLE_DISK_WAIT = 1.0  # seconds the disk thread waits for a write before it looks for sandboxes
 DISK_CPU_SHARE = 0.05  # a large data folder is measured at most this share of the time
 QUIET_EVERY = 5  # memory ticks between two checks of an idle kernel with nothing else running
 MEMFD_EVERY = 5  # memory ticks between two walks of the tree's open files (memfd, pipes)
@@ -452,7 +453,10 @@ def memory_use(
 
 @dataclass(frozen=True)
 class DiskUse:
-    bytes: int  # allocated (st_blocks), not apparent: sparse files cost what they hold
+    # Each file at the larger of its size and what it occupies. A sparse file counts whole: a
+    # shared mapping fills it without a write() call (no inotify event), at memory speed, so
+    # what it can come to hold is counted the moment its size is set (ftruncate is an event).
+    bytes: int
     entries: int
     complete: bool  # False when the walk stopped at MAX_DATA_ENTRIES
 
@@ -463,7 +467,7 @@ def data_usage(
     max_entries: int = MAX_DATA_ENTRIES,
     on_folder: Callable[[str], None] | None = None,
 ) -> DiskUse:
-    """Allocated size of everything under ``folder``, never following a symlink.
+    """What everything under ``folder`` counts against the disk limit, never following a symlink.
 
     ``on_folder`` is called with every folder walked (the watchdog watches them for writes).
     """
@@ -483,7 +487,7 @@ def data_usage(
                         info = entry.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    total += info.st_blocks * 512
+                    total += max(info.st_blocks * 512, info.st_size if stat.S_ISREG(info.st_mode) else 0)
                     if stat.S_ISDIR(info.st_mode):
                         stack.append(entry.path)
         except OSError as err:
@@ -565,6 +569,7 @@ class Watchdog:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._disk_events: DiskEvents | None = None
+        self._disk_thread: threading.Thread | None = None
         self._disk_events_tried = False
         self.cpu_seconds = 0.0  # this thread's own CPU time, for the benchmark
 
@@ -578,6 +583,14 @@ class Watchdog:
                 if self._disk_events is not None:
                     for folder in (item.data_dir, *item.other_dirs):
                         self._watch_folder(item, str(folder))
+                    if self._disk_thread is None or not self._disk_thread.is_alive():
+                        self._disk_thread = threading.Thread(
+                            target=self._watch_writes,
+                            args=(self._disk_events,),
+                            name="ci-magic-disk-watch",
+                            daemon=True,
+                        )
+                        self._disk_thread.start()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="ci-magic-watchdog", daemon=True)
                 self._thread.start()
@@ -611,28 +624,30 @@ class Watchdog:
                 except Exception:  # a sandbox vanishing mid-check must not stop the others'
                     log.debug("ci-magic watchdog: check failed", exc_info=True)
             self.cpu_seconds += time.thread_time() - started
-            self._wait(self.tick)
+            time.sleep(self.tick)
 
-    def _wait(self, timeout: float) -> None:
-        """Sleep ``timeout``, measuring at once the folders of sandboxes that write meanwhile."""
-        deadline = time.monotonic() + timeout
-        events = self._disk_events
-        while (left := deadline - time.monotonic()) > 0:
-            if events is None:
-                time.sleep(left)
-                return
+    def _watch_writes(self, events: DiskEvents) -> None:
+        """The disk thread: measure a sandbox's folders as soon as inotify reports a write.
+
+        A thread of its own, so the memory checks (which read /proc for the whole tree, tens of
+        milliseconds under load) never delay it.
+        """
+        while True:
             with self._lock:
-                items = list(self._watched.values())
+                items = [item for item in self._watched.values() if item.disk_limit is not None]
+                if not items:
+                    self._disk_thread = None
+                    return
             pending = [item._disk_paced_until for item in items if item._disk_pending]
+            changed: set[Hashable] = set()
+            overflow = False
             if pending:
                 # A writer keeps the inotify queue readable: wait for the pace, not for the queue.
-                time.sleep(min(max(min(pending) - time.monotonic(), 0.0), left))
-                changed: set[Hashable] = set()
-                overflow = False
+                time.sleep(max(min(pending) - time.monotonic(), 0.0))
             else:
-                readable, _, _ = select.select([events.fd], [], [], left)
+                readable, _, _ = select.select([events.fd], [], [], IDLE_DISK_WAIT)
                 if not readable:
-                    return
+                    continue
                 changed, overflow = events.read()
             started = time.thread_time()
             for item in items:
@@ -676,7 +691,7 @@ class Watchdog:
 
     def _measure_disk(self, item: Watched, tree: SandboxTree, limit: int) -> None:
         if item.data_dir is not None:
-            started = time.monotonic()
+            started = time.thread_time()
             watch = self._new_folder_watcher(item)
             use = data_usage(item.data_dir, on_folder=watch)
             for folder in item.other_dirs:
@@ -684,8 +699,9 @@ class Watchdog:
                 use = DiskUse(
                     use.bytes + more.bytes, use.entries + more.entries, use.complete and more.complete
                 )
+            # Paced on the walk's CPU time: a walk preempted by a busy machine costs it nothing.
+            cost = (time.thread_time() - started) / DISK_CPU_SHARE
             ended = time.monotonic()
-            cost = (ended - started) / DISK_CPU_SHARE
             item._next_disk = ended + max(DISK_TICK, cost)
             item._disk_paced_until = ended + max(DISK_EVENT_GAP, cost)
             item.disk_used = use.bytes

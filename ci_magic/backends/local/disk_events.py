@@ -6,9 +6,11 @@ timer alone, a writer at page-cache speed (2-4 GiB/s) got 200 MiB past a 200 MiB
 two 50 ms ticks. inotify reports each write as it happens: the watchdog measures the folder at
 once (paced by the measurement's own cost), so a flood is stopped within milliseconds.
 
-This is an accelerator, never the truth: the timer's full measurement still runs, and what inotify
-cannot see (writes through a shared ``mmap``, folders past ``MAX_WATCHES``, a full event queue)
-is caught there. Watches are added by path with ``IN_DONT_FOLLOW | IN_ONLYDIR``: a symlink the
+Every way a file's charge can grow makes an event: the watchdog charges each file at the larger of
+its size and what it occupies, so a shared ``mmap`` (which writes without a syscall) can only fill
+what ftruncate, itself an event, already counted. The timer's full measurement still runs for
+what inotify cannot see: folders past ``MAX_WATCHES`` or the system's ``max_user_watches``, a full
+event queue, writes in a folder made a moment before its watch was added. Watches are added by path with ``IN_DONT_FOLLOW | IN_ONLYDIR``: a symlink the
 sandbox plants is never followed. The worst a raced rename can do is make the watchdog watch some
 other folder, which only costs an extra measurement of the sandbox's own folder.
 """
@@ -39,7 +41,7 @@ IN_ISDIR = 0x40000000
 # A write, truncate or fallocate (IN_MODIFY), a new file or folder, one moved in.
 WATCH_MASK = IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW
 EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
-MAX_WATCHES = 1024  # folders watched per sandbox; deeper trees fall back to the timer
+MAX_WATCHES = 8192  # folders watched per sandbox; more than that fall back to the timer
 READ_SIZE = 64 * 1024
 
 
