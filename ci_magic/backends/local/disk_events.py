@@ -10,9 +10,11 @@ Every way a file's charge can grow makes an event: the watchdog charges each fil
 its size and what it occupies, so a shared ``mmap`` (which writes without a syscall) can only fill
 what ftruncate, itself an event, already counted. The timer's full measurement still runs for
 what inotify cannot see: folders past ``MAX_WATCHES`` or the system's ``max_user_watches``, a full
-event queue, writes in a folder made a moment before its watch was added. Watches are added by path with ``IN_DONT_FOLLOW | IN_ONLYDIR``: a symlink the
-sandbox plants is never followed. The worst a raced rename can do is make the watchdog watch some
-other folder, which only costs an extra measurement of the sandbox's own folder.
+event queue, writes in a folder made a moment before its watch was added.
+
+Watches are added by path with ``IN_DONT_FOLLOW | IN_ONLYDIR``: a symlink the sandbox plants is
+never followed. The worst a raced rename can do is make the watchdog watch some other folder,
+which only costs an extra measurement of the sandbox's own folder.
 """
 
 from __future__ import annotations
