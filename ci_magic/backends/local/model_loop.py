@@ -245,7 +245,6 @@ class _Reply:
 
     content: str = ""
     arguments: str = "{}"  # normalized JSON: servers re-parse history arguments in their chat templates
-    ran: str | None = None  # the code, when it was executed
 
 
 @dataclass
@@ -455,10 +454,8 @@ class ChatModelLoop:
             draft = step.text_call
             assert draft.text_call is not None
             reply = _Reply()
-            async for event in self._run_call(draft, execute, sandbox, reply):
+            async for event in self._run_call(draft, execute, sandbox, turn, reply):
                 yield event
-            if reply.ran is not None:
-                turn.ran.append(reply.ran)
             turn.add(
                 {"role": "assistant", "content": draft.text_call.raw},
                 {"role": "user", "content": reply_in_shape(draft.text_call.shape, reply.content)},
@@ -468,10 +465,8 @@ class ChatModelLoop:
         replies: list[dict[str, Any]] = []
         for draft in sorted(step.calls.values(), key=lambda d: d.index):
             reply = _Reply()
-            async for event in self._run_call(draft, execute, sandbox, reply):
+            async for event in self._run_call(draft, execute, sandbox, turn, reply):
                 yield event
-            if reply.ran is not None:
-                turn.ran.append(reply.ran)
             tool_calls.append(
                 {
                     "id": draft.call_id,
@@ -484,9 +479,10 @@ class ChatModelLoop:
         turn.add({"role": "assistant", "content": step.text, "tool_calls": tool_calls}, *replies)
 
     async def _run_call(
-        self, draft: _DraftCall, execute: Execute, sandbox: _SandboxHealth, reply: _Reply
+        self, draft: _DraftCall, execute: Execute, sandbox: _SandboxHealth, turn: _Turn, reply: _Reply
     ) -> AsyncIterator[Event]:
-        """Run one tool call (or explain to the model why not), filling ``reply``."""
+        """Run one tool call (or explain to the model why not), filling ``reply``; code it runs joins
+        ``turn.ran``."""
         if draft.name not in (TOOL_NAME, ""):
             reply.content = (
                 f"There is no tool named {draft.name!r}. The only tool is `python`, "
@@ -515,7 +511,7 @@ class ChatModelLoop:
         reply.arguments = json.dumps({"code": code}, ensure_ascii=False)
         yield CodeDone(draft.call_id, code)
         output = _ToolOutput()
-        reply.ran = code
+        turn.ran.append(code)
         try:
             async for event in execute(code, draft.call_id):
                 output.add(event)
