@@ -315,24 +315,12 @@ def test_file_names_cells_and_documents_from_the_sandbox_stay_inert(tmp_path: Pa
 # -- through a real notebook ------------------------------------------------------------------------
 
 
-def local_env(model_base_url: str) -> dict[str, str | None]:
-    return {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": model_base_url,
-        "CI_MAGIC_MODEL": None,
-        "CI_MAGIC_OUTPUT_DIR": None,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-    }
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_real_notebook_and_its_nbconvert_export_hold_no_live_markup(chat_server, tmp_path: Path) -> None:
     from nbconvert import HTMLExporter
 
-    from tests.notebook_support import kernel_env, output_text, run_cells
+    from tests.notebook_support import kernel_env, local_env, output_text, run_cells
     from tests.servers.chat_server import Reply
 
     answer = "\n\n".join(
@@ -340,7 +328,8 @@ def test_a_real_notebook_and_its_nbconvert_export_hold_no_live_markup(chat_serve
     )
     code = sandbox_display_code()
     server = chat_server([Reply.calls(code), Reply(text=answer)])
-    with kernel_env(**local_env(server.base_url)):
+    env = local_env(CI_MAGIC_MODEL_BASE_URL=server.base_url, CI_MAGIC_MODEL=None, CI_MAGIC_OUTPUT_DIR=None)
+    with kernel_env(**env):
         notebook = run_cells(
             ["%load_ext ci_magic", "%%ci\nSummarize the pasted web page."],
             tmp_path,

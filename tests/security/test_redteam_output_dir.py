@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.notebook_support import kernel_env, output_text, run_cells
+from tests.notebook_support import kernel_env, local_env, output_text, run_cells
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 
 PLANT = (
     "%%ci_exec\n"
@@ -36,16 +35,7 @@ def test_sandbox_files_never_land_where_ipython_runs_startup_code(tmp_path: Path
     home, notebooks = tmp_path / "home", tmp_path / "workspace"
     home.mkdir()
     notebooks.mkdir()
-    env = {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": None,
-        "CI_MAGIC_OUTPUT_DIR": None,
-        "IPYTHONDIR": None,
-        "HOME": str(home),
-        "PYTHONPATH": str(REPO),
-    }
+    env = local_env(CI_MAGIC_OUTPUT_DIR=None, IPYTHONDIR=None, HOME=str(home))
     with kernel_env(**env):
         first = run_cells(
             ["%load_ext ci_magic", '%config CodeInterpreter.output_dir = "~"', PLANT], notebooks, timeout=120

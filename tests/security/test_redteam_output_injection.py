@@ -33,7 +33,7 @@ import pytest
 from ci_magic.backends.local.isolation import detect_isolation, probe_python
 from ci_magic.errors import SandboxError
 from ci_magic.render.safe_html import outgoing_bundle, safe_bundle
-from tests.notebook_support import kernel_env, run_cells
+from tests.notebook_support import kernel_env, local_env, run_cells
 
 REPO = Path(__file__).resolve().parents[2]
 CAP_BYTES = 1_000_000  # far above any cap the renderer keeps (logs: 20 KB head and tail)
@@ -41,14 +41,7 @@ CAP_BYTES = 1_000_000  # far above any cap the renderer keeps (logs: 20 KB head 
 
 @pytest.mark.slow
 def test_a_huge_display_from_the_sandbox_is_capped_like_its_logs(tmp_path: Path) -> None:
-    env = {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": None,
-        "CI_MAGIC_OUTPUT_DIR": None,
-        "PYTHONPATH": str(REPO),
-    }
+    env = local_env(CI_MAGIC_OUTPUT_DIR=None)
     flood = (
         "%%ci_exec\n"
         "from IPython.display import display\n"

@@ -16,11 +16,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.notebook_support import kernel_env, run_cells
+from tests.notebook_support import kernel_env, local_env, run_cells
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def closed_port() -> int:
@@ -33,15 +31,7 @@ def test_a_password_in_the_model_url_is_never_shown_or_saved(tmp_path: Path) -> 
     password = f"canary-pw-{secrets.token_hex(12)}"
     # Nothing listens there: the turn fails, and the failure names the server.
     url = f"http://alice:{password}@127.0.0.1:{closed_port()}/v1"
-    env = {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": url,
-        "CI_MAGIC_MODEL": "some-model",
-        "CI_MAGIC_MODEL_API_KEY": None,
-        "PYTHONPATH": str(REPO),
-    }
+    env = local_env(CI_MAGIC_MODEL_BASE_URL=url, CI_MAGIC_MODEL="some-model", CI_MAGIC_MODEL_API_KEY=None)
     gateway_token = f"canary-gw-{secrets.token_hex(12)}"
     cells = [
         "%load_ext ci_magic",

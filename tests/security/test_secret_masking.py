@@ -17,12 +17,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.notebook_support import kernel_env, output_text, run_cells
+from tests.notebook_support import kernel_env, local_env, output_text, run_cells
 from tests.servers.chat_server import quickstart
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_keys_and_headers_are_used_but_never_shown_or_saved(chat_server, tmp_path: Path) -> None:
@@ -31,17 +29,13 @@ def test_keys_and_headers_are_used_but_never_shown_or_saved(chat_server, tmp_pat
     typo_secret = f"canary-typo-{secrets.token_hex(12)}"
     gateway_token = f"canary-gateway-{secrets.token_hex(12)}"  # set, unused here: still never shown
     server = chat_server(quickstart, api_key=api_key)
-    env = {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": server.base_url,
-        "CI_MAGIC_MODEL": None,
-        "CI_MAGIC_MODEL_API_KEY": api_key,
-        "CI_MAGIC_EXTRA_HEADERS": json.dumps({"X-Gateway-Token": header_token, "x-model": "m"}),
-        "CI_MAGIC_GATEWAY_TOKEN": gateway_token,
-        "PYTHONPATH": str(REPO),
-    }
+    env = local_env(
+        CI_MAGIC_MODEL_BASE_URL=server.base_url,
+        CI_MAGIC_MODEL=None,
+        CI_MAGIC_MODEL_API_KEY=api_key,
+        CI_MAGIC_EXTRA_HEADERS=json.dumps({"X-Gateway-Token": header_token, "x-model": "m"}),
+        CI_MAGIC_GATEWAY_TOKEN=gateway_token,
+    )
     cells = [
         "%load_ext ci_magic",
         "%config CodeInterpreter",
@@ -85,14 +79,7 @@ def test_credentials_in_the_model_server_url_are_never_shown(tmp_path: Path) -> 
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     base_url = f"http://analyst:{password}@127.0.0.1:{port}/v1?api-key={query_key}"
-    env = {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": "local",
-        "CI_MAGIC_MODEL_BASE_URL": base_url,
-        "CI_MAGIC_MODEL": None,
-        "PYTHONPATH": str(REPO),
-    }
+    env = local_env(CI_MAGIC_MODEL_BASE_URL=base_url, CI_MAGIC_MODEL=None)
     cells = ["%load_ext ci_magic", "%ci what is 2 + 2", "%config CodeInterpreter.model = 'm'", "%ci 2 + 2"]
     with kernel_env(**env):
         notebook = run_cells(cells, tmp_path, timeout=120, save_as="analysis.ipynb")
