@@ -191,7 +191,7 @@ def memory(pid: int, field: str) -> int:
     return 0
 
 
-async def many(root: Path, count: int, isolation: str) -> tuple[float, list[tuple[int, int, int]]]:
+async def many(root: Path, count: int, isolation: str) -> tuple[float, float, list[tuple[int, int, int]]]:
     manager = SandboxManager(root / "many", pool_size=0, isolation=isolation)
     try:
         infos = [await manager.create(name=f"c{i}") for i in range(count)]
@@ -204,7 +204,9 @@ async def many(root: Path, count: int, isolation: str) -> tuple[float, list[tupl
         answers = await asyncio.gather(*(ask(i) for i in range(count)))
         all_answered = time.perf_counter() - started
         assert answers == [f"{i}\n" for i in range(count)], answers
+        watchdog_before = watchdog().cpu_seconds
         await asyncio.sleep(2)  # idle
+        watchdog_share = (watchdog().cpu_seconds - watchdog_before) / 2  # CPU seconds per second
         answers = await asyncio.gather(*(ask(i) for i in range(count)))  # still alive after idling
         assert answers == [f"{i}\n" for i in range(count)], answers
         sizes = []
@@ -220,7 +222,7 @@ async def many(root: Path, count: int, isolation: str) -> tuple[float, list[tupl
                     sum(memory(p, "Pss") for p in pids),
                 )
             )
-        return all_answered, sizes
+        return all_answered, watchdog_share, sizes
     finally:
         await manager.aclose()
 
@@ -394,7 +396,7 @@ async def main() -> None:
         loads["1-2"] = load()
         trips = await round_trip(root, args.round_trips, args.isolation)
         loads["3"] = load()
-        all_answered, sizes = await many(root, args.containers, args.isolation)
+        all_answered, watchdog_share, sizes = await many(root, args.containers, args.isolation)
         loads["4"] = load()
         costs = await protection_costs(root, args.repeat, args.isolation)
         trip_costs = await round_trip_costs(root, args.round_trips, args.isolation)
@@ -432,6 +434,10 @@ async def main() -> None:
 
     host = "root" if protections.as_root else "unprivileged"
     print(f"5. cost of each protection ({host} host), interleaved:")
+    print(
+        f"   budget watchdog, {len(sizes)} idle sandboxes: {watchdog_share * 1000:.1f} ms host CPU a second "
+        f"({watchdog_share * 100 / len(sizes):.2f}% of a core each)"
+    )
     wall_on, cpu_on = (p50(values) for values in costs["all on"])
     for name in VARIANTS:
         wall, cpu = (p50(values) for values in costs[name])

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from ci_magic.backends.local import sandbox as sandbox_module
 from ci_magic.backends.local.isolation import detect_isolation, probe_python
 from ci_magic.backends.local.sandbox import SandboxManager
 from ci_magic.errors import ConfigurationError, SandboxError
@@ -677,3 +678,33 @@ def test_the_warm_pool_hands_out_a_container_that_answers_at_once(
         runner.run(cold_manager.aclose())
         runner.run(warm_manager.aclose())
     assert sorted(warm_times)[1] < 0.5 * sorted(cold_times)[1], (warm_times, cold_times)
+
+
+def test_the_pool_refills_after_the_handed_out_containers_first_cell(
+    runner: asyncio.Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refill forks, mounts and imports beside the user's first cell: it waits for that cell."""
+    manager = SandboxManager(tmp_path / "warm", pool_size=1)
+    sandbox = Sandbox(runner, manager)
+    try:
+        runner.run(manager.warm())
+        deadline = time.monotonic() + 60
+        while manager.pool_ready() < 1 and time.monotonic() < deadline:
+            runner.run(asyncio.sleep(0.05))
+        cid = sandbox.create()
+        runner.run(asyncio.sleep(0.5))  # the loop runs, as while the user types the first cell
+        assert manager._pool == [], "the pool began refilling before the container's first cell"
+        assert stdout(sandbox.execute(cid, "print(1)")) == "1\n"
+        assert len(manager._pool) == 1, "the pool did not refill after the first cell"
+        # A container nobody runs refills the pool all the same, a little later.
+        monkeypatch.setattr(sandbox_module, "REFILL_AFTER", 0.2)
+        while manager.pool_ready() < 1 and time.monotonic() < deadline + 60:
+            runner.run(asyncio.sleep(0.05))
+        runner.run(asyncio.sleep(0.2))
+        sandbox.create()
+        runner.run(asyncio.sleep(0.1))
+        assert manager._pool == []
+        runner.run(asyncio.sleep(0.5))
+        assert len(manager._pool) == 1, "a container that was never run kept the pool empty"
+    finally:
+        runner.run(manager.aclose())
