@@ -28,7 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ci_magic.session import Session, SilentView, TurnOptions
+from ci_magic.session import Session, SessionSettings, SilentView, TurnOptions
 from ci_magic.state_file import capture, resume
 
 BLOCKS = [
@@ -55,9 +55,8 @@ async def turn(session: Session, code: str) -> tuple[float, Any]:
 
 
 async def measure(make_backend: Callable[[], Any], expire: Callable[[Session], None], out: Path) -> None:
-    session = Session(
-        make_backend(), session_id="bench", memory_limit="1g", expires_after_minutes=20, output_dir=out
-    )
+    settings = SessionSettings(memory_limit="1g", expires_after_minutes=20, output_dir=out)
+    session = Session(make_backend(), settings, session_id="bench")
     cold = (await turn(session, "1"))[0]  # a new container's first cell: the container exists now
     baseline = 0.0
     for block in BLOCKS:
@@ -76,9 +75,7 @@ async def measure(make_backend: Callable[[], Any], expire: Callable[[Session], N
 
     saved = capture(session, "bench")
     await session.close(delete_container=False)  # as at a kernel restart
-    after = Session(
-        make_backend(), session_id="bench", memory_limit="1g", expires_after_minutes=20, output_dir=out
-    )
+    after = Session(make_backend(), settings, session_id="bench")
     resume(after, saved)
     first = (await turn(after, CHECK))[0]
     second = (await turn(after, CHECK))[0]

@@ -29,7 +29,9 @@ from ci_magic.backends.base import Backend, ContainerFile, ContainerInfo, Conver
 from ci_magic.downloads import is_show_image_file
 from ci_magic.errors import BackendError, CIError
 from ci_magic.events import Notice
+from ci_magic.known_files import KnownFiles
 from ci_magic.restore import defined_names, plan_restore, run_restore, summary_line
+from ci_magic.session_settings import SessionSettings
 from ci_magic.transcript import Transcript, TurnEntry
 from ci_magic.variables.discover import always_push_items
 from ci_magic.variables.registry import PushRegistry
@@ -70,16 +72,12 @@ class OwningSession(Protocol):
 
     backend: Backend
     session_id: str
-    memory_limit: str
-    expires_after_minutes: int
-    restore_on_expiry: str
-    restore_time_limit: float
-    always_push: list[str]
+    settings: SessionSettings
     container: ContainerInfo | None
     conversation: Conversation
     transcript: Transcript
     registry: PushRegistry
-    seen_files: set[str]
+    known_files: KnownFiles
     turns: int
     model: str
     instructions: str
@@ -168,11 +166,11 @@ class Continuity:
             self._replaced(s.container.id)
         old = s.container
         old_paths = {e.name: e.path for e in s.registry if old is not None and e.in_container(old.id)}
-        s.seen_files.clear()
+        s.known_files.new_container()
         new = s.container = await s.backend.create_container(
             name=f"ci-magic-{s.session_id}",
-            memory_limit=s.memory_limit,  # type: ignore[arg-type]
-            expires_after_minutes=s.expires_after_minutes,
+            memory_limit=s.settings.memory_limit,  # type: ignore[arg-type]
+            expires_after_minutes=s.settings.expires_after_minutes,
         )
         notices.extend(await self._restore_files(new))
         # OpenAI stores an upload under a new random prefix in each container: recorded code that read
@@ -191,7 +189,9 @@ class Continuity:
         adopt = getattr(s.backend, "adopt", None) if reattaching else None
         if adopt is not None:
             adopted: ContainerInfo | None = await adopt(
-                container_id, expires_after_minutes=s.expires_after_minutes, memory_limit=s.memory_limit
+                container_id,
+                expires_after_minutes=s.settings.expires_after_minutes,
+                memory_limit=s.settings.memory_limit,
             )
             return adopted
         return await s.backend.get_container(container_id)
@@ -201,7 +201,7 @@ class Continuity:
         new to this turn), and plan to re-run its state where the restart took it away."""
         s = self.session
         listing = await s.backend.list_files(container.id)
-        s.seen_files.update(f.id for f in listing)
+        s.known_files.learn(listing)
         relink_registry(s.registry, container.id, listing)
         if s.backend.name in STATE_LOST_ON_RESTART:
             self._replaced(container.id)
@@ -219,7 +219,7 @@ class Continuity:
         """The container ``old_id`` lost its in-memory state: re-run it before the next turn (or, with
         restore off or nothing to re-run, tell the model it is gone)."""
         s = self.session
-        if s.restore_on_expiry == "replay" and s.transcript.code_in(old_id):
+        if s.settings.restore_on_expiry == "replay" and s.transcript.code_in(old_id):
             self._restore_from = old_id
         elif s.turns or len(s.transcript):
             s.conversation.notes.append(RECREATED_NOTE)
@@ -229,8 +229,9 @@ class Continuity:
         files = self.session.files(container, uploading=True)
         restored = await files.reupload()
         notices = [Notice(f"{o.name}: {o.note}", level="warning") for o in restored if not o.sent]
-        if self.session.always_push:
-            await files.push(always_push_items(self.session.always_push))
+        always_push = self.session.settings.always_push
+        if always_push:
+            await files.push(always_push_items(always_push))
         return notices
 
     # -- the state: re-run where it was lost --------------------------------------------------
@@ -251,7 +252,7 @@ class Continuity:
             dataclasses.replace(b, code=with_paths(b.code, self._moved_paths))
             for b in s.transcript.code_in(old)
         ]
-        plan = plan_restore(blocks, time_limit=s.restore_time_limit)
+        plan = plan_restore(blocks, time_limit=s.settings.restore_time_limit)
         if plan.skip is not None:
             s.conversation.notes.append(RECREATED_NOTE)
             return [Notice(plan.skip, level="warning")]
@@ -272,8 +273,8 @@ class Continuity:
             listing = await s.backend.list_files(container.id)
         except CIError:
             listing = []  # the count of files back is only for the summary line
-        fresh = [f for f in listing if f.id not in s.seen_files and f.source != "user"]
-        s.seen_files.update(f.id for f in listing)
+        fresh = [f for f in listing if s.known_files.is_new(f)]
+        s.known_files.learn(listing)
         files = [f for f in fresh if not is_show_image_file(f)]
         s.transcript.add(
             TurnEntry(

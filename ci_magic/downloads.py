@@ -16,6 +16,7 @@ from ci_magic.config import output_dir_message, output_dir_problem
 from ci_magic.errors import CIError, ContainerFileError, FileTooLarge
 from ci_magic.events import CallStarted, Event, FileCited, Notice, TextDelta
 from ci_magic.filenames import download_into, safe_relative_name
+from ci_magic.known_files import KnownFiles
 from ci_magic.result import Result, SavedFile
 from ci_magic.variables.formats import is_shown_image
 
@@ -106,14 +107,14 @@ class TurnDownloads:
         self,
         backend: Backend,
         container_id: str,
-        seen: set[str],
+        known: KnownFiles,
         output_dir: Path,
         concurrency: int,
         allowance: DownloadAllowance,
     ) -> None:
         self.backend = backend
         self.container_id = container_id
-        self.seen = seen
+        self.known = known  # files not new to this turn are not downloaded
         self.output_dir = output_dir
         self.limit = asyncio.Semaphore(concurrency)
         self.allowance = allowance
@@ -147,7 +148,7 @@ class TurnDownloads:
         listing = await self.backend.list_files(self.container_id)
         for file in listing:
             self.listed_sizes[file.id] = file.bytes
-            if file.id not in self.seen and file.source != "user" and not is_show_image_file(file):
+            if self.known.is_new(file) and not is_show_image_file(file):
                 self.start(file.id, self.container_id, file.name)
         return listing
 

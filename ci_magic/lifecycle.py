@@ -8,16 +8,21 @@ notebook's state file (``state_file.py``); closed at exit, keeping the container
 from __future__ import annotations
 
 import contextlib
+import os
+import uuid
+from pathlib import Path
 
 from ci_magic.backends.factory import build_backend
 from ci_magic.bridge import run_sync
 from ci_magic.config import Settings
 from ci_magic.errors import CIError
-from ci_magic.session import Session, Status, kernel_session_id, session_settings
+from ci_magic.session import Session
+from ci_magic.session_settings import SessionSettings
 from ci_magic.state_file import NotebookState, kernel_is_restarting
+from ci_magic.status import Status
 from ci_magic.variables.progress import default_progress
 
-__all__ = ["SessionKeeper"]
+__all__ = ["SessionKeeper", "kernel_session_id", "session_settings"]
 
 
 class SessionKeeper:
@@ -38,18 +43,18 @@ class SessionKeeper:
         if self.session is None:
             self.session = Session(
                 build_backend(settings),
+                session_settings(settings),
                 session_id=self.session_id,
                 progress=default_progress,
                 on_change=self._save,
                 registry=self._saved.new_registry(),
-                **session_settings(settings),
             )
             self._saved.take_over(self.session, settings)
-        elif self.backend_stale:
-            run_sync(self.session.reset(build_backend(settings)))
+        else:
+            if self.backend_stale:
+                run_sync(self.session.reset(build_backend(settings)))
+            self.session.apply(session_settings(settings))
         self.backend_stale = False
-        for name, value in session_settings(settings).items():
-            setattr(self.session, name, value)
         return self.session
 
     def _save(self) -> None:
@@ -83,3 +88,33 @@ class SessionKeeper:
         delete = self.settings.delete_container_on_exit and not restarting
         with contextlib.suppress(CIError, RuntimeError, OSError):
             run_sync(session.close(delete_container=delete))
+
+
+def session_settings(settings: Settings) -> SessionSettings:
+    """What a session follows of the configuration; applied again before each use, so a change takes
+    effect at the next cell without a restart."""
+    return SessionSettings(
+        memory_limit=settings.memory_limit,
+        expires_after_minutes=settings.expires_after_minutes,
+        output_dir=Path(settings.output_dir).expanduser(),
+        download_concurrency=max(1, settings.download_concurrency),
+        download_size_cap=settings.download_size_cap,
+        download_turn_budget=settings.download_turn_budget,
+        upload_size_cap=settings.upload_size_cap,
+        pull_memory_cap=settings.pull_memory_cap,
+        always_push=tuple(settings.always_push),
+        restore_on_expiry=settings.restore_on_expiry,
+        restore_time_limit=settings.restore_time_limit,
+        prices=dict(settings.prices),
+    )
+
+
+def kernel_session_id() -> str:
+    """The kernel session's id when running in a kernel (stable container names), else random."""
+    from IPython import get_ipython
+
+    kernel = getattr(get_ipython(), "kernel", None)  # None in terminal IPython and plain Python
+    session = getattr(getattr(kernel, "session", None), "session", None)
+    if isinstance(session, str) and session:
+        return session.replace("-", "")[:12]
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"

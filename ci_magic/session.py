@@ -11,31 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from ci_magic.backends.base import (
-    DEFAULT_DOWNLOAD_SIZE_CAP,
-    Backend,
-    ContainerInfo,
-    Conversation,
-    TurnRequest,
-)
-from ci_magic.config import Settings, output_dir_message, output_dir_problem
+from ci_magic.backends.base import Backend, ContainerInfo, Conversation, TurnRequest
+from ci_magic.config import output_dir_message, output_dir_problem
 from ci_magic.continuity import Continuity, container_still_usable
 from ci_magic.costs import CostLedger
-from ci_magic.downloads import (
-    DEFAULT_DOWNLOAD_TURN_BUDGET,
-    DownloadAllowance,
-    TurnDownloads,
-    displayed_copies_marked,
-)
+from ci_magic.downloads import DownloadAllowance, TurnDownloads, displayed_copies_marked
 from ci_magic.errors import (
     BackendError,
     CIError,
@@ -44,31 +30,23 @@ from ci_magic.errors import (
     Interrupted,
 )
 from ci_magic.events import Event, Notice, Usage
+from ci_magic.known_files import KnownFiles
 from ci_magic.provenance import record_turn
 from ci_magic.result import Result, ResultBuilder, SavedFile
 from ci_magic.saved_outputs import save_figures, save_long_logs
+from ci_magic.session_settings import SessionSettings
 from ci_magic.status import Status, check_status
 from ci_magic.transcript import CallTimer, Transcript, TurnKind, turn_record
 from ci_magic.variables.progress import Progress
 from ci_magic.variables.registry import PushRegistry, PushRequest
-from ci_magic.variables.transfer import (
-    DEFAULT_PULL_MEMORY_CAP,
-    DEFAULT_SIZE_CAP,
-    ContainerFiles,
-    FileRow,
-    PulledFile,
-    PushOutcome,
-)
+from ci_magic.variables.transfer import ContainerFiles, FileRow, PulledFile, PushOutcome
 
-__all__ = [
-    "DEFAULT_DOWNLOAD_TURN_BUDGET",
-    "Session",
-    "Status",
-    "TurnOptions",
-    "View",
-    "kernel_session_id",
-    "session_settings",
-]
+__all__ = ["Session", "SessionSettings", "SilentView", "Status", "TurnOptions", "View"]
+
+INTERRUPTED = (
+    "Interrupted. The kernel, the container, its files and the conversation are intact; "
+    "run the cell again when ready."
+)
 
 
 class View(Protocol):
@@ -101,6 +79,8 @@ class SilentView:
 
 @dataclass(frozen=True)
 class TurnOptions:
+    """How one turn runs: the model and instructions, and for ``%%ci_exec`` the code to run as is."""
+
     model: str
     instructions: str
     new_conversation: bool = False
@@ -110,64 +90,45 @@ class TurnOptions:
 
 
 class Session:
+    """One kernel's code interpreter: its backend, container, conversation, pushed files and totals."""
+
     def __init__(
         self,
         backend: Backend,
+        settings: SessionSettings,
         *,
         session_id: str,
-        memory_limit: str,
-        expires_after_minutes: int,
-        output_dir: Path,
-        download_concurrency: int = 4,
-        download_size_cap: int = DEFAULT_DOWNLOAD_SIZE_CAP,
-        download_turn_budget: int = DEFAULT_DOWNLOAD_TURN_BUDGET,
         registry: PushRegistry | None = None,
-        upload_size_cap: int = DEFAULT_SIZE_CAP,
-        pull_memory_cap: int = DEFAULT_PULL_MEMORY_CAP,
-        always_push: Sequence[str] = (),
         progress: Callable[[], Progress | None] = lambda: None,
-        restore_on_expiry: str = "replay",
-        restore_time_limit: float = 60.0,
-        prices: dict[str, Any] | None = None,
         transcript: Transcript | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
-        """``registry``: pushed files to carry over from a previous session (default: a new one);
-        ``always_push``: files and folders sent to every new container; ``progress`` makes the
-        display large transfers report to; ``restore_on_expiry``/``restore_time_limit``: whether
-        and within what a replacement container gets the old one's state re-run (``restore.py``);
+        """``session_id`` names its containers; ``registry``: pushed files to carry over from a previous
+        session (default: a new one); ``progress`` makes the display large transfers report to;
         ``on_change`` is called after each turn, push and reset (to save the session's state)."""
         self.backend = backend
         self.session_id = session_id
-        self.memory_limit = memory_limit
-        self.expires_after_minutes = expires_after_minutes
-        self.output_dir = output_dir
-        self.download_concurrency = max(1, download_concurrency)
-        self.download_size_cap = download_size_cap
-        self.download_turn_budget = download_turn_budget
         # Survives container expiry and backend changes: everything in it is re-sent to a new container.
         self.registry = registry if registry is not None else PushRegistry()
-        self.upload_size_cap = upload_size_cap
-        self.pull_memory_cap = pull_memory_cap
-        self.always_push = list(always_push)
         self.progress = progress
         self.container: ContainerInfo | None = None
         self.conversation = Conversation()
         self.usage = Usage()
         self.turns = 0
-        self._made_by_exec: set[str] = set()  # file ids %%ci_exec code wrote: the user's, not the model's
-        self._sizes: dict[str, int] = {}  # file id -> bytes saved locally (listings may not say)
-        self.seen_files: set[str] = set()  # container file ids already known: not "new" in a turn
-        self.restore_on_expiry = restore_on_expiry
-        self.restore_time_limit = restore_time_limit
+        self.known_files = KnownFiles()
         self.transcript = transcript if transcript is not None else Transcript()
         self.on_change = on_change
-        self.prices = dict(prices or {})  # CodeInterpreter.prices: overrides of costs.DEFAULT_PRICES
         self.ledger = CostLedger()  # the session's running cost and time totals
         self.model = ""  # the last turn's model: a restore outside a turn (%ci_push) uses it
         self.instructions = ""
         # Replaces, restores and reattaches the container, and carries the conversation over.
         self.continuity = Continuity(self)
+        self.apply(settings)
+
+    def apply(self, settings: SessionSettings) -> None:
+        """The settings in force from the next turn, push or pull on (a change needs no restart)."""
+        self.settings = settings
+        self.ledger.set_prices(settings.prices)
 
     # -- taken over, reset, checked, closed ----------------------------------------------------
 
@@ -223,15 +184,16 @@ class Session:
     def files(self, container: ContainerInfo, *, uploading: bool = False) -> ContainerFiles:
         """The file operations on ``container``, recording pushes in the session's registry
         (``uploading``: with a progress display for large uploads)."""
+        settings = self.settings
         return ContainerFiles(
             self.backend,
             container.id,
             self.registry,
-            size_cap=self.upload_size_cap,
-            concurrency=self.download_concurrency,
+            size_cap=settings.upload_size_cap,
+            concurrency=settings.download_concurrency,
             progress=self.progress() if uploading else None,
-            download_cap=self.download_size_cap,
-            pull_memory_cap=self.pull_memory_cap,
+            download_cap=settings.download_size_cap,
+            pull_memory_cap=settings.pull_memory_cap,
         )
 
     async def push(self, requests: Sequence[PushRequest]) -> tuple[list[PushOutcome], list[Notice]]:
@@ -241,16 +203,6 @@ class Session:
         self._changed()
         return outcomes, notices
 
-    async def _push_for_turn(
-        self, container: ContainerInfo, push: Sequence[PushRequest], report: Callable[[Notice], None]
-    ) -> str:
-        """Push what the prompt needs, one line per file sent; then the cards of every notebook file."""
-        if push:
-            for outcome in await self.files(container, uploading=True).push(push):
-                if outcome.sent:
-                    report(Notice(outcome.line))
-        return self.registry.cards(container.id)
-
     async def pull(self, name: str) -> PulledFile:
         return await self.files(self._existing_container("pull files")).pull(name, self._pull_folder())
 
@@ -259,25 +211,18 @@ class Session:
 
     def _pull_folder(self) -> Path:
         """``output_dir``, checked again: sys.path may have gained it since it was set."""
-        problem = output_dir_problem(self.output_dir)
+        folder = self.settings.output_dir
+        problem = output_dir_problem(folder)
         if problem is not None:
-            raise ConfigurationError(
-                output_dir_message(self.output_dir, problem, outcome="nothing was pulled")
-            )
-        return self.output_dir
+            raise ConfigurationError(output_dir_message(folder, problem, outcome="nothing was pulled"))
+        return folder
 
     async def file_rows(self) -> list[FileRow]:
         """The container's files, as ``%ci_files`` lists them ([] before the first container), with
         what the session knows: sizes of files it saved, and files %%ci_exec wrote as the user's."""
         if self.container is None:
             return []
-        return [self.describe_file(row) for row in await self.files(self.container).listing()]
-
-    def describe_file(self, row: FileRow) -> FileRow:
-        """A listing row with what the session knows: its size once saved, and who wrote it."""
-        size = row.size if row.size is not None else self._sizes.get(row.file_id)
-        source = "notebook" if row.file_id in self._made_by_exec else row.source
-        return dataclasses.replace(row, size=size, source=source)
+        return [self.known_files.describe(row) for row in await self.files(self.container).listing()]
 
     def _existing_container(self, doing: str) -> ContainerInfo:
         if self.container is None:
@@ -301,8 +246,7 @@ class Session:
         """One turn, after pushing ``push`` (one notice per file sent); returns its Result. A failure
         is ``result.error`` (raised by the caller), whose ``result`` is this Result: what arrived
         before it stays shown and recorded."""
-        started = time.monotonic()
-        started_at = time.time()
+        started, started_at = time.monotonic(), time.time()
         builder = view.builder
         builder.result.prompt = prompt
         if options.new_conversation:
@@ -311,15 +255,9 @@ class Session:
         timer = CallTimer()
         ticker = asyncio.ensure_future(_tick_every(view, 0.1))
         try:
-            await self._run_in_container(prompt, options, view, builder, push, timer)
+            await self._run_in_container(prompt, options, view, push, timer)
         except asyncio.CancelledError:
-            # Ctrl-C: the bridge cancelled this task and waits for what it returns.
-            builder.fail(
-                Interrupted(
-                    "Interrupted. The kernel, the container, its files and the conversation are intact; "
-                    "run the cell again when ready."
-                )
-            )
+            builder.fail(Interrupted(INTERRUPTED))  # Ctrl-C: the bridge cancelled this task and waits
         except CIError as error:
             builder.fail(error)
         finally:
@@ -328,49 +266,18 @@ class Session:
         result.wall_time = time.monotonic() - started
         if self.container is not None:
             result.container_id = result.container_id or self.container.id
-        self.turns += 1
-        self.usage = self.usage + result.usage
-        save_long_logs(result, self.output_dir)
+        save_long_logs(result, self.settings.output_dir)
         result.files = displayed_copies_marked(result)
-        for saved in result.files:
-            if saved.file_id:
-                self._sizes[saved.file_id] = saved.size
-                if options.exec_code is not None:
-                    self._made_by_exec.add(saved.file_id)
-        # Images cited as displayed are not downloaded: their size is the displayed image's (in order).
-        shown = [c.file_id for c in result.citations if c.displayed]
-        for file_id, data in zip(shown, (d for call in result.calls for d in call.images), strict=False):
-            self._sizes[file_id] = len(data)
-        kind: TurnKind = options.kind or ("exec" if options.exec_code is not None else "ci")
-        entry = self.transcript.add(turn_record(result, kind=kind, timer=timer, started_at=started_at))
-        self.ledger.set_prices(self.prices)
-        container = self.container if self.container and self.container.id == result.container_id else None
-        record_turn(
-            result,
-            entry,
-            builder,
-            backend=self.backend.name,
-            ledger=self.ledger,
-            inputs=list(self.registry),
-            memory_limit=self.memory_limit,
-            container_created_at=float(container.created_at) if container and container.created_at else None,
-            started_at=started_at,
-        )
+        self._record(builder, options, timer, started_at)
         self._changed()
         view.finish(result, link_base=link_base)
         return result
-
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            with contextlib.suppress(Exception):  # saving state never fails a cell
-                self.on_change()
 
     async def _run_in_container(
         self,
         prompt: str,
         options: TurnOptions,
         view: View,
-        builder: ResultBuilder,
         push: Sequence[PushRequest],
         timer: CallTimer,
     ) -> None:
@@ -397,15 +304,8 @@ class Session:
             for notice in notices:
                 view.handle(notice)
             check = asyncio.ensure_future(self.backend.get_container(container.id)) if unverified else None
-            downloads = TurnDownloads(
-                self.backend,
-                container.id,
-                self.seen_files,
-                self.output_dir,
-                self.download_concurrency,
-                DownloadAllowance(self.download_size_cap, self.download_turn_budget),
-            )
-            streamed: list[Event] = []
+            downloads = self._downloads(container)
+            streamed = False
             try:
                 request = TurnRequest(
                     prompt=prompt,
@@ -417,8 +317,12 @@ class Session:
                     exec_code=options.exec_code,
                     extra_headers=dict(options.extra_headers or {}),
                 )
-                await self._stream(request, builder, view, downloads, streamed, timer)
-                builder.result.files = await self._collect_files(container, builder.result, downloads)
+                async for event in self.backend.stream(request):
+                    streamed = True
+                    view.handle(event)
+                    downloads.observe(event)
+                    timer.observe(event)
+                view.builder.result.files = await self._collect_files(view.builder.result, downloads)
             except BackendError as error:
                 if streamed or attempt == 3:
                     raise
@@ -438,65 +342,63 @@ class Session:
                 self.container = check.result() or self.container
             return
 
-    async def _stream(
-        self,
-        request: TurnRequest,
-        builder: ResultBuilder,
-        view: View,
-        downloads: TurnDownloads,
-        streamed: list[Event],
-        timer: CallTimer,
-    ) -> None:
-        async for event in self.backend.stream(request):
-            if not streamed:
-                streamed.append(event)
-            view.handle(event)
-            downloads.observe(event)
-            timer.observe(event)
+    async def _push_for_turn(
+        self, container: ContainerInfo, push: Sequence[PushRequest], report: Callable[[Notice], None]
+    ) -> str:
+        """Push what the prompt needs, one line per file sent; then the cards of every notebook file."""
+        if push:
+            for outcome in await self.files(container, uploading=True).push(push):
+                if outcome.sent:
+                    report(Notice(outcome.line))
+        return self.registry.cards(container.id)
 
-    async def _collect_files(
-        self, container: ContainerInfo, result: Result, downloads: TurnDownloads
-    ) -> list[SavedFile]:
+    def _downloads(self, container: ContainerInfo) -> TurnDownloads:
+        """The turn's automatic downloads from ``container``, within the download settings."""
+        s = self.settings
+        allowance = DownloadAllowance(s.download_size_cap, s.download_turn_budget)
+        return TurnDownloads(
+            self.backend, container.id, self.known_files, s.output_dir, s.download_concurrency, allowance
+        )
+
+    async def _collect_files(self, result: Result, downloads: TurnDownloads) -> list[SavedFile]:
         """Every cited file, every new file the model wrote without citing it, and every figure the code
         displayed, saved locally."""
         listing = await downloads.final_listing()
-        self.seen_files.update(f.id for f in listing or [])
+        self.known_files.learn(listing or [])
         outcomes = await downloads.finished()
         shown_images = {c.file_id for c in result.citations if c.displayed}
         saved = [o for o in outcomes if isinstance(o, SavedFile) and o.file_id not in shown_images]
         result.notices.extend(o for o in outcomes if isinstance(o, Notice))
-        saved.extend(save_figures(result, self.output_dir))
+        saved.extend(save_figures(result, self.settings.output_dir))
         return saved
 
+    def _record(
+        self, builder: ResultBuilder, options: TurnOptions, timer: CallTimer, started_at: float
+    ) -> None:
+        """Count the finished turn in the session's totals, known files, transcript and provenance."""
+        result = builder.result
+        self.turns += 1
+        self.usage = self.usage + result.usage
+        self.known_files.record_turn(result, by_exec=options.exec_code is not None)
+        kind: TurnKind = options.kind or ("exec" if options.exec_code is not None else "ci")
+        entry = self.transcript.add(turn_record(result, kind=kind, timer=timer, started_at=started_at))
+        container = self.container if self.container and self.container.id == result.container_id else None
+        record_turn(
+            result,
+            entry,
+            builder,
+            backend=self.backend.name,
+            ledger=self.ledger,
+            inputs=list(self.registry),
+            memory_limit=self.settings.memory_limit,
+            container_created_at=float(container.created_at) if container and container.created_at else None,
+            started_at=started_at,
+        )
 
-def session_settings(settings: Settings) -> dict[str, Any]:
-    """What a session follows of the configuration, as ``Session``'s keyword arguments; applied again
-    before each use, so a change takes effect at the next cell without a restart."""
-    return {
-        "memory_limit": settings.memory_limit,
-        "expires_after_minutes": settings.expires_after_minutes,
-        "output_dir": Path(settings.output_dir).expanduser(),
-        "download_concurrency": max(1, settings.download_concurrency),
-        "download_size_cap": settings.download_size_cap,
-        "download_turn_budget": settings.download_turn_budget,
-        "upload_size_cap": settings.upload_size_cap,
-        "pull_memory_cap": settings.pull_memory_cap,
-        "always_push": list(settings.always_push),
-        "restore_on_expiry": settings.restore_on_expiry,
-        "restore_time_limit": settings.restore_time_limit,
-        "prices": dict(settings.prices),
-    }
-
-
-def kernel_session_id() -> str:
-    """The kernel session's id when running in a kernel (stable container names), else random."""
-    from IPython import get_ipython
-
-    kernel = getattr(get_ipython(), "kernel", None)  # None in terminal IPython and plain Python
-    session = getattr(getattr(kernel, "session", None), "session", None)
-    if isinstance(session, str) and session:
-        return session.replace("-", "")[:12]
-    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            with contextlib.suppress(Exception):  # saving state never fails a cell
+                self.on_change()
 
 
 async def _tick_every(view: View, seconds: float) -> None:

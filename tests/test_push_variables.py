@@ -786,20 +786,15 @@ def test_a_big_frame_that_compresses_well_still_goes(backend, container, registr
 
 
 def test_the_session_sends_pushed_and_always_push_files_to_each_new_container(tmp_path) -> None:
-    from ci_magic.session import Session
+    from ci_magic.session import Session, SessionSettings
 
     backend = FakeBackend()
     rates = tmp_path / "rates.csv"
     rates.write_text("currency,rate\nEUR,1.1\n")
-    session = Session(
-        backend,
-        session_id="t",
-        memory_limit="1g",
-        expires_after_minutes=20,
-        output_dir=tmp_path / "out",
-        registry=PushRegistry(tmp_path / "spool"),
-        always_push=[str(rates)],
+    settings = SessionSettings(
+        memory_limit="1g", expires_after_minutes=20, output_dir=tmp_path / "out", always_push=(str(rates),)
     )
+    session = Session(backend, settings, session_id="t", registry=PushRegistry(tmp_path / "spool"))
     [first_push], notices = asyncio.run(session.push([PushRequest("df", sales())]))
     assert first_push.status == "uploaded"
     assert session.container is not None and notices == []

@@ -26,22 +26,25 @@ from ci_magic.events import (
 )
 from ci_magic.result import LOG_KEEP_CHARS, LogText
 from ci_magic.session import Session, SilentView, TurnOptions
-from ci_magic.variables.registry import PushRequest
+from ci_magic.session_settings import SessionSettings
+from ci_magic.variables.registry import PushRegistry, PushRequest
 from tests.fakes import FakeBackend
 from tests.render_support import png_bytes
 
 OPTIONS = TurnOptions(model="fake-model", instructions="Be brief.")
 
 
-def make_session(backend: FakeBackend, tmp_path: Path, **options: object) -> Session:
-    return Session(
-        backend,
-        session_id="test",
+def make_session(
+    backend: FakeBackend, tmp_path: Path, registry: PushRegistry | None = None, **settings: object
+) -> Session:
+    """A session on ``backend`` saving into ``tmp_path``; ``settings`` override ``SessionSettings``."""
+    chosen = SessionSettings(
         memory_limit="1g",
         expires_after_minutes=20,
         output_dir=tmp_path / "ci_outputs",
-        **options,  # type: ignore[arg-type]
+        **settings,  # type: ignore[arg-type]
     )
+    return Session(backend, chosen, session_id="test", registry=registry)
 
 
 def turn(session: Session, runner: asyncio.Runner, prompt: str = "go", **kwargs: object):
@@ -172,7 +175,7 @@ def test_cited_and_new_files_are_downloaded_and_a_displayed_image_is_not(tmp_pat
     assert saved["figures/call_1-1.png"].displayed and not saved["cfile_only.png"].displayed
     assert saved["report.csv"].path.read_bytes() == b"a,b\n1,2\n"
     rows = runner.run(session.file_rows())
-    sizes = {row.name: session.describe_file(row).size for row in rows}
+    sizes = {row.name: row.size for row in rows}
     assert sizes["report.csv"] == 8, "a model file's size is known once saved (the listing says None)"
 
 
@@ -204,7 +207,7 @@ def test_files_written_by_exec_are_the_users_and_reset_counts_turns_from_zero(tm
     backend.turns.append(exec_writes)
     turn(session, runner, options=TurnOptions("m", "", exec_code="open('mine.txt','w')"))
     [row] = runner.run(session.file_rows())
-    assert session.describe_file(row).source == "notebook"
+    assert row.source == "notebook"
     assert session.turns == 1
     replacement = FakeBackend()
     runner.run(session.reset(replacement))
