@@ -1,7 +1,8 @@
 """Session: the state of one kernel's code interpreter and the flow of one turn.
 
-Owns the backend, the container, the conversation, the registry of pushed files and usage totals.
-``run_turn`` is the one flow:
+Owns the backend, the container, the conversation, the registry of pushed files, what it knows of
+the container's files (:mod:`~ci_magic.known_files`) and usage totals; its settings
+(:mod:`~ci_magic.session_settings`) are applied afresh before each use. ``run_turn`` is the one flow:
 container check -> push -> backend.stream -> view + ResultBuilder -> file downloads -> Result.
 Keeping the container usable across expiry and kernel restarts (replace, re-send, re-run, reattach,
 carry the conversation over) is :mod:`~ci_magic.continuity`'s job, asked before each turn and push.
@@ -22,13 +23,7 @@ from ci_magic.config import output_dir_message, output_dir_problem
 from ci_magic.continuity import Continuity, container_still_usable
 from ci_magic.costs import CostLedger
 from ci_magic.downloads import DownloadAllowance, TurnDownloads, displayed_copies_marked
-from ci_magic.errors import (
-    BackendError,
-    CIError,
-    ConfigurationError,
-    ContainerFileError,
-    Interrupted,
-)
+from ci_magic.errors import BackendError, CIError, ConfigurationError, ContainerFileError, Interrupted
 from ci_magic.events import Event, Notice, Usage
 from ci_magic.known_files import KnownFiles
 from ci_magic.provenance import record_turn
@@ -100,7 +95,6 @@ class Session:
         session_id: str,
         registry: PushRegistry | None = None,
         progress: Callable[[], Progress | None] = lambda: None,
-        transcript: Transcript | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         """``session_id`` names its containers; ``registry``: pushed files to carry over from a previous
@@ -116,7 +110,7 @@ class Session:
         self.usage = Usage()
         self.turns = 0
         self.known_files = KnownFiles()
-        self.transcript = transcript if transcript is not None else Transcript()
+        self.transcript = Transcript()  # every turn and restore: what replay, export and restore read
         self.on_change = on_change
         self.ledger = CostLedger()  # the session's running cost and time totals
         self.model = ""  # the last turn's model: a restore outside a turn (%ci_push) uses it
@@ -173,6 +167,7 @@ class Session:
         return await check_status(self, model=model)
 
     async def close(self, *, delete_container: bool) -> None:
+        """Close the backend's connections, deleting the container first if asked."""
         if delete_container and self.container is not None:
             with contextlib.suppress(CIError, OSError):
                 await self.backend.delete_container(self.container.id)
@@ -257,7 +252,8 @@ class Session:
         try:
             await self._run_in_container(prompt, options, view, push, timer)
         except asyncio.CancelledError:
-            builder.fail(Interrupted(INTERRUPTED))  # Ctrl-C: the bridge cancelled this task and waits
+            # Ctrl-C: the bridge cancelled this task and waits for the Result it still returns.
+            builder.fail(Interrupted(INTERRUPTED))
         except CIError as error:
             builder.fail(error)
         finally:
@@ -396,6 +392,7 @@ class Session:
         )
 
     def _changed(self) -> None:
+        """Tell the owner the session changed (it saves the state a restarted kernel takes over)."""
         if self.on_change is not None:
             with contextlib.suppress(Exception):  # saving state never fails a cell
                 self.on_change()
