@@ -16,6 +16,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 __all__ = [
     "answers_of",
+    "errors_of",
     "kernel_env",
     "notebook_client",
     "output_text",
@@ -27,23 +28,24 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _set_environ(values: Mapping[str, str | None]) -> None:
+    """Set each variable; None unsets it."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @contextmanager
 def kernel_env(**values: str | None) -> Iterator[None]:
     """Environment for kernels started inside the block (they inherit this process's environment)."""
     saved = {name: os.environ.get(name) for name in values}
     try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _set_environ(values)
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _set_environ(saved)
 
 
 def openai_env(base_url: str, **extra: str | None) -> dict[str, str | None]:
@@ -112,6 +114,11 @@ def run_cells(
 
 def outputs_of(cell: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(cell.get("outputs", []))
+
+
+def errors_of(cell: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The cell's error outputs (a traceback shown in the notebook)."""
+    return [output for output in outputs_of(cell) if output.get("output_type") == "error"]
 
 
 def texts_by_mime(cell: Mapping[str, Any], mime: str) -> list[str]:

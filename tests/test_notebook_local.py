@@ -10,25 +10,23 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.notebook_support import answers_of, kernel_env, output_text, run_cells, texts_by_mime
+from tests.notebook_support import (
+    answers_of,
+    errors_of,
+    kernel_env,
+    local_env,
+    output_text,
+    run_cells,
+    texts_by_mime,
+)
 from tests.servers.chat_server import quickstart
 
 pytestmark = pytest.mark.slow
 
 
-def local_env(model_base_url: str | None) -> dict[str, str | None]:
-    return {
-        "OPENAI_API_KEY": None,
-        "AZURE_OPENAI_API_KEY": None,
-        "CI_MAGIC_BACKEND": None,  # local is the default without a key
-        "CI_MAGIC_MODEL_BASE_URL": model_base_url,
-        "CI_MAGIC_MODEL": None,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-    }
-
-
-def errors_of(cell) -> list:
-    return [o for o in cell.outputs if o.output_type == "error"]
+def no_key_env(model_base_url: str | None) -> dict[str, str | None]:
+    """No key and no backend named: local is the default without a key."""
+    return local_env(CI_MAGIC_BACKEND=None, CI_MAGIC_MODEL_BASE_URL=model_base_url, CI_MAGIC_MODEL=None)
 
 
 def test_prompt_streams_code_runs_it_locally_and_files_come_back(chat_server, tmp_path: Path) -> None:
@@ -41,7 +39,7 @@ def test_prompt_streams_code_runs_it_locally_and_files_come_back(chat_server, tm
         "%%ci_exec\nimport os\nprint(os.getcwd(), sorted(os.listdir('.')))",
         "%ci_status",
     ]
-    with kernel_env(**local_env(server.base_url)):
+    with kernel_env(**no_key_env(server.base_url)):
         notebook = run_cells(cells, tmp_path, timeout=180)
     ci_cell = notebook.cells[1]
     assert not errors_of(ci_cell), output_text(ci_cell)
@@ -64,7 +62,7 @@ def test_prompt_streams_code_runs_it_locally_and_files_come_back(chat_server, tm
 
 def test_without_a_model_server_prompts_explain_and_exec_still_works(tmp_path: Path) -> None:
     cells = ["%load_ext ci_magic", "%%ci\nHello", "%%ci_exec\nprint(6 * 7)"]
-    with kernel_env(**local_env(None)):
+    with kernel_env(**no_key_env(None)):
         notebook = run_cells(cells, tmp_path, timeout=180)
     errors = errors_of(notebook.cells[1])
     assert len(errors) == 1
@@ -86,7 +84,7 @@ def test_dataframe_named_in_prompt_reaches_the_sandbox_with_its_schema_card(
         "%%ci\nWhat is the total revenue in sales_df?",
         "%%ci_exec\nimport pandas as pd\nprint(pd.read_parquet('/mnt/data/sales_df.parquet').revenue.sum())",
     ]
-    with kernel_env(**local_env(server.base_url)):
+    with kernel_env(**no_key_env(server.base_url)):
         notebook = run_cells(cells, tmp_path, timeout=180)
     assert not errors_of(notebook.cells[2]), output_text(notebook.cells[2])
     user_message = next(m for m in server.chat_requests[0].messages if m["role"] == "user")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.notebook_support import kernel_env, openai_env, output_text, run_cells
+from tests.notebook_support import errors_of, kernel_env, openai_env, output_text, run_cells
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +21,6 @@ SQUARES = "%%ci\nLoad the numbers 1..100, plot their squares and save the table 
 
 def responses(server) -> list:
     return [r for r in server.requests if r.method == "POST" and r.path == "/v1/responses"]
-
-
-def errors_of(cell) -> list:
-    return [o for o in cell.outputs if o.output_type == "error"]
 
 
 def expire_printed_container(server, cell_index: int):

@@ -25,7 +25,7 @@ import pytest
 from nbclient.util import ensure_async, run_sync
 
 from tests.gateway_support import KernelGateway, gateway_available
-from tests.notebook_support import kernel_env, local_env, notebook_client, openai_env, output_text
+from tests.notebook_support import errors_of, kernel_env, local_env, notebook_client, openai_env, output_text
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +76,6 @@ def ensure_async_call(method: Any) -> Any:
         return await ensure_async(method(*args, **kwargs))
 
     return call
-
-
-def errors_of(cell: Any) -> list:
-    return [o for o in cell.outputs if o.output_type == "error"]
 
 
 def seconds_of(cell: Any) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.gateway_support import KernelGateway, gateway_available
-from tests.notebook_support import kernel_env, openai_env, output_text, run_cells
+from tests.notebook_support import errors_of, kernel_env, openai_env, output_text, run_cells
 from tests.notebook_support import local_env as notebook_local_env
 
 pytestmark = pytest.mark.slow
@@ -36,10 +36,6 @@ _sandbox._clock = lambda: _time.time() + 3600 * _offset
 def _summary(text: str) -> str:
     """The restore's one line (printed with -s: how long restoring took on each backend)."""
     return next((line for line in text.splitlines() if "re-ran" in line and "<" not in line), "")
-
-
-def errors_of(cell: Any) -> list:
-    return [o for o in cell.outputs if o.output_type == "error"]
 
 
 def local_env(tmp_path: Path) -> dict[str, str | None]:

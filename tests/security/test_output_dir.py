@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.notebook_support import kernel_env, output_text, run_cells
+from tests.notebook_support import errors_of, kernel_env, output_text, run_cells
 from tests.notebook_support import local_env as notebook_local_env
 
 pytestmark = pytest.mark.slow
@@ -40,10 +40,6 @@ IMPORT_CHECK = (
 
 def local_env() -> dict[str, str | None]:
     return notebook_local_env(CI_MAGIC_OUTPUT_DIR=None)
-
-
-def errors_of(cell) -> list:
-    return [o for o in cell.outputs if o.output_type == "error"]
 
 
 def test_an_output_dir_python_imports_from_is_refused_and_the_trojan_never_runs(tmp_path: Path) -> None:
