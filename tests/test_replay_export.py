@@ -12,11 +12,11 @@ import nbformat
 import pandas as pd
 import pytest
 
-from tests.notebook_support import kernel_env, openai_env, output_text, run_cells
+from tests.notebook_support import errors_of, kernel_env, openai_env, output_text, run_cells
 from tests.servers.chat_server import quickstart
 from tests.servers.responses_stream import prompt_text
 from tests.servers.scripted import Call, Text, forced_code_turn
-from tests.test_notebook_local import local_env
+from tests.test_notebook_local import no_key_env
 from tests.test_provenance import SCALE, SHOW, records_of
 
 SQUARES_PROMPT = (
@@ -25,10 +25,6 @@ SQUARES_PROMPT = (
 needs_linux = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the local sandbox needs Linux namespaces"
 )
-
-
-def errors_of(cell) -> list:
-    return [o for o in cell.outputs if o.output_type == "error"]
 
 
 @needs_linux
@@ -45,7 +41,7 @@ def test_replay_reruns_recorded_code_without_a_model_request(chat_server, tmp_pa
         "%%ci_exec\nprint('rows', len(df))",
         "print(again.ok, again.code == first.code)",
     ]
-    with kernel_env(**local_env(server.base_url)):
+    with kernel_env(**no_key_env(server.base_url)):
         notebook = run_cells(
             cells,
             tmp_path,
@@ -70,7 +66,7 @@ def test_replay_reruns_recorded_code_without_a_model_request(chat_server, tmp_pa
 
     # Days later, in a new kernel (a new container): the saved cell In [2] is re-run from its record.
     (tmp_path / "later").mkdir()
-    with kernel_env(**local_env(server.base_url)):
+    with kernel_env(**no_key_env(server.base_url)):
         later = run_cells(
             [
                 "%load_ext ci_magic",
