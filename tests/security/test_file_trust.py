@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.notebook_support import kernel_env, openai_env, output_text, run_cells
+from tests.notebook_support import errors_of, kernel_env, openai_env, output_text, run_cells
 from tests.notebook_support import local_env as notebook_local_env
 
 pytestmark = pytest.mark.slow
@@ -56,10 +56,6 @@ def report(cell) -> dict:
     match = re.search(r"REPORT (\{.*\})", output_text(cell))
     assert match, output_text(cell)
     return json.loads(match.group(1))
-
-
-def errors_of(cell) -> list:
-    return [o for o in cell.outputs if o.output_type == "error"]
 
 
 def assert_sparse_attack_contained(notebook, attack_index: int, *, size_reported: bool = True) -> None:
