@@ -603,7 +603,10 @@ def test_a_call_that_runs_too_long_is_interrupted_and_the_process_lives_on():
         fast = client.responses.create(
             model="gpt-5", input="b", tools=code_tool(container.id), include=OUTPUTS
         )
-    assert time.monotonic() - started < 10
+        took = time.monotonic() - started  # not counting the server's shutdown
+    # The code sleeps 30 s: both turns well within that means it was stopped, with room for a cold
+    # sandbox kernel to start on a busy machine (the first turn starts it).
+    assert took < 20, took
     assert "stopped after 1 s" in slow.output[1].outputs[0].logs
     assert fast.output[1].outputs[0].logs == "7\n"
 
