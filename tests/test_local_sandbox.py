@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from ci_magic.backends.local.isolation import detect_isolation, probe_python
 from ci_magic.backends.local.sandbox import SandboxManager
 from ci_magic.errors import ConfigurationError, SandboxError
 from ci_magic.events import CallStatus, Event, ExecutionError, Image, Logs, Notice, RichOutput
+from tests.security.sandbox_support import recording_connections
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -166,27 +166,8 @@ def test_code_runs_in_mnt_data_and_its_files_land_in_the_container(sandbox: Sand
 def host_server() -> Iterator[tuple[int, list[socket.socket]]]:
     """A TCP server on every host interface (loopback included), recording who connects."""
     server = socket.create_server(("0.0.0.0", 0))
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], accepted
-    stop.set()
-    thread.join()
-    server.close()
-    for conn in accepted:
-        conn.close()
+    with recording_connections(server) as accepted:
+        yield server.getsockname()[1], accepted
 
 
 def test_the_network_is_unreachable_even_the_hosts_loopback(

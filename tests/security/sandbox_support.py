@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,35 @@ def attacker_as(user: str) -> Iterator[Attacker]:
 
 
 # ------------------------------------------------------------------ the host's own view via /proc
+
+
+@contextlib.contextmanager
+def recording_connections(server: socket.socket) -> Iterator[list[socket.socket]]:
+    """Accept every connection to the listening ``server`` while the block runs; yields the list.
+
+    On leaving, the connections and the server are closed (the list keeps them, to be counted).
+    """
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+    server.settimeout(0.1)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # the timeout that lets it see ``stop``, or a peer gone before accept
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield accepted
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+        for conn in accepted:
+            conn.close()
 
 
 def _read(path: str) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import textwrap
-import threading
 from pathlib import Path
 
 from tests.security.sandbox_support import (
@@ -18,6 +17,7 @@ from tests.security.sandbox_support import (
     errors,
     notices,
     processes_in,
+    recording_connections,
     sandbox_namespace,
     stdout,
 )
@@ -149,20 +149,7 @@ def test_links_planted_in_the_runtime_folder_do_not_redirect_or_stall_the_host(
     server.bind(str(target))
     os.chmod(target, 0o777)
     server.listen(8)
-    server.settimeout(0.2)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with recording_connections(server) as accepted:
         attacker.start(execution_timeout=30)
         attacker.create()
         hijack = textwrap.dedent(
@@ -185,12 +172,6 @@ def test_links_planted_in_the_runtime_folder_do_not_redirect_or_stall_the_host(
             refused = ""
         except AssertionError as err:  # the driver reports the manager's error
             refused = str(err)
-    finally:
-        stop.set()
-        thread.join()
-        server.close()
-        for conn in accepted:
-            conn.close()
     assert accepted == [], "the host connected to its own socket on the sandbox's say"
     assert "other than its kernel's socket" in refused, refused
 
