@@ -74,24 +74,29 @@ def _env_choice(variable: str, setting: str, choices: list[str], fallback: str) 
     return value.strip().lower()
 
 
-def _env_int(variable: str, setting: str, fallback: int) -> int:
-    value = _env(variable)
-    if value is None:
-        return fallback
-    try:
-        return int(value)
-    except ValueError:
-        raise _bad_env(variable, value, "a whole number", setting, str(fallback)) from None
-
-
-def _env_bytes(variable: str, setting: str, fallback: int) -> int:
+def _env_int(
+    variable: str,
+    setting: str,
+    fallback: int,
+    *,
+    minimum: int = 0,
+    maximum: int | None = None,
+    unit: str = "a whole number",
+) -> int:
+    """An environment count within the setting's bounds (read here: a default skips the trait's check)."""
     text = _env(variable)
     if text is None:
         return fallback
-    try:
-        return int(text.replace("_", ""))
-    except ValueError:
-        raise _bad_env(variable, text, "a number of bytes", setting, str(fallback)) from None
+    with contextlib.suppress(ValueError):
+        value = int(text)  # 256_000_000 reads too
+        if value >= minimum and (maximum is None or value <= maximum):
+            return value
+    bounds = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+    raise _bad_env(variable, text, f"{unit} {bounds}", setting, str(fallback))
+
+
+def _env_bytes(variable: str, setting: str, fallback: int) -> int:
+    return _env_int(variable, setting, fallback, minimum=1, unit="a number of bytes")
 
 
 def _env_text(setting: str, variable: str) -> Any:
@@ -531,7 +536,7 @@ class Settings(Configurable):
 
     @default("context_tokens")
     def _default_context_tokens(self) -> int:
-        return _env_int("CI_MAGIC_CONTEXT_TOKENS", "context_tokens", 8192)
+        return _env_int("CI_MAGIC_CONTEXT_TOKENS", "context_tokens", 8192, minimum=512)
 
     gateway_url = UrlUnicode(
         help="gateway backend: base URL of a Jupyter Kernel Gateway or Enterprise Gateway "
@@ -566,7 +571,7 @@ class Settings(Configurable):
 
     @default("expires_after_minutes")
     def _default_expiry(self) -> int:
-        return _env_int("CI_MAGIC_EXPIRES_MINUTES", "expires_after_minutes", 20)
+        return _env_int("CI_MAGIC_EXPIRES_MINUTES", "expires_after_minutes", 20, minimum=1, maximum=24 * 60)
 
     @default("extra_headers")
     def _default_headers(self) -> dict[str, str]:

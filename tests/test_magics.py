@@ -92,9 +92,16 @@ def test_counts_and_rates_out_of_range_are_refused_whether_configured_or_from_th
     for name, value in AT_THE_EDGE:
         shell.run_line_magic("config", f"CodeInterpreter.{name} = {value!r}")
         assert getattr(ci, name) == value
-    monkeypatch.setenv("CI_MAGIC_CONTEXT_TOKENS", "100")
-    with pytest.raises(TraitError, match="context_tokens"):
-        CodeInterpreter().context_tokens  # noqa: B018
+    for variable, value, setting in [
+        ("CI_MAGIC_CONTEXT_TOKENS", "100", "context_tokens"),
+        ("CI_MAGIC_EXPIRES_MINUTES", "0", "expires_after_minutes"),
+        ("CI_MAGIC_DOWNLOAD_TURN_BUDGET", "0", "download_turn_budget"),
+    ]:
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ConfigurationError) as refused:  # one paragraph naming the variable
+            getattr(CodeInterpreter(), setting)
+        assert variable in str(refused.value) and f"CodeInterpreter.{setting} = " in str(refused.value)
+        monkeypatch.delenv(variable)
 
 
 def test_line_prompts_are_prose_not_shell_words() -> None:
