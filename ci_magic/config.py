@@ -83,7 +83,9 @@ def _env_int(
     maximum: int | None = None,
     unit: str = "a whole number",
 ) -> int:
-    """An environment count within the setting's bounds (read here: a default skips the trait's check)."""
+    """An environment count within the setting's bounds, checked here so the error names the variable
+    (the trait's own min/max would raise a TraitError naming only the setting; @validate never sees a
+    default)."""
     text = _env(variable)
     if text is None:
         return fallback
