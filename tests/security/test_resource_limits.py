@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,9 @@ import pytest
 from ci_magic.backends.local.budget import CgroupV2, parse_size
 from ci_magic.errors import ConfigurationError
 from tests.security.sandbox_support import (
-    USERS,
     Attacker,
     MemorySampler,
     allocated_bytes,
-    attacker_as,
     errors,
     final_status,
     notices,
@@ -32,12 +29,6 @@ from tests.security.sandbox_support import (
 
 GIB = 1 << 30
 MIB = 1 << 20
-
-
-@pytest.fixture(params=USERS)
-def attacker(request: pytest.FixtureRequest) -> Iterator[Attacker]:
-    with attacker_as(request.param) as found:
-        yield found
 
 
 def test_processes_sharing_a_mapping_stay_within_a_1g_containers_budget(attacker: Attacker) -> None:
