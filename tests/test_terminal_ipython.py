@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,9 @@ def terminal(slow_server: OpenAIServer, tmp_path: Path) -> Iterator[Terminal]:
         codec_errors="replace",
         dimensions=(50, 120),
         timeout=TIMEOUT,
+        # Ctrl-C as in a person's terminal, whatever this runner inherited: a job started in the
+        # background by a script (`cmd &`) ignores SIGINT, and so would IPython, ignoring the ^C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         term = Terminal(child)
