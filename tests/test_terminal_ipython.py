@@ -103,9 +103,10 @@ def terminal(slow_server: OpenAIServer, tmp_path: Path) -> Iterator[Terminal]:
         codec_errors="replace",
         dimensions=(50, 120),
         timeout=TIMEOUT,
-        # Ctrl-C as in a person's terminal, whatever this runner inherited: a job started in the
-        # background by a script (`cmd &`) ignores SIGINT, and so would IPython, ignoring the ^C.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        # Ctrl-C and hang-up as in a person's terminal, whatever this runner inherited: a job started
+        # in the background by a script (`cmd &`, nohup) ignores SIGINT (and SIGHUP), and so would
+        # IPython: the ^C was lost, and closing the terminal could not end it in time.
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGHUP)],
     )
     try:
         term = Terminal(child)
