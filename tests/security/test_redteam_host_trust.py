@@ -93,10 +93,17 @@ def test_an_oversized_message_sent_between_runs_is_reported_at_the_next_one(atta
         "    time.sleep(1)\n"
         "    content = {'name': 'stdout', 'text': 'Z' * (80 * 2**20)}\n"
         "    kernel.session.send(kernel.iopub_socket, 'stream', content)\n"
+        "    open('/mnt/data/sent', 'w').close()\n"
         "threading.Thread(target=send).start()\n"
     )
     assert final_status(attacker.execute(later)) == "completed"
-    time.sleep(4)
+    # Between the runs: wait until the message has left the kernel (slower on a busy machine),
+    # then give the host's socket monitor a moment to see the connection it dropped.
+    assert attacker.data is not None
+    deadline = time.monotonic() + 60
+    while not (attacker.data / "sent").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)
     events = attacker.execute("print('next')")
     assert any("larger than 64 MiB" in text for text in notices(events)), events
     assert stdout(events) == "next\n"
