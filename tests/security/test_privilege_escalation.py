@@ -8,9 +8,12 @@ host then sees is checked from the host, through /proc, not taken from ci-magic'
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import textwrap
 from pathlib import Path
+
+import pytest
 
 from tests.security.sandbox_support import (
     Attacker,
@@ -132,7 +135,7 @@ def test_sandbox_code_cannot_touch_pid_1s_memory_or_files(attacker: Attacker) ->
 
 
 def test_links_planted_in_the_runtime_folder_do_not_redirect_or_stall_the_host(
-    attacker: Attacker, tmp_path: Path
+    attacker: Attacker, request: pytest.FixtureRequest
 ) -> None:
     """A new kernel start runs the container's own code first (it may import from /mnt/data).
 
@@ -142,6 +145,7 @@ def test_links_planted_in_the_runtime_folder_do_not_redirect_or_stall_the_host(
     """
     host_socket_dir = Path(os.path.dirname(attacker.home)) / f"{attacker.home.name}-host"
     host_socket_dir.mkdir()
+    request.addfinalizer(lambda: shutil.rmtree(host_socket_dir, ignore_errors=True))
     if attacker.user == "nobody":
         os.chown(host_socket_dir, 65534, 65534)
     target = host_socket_dir / "service.sock"
