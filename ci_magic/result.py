@@ -9,28 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ci_magic import events
 from ci_magic.costs import TurnCost
 from ci_magic.errors import BackendError, CIError
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CallStatusName,
-    CodeDelta,
-    CodeDone,
-    Completed,
-    Event,
-    ExecutionError,
-    Failed,
-    FileCited,
-    Image,
-    Logs,
-    Notice,
-    RichOutput,
-    TextDelta,
-    TextDone,
-    TurnStarted,
-    Usage,
-)
 
 __all__ = [
     "LOG_KEEP_CHARS",
@@ -122,7 +103,7 @@ def _take(parts: Iterable[str], count: int, *, from_end: bool = False) -> str:
     return "".join(reversed(taken) if from_end else taken)
 
 
-Output = LogText | Image | RichOutput | ExecutionError
+Output = LogText | events.Image | events.RichOutput | events.ExecutionError
 
 
 @dataclass
@@ -131,7 +112,7 @@ class CallRecord:
 
     call_id: str
     code: str = ""
-    status: CallStatusName = "writing"
+    status: events.CallStatusName = "writing"
     outputs: list[Output] = field(default_factory=list)
     container_id: str | None = None
 
@@ -141,11 +122,11 @@ class CallRecord:
 
     @property
     def images(self) -> list[bytes]:
-        return [o.data for o in self.outputs if isinstance(o, Image)]
+        return [o.data for o in self.outputs if isinstance(o, events.Image)]
 
     @property
-    def error(self) -> ExecutionError | None:
-        return next((o for o in self.outputs if isinstance(o, ExecutionError)), None)
+    def error(self) -> events.ExecutionError | None:
+        return next((o for o in self.outputs if isinstance(o, events.ExecutionError)), None)
 
 
 class TextSegment:
@@ -199,13 +180,13 @@ class Result:
     prompt: str
     calls: list[CallRecord] = field(default_factory=list)
     text: str = ""
-    citations: list[FileCited] = field(default_factory=list)
+    citations: list[events.FileCited] = field(default_factory=list)
     files: list[SavedFile] = field(default_factory=list)
-    notices: list[Notice] = field(default_factory=list)
+    notices: list[events.Notice] = field(default_factory=list)
     response_id: str | None = None
     container_id: str | None = None
     model: str | None = None
-    usage: Usage = field(default_factory=Usage)
+    usage: events.Usage = field(default_factory=events.Usage)
     wall_time: float = 0.0
     error: CIError | None = None  # why the turn stopped (raised by run()); None: it completed
     timings: Timings = field(default_factory=Timings)
@@ -295,50 +276,50 @@ class ResultBuilder:
     def open_segment(self) -> TextSegment | None:
         return self._open
 
-    def feed(self, event: Event) -> None:
+    def feed(self, event: events.Event) -> None:
         result = self.result
-        if not isinstance(event, Notice):  # notices also come from the session, before the stream
+        if not isinstance(event, events.Notice):  # notices also come from the session, before the stream
             moment = time.monotonic()
             first = self._stream_span[0] if self._stream_span is not None else moment
             self._stream_span = (first, moment)
-            if isinstance(event, CallStarted) and result.timings.first_code is None:
+            if isinstance(event, events.CallStarted) and result.timings.first_code is None:
                 result.timings.first_code = moment - self._origin
             self._time_call(event, moment)
         match event:
-            case TurnStarted(response_id=rid, model=model):
+            case events.TurnStarted(response_id=rid, model=model):
                 result.response_id = rid or result.response_id
                 result.model = model or result.model
-            case CallStarted(call_id=cid, container_id=container):
+            case events.CallStarted(call_id=cid, container_id=container):
                 self.call(cid).container_id = container
                 result.container_id = container or result.container_id
-            case CodeDelta(call_id=cid, delta=delta):
+            case events.CodeDelta(call_id=cid, delta=delta):
                 self.call(cid).code += delta
-            case CodeDone(call_id=cid, code=code):
+            case events.CodeDone(call_id=cid, code=code):
                 self.call(cid).code = code
-            case CallStatus(call_id=cid, status=status):
+            case events.CallStatus(call_id=cid, status=status):
                 record = self.call(cid)
                 if not (record.status == "failed" and status == "completed"):
                     record.status = status
-            case Logs(call_id=cid, text=text, stream=stream):
+            case events.Logs(call_id=cid, text=text, stream=stream):
                 record = self.call(cid)
                 last = record.outputs[-1] if record.outputs else None
                 if not (isinstance(last, LogText) and last.stream == stream):
                     last = LogText(cid, stream)
                     record.outputs.append(last)
                 last.append(text)
-            case ExecutionError():
+            case events.ExecutionError():
                 record = self.call(event.call_id)
                 record.outputs.append(event)
                 record.status = "failed"  # the code raised (or was stopped): not "done"
-            case Image() | RichOutput():
+            case events.Image() | events.RichOutput():
                 self.call(event.call_id).outputs.append(event)
-            case TextDelta(delta=delta):
+            case events.TextDelta(delta=delta):
                 if self._open is None or self._open.done is not None:
                     self._open = TextSegment()
                     self.segments.append(self._open)
                 self._open.append(delta)
                 self._update_text()
-            case TextDone(text=text):
+            case events.TextDone(text=text):
                 segment = self._open if self._open is not None and self._open.done is None else None
                 if segment is None:
                     segment = TextSegment()
@@ -346,23 +327,23 @@ class ResultBuilder:
                 segment.done = text  # the segment's authoritative text replaces its deltas
                 self._open = None
                 self._update_text()
-            case FileCited():
+            case events.FileCited():
                 result.citations.append(event)
-            case Notice():
+            case events.Notice():
                 result.notices.append(event)
-            case Completed(response_id=rid, container_id=container, usage=usage):
+            case events.Completed(response_id=rid, container_id=container, usage=usage):
                 result.response_id = rid or result.response_id
                 result.container_id = container or result.container_id
                 result.usage = usage
-            case Failed(message=message):
+            case events.Failed(message=message):
                 self.fail(BackendError(message))
 
-    def _time_call(self, event: Event, moment: float) -> None:
+    def _time_call(self, event: events.Event, moment: float) -> None:
         """A call runs from its "running" status (or, for backends that send none, its complete code)
         to its final status."""
-        if isinstance(event, CodeDone):
+        if isinstance(event, events.CodeDone):
             self._call_started.setdefault(event.call_id, moment)
-        elif isinstance(event, CallStatus) and event.call_id not in self.call_seconds:
+        elif isinstance(event, events.CallStatus) and event.call_id not in self.call_seconds:
             started = self._call_started.get(event.call_id)
             if event.status in ("running", "interpreting"):
                 self._call_started[event.call_id] = moment
