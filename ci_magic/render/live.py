@@ -32,26 +32,9 @@ from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
+from ci_magic import events
 from ci_magic.costs import dollars
 from ci_magic.errors import Interrupted
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDelta,
-    CodeDone,
-    Completed,
-    Event,
-    ExecutionError,
-    Failed,
-    Image,
-    Logs,
-    Notice,
-    RichOutput,
-    TextDelta,
-    TextDone,
-    ThinkingDelta,
-    TurnStarted,
-)
 from ci_magic.provenance import METADATA_KEY
 from ci_magic.render.files import file_bundle, human_size, link_bundle, relative_path
 from ci_magic.render.frontend import OUTPUT_METADATA, Frontend, MimeBundle, Slot, SlotRole
@@ -181,13 +164,13 @@ class _Highlighter:
 class _Plain:
     """A rich output with nothing but text (an expression's value): shown with the output."""
 
-    def __init__(self, output: RichOutput) -> None:
+    def __init__(self, output: events.RichOutput) -> None:
         plain = output.bundle.get("text/plain")
         # Capped like a call's logs: a display must not carry what the log cap keeps out.
         self.text = cap_display_text(strip_ansi(plain)) if isinstance(plain, str) else "[display output]"
 
 
-_Item = LogText | _Plain | ExecutionError
+_Item = LogText | _Plain | events.ExecutionError
 
 
 class _Block(_Piece):
@@ -207,10 +190,10 @@ class _Block(_Piece):
     def items(self) -> list[_Item]:
         items: list[_Item] = []
         for output in self.record.outputs:
-            if isinstance(output, (LogText, ExecutionError)):
+            if isinstance(output, (LogText, events.ExecutionError)):
                 items.append(output)
             elif (
-                isinstance(output, RichOutput)
+                isinstance(output, events.RichOutput)
                 and not output.update
                 and output.bundle.keys().isdisjoint(DISPLAYED_MIMES)
             ):
@@ -319,7 +302,7 @@ class _Thinking(_Piece):
 class _Notices(_Piece):
     def __init__(self, index: int) -> None:
         super().__init__(index)
-        self.notices: list[Notice] = []
+        self.notices: list[events.Notice] = []
 
     def bundle(self) -> MimeBundle:
         rows = [(n.level, " ".join(strip_ansi(n.text).split())) for n in self.notices]
@@ -379,7 +362,7 @@ class TurnView:
 
     # -- public ------------------------------------------------------------------------------------
 
-    def handle(self, event: Event) -> None:
+    def handle(self, event: events.Event) -> None:
         """Fold one event into the record; redraw only if the budget allows (``tick`` catches up)."""
         self.builder.feed(event)
         if self._quiet or self._finished:
@@ -420,9 +403,9 @@ class TurnView:
             shown: list[_Piece] = [self._quiet_summary()] if self._blocks else []
             for record in result.calls:
                 for output in record.outputs:
-                    if isinstance(output, Image):
+                    if isinstance(output, events.Image):
                         shown.append(_ImageOut(-1, output.data, output.mime))
-                    elif isinstance(output, RichOutput):
+                    elif isinstance(output, events.RichOutput):
                         self._changed(output)  # the latest state of each display, in order
             shown += [p for p in self._pieces if isinstance(p, _RichOut)]
             if result.text.strip():
@@ -448,52 +431,54 @@ class TurnView:
 
     # -- what an event changed ----------------------------------------------------------------------
 
-    def _changed(self, event: Event) -> None:
+    def _changed(self, event: events.Event) -> None:
         match event:
-            case TurnStarted(model=model):
+            case events.TurnStarted(model=model):
                 self._set_phase(f"waiting for {model}" if model else "waiting for the model")
-            case CallStarted(call_id=cid) | CodeDelta(call_id=cid) | CodeDone(call_id=cid):
+            case (
+                events.CallStarted(call_id=cid) | events.CodeDelta(call_id=cid) | events.CodeDone(call_id=cid)
+            ):
                 self._mark(self._block(cid))
-            case CallStatus(call_id=cid, status=status):
+            case events.CallStatus(call_id=cid, status=status):
                 block = self._block(cid)
                 if status in ("running", "interpreting"):
                     self._set_phase(f"running call {block.number}")
                 elif status != "writing":
                     self._set_phase("reading results")
                 self._mark(block)
-            case Logs(call_id=cid) | ExecutionError(call_id=cid):
+            case events.Logs(call_id=cid) | events.ExecutionError(call_id=cid):
                 self._mark(self._block(cid))
-            case Image(call_id=cid, data=data, mime=mime):
+            case events.Image(call_id=cid, data=data, mime=mime):
                 self._block(cid)
                 self._add(_ImageOut, data, mime)
-            case RichOutput():
+            case events.RichOutput():
                 self._on_rich(event)
-            case TextDelta() | TextDone():
+            case events.TextDelta() | events.TextDone():
                 segment = self.builder.segments[-1] if self.builder.segments else None
                 if segment is not None:
                     if id(segment) not in self._texts:
                         self._set_phase("writing the answer")
                     self._mark(self._segment(segment))
-            case ThinkingDelta(delta=delta):
+            case events.ThinkingDelta(delta=delta):
                 if self._thinking is None:
                     self._thinking = self._add(_Thinking)
                     self._set_phase("thinking")
                 self._thinking.parts.append(delta)
                 self._mark(self._thinking)
-            case Notice(kind="status", text=text):
+            case events.Notice(kind="status", text=text):
                 if text not in self._status.caveats:
                     self._status.caveats.append(text)
                     self._mark(self._status)
-            case Notice():
+            case events.Notice():
                 notices = self._notice_piece()
                 notices.notices.append(event)
                 self._mark(notices)
-            case Completed():
+            case events.Completed():
                 self._set_phase("saving files")
-            case Failed():
+            case events.Failed():
                 self._set_phase("stopped")
 
-    def _on_rich(self, event: RichOutput) -> None:
+    def _on_rich(self, event: events.RichOutput) -> None:
         block = self._block(event.call_id)
         if event.update and event.display_id is not None:
             for piece in self._rich.get(event.display_id, []):
@@ -710,7 +695,7 @@ def _log_parts(log: LogText, keep: int, link_base: Path | None) -> tuple[str, st
 
 
 def _item_html(item: _Item, keep: int, link_base: Path | None) -> str:
-    if isinstance(item, ExecutionError):
+    if isinstance(item, events.ExecutionError):
         head = f"{item.name}: {strip_ansi(item.value)}"
         html_text = f'<pre style="{_PRE_STYLE};color:#b00020">{escape(head)}</pre>'
         if item.traceback:
@@ -742,7 +727,7 @@ def _item_html(item: _Item, keep: int, link_base: Path | None) -> str:
 
 
 def _item_plain(item: _Item, *, live: bool, link_base: Path | None) -> str:
-    if isinstance(item, ExecutionError):
+    if isinstance(item, events.ExecutionError):
         trace = strip_ansi(item.traceback).rstrip("\n")
         return "── error ──\n" + (trace or f"{item.name}: {strip_ansi(item.value)}")
     if isinstance(item, _Plain):
