@@ -22,9 +22,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from ci_magic import events
 from ci_magic.backends.base import Backend, Conversation, TurnRequest
 from ci_magic.errors import CIError
-from ci_magic.events import CallStarted, CallStatus, CodeDone, Event, ExecutionError, Failed
 from ci_magic.transcript import CallEntry, CallTimer
 
 __all__ = [
@@ -272,22 +272,24 @@ def _batches(blocks: Sequence[CallEntry]) -> list[list[CallEntry]]:
     return batches
 
 
-async def _run_one(events: AsyncIterator[Event], timer: CallTimer) -> tuple[bool, str | None, float, str]:
+async def _run_one(
+    stream: AsyncIterator[events.Event], timer: CallTimer
+) -> tuple[bool, str | None, float, str]:
     """Drain one restore turn: (every call completed, the first error, execution seconds, code run)."""
     ok, error, code = True, None, []
     calls = 0
-    async with contextlib.aclosing(events):  # type: ignore[type-var]
-        async for event in events:
+    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        async for event in stream:
             timer.observe(event)
-            if isinstance(event, CallStarted):
+            if isinstance(event, events.CallStarted):
                 calls += 1
-            elif isinstance(event, CodeDone):
+            elif isinstance(event, events.CodeDone):
                 code.append(event.code)
-            elif isinstance(event, ExecutionError) and error is None:
+            elif isinstance(event, events.ExecutionError) and error is None:
                 ok, error = False, f"{event.name}: {event.value}"[:300]
-            elif isinstance(event, CallStatus) and event.status in ("failed", "incomplete"):
+            elif isinstance(event, events.CallStatus) and event.status in ("failed", "incomplete"):
                 ok = False
-            elif isinstance(event, Failed):
+            elif isinstance(event, events.Failed):
                 ok, error = False, error or event.message[:300]
     return ok and calls > 0, error, sum(timer.seconds.values()), "\n".join(code)
 
