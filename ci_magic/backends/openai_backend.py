@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 
+from ci_magic import events
 from ci_magic.backends.base import (
     DOWNLOAD_CHUNK_BYTES,
     ContainerFile,
@@ -31,23 +32,6 @@ from ci_magic.backends.base import (
 from ci_magic.backends.sdk_errors import OPENAI, sdk_error
 from ci_magic.backends.sse import aiter_events
 from ci_magic.errors import BackendError, ConfigurationError, StreamError
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDelta,
-    CodeDone,
-    Completed,
-    Event,
-    Failed,
-    FileCited,
-    Image,
-    Logs,
-    Notice,
-    TextDelta,
-    TextDone,
-    TurnStarted,
-    Usage,
-)
 
 __all__ = ["NO_KEY_MESSAGE", "OpenAIBackend", "ResponsesTranslator", "make_client"]
 
@@ -132,63 +116,70 @@ class ResponsesTranslator:
         # Images the calls' outputs carried and no zero-length citation has claimed yet.
         self._images_unclaimed = 0
 
-    def translate(self, event: Mapping[str, Any]) -> list[Event]:
+    def translate(self, event: Mapping[str, Any]) -> list[events.Event]:
         kind = event.get("type")
         if kind == "response.code_interpreter_call_code.delta":
-            return [CodeDelta(event["item_id"], event["delta"])]
+            return [events.CodeDelta(event["item_id"], event["delta"])]
         if kind == "response.output_text.delta":
-            return [TextDelta(event["delta"])]
+            return [events.TextDelta(event["delta"])]
         if kind == "response.created":
             response = event["response"]
             self.response_id = response["id"]
-            return [TurnStarted(response_id=response["id"], model=response.get("model") or "")]
+            return [events.TurnStarted(response_id=response["id"], model=response.get("model") or "")]
         if kind == "response.output_item.added" and event["item"].get("type") == "code_interpreter_call":
             item = event["item"]
             self.container_id = item.get("container_id") or self.container_id
-            return [CallStarted(item["id"], item.get("container_id")), CallStatus(item["id"], "writing")]
+            return [
+                events.CallStarted(item["id"], item.get("container_id")),
+                events.CallStatus(item["id"], "writing"),
+            ]
         if kind == "response.code_interpreter_call_code.done":
-            return [CodeDone(event["item_id"], event["code"])]
+            return [events.CodeDone(event["item_id"], event["code"])]
         if kind == "response.code_interpreter_call.interpreting":
-            return [CallStatus(event["item_id"], "running")]
+            return [events.CallStatus(event["item_id"], "running")]
         if kind == "response.output_item.done" and event["item"].get("type") == "code_interpreter_call":
             return self._call_done(event["item"])
         if kind == "response.output_text.annotation.added":
             return self._annotation(event["annotation"])
         if kind == "response.output_text.done":
-            return [TextDone(event["text"])]
+            return [events.TextDone(event["text"])]
         if kind == "response.completed":
             self.finished = True
             response = event["response"]
-            return [Completed(response["id"], self.container_id, _usage(response.get("usage")))]
+            return [events.Completed(response["id"], self.container_id, _usage(response.get("usage")))]
         if kind in ("response.failed", "response.incomplete"):
             self.finished = True
             return [
-                Failed(
+                events.Failed(
                     _response_problem(event["response"]),
                     kind="limit" if kind == "response.incomplete" else "api",
                 )
             ]
         if kind == "error" or isinstance(event.get("error"), Mapping):
             self.finished = True
-            return [Failed(f"OpenAI reported an error mid-stream: {_error_message(event)}", kind="api")]
+            return [
+                events.Failed(f"OpenAI reported an error mid-stream: {_error_message(event)}", kind="api")
+            ]
         return []
 
-    def _call_done(self, item: Mapping[str, Any]) -> list[Event]:
-        events: list[Event] = []
+    def _call_done(self, item: Mapping[str, Any]) -> list[events.Event]:
+        emitted: list[events.Event] = []
         if item.get("code") is not None:
-            events.append(CodeDone(item["id"], item["code"]))
+            emitted.append(events.CodeDone(item["id"], item["code"]))
         for output in item.get("outputs") or []:
             if output.get("type") == "logs":
-                events.append(Logs(item["id"], output.get("logs") or ""))
+                emitted.append(events.Logs(item["id"], output.get("logs") or ""))
             elif output.get("type") == "image":
                 decoded = _decode_data_url(output.get("url") or "")
                 if decoded is not None:
-                    events.append(Image(item["id"], decoded[0], decoded[1]))
+                    emitted.append(events.Image(item["id"], decoded[0], decoded[1]))
                     self._images_unclaimed += 1
-        events.append(CallStatus(item["id"], "completed" if item.get("status") == "completed" else "failed"))
-        return events
+        emitted.append(
+            events.CallStatus(item["id"], "completed" if item.get("status") == "completed" else "failed")
+        )
+        return emitted
 
-    def _annotation(self, annotation: Mapping[str, Any]) -> list[Event]:
+    def _annotation(self, annotation: Mapping[str, Any]) -> list[events.Event]:
         if annotation.get("type") != "container_file_citation":
             return []
         start, end = int(annotation.get("start_index") or 0), int(annotation.get("end_index") or 0)
@@ -199,7 +190,7 @@ class ResponsesTranslator:
         if displayed:
             self._images_unclaimed -= 1
         return [
-            FileCited(
+            events.FileCited(
                 container_id=annotation["container_id"],
                 file_id=annotation["file_id"],
                 filename=annotation["filename"],
@@ -210,10 +201,10 @@ class ResponsesTranslator:
         ]
 
 
-def _usage(usage: Mapping[str, Any] | None) -> Usage:
+def _usage(usage: Mapping[str, Any] | None) -> events.Usage:
     if not usage:
-        return Usage()
-    return Usage(
+        return events.Usage()
+    return events.Usage(
         usage.get("input_tokens") or 0, usage.get("output_tokens") or 0, usage.get("total_tokens") or 0
     )
 
@@ -354,7 +345,7 @@ class OpenAIBackend:
         except openai.OpenAIError as error:
             raise sdk_error(error, OPENAI, doing=f"deleting {file_id}") from error
 
-    async def stream(self, request: TurnRequest) -> AsyncIterator[Event]:
+    async def stream(self, request: TurnRequest) -> AsyncIterator[events.Event]:
         params: dict[str, Any] = {
             "model": request.model,
             "instructions": request.instructions,
@@ -388,12 +379,14 @@ class OpenAIBackend:
                 raise sdk_error(error, OPENAI, doing="starting the response") from error
             try:
                 if request.exec_code is not None:
-                    yield Notice("On the openai backend, %%ci_exec asks the model to run the code verbatim.")
+                    yield events.Notice(
+                        "On the openai backend, %%ci_exec asks the model to run the code verbatim."
+                    )
                 async for sse in aiter_events(response.iter_bytes()):
                     if sse.data.startswith("[DONE]"):
                         break
                     for event in translator.translate(json.loads(sse.data)):
-                        if isinstance(event, Completed):
+                        if isinstance(event, events.Completed):
                             request.conversation.previous_response_id = event.response_id
                             request.conversation.notes.clear()
                             request.conversation.messages.clear()  # the chain holds them now
