@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 
+from ci_magic import events
 from ci_magic.backends.base import Conversation, TurnRequest
 from ci_magic.backends.local.partial_json import CodeArgumentDecoder, ToolArgumentsError
 from ci_magic.backends.local.servers import (
@@ -48,26 +49,6 @@ from ci_magic.backends.local.servers import (
 from ci_magic.backends.local.text_calls import Piece, TextCall, TextCallScanner, reply_in_shape
 from ci_magic.backends.sdk_errors import Service, sdk_error, server_message
 from ci_magic.errors import BackendError, ConfigurationError, SandboxError, StreamError
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDelta,
-    CodeDone,
-    Completed,
-    Event,
-    ExecutionError,
-    Failed,
-    FileCited,
-    Image,
-    Logs,
-    Notice,
-    RichOutput,
-    TextDelta,
-    TextDone,
-    ThinkingDelta,
-    TurnStarted,
-    Usage,
-)
 from ci_magic.redact import display_url
 
 if TYPE_CHECKING:
@@ -82,7 +63,7 @@ __all__ = [
     "loop_options",
 ]
 
-Execute = Callable[[str, str], AsyncIterator[Event]]
+Execute = Callable[[str, str], AsyncIterator[events.Event]]
 """``execute(code, call_id)``: run code, yielding its events (CallStatus, Logs, Image...)."""
 
 TOOL_NAME = "python"
@@ -159,7 +140,7 @@ class _Step:
     segment: str = ""  # text since the last TextDone
     calls: dict[int, _DraftCall] = field(default_factory=dict)
     finish_reason: str | None = None
-    usage: Usage = field(default_factory=Usage)
+    usage: events.Usage = field(default_factory=events.Usage)
     chunks: int = 0
     thinking: int = 0  # characters of reasoning received
     text_call: _DraftCall | None = None
@@ -186,15 +167,15 @@ class _ToolOutput:
         self.sections: list[list[str]] = []  # [label, text], consecutive same-label output merged
         self.images = 0
         self.files: list[str] = []
-        self.error: ExecutionError | None = None
+        self.error: events.ExecutionError | None = None
 
-    def add(self, event: Event) -> None:
+    def add(self, event: events.Event) -> None:
         match event:
-            case Logs(text=text, stream=stream):
+            case events.Logs(text=text, stream=stream):
                 self._append("output" if stream == "logs" else stream, text)
-            case Image():
+            case events.Image():
                 self.images += 1
-            case RichOutput(bundle=bundle):
+            case events.RichOutput(bundle=bundle):
                 plain = bundle.get("text/plain")
                 if isinstance(plain, str):
                     self._append("result", plain.rstrip("\n") + "\n")
@@ -202,9 +183,9 @@ class _ToolOutput:
                     self.images += 1
                 else:
                     self._append("result", f"[{', '.join(bundle) or 'empty'} output shown to the user]\n")
-            case ExecutionError():
+            case events.ExecutionError():
                 self.error = event
-            case FileCited(filename=name):
+            case events.FileCited(filename=name):
                 if name not in self.files:
                     self.files.append(name)
 
@@ -385,12 +366,12 @@ class ChatModelLoop:
     def max_tokens(self) -> int:
         return self._max_tokens or default_max_tokens(self.context_tokens)
 
-    async def run(self, request: TurnRequest, execute: Execute) -> AsyncIterator[Event]:
+    async def run(self, request: TurnRequest, execute: Execute) -> AsyncIterator[events.Event]:
         """Run one turn: stream steps, execute tool calls, end with Completed or Failed."""
         conversation = request.conversation
         model = await self._resolve_model(request.model or self._model)
         turn = _Turn(conversation, {"role": "user", "content": request.user_text()})
-        usage = Usage()
+        usage = events.Usage()
         sandbox = _SandboxHealth()
         told_text_call = False
         try:
@@ -402,39 +383,43 @@ class ChatModelLoop:
                 repeated = _repeats_code(step, turn.ran)
                 if repeated is not None:
                     # A block repeating code that already ran in this turn quotes it: not a new call.
-                    yield CallStatus(repeated, "completed")
-                    yield Notice("The model's answer shows code that already ran; it was not run again.")
+                    yield events.CallStatus(repeated, "completed")
+                    yield events.Notice(
+                        "The model's answer shows code that already ran; it was not run again."
+                    )
                     step.text_call = None
                 if step.text_call is not None and not told_text_call:
                     told_text_call = True
                     assert step.text_call.text_call is not None
                     shape = _TEXT_SHAPES[step.text_call.text_call.shape]
-                    yield Notice(
+                    yield events.Notice(
                         f"The model wrote its code as text ({shape}), not as a tool call; it ran as a call "
                         "(CodeInterpreter.text_tool_calls)."
                     )
                 if step.finish_reason == "length":
-                    yield Notice(
+                    yield events.Notice(
                         f"The model's answer was cut at max_tokens ({self.max_tokens} tokens); raise it with "
                         "`%config CodeInterpreter.max_tokens = ...` if it needs more.",
                         "warning",
                     )
                 elif step.finish_reason not in ("stop", "tool_calls", None):
-                    yield Notice(f"The model stopped early (finish_reason: {step.finish_reason}).", "warning")
+                    yield events.Notice(
+                        f"The model stopped early (finish_reason: {step.finish_reason}).", "warning"
+                    )
                 if not step.calls and step.text_call is None:
                     if not step.text.strip():
-                        yield Notice(
+                        yield events.Notice(
                             "The model gave an empty answer "
                             f"({_thinking_note(step)}finish_reason: {step.finish_reason})."
                         )
                     turn.add({"role": "assistant", "content": step.text})
                     turn.commit()
-                    yield Completed(response_id=None, container_id=request.container_id, usage=usage)
+                    yield events.Completed(response_id=None, container_id=request.container_id, usage=usage)
                     return
                 async for event in self._run_step_calls(step, execute, sandbox, turn):
                     yield event
             turn.commit()
-            yield Failed(
+            yield events.Failed(
                 f"Stopped after {self._max_steps} model steps while the model was still running code. "
                 "Ask it to continue in a new cell, or allow more steps with "
                 f"`%config CodeInterpreter.max_steps = {max(20, self._max_steps * 2)}`.",
@@ -449,7 +434,7 @@ class ChatModelLoop:
 
     async def _run_step_calls(
         self, step: _Step, execute: Execute, sandbox: _SandboxHealth, turn: _Turn
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[events.Event]:
         if step.text_call is not None:
             draft = step.text_call
             assert draft.text_call is not None
@@ -480,7 +465,7 @@ class ChatModelLoop:
 
     async def _run_call(
         self, draft: _DraftCall, execute: Execute, sandbox: _SandboxHealth, turn: _Turn, reply: _Reply
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[events.Event]:
         """Run one tool call (or explain to the model why not), filling ``reply``; code it runs joins
         ``turn.ran``."""
         if draft.name not in (TOOL_NAME, ""):
@@ -489,8 +474,10 @@ class ChatModelLoop:
                 'called with {"code": "<python source>"}.'
             )
             if draft.started:  # its name arrived after its first delta
-                yield CallStatus(draft.call_id, "failed")
-            yield Notice(f"The model called an unknown tool {draft.name!r}; it was told to use python.")
+                yield events.CallStatus(draft.call_id, "failed")
+            yield events.Notice(
+                f"The model called an unknown tool {draft.name!r}; it was told to use python."
+            )
             return
         try:
             if draft.text_call is not None:
@@ -502,14 +489,14 @@ class ChatModelLoop:
         except ToolArgumentsError as err:
             shown = draft.text_call.code if draft.text_call is not None else draft.decoder.text
             if not draft.started:
-                yield CallStarted(draft.call_id)
-            yield CodeDone(draft.call_id, shown)
-            yield CallStatus(draft.call_id, "failed")
-            yield Notice(f"The model's call could not run: {err} It was told so.", "warning")
+                yield events.CallStarted(draft.call_id)
+            yield events.CodeDone(draft.call_id, shown)
+            yield events.CallStatus(draft.call_id, "failed")
+            yield events.Notice(f"The model's call could not run: {err} It was told so.", "warning")
             reply.content = str(err)
             return
         reply.arguments = json.dumps({"code": code}, ensure_ascii=False)
-        yield CodeDone(draft.call_id, code)
+        yield events.CodeDone(draft.call_id, code)
         output = _ToolOutput()
         turn.ran.append(code)
         try:
@@ -522,9 +509,9 @@ class ChatModelLoop:
             if sandbox.failed_last:
                 raise
             sandbox.failed_last = True
-            yield CallStatus(draft.call_id, "failed")
-            yield Notice(f"The sandbox failed while running this code: {err.message}", "warning")
-            output.error = ExecutionError(draft.call_id, "SandboxError", err.message)
+            yield events.CallStatus(draft.call_id, "failed")
+            yield events.Notice(f"The sandbox failed while running this code: {err.message}", "warning")
+            output.error = events.ExecutionError(draft.call_id, "SandboxError", err.message)
         else:
             sandbox.failed_last = False
         reply.content = output.render(self._tool_output_budget())
@@ -652,14 +639,14 @@ class ChatModelLoop:
 
     async def _stream_step(
         self, request: TurnRequest, model: str, turn: _Turn, step: _Step, *, number: int
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[events.Event]:
         """Stream one completion into ``step``, yielding text and code events as they arrive."""
         tools_were_off = self._tools_off
         stream = await self._open_stream(request, model, turn, number)
         if number == 1:
-            yield TurnStarted(response_id=None, model=model)
+            yield events.TurnStarted(response_id=None, model=model)
         if self._tools_off and not tools_were_off:
-            yield Notice(
+            yield events.Notice(
                 f"The model server at {self.shown_url} does not take tools here; the model was asked to "
                 "write code in ```python blocks instead, and those run as calls.",
                 "warning",
@@ -688,14 +675,14 @@ class ChatModelLoop:
             for event in self._text_pieces(scanner.finish(), step, request.container_id):
                 yield event
         if step.segment:
-            yield TextDone(step.segment)
+            yield events.TextDone(step.segment)
             step.segment = ""
         if step.text_call is not None:
             call = step.text_call.text_call
             if call is not None and not call.closed and step.finish_reason == "length":
                 # Cut off by max_tokens mid-block: the code is incomplete and must not run.
                 if step.text_call.started:
-                    yield CallStatus(step.text_call.call_id, "incomplete")
+                    yield events.CallStatus(step.text_call.call_id, "incomplete")
                 step.text_call = None
                 return
             step.finish_reason = step.finish_reason or "tool_calls"
@@ -725,11 +712,13 @@ class ChatModelLoop:
 
     def _read_chunk(
         self, chunk: ChatCompletionChunk, step: _Step, scanner: TextCallScanner | None, container_id: str
-    ) -> list[Event]:
-        events: list[Event] = []
+    ) -> list[events.Event]:
+        emitted: list[events.Event] = []
         if chunk.usage is not None:
             used = chunk.usage
-            step.usage += Usage(used.prompt_tokens or 0, used.completion_tokens or 0, used.total_tokens or 0)
+            step.usage += events.Usage(
+                used.prompt_tokens or 0, used.completion_tokens or 0, used.total_tokens or 0
+            )
         for choice in chunk.choices:
             if choice.index not in (0, None):
                 continue  # we ask for one choice; ignore any server that sends more
@@ -737,33 +726,33 @@ class ChatModelLoop:
             thinking = _reasoning_of(delta)
             if thinking:
                 step.thinking += len(thinking)
-                events.append(ThinkingDelta(thinking))
+                emitted.append(events.ThinkingDelta(thinking))
             if delta.content:
                 if step.text_call is not None and step.text_call.text_call is not None:
                     pass  # after a call written as text comes the model inventing its output
                 elif scanner is not None and not scanner.done and not step.calls:
-                    events += self._text_pieces(scanner.feed(delta.content), step, container_id)
+                    emitted += self._text_pieces(scanner.feed(delta.content), step, container_id)
                 else:
-                    events += _text(step, delta.content)
+                    emitted += _text(step, delta.content)
             calls: list[Any] = list(delta.tool_calls or ())
             if not calls and delta.function_call is not None and step.text_call is None:
                 # The legacy single-call shape; servers that send both mean the same call.
                 calls = [_LegacyCall(delta.function_call)]
             for call in calls:
-                events += self._tool_call_delta(call, step, scanner, container_id)
+                emitted += self._tool_call_delta(call, step, scanner, container_id)
             if choice.finish_reason:
                 step.finish_reason = choice.finish_reason
-        return events
+        return emitted
 
     def _tool_call_delta(
         self, call: Any, step: _Step, scanner: TextCallScanner | None, container_id: str
-    ) -> list[Event]:
-        events: list[Event] = []
+    ) -> list[events.Event]:
+        emitted: list[events.Event] = []
         if not step.calls and scanner is not None:
             # Text held back as a possible marker is plain text after all: a native call follows.
-            events += _text(step, scanner.abandon()) if not scanner.done else []
+            emitted += _text(step, scanner.abandon()) if not scanner.done else []
         if step.segment:
-            events.append(TextDone(step.segment))
+            emitted.append(events.TextDone(step.segment))
             step.segment = ""
         draft = step.draft_for(getattr(call, "index", None), getattr(call, "id", None))
         function = call.function
@@ -771,37 +760,37 @@ class ChatModelLoop:
             draft.add_name(function.name)
         if not draft.started and draft.name in (TOOL_NAME, ""):
             draft.started = True
-            events.append(CallStarted(draft.call_id, container_id))
+            emitted.append(events.CallStarted(draft.call_id, container_id))
         if function is not None and function.arguments:
             draft.unsent += draft.decoder.feed(function.arguments)
         if draft.started and draft.unsent:
-            events.append(CodeDelta(draft.call_id, draft.unsent))
+            emitted.append(events.CodeDelta(draft.call_id, draft.unsent))
             draft.unsent = ""
-        return events
+        return emitted
 
-    def _text_pieces(self, pieces: list[Piece], step: _Step, container_id: str) -> list[Event]:
-        events: list[Event] = []
+    def _text_pieces(self, pieces: list[Piece], step: _Step, container_id: str) -> list[events.Event]:
+        emitted: list[events.Event] = []
         for piece in pieces:
             if piece.kind == "text":
-                events += _text(step, piece.text)
+                emitted += _text(step, piece.text)
                 continue
             draft = step.text_call
             if draft is None:
                 if step.segment:
-                    events.append(TextDone(step.segment))
+                    emitted.append(events.TextDone(step.segment))
                     step.segment = ""
                 draft = step.text_call = _DraftCall(-1, f"call_{uuid.uuid4().hex[:24]}")
             call = piece.call
             if not draft.started and (piece.kind == "open" or (call is not None and call.name == TOOL_NAME)):
                 draft.started = True
-                events.append(CallStarted(draft.call_id, container_id))
+                emitted.append(events.CallStarted(draft.call_id, container_id))
             if piece.kind == "code":
-                events.append(CodeDelta(draft.call_id, piece.text))
+                emitted.append(events.CodeDelta(draft.call_id, piece.text))
             elif call is not None:
                 draft.text_call = call
                 draft.name = call.name
                 step.text = call.raw
-        return events
+        return emitted
 
     # -- errors ---------------------------------------------------------------------------------------
 
@@ -885,10 +874,10 @@ def _repeats_code(step: _Step, ran: list[str]) -> str | None:
     return draft.call_id if code and any(code == earlier.strip() for earlier in ran) else None
 
 
-def _text(step: _Step, text: str) -> list[Event]:
+def _text(step: _Step, text: str) -> list[events.Event]:
     step.text += text
     step.segment += text
-    return [TextDelta(text)]
+    return [events.TextDelta(text)]
 
 
 def _reasoning_of(delta: Any) -> str:
@@ -953,7 +942,7 @@ def _fit(
     return [system, *kept, *messages]
 
 
-def _abandon(step: _Step) -> list[Event]:
+def _abandon(step: _Step) -> list[events.Event]:
     """Close what a broken stream left open: calls whose code never finished arriving."""
     drafts = [*step.calls.values(), *([step.text_call] if step.text_call else [])]
-    return [CallStatus(d.call_id, "incomplete") for d in drafts if d.started]
+    return [events.CallStatus(d.call_id, "incomplete") for d in drafts if d.started]
