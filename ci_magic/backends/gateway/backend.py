@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ci_magic import events
 from ci_magic.backends.base import (
     ContainerFile,
     ContainerInfo,
@@ -50,16 +51,6 @@ from ci_magic.backends.gateway.client import ChannelClosed, GatewayClient, Kerne
 from ci_magic.backends.kernel_messages import events_from_message, idle_after
 from ci_magic.backends.local.datadir import container_path
 from ci_magic.errors import BackendError, CIError, ConfigurationError, ContainerFileError, StreamError
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDone,
-    Completed,
-    Event,
-    ExecutionError,
-    Notice,
-    TurnStarted,
-)
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -326,29 +317,29 @@ class GatewayBackend:
 
     # ------------------------------------------------------------- execution
 
-    def stream(self, request: TurnRequest) -> AsyncIterator[Event]:
+    def stream(self, request: TurnRequest) -> AsyncIterator[events.Event]:
         if request.exec_code is not None:
             return self._run_code(request, request.exec_code)
         return self._run_model(request)
 
-    async def _run_code(self, request: TurnRequest, code: str) -> AsyncIterator[Event]:
+    async def _run_code(self, request: TurnRequest, code: str) -> AsyncIterator[events.Event]:
         """%%ci_exec: the code as one call, exactly as the model loop would run it."""
         kernel = self._usable(request.container_id)
         # A gone kernel fails here, before any event, so the session replaces it and runs the turn again.
         await self._check_alive(kernel)
         await self._connected(kernel)
         call_id = "ci_" + secrets.token_hex(12)
-        yield TurnStarted()
-        yield CallStarted(call_id=call_id, container_id=kernel.id)
-        yield CodeDone(call_id=call_id, code=code)
-        yield CallStatus(call_id=call_id, status="running")
-        events = self.execute(kernel.id, code, call_id=call_id)
-        async with contextlib.aclosing(events):  # Ctrl-C: interrupt the kernel at once
-            async for event in events:
+        yield events.TurnStarted()
+        yield events.CallStarted(call_id=call_id, container_id=kernel.id)
+        yield events.CodeDone(call_id=call_id, code=code)
+        yield events.CallStatus(call_id=call_id, status="running")
+        outputs = self.execute(kernel.id, code, call_id=call_id)
+        async with contextlib.aclosing(outputs):  # Ctrl-C: interrupt the kernel at once
+            async for event in outputs:
                 yield event
-        yield Completed(container_id=kernel.id)
+        yield events.Completed(container_id=kernel.id)
 
-    async def _run_model(self, request: TurnRequest) -> AsyncIterator[Event]:
+    async def _run_model(self, request: TurnRequest) -> AsyncIterator[events.Event]:
         if self.model_client is None:
             raise ConfigurationError(NO_MODEL_MESSAGE)
         from ci_magic.backends.local.model_loop import ChatModelLoop
@@ -369,7 +360,7 @@ class GatewayBackend:
             )
         loop = self._loop  # the cell's --model (request.model) wins over the configured one
 
-        def run(code: str, call_id: str) -> AsyncIterator[Event]:
+        def run(code: str, call_id: str) -> AsyncIterator[events.Event]:
             return self.execute(kernel.id, code, call_id=call_id)
 
         async for event in loop.run(request, run):
@@ -377,7 +368,7 @@ class GatewayBackend:
 
     async def execute(
         self, container_id: str, code: str, *, call_id: str, timeout: float | None = None
-    ) -> AsyncGenerator[Event, None]:
+    ) -> AsyncGenerator[events.Event, None]:
         """Run code in the kernel: its outputs, then ``CallStatus(completed|failed)``.
 
         Past ``timeout`` the code is interrupted through the gateway; if it ignores that, the kernel
@@ -413,13 +404,13 @@ class GatewayBackend:
                         finished = True
                         # A restarted kernel starts in its launch folder: enter the data folder again.
                         await self._io_unlocked(kernel, {"op": "setup", "folder": _folder_name(kernel.id)})
-                        yield ExecutionError(
+                        yield events.ExecutionError(
                             call_id, "TimeoutError",
                             f"The code ran longer than the {limit:g} s limit and did not stop when "
                             "interrupted. The kernel was restarted: variables and imports are gone, files "
                             "are intact.",
                         )  # fmt: skip
-                        yield CallStatus(call_id, "failed")
+                        yield events.CallStatus(call_id, "failed")
                         return
                     try:
                         msg = await channels.next_message(msg_id, POLL)
@@ -444,10 +435,10 @@ class GatewayBackend:
                     if idle_after(msg, msg_id):
                         break
                     for event in events_from_message(msg, call_id):
-                        if isinstance(event, ExecutionError):
+                        if isinstance(event, events.ExecutionError):
                             failed = True
                             if interrupted_at is not None and event.name == "KeyboardInterrupt":
-                                event = ExecutionError(
+                                event = events.ExecutionError(
                                     call_id, "TimeoutError",
                                     f"The code ran longer than the {limit:g} s limit and was interrupted "
                                     "(variables defined so far are kept).",
@@ -456,8 +447,12 @@ class GatewayBackend:
                         yield event
                 finished = True
                 if reconnected:
-                    yield Notice("The connection to the gateway dropped mid-run and was re-established.")
-                yield CallStatus(call_id, "failed" if failed or interrupted_at is not None else "completed")
+                    yield events.Notice(
+                        "The connection to the gateway dropped mid-run and was re-established."
+                    )
+                yield events.CallStatus(
+                    call_id, "failed" if failed or interrupted_at is not None else "completed"
+                )
             finally:
                 kernel.last_active_at = int(self._clock())
                 if not finished and kernel.id in self._kernels:
