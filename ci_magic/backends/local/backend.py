@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ci_magic import events
 from ci_magic.backends.base import ContainerFile, ContainerInfo, MemoryLimit, TurnRequest
 from ci_magic.backends.local.sandbox import SandboxManager
 from ci_magic.errors import ConfigurationError
-from ci_magic.events import CallStarted, CallStatus, CodeDone, Completed, Event, Notice, TurnStarted
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -81,28 +81,28 @@ class LocalBackend:
     async def delete_file(self, container_id: str, file_id: str) -> None:
         await self.sandbox.delete_file(container_id, file_id)
 
-    def stream(self, request: TurnRequest) -> AsyncIterator[Event]:
+    def stream(self, request: TurnRequest) -> AsyncIterator[events.Event]:
         if request.exec_code is not None:
             return self._run_code(request, request.exec_code)
         return self._run_model(request)
 
-    async def _run_code(self, request: TurnRequest, code: str) -> AsyncIterator[Event]:
+    async def _run_code(self, request: TurnRequest, code: str) -> AsyncIterator[events.Event]:
         """%%ci_exec: the code as one call, exactly as the model loop would run it."""
         call_id = _call_id()
         container_id = request.container_id
-        yield TurnStarted()
+        yield events.TurnStarted()
         for notice in self._turn_notices():
             yield notice
-        yield CallStarted(call_id=call_id, container_id=container_id)
-        yield CodeDone(call_id=call_id, code=code)
-        yield CallStatus(call_id=call_id, status="running")
-        events = self.sandbox.execute(container_id, code, call_id=call_id)
-        async with contextlib.aclosing(events):  # Ctrl-C: stop the sandbox code at once
-            async for event in events:
+        yield events.CallStarted(call_id=call_id, container_id=container_id)
+        yield events.CodeDone(call_id=call_id, code=code)
+        yield events.CallStatus(call_id=call_id, status="running")
+        outputs = self.sandbox.execute(container_id, code, call_id=call_id)
+        async with contextlib.aclosing(outputs):  # Ctrl-C: stop the sandbox code at once
+            async for event in outputs:
                 yield event
-        yield Completed(container_id=container_id)
+        yield events.Completed(container_id=container_id)
 
-    async def _run_model(self, request: TurnRequest) -> AsyncIterator[Event]:
+    async def _run_model(self, request: TurnRequest) -> AsyncIterator[events.Event]:
         if self.model_client is None:
             raise ConfigurationError(NO_MODEL_MESSAGE)
         # Imported here: the model loop is optional for code-only use and pulls in the OpenAI SDK.
@@ -115,7 +115,7 @@ class LocalBackend:
         loop = self._loop  # the cell's --model (request.model) wins over the configured one
         container_id = request.container_id
 
-        def run(code: str, call_id: str) -> AsyncIterator[Event]:
+        def run(code: str, call_id: str) -> AsyncIterator[events.Event]:
             return self.sandbox.execute(container_id, code, call_id=call_id)
 
         notices = self._turn_notices()
@@ -126,12 +126,12 @@ class LocalBackend:
                 yield notice
             notices = []
 
-    def _turn_notices(self) -> list[Notice]:
+    def _turn_notices(self) -> list[events.Notice]:
         """The sandbox's one-time warnings, then what every status line of this turn must carry."""
         notices = self.sandbox.take_notices()
         isolation = self.sandbox.isolation
         if isolation is not None and isolation.label:
-            notices.append(Notice(isolation.label, "warning", kind="status"))
+            notices.append(events.Notice(isolation.label, "warning", kind="status"))
         return notices
 
     async def warm(self) -> None:
