@@ -291,6 +291,58 @@ def test_a_flood_through_shared_mappings_of_sparse_files_is_stopped_too(
     assert held < 320 * MIB, f"{held / MIB:.0f} MiB written with a 200 MiB disk_limit"
 
 
+HIDDEN_FLOODS = {
+    # Unlinked while open: the names go at once, the blocks stay while the files are open (each
+    # file under the single-file limit, RLIMIT_FSIZE).
+    "unlinked": """
+        import os
+        done, held = 0, []
+        for n in range(64):
+            held.append(open(f"scratch{n}.bin", "wb"))
+            os.unlink(f"scratch{n}.bin")
+            for _ in range(32):
+                held[-1].write(b"u" * 2**20)
+                done += 1
+    """,
+    # O_TMPFILE: files that never had a name.
+    "tmpfile": """
+        import os
+        done, held = 0, []
+        for n in range(64):
+            held.append(os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o600))
+            for _ in range(32):
+                os.write(held[-1], b"t" * 2**20)
+                done += 1
+    """,
+    # Mapped, closed and unlinked, then filled through the mappings: no descriptor, no write()
+    # (24 mappings of 32 MiB: what the address-space limit of a 1g container lets one hold).
+    "mapped": """
+        import mmap, os
+        done, held = 0, []
+        for n in range(24):
+            with open(f"m{n}.bin", "w+b") as f:
+                f.truncate(32 * 2**20)
+                held.append(mmap.mmap(f.fileno(), 32 * 2**20))
+            os.unlink(f"m{n}.bin")
+        for m in held:
+            for offset in range(0, 32 * 2**20, 2**20):
+                m[offset : offset + 2**20] = b"m" * 2**20
+                done += 1
+    """,
+}
+
+
+@pytest.mark.parametrize("how", sorted(HIDDEN_FLOODS))
+def test_files_no_folder_names_count_against_the_disk_limit(attacker: Attacker, how: str) -> None:
+    attacker.start(disk_limit="200m")
+    attacker.create("1g")
+    events = attacker.execute(textwrap.dedent(HIDDEN_FLOODS[how]), timeout=120)
+    # The kernel survives the stop: ask it how far the flood got (MiB written).
+    done = int(stdout(attacker.execute("print(done)")).strip())
+    assert done < 400, f"{how}: {done} MiB written with a 200 MiB disk_limit"
+    assert [error["name"] for error in errors(events)] == ["DiskLimitExceeded"], events
+
+
 def _settled_size(folder: Path, *, quiet: float = 1.5, patience: float = 60.0) -> int:
     """The folder's allocated size once it stopped growing for ``quiet`` seconds."""
     deadline = time.monotonic() + patience

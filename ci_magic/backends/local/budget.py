@@ -91,6 +91,10 @@ QUIET_FILES_EVERY = 2.0
 PIPE_CAPACITY = 16 * (os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096)
 MAX_OPEN_FILES = 1024  # RLIMIT_NOFILE of sandbox processes (isolation.Limits)
 MAX_DATA_ENTRIES = 200_000  # more files than this in /mnt/data counts as over the disk limit
+# Seconds between two looks for files no folder names (unlinked while open): at once when
+# inotify saw a file deleted or written under a name that is gone, else at this pace.
+HIDDEN_FILES_EVERY = 1.0
+MAX_MAPS_BYTES = 8 << 20  # of one process's /proc/PID/maps (65,530 mappings at most, ~100 B each)
 LAUNCHER_MARK = "kernel_module"  # in the launcher's JSON argument (isolation.Isolation.command)
 TMPFS_INSIDE = ("tmp", "dev/shm", "home/sandbox")  # the sandbox's tmpfs mounts, below its root
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -496,6 +500,54 @@ def data_usage(
     return DiskUse(total, entries, complete=True)
 
 
+def hidden_file_bytes(pids: Sequence[int], device: int) -> int:
+    """Bytes held on ``device`` by files no folder names: unlinked while open, or ``O_TMPFILE``.
+
+    A walk of the data folder cannot see them, yet their blocks stay taken until the last
+    descriptor or mapping goes. Found through each process's open descriptors (regular files
+    with no link left) and its shared mappings of deleted files (the mapping's length: all it
+    can fill). Each file counts once, at the larger of its size and its blocks.
+    """
+    seen: set[int] = set()
+    total = 0
+    where = f"{os.major(device):02x}:{os.minor(device):02x}"
+    for pid in pids:
+        folder = f"/proc/{pid}/fd/"
+        try:
+            fds = os.listdir(folder)
+        except OSError:
+            fds = []
+        for fd in fds[:MAX_OPEN_FILES]:
+            link = folder + fd
+            try:
+                if not os.readlink(link).endswith(" (deleted)"):
+                    continue
+                info = os.stat(link)
+            except OSError:
+                continue
+            unnamed = stat.S_ISREG(info.st_mode) and info.st_dev == device and info.st_nlink == 0
+            if unnamed and info.st_ino not in seen:
+                seen.add(info.st_ino)
+                total += max(info.st_blocks * 512, info.st_size)
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as maps:
+                lines = maps.read(MAX_MAPS_BYTES).splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split(None, 5)
+            if len(fields) < 6 or not fields[5].endswith(b" (deleted)") or fields[1][3:4] != b"s":
+                continue
+            if fields[3].decode() != where:
+                continue
+            inode = int(fields[4])
+            if inode not in seen:
+                seen.add(inode)
+                start, _, end = fields[0].partition(b"-")
+                total += int(end, 16) - int(start, 16)
+    return total
+
+
 # ------------------------------------------------------------------------------------ watchdog
 
 
@@ -532,6 +584,9 @@ class Watched:
     _disk_paced_until: float = 0.0  # a write reported by inotify is measured from then on
     _disk_pending: bool = False  # a write was reported while paced: measure when the pace allows
     _folders_seen: set[str] = field(default_factory=set)  # watched for writes already
+    _hidden_bytes: int = 0  # held by files no folder names, as last found
+    _next_hidden: float = 0.0  # the next look for them on the timer's pace
+    _look_for_hidden: bool = False  # inotify saw a deletion or a write to a vanished name
     _killed: tuple[int, int | None] | None = None  # the process killed last (pid, start time)
     _files: OpenFiles = field(default_factory=OpenFiles)
     _next_files: float = 0.0
@@ -648,7 +703,10 @@ class Watchdog:
                 readable, _, _ = select.select([events.fd], [], [], IDLE_DISK_WAIT)
                 if not readable:
                     continue
-                changed, overflow = events.read()
+                changed, hidden, overflow = events.read()
+                for item in items:
+                    if id(item) in hidden or overflow:
+                        item._look_for_hidden = True
             started = time.thread_time()
             for item in items:
                 if item._disk_pending or overflow or id(item) in changed:
@@ -699,6 +757,14 @@ class Watchdog:
                 use = DiskUse(
                     use.bytes + more.bytes, use.entries + more.entries, use.complete and more.complete
                 )
+            moment = time.monotonic()
+            if item._look_for_hidden or moment >= item._next_hidden:
+                item._look_for_hidden = False
+                item._next_hidden = moment + HIDDEN_FILES_EVERY
+                with contextlib.suppress(OSError):
+                    device = os.stat(item.data_dir).st_dev
+                    item._hidden_bytes = hidden_file_bytes(tree.members(), device)
+            use = DiskUse(use.bytes + item._hidden_bytes, use.entries, use.complete)
             # Paced on the walk's CPU time: a walk preempted by a busy machine costs it nothing.
             cost = (time.thread_time() - started) / DISK_CPU_SHARE
             ended = time.monotonic()

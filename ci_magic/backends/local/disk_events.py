@@ -35,13 +35,15 @@ log = logging.getLogger(__name__)
 IN_MODIFY = 0x00000002
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
 IN_DONT_FOLLOW = 0x02000000
 IN_ISDIR = 0x40000000
-# A write, truncate or fallocate (IN_MODIFY), a new file or folder, one moved in.
-WATCH_MASK = IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW
+# A write, truncate or fallocate (IN_MODIFY), a new file or folder, one moved in, one deleted
+# (its space stays held while a process keeps it open or mapped).
+WATCH_MASK = IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_ONLYDIR | IN_DONT_FOLLOW
 EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 MAX_WATCHES = 8192  # folders watched per sandbox; more than that fall back to the timer
 READ_SIZE = 64 * 1024
@@ -96,9 +98,16 @@ class DiskEvents:
                 del self._folders[wd]
             self._count.pop(owner, None)
 
-    def read(self) -> tuple[set[Hashable], bool]:
-        """The owners whose folders changed since the last read, and whether events were lost."""
+    def read(self) -> tuple[set[Hashable], set[Hashable], bool]:
+        """What happened since the last read.
+
+        The owners whose folders changed; those of them that deleted a file or wrote to one no
+        folder names (unlinked while open, or ``O_TMPFILE``): their space is found only through
+        the processes holding them; and whether events were lost.
+        """
         changed: set[Hashable] = set()
+        hidden: set[Hashable] = set()
+        modified: set[tuple[Hashable, bytes]] = set()
         new_folders: list[tuple[Hashable, bytes]] = []
         overflow = False
         while True:
@@ -130,9 +139,16 @@ class DiskEvents:
                     changed.add(owner)
                     if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO) and name:
                         new_folders.append((owner, os.path.join(folder, name)))
+                    elif mask & IN_DELETE:
+                        hidden.add(owner)
+                    elif mask & IN_MODIFY and name:
+                        modified.add((owner, os.path.join(folder, name)))
         for owner, folder in new_folders:
             self.watch(owner, folder)
-        return changed, overflow
+        for owner, path in modified:
+            if owner not in hidden and not os.path.lexists(path):
+                hidden.add(owner)  # written under a name no folder holds any more
+        return changed, hidden, overflow
 
     def close(self) -> None:
         with self._lock:
