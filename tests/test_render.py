@@ -13,22 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDelta,
-    CodeDone,
-    Completed,
-    Event,
-    ExecutionError,
-    Failed,
-    Logs,
-    Notice,
-    RichOutput,
-    TextDelta,
-    TextDone,
-    TurnStarted,
-)
+from ci_magic import events
 from ci_magic.render.files import file_bundle
 from ci_magic.render.frontend import JupyterFrontend, TerminalFrontend, detect_frontend
 from ci_magic.render.live import TurnView
@@ -78,15 +63,15 @@ def test_hundreds_of_deltas_at_full_speed_cost_a_bounded_number_of_display_updat
     view, frontend, clock = live_view(rate=15)
     code = "".join(f"value_{i} = {i} * 2\n" for i in range(120))
     answer = "The values double each time. " * 40
-    events: list[Event] = [TurnStarted("resp_1", "gpt-5"), CallStarted("c1")]
-    events += [CodeDelta("c1", piece) for piece in chunked(code, 6)]
-    events += [CodeDone("c1", code), CallStatus("c1", "completed")]
-    events += [TextDelta(piece) for piece in chunked(answer, 4)]
-    events.append(Completed())
-    deltas = sum(isinstance(e, (CodeDelta, TextDelta)) for e in events)
+    collected: list[events.Event] = [events.TurnStarted("resp_1", "gpt-5"), events.CallStarted("c1")]
+    collected += [events.CodeDelta("c1", piece) for piece in chunked(code, 6)]
+    collected += [events.CodeDone("c1", code), events.CallStatus("c1", "completed")]
+    collected += [events.TextDelta(piece) for piece in chunked(answer, 4)]
+    collected.append(events.Completed())
+    deltas = sum(isinstance(e, (events.CodeDelta, events.TextDelta)) for e in collected)
     assert deltas > 600
 
-    result = play(events, view, clock, step=0.002)  # ~500 events a second: faster than any model
+    result = play(collected, view, clock, step=0.002)  # ~500 events a second: faster than any model
     live_messages = [t for _, t in frontend.messages]
     elapsed = result.wall_time
     view.finish(result)
@@ -115,9 +100,9 @@ def test_the_status_line_follows_the_turn_and_ends_with_a_summary() -> None:
 
 def test_tick_shows_held_back_changes_when_the_stream_pauses() -> None:
     view, frontend, clock = live_view(rate=10)
-    view.handle(CallStarted("c1"))
-    view.handle(CodeDelta("c1", "x = 1\n"))
-    view.handle(CodeDelta("c1", "y = 2\n"))  # same instant: held back by the budget
+    view.handle(events.CallStarted("c1"))
+    view.handle(events.CodeDelta("c1", "x = 1\n"))
+    view.handle(events.CodeDelta("c1", "y = 2\n"))  # same instant: held back by the budget
     block = next(s for s in frontend.slots if s.role == "stream")
     assert "y = 2" not in block.bundle["text/plain"]
     clock.advance(0.5)
@@ -155,8 +140,12 @@ def test_long_code_streams_highlighted_exactly_as_if_highlighted_at_once() -> No
     from ci_magic.render.live import _FORMATTER, _LEXER
 
     view, frontend, clock = live_view()
-    events = [CallStarted("c1"), *[CodeDelta("c1", p) for p in chunked(LONG_CODE, 5)], Completed()]
-    view.finish(play(events, view, clock, step=0.004))
+    collected = [
+        events.CallStarted("c1"),
+        *[events.CodeDelta("c1", p) for p in chunked(LONG_CODE, 5)],
+        events.Completed(),
+    ]
+    view.finish(play(collected, view, clock, step=0.004))
     block = frontend.slots[1]
     assert len(block.history) > 10
     for shown in [b["text/html"] for b in block.history] + [block.bundle["text/html"]]:
@@ -174,8 +163,8 @@ def test_the_recorded_openai_turn_shows_each_call_its_logs_and_the_answer_linked
     tmp_path: Path,
 ) -> None:
     view, frontend, clock = live_view()
-    events = list(openai_recording_events())
-    result = play(events, view, clock, step=0.01, prompt="roll two dice 10,000 times")
+    collected = list(openai_recording_events())
+    result = play(collected, view, clock, step=0.01, prompt="roll two dice 10,000 times")
     live = len(frontend.messages)
     rows = "sum\n" + "".join(f"{(i * 7) % 11 + 2}\n" for i in range(10_000))
     output = tmp_path / "ci_outputs"
@@ -212,7 +201,11 @@ def test_html_in_the_models_answer_is_shown_as_text_not_run() -> None:
         "[click me](javascript:window.__pwned=3) and <img src=x onerror=alert(1)>\n\n"
         "```python\nif a < b:\n    print('<ok>')\n```"
     )
-    result = play([TextDelta(p) for p in chunked(answer, 7)] + [TextDone(answer), Completed()], view, clock)
+    result = play(
+        [events.TextDelta(p) for p in chunked(answer, 7)] + [events.TextDone(answer), events.Completed()],
+        view,
+        clock,
+    )
     view.finish(result)
     bundle = next(s.bundle for s in frontend.slots if s.role == "text")
     shown = bundle["text/html"]
@@ -247,14 +240,14 @@ def test_a_dataframe_table_from_the_sandbox_is_kept_but_anything_active_is_remov
         "<script>steal()</script><iframe src=https://evil.example></iframe></table>"
         '<a href="javascript:steal()">more</a></div>'
     )
-    events = [
-        CallStarted("c1"),
-        CodeDone("c1", "df"),
-        RichOutput("c1", {"text/html": hostile, "text/plain": "   name\n0  <b>Ada</b>"}),
-        RichOutput("c1", {"application/javascript": "steal()", "text/plain": "<Javascript object>"}),
-        Completed(),
+    collected = [
+        events.CallStarted("c1"),
+        events.CodeDone("c1", "df"),
+        events.RichOutput("c1", {"text/html": hostile, "text/plain": "   name\n0  <b>Ada</b>"}),
+        events.RichOutput("c1", {"application/javascript": "steal()", "text/plain": "<Javascript object>"}),
+        events.Completed(),
     ]
-    view.finish(play(events, view, clock))
+    view.finish(play(collected, view, clock))
     rich = next(b for b in frontend.bundles() if "table" in str(b.get("text/html", "")))
     shown = rich["text/html"]
     assert '<table class="dataframe">' in shown and '<th colspan="2">name</th>' in shown
@@ -443,8 +436,12 @@ def test_an_image_whose_header_declares_billions_of_pixels_is_not_inlined(tmp_pa
     # The same picture displayed by the sandbox's code, not saved: not sent to the browser either.
     view, frontend, clock = live_view()
     bomb = base64.b64encode(png_header_bomb(100_000, 100_000)).decode()
-    events = [CallStarted("c1"), RichOutput("c1", {"image/png": bomb, "text/plain": "<Figure>"}), Completed()]
-    view.finish(play(events, view, clock), link_base=tmp_path)
+    collected = [
+        events.CallStarted("c1"),
+        events.RichOutput("c1", {"image/png": bomb, "text/plain": "<Figure>"}),
+        events.Completed(),
+    ]
+    view.finish(play(collected, view, clock), link_base=tmp_path)
     assert not any("image/png" in b for b in frontend.bundles())
     assert "image not shown: it declares 10,000,000,000 pixels" in frontend.all_text("text/plain")
 
@@ -475,16 +472,16 @@ def test_a_plt_show_image_is_shown_once_and_its_saved_copies_are_only_listed(tmp
 def test_long_logs_are_collapsible_and_short_ones_are_shown_plainly() -> None:
     view, frontend, clock = live_view()
     long_logs = "".join(f"epoch {i}: loss {1 / (i + 1):.3f}\n" for i in range(40))
-    events = [
-        CallStarted("short"),
-        CodeDone("short", "print('hi')"),
-        Logs("short", "hi\n", "stdout"),
-        CallStarted("long"),
-        CodeDone("long", "train()"),
-        *[Logs("long", line + "\n", "stdout") for line in long_logs.splitlines()],
-        Completed(),
+    collected = [
+        events.CallStarted("short"),
+        events.CodeDone("short", "print('hi')"),
+        events.Logs("short", "hi\n", "stdout"),
+        events.CallStarted("long"),
+        events.CodeDone("long", "train()"),
+        *[events.Logs("long", line + "\n", "stdout") for line in long_logs.splitlines()],
+        events.Completed(),
     ]
-    view.finish(play(events, view, clock))
+    view.finish(play(collected, view, clock))
     short, long = (s.bundle for s in frontend.slots if s.role == "stream")
     assert "<details" not in short["text/html"] and "hi" in visible_text(short["text/html"])
     assert re.search(r"<details><summary[^>]*>output · 40 lines</summary>", long["text/html"])
@@ -498,15 +495,15 @@ def test_a_failing_call_shows_its_error_without_terminal_colour_codes() -> None:
         "\x1b[31mNameError\x1b[0m                 Traceback\nCell In[3], line 1\n----> 1 totl\n"
         "\x1b[31mNameError\x1b[0m: name 'totl' is not defined"
     )
-    events = [
-        CallStarted("c1"),
-        CodeDone("c1", "totl"),
-        CallStatus("c1", "running"),
-        ExecutionError("c1", "NameError", "name 'totl' is not defined", trace),
-        CallStatus("c1", "failed"),
-        Completed(),
+    collected = [
+        events.CallStarted("c1"),
+        events.CodeDone("c1", "totl"),
+        events.CallStatus("c1", "running"),
+        events.ExecutionError("c1", "NameError", "name 'totl' is not defined", trace),
+        events.CallStatus("c1", "failed"),
+        events.Completed(),
     ]
-    view.finish(play(events, view, clock))
+    view.finish(play(collected, view, clock))
     block = next(s.bundle for s in frontend.slots if s.role == "stream")
     assert "\x1b" not in json.dumps(block)
     assert "NameError: name &#x27;totl&#x27; is not defined" in block["text/html"]
@@ -516,28 +513,30 @@ def test_a_failing_call_shows_its_error_without_terminal_colour_codes() -> None:
 
 def test_a_sandbox_display_update_replaces_the_earlier_output() -> None:
     view, frontend, clock = live_view()
-    events = [
-        CallStarted("c1"),
-        CodeDone("c1", "progress()"),
-        RichOutput("c1", {"text/html": "<b>step 1 of 3</b>", "text/plain": "step 1"}, display_id="p"),
-        RichOutput("c1", {"text/html": "<b>step 3 of 3</b>", "text/plain": "step 3"}, "p", update=True),
-        Completed(),
+    collected = [
+        events.CallStarted("c1"),
+        events.CodeDone("c1", "progress()"),
+        events.RichOutput("c1", {"text/html": "<b>step 1 of 3</b>", "text/plain": "step 1"}, display_id="p"),
+        events.RichOutput(
+            "c1", {"text/html": "<b>step 3 of 3</b>", "text/plain": "step 3"}, "p", update=True
+        ),
+        events.Completed(),
     ]
-    view.finish(play(events, view, clock, step=0.2))
+    view.finish(play(collected, view, clock, step=0.2))
     progress = [b for b in frontend.bundles() if "step" in str(b.get("text/plain"))]
     assert [b["text/html"] for b in progress] == ["<b>step 3 of 3</b>"]
 
 
 def test_a_failed_turn_marks_the_status_and_keeps_what_arrived_and_its_notices() -> None:
     view, frontend, clock = live_view()
-    events = [
-        Notice("The container expired; a new one was created.", "warning"),
-        CallStarted("c1"),
-        CodeDelta("c1", "x = "),
-        Failed("The stream broke after 2 events:\nconnection reset by peer.", "stream"),
+    collected = [
+        events.Notice("The container expired; a new one was created.", "warning"),
+        events.CallStarted("c1"),
+        events.CodeDelta("c1", "x = "),
+        events.Failed("The stream broke after 2 events:\nconnection reset by peer.", "stream"),
     ]
-    result = play(events, view, clock)
-    result.notices.append(Notice("Could not save big.bin: disk full", "warning"))
+    result = play(collected, view, clock)
+    result.notices.append(events.Notice("Could not save big.bin: disk full", "warning"))
     view.finish(result)
     # The why is the error the cell raises (said once, below); the status only marks the failure.
     assert frontend.slots[0].bundle["text/plain"] == f"ci: failed after {result.wall_time:.1f} s"
@@ -578,8 +577,8 @@ def test_in_a_terminal_the_turn_reads_as_plain_text_with_images_reported_by_path
     chart = png_bytes()
     printed_while_running: list[str] = []
 
-    def watch(event: Event) -> None:
-        if isinstance(event, CallStatus) and event.status == "running":
+    def watch(event: events.Event) -> None:
+        if isinstance(event, events.CallStatus) and event.status == "running":
             printed_while_running.append(out.getvalue())
 
     result = play(chart_turn(chart), view, clock, on_event=watch)
@@ -688,6 +687,6 @@ def test_the_jupyter_frontend_sends_nothing_for_an_unchanged_update(monkeypatch:
 
 def test_an_answer_that_arrives_only_whole_is_shown(tmp_path: Path) -> None:
     view, frontend, clock = live_view()
-    result = play([TextDone("Only the whole answer arrived."), Completed()], view, clock)
+    result = play([events.TextDone("Only the whole answer arrived."), events.Completed()], view, clock)
     view.finish(result, link_base=tmp_path)
     assert any("Only the whole answer" in str(b.get("text/plain")) for b in frontend.bundles())
