@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ci_magic import events
 from ci_magic.backends.openai_backend import ResponsesTranslator
-from ci_magic.events import CallStarted, CodeDelta, Completed, FileCited, Image, Logs, TextDelta
 from ci_magic.result import ResultBuilder
 from tests.servers.recordings import (
     PYDANTIC_IMAGE_STREAM,
@@ -28,13 +28,13 @@ def translate(name: str, *, without_outputs: bool = False) -> tuple[list, Result
                 item["item"]["outputs"] = None
     translator = ResponsesTranslator()
     builder = ResultBuilder("recorded prompt")
-    events = []
+    collected = []
     for item in raw:
         for event in translator.translate(item):
             builder.feed(event)
-            events.append(event)
+            collected.append(event)
     assert translator.finished
-    return events, builder
+    return collected, builder
 
 
 def recorded_calls(name: str) -> list[dict]:
@@ -45,7 +45,7 @@ def recorded_calls(name: str) -> list[dict]:
 
 
 def test_three_calls_with_logs_and_a_csv_citation() -> None:
-    events, builder = translate(VERCEL_CHUNKS)
+    collected, builder = translate(VERCEL_CHUNKS)
     result = builder.result
     expected = recorded_calls(VERCEL_CHUNKS)
     assert [c.code for c in result.calls] == [item["code"] for item in expected]
@@ -57,27 +57,27 @@ def test_three_calls_with_logs_and_a_csv_citation() -> None:
     assert [c.filename for c in result.citations] == ["roll2dice_sums_10000.csv"]
     assert result.response_id.startswith("resp_") and result.usage.total_tokens > 0
     # Deltas are streamed one by one (the renderer throttles, not the translator).
-    assert sum(isinstance(e, CodeDelta) for e in events) == 149
-    assert sum(isinstance(e, TextDelta) for e in events) == 209
-    assert isinstance(events[-1], Completed)
+    assert sum(isinstance(e, events.CodeDelta) for e in collected) == 149
+    assert sum(isinstance(e, events.TextDelta) for e in collected) == 209
+    assert isinstance(collected[-1], events.Completed)
 
 
 def test_image_output_and_zero_length_citation() -> None:
-    events, builder = translate(PYDANTIC_IMAGE_STREAM)
+    collected, builder = translate(PYDANTIC_IMAGE_STREAM)
     result = builder.result
-    images = [e for e in events if isinstance(e, Image)]
+    images = [e for e in collected if isinstance(e, events.Image)]
     assert len(images) == 1 and images[0].data.startswith(b"\x89PNG")
-    cites = [e for e in events if isinstance(e, FileCited)]
+    cites = [e for e in collected if isinstance(e, events.FileCited)]
     assert [c.displayed for c in cites] == [True, False], "the zero-length citation is the image shown"
     assert cites[0].filename.startswith("cfile_") and cites[0].filename.endswith(".png")
     assert [c.code for c in result.calls] == [item["code"] for item in recorded_calls(PYDANTIC_IMAGE_STREAM)]
-    assert any(isinstance(e, Logs) for e in events)
-    started = [e for e in events if isinstance(e, CallStarted)]
+    assert any(isinstance(e, events.Logs) for e in collected)
+    started = [e for e in collected if isinstance(e, events.CallStarted)]
     assert started[0].container_id and started[0].container_id.startswith("cntr_")
 
 
 def test_without_call_outputs_the_zero_length_cited_image_is_the_only_copy_and_is_fetched() -> None:
-    events, _ = translate(PYDANTIC_IMAGE_STREAM, without_outputs=True)
-    assert not [e for e in events if isinstance(e, Image)]
-    cites = [e for e in events if isinstance(e, FileCited)]
+    collected, _ = translate(PYDANTIC_IMAGE_STREAM, without_outputs=True)
+    assert not [e for e in collected if isinstance(e, events.Image)]
+    cites = [e for e in collected if isinstance(e, events.FileCited)]
     assert cites[0].filename.startswith("cfile_") and not cites[0].displayed, "nothing shown it: fetch it"
