@@ -7,23 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from ci_magic import events
 from ci_magic.backends.base import TurnRequest
 from ci_magic.errors import BackendError, ConfigurationError, Interrupted, StreamError, VariableError
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDone,
-    Completed,
-    Event,
-    ExecutionError,
-    Failed,
-    FileCited,
-    Image,
-    Logs,
-    TextDelta,
-    TextDone,
-    TurnStarted,
-)
 from ci_magic.result import LOG_KEEP_CHARS, LogText
 from ci_magic.session import Session, SilentView, TurnOptions
 from ci_magic.session_settings import SessionSettings
@@ -51,17 +37,17 @@ def turn(session: Session, runner: asyncio.Runner, prompt: str = "go", **kwargs:
     return runner.run(session.run_turn(prompt, kwargs.pop("options", OPTIONS), SilentView(), **kwargs))  # type: ignore[arg-type]
 
 
-def answer(text: str, *before: Event):
+def answer(text: str, *before: events.Event):
     """A turn script: optional events, then ``text`` as the answer, then Completed."""
 
-    async def script(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+    async def script(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[events.Event]:
         backend._usable(request.container_id)  # a real backend fails on a container that is gone
-        yield TurnStarted("resp_1", "fake-model")
+        yield events.TurnStarted("resp_1", "fake-model")
         for event in before:
             yield event
-        yield TextDelta(text)
-        yield TextDone(text)
-        yield Completed("resp_1", request.container_id)
+        yield events.TextDelta(text)
+        yield events.TextDone(text)
+        yield events.Completed("resp_1", request.container_id)
 
     return script
 
@@ -84,9 +70,9 @@ def test_a_container_gone_between_cells_is_replaced_and_the_turn_runs_again(tmp_
 
 
 def test_a_broken_stream_is_not_retried_and_keeps_its_class_and_what_arrived(tmp_path, runner) -> None:
-    async def breaks(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
-        yield TurnStarted()
-        yield TextDelta("Half an ans")
+    async def breaks(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[events.Event]:
+        yield events.TurnStarted()
+        yield events.TextDelta("Half an ans")
         raise StreamError("The stream broke mid-way.")
 
     backend = FakeBackend()
@@ -109,9 +95,9 @@ def test_errors_keep_their_class_variable_configuration_and_in_band_failures(tmp
     backend.turns.clear()  # no script: the fake raises ConfigurationError like a backend missing a model
     assert isinstance(turn(session, runner).error, ConfigurationError)
 
-    async def refused(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
-        yield TurnStarted()
-        yield Failed("The response failed: quota exceeded (insufficient_quota).")
+    async def refused(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[events.Event]:
+        yield events.TurnStarted()
+        yield events.Failed("The response failed: quota exceeded (insufficient_quota).")
 
     backend.turns.append(refused)
     failed = turn(session, runner)
@@ -121,11 +107,11 @@ def test_errors_keep_their_class_variable_configuration_and_in_band_failures(tmp
 def test_an_interrupt_ends_the_turn_with_interrupted_and_keeps_what_arrived(tmp_path, runner) -> None:
     started = asyncio.Event()
 
-    async def slow(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
-        yield TextDelta("Working on it")
+    async def slow(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[events.Event]:
+        yield events.TextDelta("Working on it")
         started.set()
         await asyncio.sleep(60)
-        yield Completed()
+        yield events.Completed()
 
     backend = FakeBackend()
     session = make_session(backend, tmp_path)
@@ -148,23 +134,23 @@ def test_cited_and_new_files_are_downloaded_and_a_displayed_image_is_not(tmp_pat
     chart = png_bytes()
     made: dict[str, str] = {}
 
-    async def writes_files(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+    async def writes_files(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[events.Event]:
         cid = request.container_id
         made["cited"] = backend.add_model_file(cid, "/mnt/data/report.csv", b"a,b\n1,2\n").id
         backend.add_model_file(cid, "/mnt/data/notes.txt", b"uncited but new")
         shown = backend.add_model_file(cid, "/mnt/data/cfile_shown.png", chart).id
         only_copy = backend.add_model_file(cid, "/mnt/data/cfile_only.png", png_bytes(color=(9, 9, 9))).id
         backend.add_model_file(cid, "/mnt/data/chart.png", chart)  # savefig of the shown figure, same bytes
-        yield TurnStarted()
-        yield CallStarted("call_1", cid)
-        yield CodeDone("call_1", "df.to_csv('report.csv')")
-        yield Image("call_1", chart)
-        yield CallStatus("call_1", "completed")
-        yield TextDelta("See report.csv.")
-        yield FileCited(cid, shown, "cfile_shown.png", displayed=True)
-        yield FileCited(cid, only_copy, "cfile_only.png")  # zero-length, but no output carried it
-        yield FileCited(cid, made["cited"], "report.csv", 4, 14)
-        yield Completed(container_id=cid)
+        yield events.TurnStarted()
+        yield events.CallStarted("call_1", cid)
+        yield events.CodeDone("call_1", "df.to_csv('report.csv')")
+        yield events.Image("call_1", chart)
+        yield events.CallStatus("call_1", "completed")
+        yield events.TextDelta("See report.csv.")
+        yield events.FileCited(cid, shown, "cfile_shown.png", displayed=True)
+        yield events.FileCited(cid, only_copy, "cfile_only.png")  # zero-length, but no output carried it
+        yield events.FileCited(cid, made["cited"], "report.csv", 4, 14)
+        yield events.Completed(container_id=cid)
 
     backend.turns.append(writes_files)
     result = turn(session, runner)
@@ -184,7 +170,12 @@ def test_long_output_is_saved_whole_and_the_record_keeps_it(tmp_path, runner) ->
     session = make_session(backend, tmp_path)
     line = "".join(f"row {i}\n" for i in range(20_000))
     backend.turns.append(
-        answer("done", CallStarted("c1"), Logs("c1", line, "stdout"), ExecutionError("c1", "E", "x"))
+        answer(
+            "done",
+            events.CallStarted("c1"),
+            events.Logs("c1", line, "stdout"),
+            events.ExecutionError("c1", "E", "x"),
+        )
     )
     result = turn(session, runner)
     [log] = [o for o in result.calls[0].outputs if isinstance(o, LogText)]
@@ -195,12 +186,12 @@ def test_long_output_is_saved_whole_and_the_record_keeps_it(tmp_path, runner) ->
 
 
 def test_files_written_by_exec_are_the_users_and_reset_counts_turns_from_zero(tmp_path, runner) -> None:
-    async def exec_writes(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+    async def exec_writes(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[events.Event]:
         backend.add_model_file(request.container_id, "/mnt/data/mine.txt", b"by %%ci_exec")
-        yield CallStarted("c1", request.container_id)
-        yield CodeDone("c1", request.exec_code or "")
-        yield CallStatus("c1", "completed")
-        yield Completed(container_id=request.container_id)
+        yield events.CallStarted("c1", request.container_id)
+        yield events.CodeDone("c1", request.exec_code or "")
+        yield events.CallStatus("c1", "completed")
+        yield events.Completed(container_id=request.container_id)
 
     backend = FakeBackend()
     session = make_session(backend, tmp_path)
@@ -234,6 +225,6 @@ def test_a_stream_message_of_megabytes_becomes_events_of_at_most_2_mib_with_noth
 
     text = "a" * (5 * MAX_TEXT // 2)
     message = {"header": {"msg_type": "stream"}, "content": {"name": "stdout", "text": text}}
-    events = events_from_message(message, "call_1")
-    assert [len(e.text) for e in events] == [MAX_TEXT, MAX_TEXT, MAX_TEXT // 2]  # type: ignore[attr-defined]
-    assert "".join(e.text for e in events) == text  # type: ignore[attr-defined]
+    collected = events_from_message(message, "call_1")
+    assert [len(e.text) for e in collected] == [MAX_TEXT, MAX_TEXT, MAX_TEXT // 2]  # type: ignore[attr-defined]
+    assert "".join(e.text for e in collected) == text  # type: ignore[attr-defined]
