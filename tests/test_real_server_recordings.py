@@ -17,10 +17,10 @@ from typing import Any
 import openai
 import pytest
 
+from ci_magic import events
 from ci_magic.backends.base import Conversation, TurnRequest
 from ci_magic.backends.local.backend import LocalBackend
 from ci_magic.errors import BackendError
-from ci_magic.events import CallStarted, CodeDelta, CodeDone, Completed, Event, Logs, Notice, TextDone
 from tests.servers.chat_server import ChatServer, Recorded, Reply
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chat"
@@ -64,12 +64,12 @@ class RecordingSandbox:
         self.printed = printed
         self.ran: list[str] = []
 
-    def take_notices(self) -> list[Notice]:
+    def take_notices(self) -> list[events.Notice]:
         return []
 
     async def execute(self, container_id: str, code: str, *, call_id: str) -> Any:
         self.ran.append(code)
-        yield Logs(call_id, self.printed, "stdout")
+        yield events.Logs(call_id, self.printed, "stdout")
 
 
 def cells(
@@ -78,15 +78,15 @@ def cells(
     sandbox: RecordingSandbox,
     conversation: Conversation,
     **options: Any,
-) -> list[tuple[list[Event], BaseException | None]]:
+) -> list[tuple[list[events.Event], BaseException | None]]:
     """Run ``prompts`` as consecutive %%ci cells on one LocalBackend (model left to the server)."""
 
-    async def go() -> list[tuple[list[Event], BaseException | None]]:
-        results: list[tuple[list[Event], BaseException | None]] = []
+    async def go() -> list[tuple[list[events.Event], BaseException | None]]:
+        results: list[tuple[list[events.Event], BaseException | None]] = []
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0) as client:
             backend = LocalBackend(sandbox, model_client=client, model="", loop_options=options)  # type: ignore[arg-type]
             for prompt in prompts:
-                events: list[Event] = []
+                collected: list[events.Event] = []
                 request = TurnRequest(
                     prompt=prompt,
                     model="",
@@ -96,18 +96,18 @@ def cells(
                 )
                 try:
                     async for event in backend.stream(request):
-                        events.append(event)
+                        collected.append(event)
                 except BackendError as err:
-                    results.append((events, err))
+                    results.append((collected, err))
                 else:
-                    results.append((events, None))
+                    results.append((collected, None))
         return results
 
     return asyncio.run(go())
 
 
-def of_type(events: list[Event], kind: type) -> list[Any]:
-    return [e for e in events if isinstance(e, kind)]
+def of_type(collected: list[events.Event], kind: type) -> list[Any]:
+    return [e for e in collected if isinstance(e, kind)]
 
 
 def test_llama_server_native_call_runs_and_the_answer_follows(chat_server: Any) -> None:
@@ -119,15 +119,15 @@ def test_llama_server_native_call_runs_and_the_answer_follows(chat_server: Any) 
     conversation = Conversation()
     prompt = sent("ls-smol-qwen25tpl-t0-copy-new-2")["messages"][-1]["content"]
 
-    [(events, error)] = cells(server, [prompt], sandbox, conversation)
+    [(collected, error)] = cells(server, [prompt], sandbox, conversation)
 
-    assert error is None and isinstance(events[-1], Completed)
+    assert error is None and isinstance(collected[-1], events.Completed)
     code = "print(sum(i * i for i in range(1, 11)))"
     assert sandbox.ran == [code]
-    call = of_type(events, CallStarted)[0].call_id
-    deltas = [e.delta for e in of_type(events, CodeDelta) if e.call_id == call]
+    call = of_type(collected, events.CallStarted)[0].call_id
+    deltas = [e.delta for e in of_type(collected, events.CodeDelta) if e.call_id == call]
     assert len(deltas) > 5 and "".join(deltas) == code  # a token per chunk, streamed as it came
-    assert of_type(events, TextDone)[-1].text == "<tool_response>\nstdout:\n385\n</tool_response>"
+    assert of_type(collected, events.TextDone)[-1].text == "<tool_response>\nstdout:\n385\n</tool_response>"
     # The second request is what llama-server got in the recording, but with "" for null content.
     first, second = (r.body for r in server.chat_requests)
     expected = sent("ls-smol-qwen25tpl-t0-copy-new-3")["messages"][1:]
@@ -143,17 +143,19 @@ def test_llama_server_code_written_as_a_fence_runs(chat_server: Any) -> None:
     sandbox = RecordingSandbox("285\n")
     conversation = Conversation()
 
-    [(events, error)] = cells(server, [sent("ls-smol-2")["messages"][-1]["content"]], sandbox, conversation)
+    [(collected, error)] = cells(
+        server, [sent("ls-smol-2")["messages"][-1]["content"]], sandbox, conversation
+    )
 
     assert error is None
     assert len(sandbox.ran) == 1 and sandbox.ran[0].startswith("def sum_of_squares(n):")
     assert sandbox.ran[0].endswith("print(sum_of_squares(10))")
-    assert of_type(events, CodeDone)[0].code == sandbox.ran[0]
-    assert any("wrote its code as text" in n.text for n in of_type(events, Notice))
+    assert of_type(collected, events.CodeDone)[0].code == sandbox.ran[0]
+    assert any("wrote its code as text" in n.text for n in of_type(collected, events.Notice))
     # The model's invented output ("This will output 140...") is not kept as the answer.
     history = json.dumps(conversation.messages)
     assert "This will output 140" not in history and "285" in history
-    assert of_type(events, TextDone)[-1].text == "The sum is 285."
+    assert of_type(collected, events.TextDone)[-1].text == "The sum is 285."
 
 
 def test_llama_server_context_overflow_is_trimmed_and_retried(chat_server: Any) -> None:
@@ -163,9 +165,9 @@ def test_llama_server_context_overflow_is_trimmed_and_retried(chat_server: Any) 
     earlier = sent("ls-gemma-4")["messages"][1:-1]  # the turn whose rambling answer filled the context
     conversation.messages += earlier
 
-    [(events, error)] = cells(server, ["And now?"], RecordingSandbox(), conversation)
+    [(collected, error)] = cells(server, ["And now?"], RecordingSandbox(), conversation)
 
-    assert error is None and isinstance(events[-1], Completed)
+    assert error is None and isinstance(collected[-1], events.Completed)
     first, retry = server.chat_requests
     assert len(json.dumps(retry.body["messages"])) < len(json.dumps(first.body["messages"])) / 2
     assert retry.body["messages"][-1]["content"] == "And now?"
@@ -204,11 +206,11 @@ def test_llama_cpp_python_forced_call_with_repeated_ids_runs_once(chat_server: A
     sandbox = RecordingSandbox()
     conversation = Conversation()
 
-    [(events, error)] = cells(server, ["Make a DataFrame"], sandbox, conversation)
+    [(collected, error)] = cells(server, ["Make a DataFrame"], sandbox, conversation)
 
     assert error is None
     assert sandbox.ran == ["452073699411.csv"]  # what the tiny model wrote, decoded once, not twice
-    assert len(of_type(events, CallStarted)) == 1
+    assert len(of_type(collected, events.CallStarted)) == 1
     first, second = (r.body for r in server.chat_requests)
     # The named form that made this server call the tool in the recording (the proxy forced it then).
     forced = json.loads((FIXTURES / "lcp-gemma-chatmlfc-namedfirst-nullfix-3.req.sent.json").read_text())
