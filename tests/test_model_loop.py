@@ -19,27 +19,10 @@ from typing import Any
 import openai
 import pytest
 
+from ci_magic import events
 from ci_magic.backends.base import Conversation, TurnRequest
 from ci_magic.backends.local.model_loop import TOOL_INSTRUCTIONS, ChatModelLoop
 from ci_magic.errors import BackendError, ConfigurationError, SandboxError, StreamError
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDelta,
-    CodeDone,
-    Completed,
-    Event,
-    ExecutionError,
-    Failed,
-    FileCited,
-    Image,
-    Logs,
-    Notice,
-    TextDelta,
-    TextDone,
-    TurnStarted,
-    Usage,
-)
 from tests.servers.chat_server import (
     QUICKSTART_PROMPT,
     CallStyle,
@@ -52,7 +35,7 @@ from tests.servers.chat_server import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-Answer = Callable[[str, str], Sequence[Event | Exception]]
+Answer = Callable[[str, str], Sequence[events.Event | Exception]]
 StartServer = Callable[..., ChatServer]  # the chat_server fixture
 
 
@@ -60,29 +43,29 @@ class FakeSandbox:
     """Stands in for the kernel: records each code it runs and answers with ``answer(code, call_id)``."""
 
     def __init__(self, answer: Answer | None = None) -> None:
-        self.answer = answer or (lambda code, call_id: [Logs(call_id, "ok\n", "stdout")])
+        self.answer = answer or (lambda code, call_id: [events.Logs(call_id, "ok\n", "stdout")])
         self.ran: list[str] = []
 
-    async def execute(self, code: str, call_id: str) -> AsyncIterator[Event]:
+    async def execute(self, code: str, call_id: str) -> AsyncIterator[events.Event]:
         self.ran.append(code)
-        yield CallStatus(call_id, "running")
+        yield events.CallStatus(call_id, "running")
         failed = False
         for item in self.answer(code, call_id):
             if isinstance(item, Exception):
                 raise item
-            failed = failed or isinstance(item, ExecutionError)
+            failed = failed or isinstance(item, events.ExecutionError)
             yield item
-        yield CallStatus(call_id, "failed" if failed else "completed")
+        yield events.CallStatus(call_id, "failed" if failed else "completed")
 
 
-def quickstart_sandbox(code: str, call_id: str) -> list[Event]:
+def quickstart_sandbox(code: str, call_id: str) -> list[events.Event]:
     """What the quickstart's three steps print in a real kernel."""
     if "step: plot" in code:
-        return [Image(call_id, b"\x89PNG fake")]
+        return [events.Image(call_id, b"\x89PNG fake")]
     if "step: save" in code:
-        saved = FileCited("ctr_1", "f_1", "squares.csv")
-        return [Logs(call_id, "saved 100 rows to squares.csv\n", "stdout"), saved]
-    return [Logs(call_id, "      n  square\n99  100   10000\n", "stdout")]
+        saved = events.FileCited("ctr_1", "f_1", "squares.csv")
+        return [events.Logs(call_id, "saved 100 rows to squares.csv\n", "stdout"), saved]
+    return [events.Logs(call_id, "      n  square\n99  100   10000\n", "stdout")]
 
 
 def make_request(prompt: str, conversation: Conversation | None = None, **fields: Any) -> TurnRequest:
@@ -100,32 +83,32 @@ def run_turn(
     *,
     max_retries: int = 0,
     api_key: str = "sk-test",
-    stop_when: Callable[[Event], bool] | None = None,
+    stop_when: Callable[[events.Event], bool] | None = None,
     **loop_options: Any,
-) -> tuple[list[Event], BaseException | None]:
+) -> tuple[list[events.Event], BaseException | None]:
     """Run one turn through a real AsyncOpenAI client; return its events and the error it raised."""
     base_url = server if isinstance(server, str) else server.base_url
 
-    async def go() -> tuple[list[Event], BaseException | None]:
-        events: list[Event] = []
+    async def go() -> tuple[list[events.Event], BaseException | None]:
+        collected: list[events.Event] = []
         async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries) as client:
             options = {"model": "scripted-model", **loop_options}
             turn = ChatModelLoop(client, **options).run(request, sandbox.execute)
             try:
                 async for event in turn:
-                    events.append(event)
+                    collected.append(event)
                     if stop_when is not None and stop_when(event):
                         await turn.aclose()  # type: ignore[attr-defined]  # what the bridge does on an interrupt
                         break
             except Exception as err:
-                return events, err
-        return events, None
+                return collected, err
+        return collected, None
 
     return asyncio.run(go())
 
 
-def of_type(events: list[Event], kind: type) -> list[Any]:
-    return [e for e in events if isinstance(e, kind)]
+def of_type(collected: list[events.Event], kind: type) -> list[Any]:
+    return [e for e in collected if isinstance(e, kind)]
 
 
 def roles(messages: list[dict[str, Any]]) -> list[str]:
@@ -141,30 +124,32 @@ def test_quickstart_turn_streams_code_runs_it_and_links_the_csv(chat_server: Sta
     conversation = Conversation()
     request = make_request(QUICKSTART_PROMPT, conversation, extra_headers={"X-Team": "analytics"})
 
-    events, error = run_turn(server, request, sandbox)
+    collected, error = run_turn(server, request, sandbox)
 
     assert error is None
-    assert isinstance(events[0], TurnStarted) and events[0].model == "scripted-model"
-    assert isinstance(events[-1], Completed) and events[-1].response_id is None
-    assert events[-1].container_id == "ctr_1"
+    assert isinstance(collected[0], events.TurnStarted) and collected[0].model == "scripted-model"
+    assert isinstance(collected[-1], events.Completed) and collected[-1].response_id is None
+    assert collected[-1].container_id == "ctr_1"
     # Usage is summed over the four model steps, exactly as the server reported it.
     reported = [
-        Usage(u["prompt_tokens"], u["completion_tokens"], u["total_tokens"]) for u in server.usage_sent
+        events.Usage(u["prompt_tokens"], u["completion_tokens"], u["total_tokens"]) for u in server.usage_sent
     ]
     assert len(reported) == 4
-    assert events[-1].usage == sum(reported, Usage())
+    assert collected[-1].usage == sum(reported, events.Usage())
 
     # Each call's code streams in many small deltas that add up to the code that ran.
-    done = of_type(events, CodeDone)
+    done = of_type(collected, events.CodeDone)
     assert [d.code for d in done] == sandbox.ran
     assert [code.splitlines()[0] for code in sandbox.ran] == ["# step: table", "# step: plot", "# step: save"]
     for call in done:
-        deltas = [e.delta for e in events if isinstance(e, CodeDelta) and e.call_id == call.call_id]
+        deltas = [e.delta for e in collected if isinstance(e, events.CodeDelta) and e.call_id == call.call_id]
         assert len(deltas) > 5
         assert "".join(deltas) == call.code
-        started = events.index(next(e for e in of_type(events, CallStarted) if e.call_id == call.call_id))
-        assert started < events.index(call)
-    assert of_type(events, TextDone)[-1].text.endswith("(sandbox:/mnt/data/squares.csv)")
+        started = collected.index(
+            next(e for e in of_type(collected, events.CallStarted) if e.call_id == call.call_id)
+        )
+        assert started < collected.index(call)
+    assert of_type(collected, events.TextDone)[-1].text.endswith("(sandbox:/mnt/data/squares.csv)")
 
     # The model was told what each step printed before choosing the next one.
     chat = server.chat_requests
@@ -194,17 +179,17 @@ def test_a_kernel_that_lost_the_table_makes_the_model_rebuild_it(chat_server: St
     server = chat_server(quickstart)
     plots: list[str] = []
 
-    def answer(code: str, call_id: str) -> list[Event]:
+    def answer(code: str, call_id: str) -> list[events.Event]:
         if "step: plot" in code and not plots:
             plots.append(code)
             lost = "name 'df' is not defined"
-            return [ExecutionError(call_id, "NameError", lost, "\x1b[0;31mNameError\x1b[0m")]
+            return [events.ExecutionError(call_id, "NameError", lost, "\x1b[0;31mNameError\x1b[0m")]
         return quickstart_sandbox(code, call_id)
 
     sandbox = FakeSandbox(answer)
-    events, error = run_turn(server, make_request(QUICKSTART_PROMPT), sandbox)
+    collected, error = run_turn(server, make_request(QUICKSTART_PROMPT), sandbox)
 
-    assert error is None and isinstance(events[-1], Completed)
+    assert error is None and isinstance(collected[-1], events.Completed)
     steps = [code.splitlines()[0] for code in sandbox.ran]
     assert steps == ["# step: table", "# step: plot", "# step: table", "# step: plot", "# step: save"]
     # The model saw the error without terminal colour codes.
@@ -226,22 +211,24 @@ def test_the_model_reads_its_traceback_and_fixes_the_code(chat_server: StartServ
 
     server = chat_server(model)
 
-    def answer(code: str, call_id: str) -> list[Event]:
+    def answer(code: str, call_id: str) -> list[events.Event]:
         if "totl" in code:
             traceback = "Traceback (most recent call last):\n  Cell In[1], line 1\n\x1b[1;31mNameError\x1b[0m"
-            return [ExecutionError(call_id, "NameError", "name 'totl' is not defined", traceback)]
-        return [Logs(call_id, "3\n", "stdout")]
+            return [events.ExecutionError(call_id, "NameError", "name 'totl' is not defined", traceback)]
+        return [events.Logs(call_id, "3\n", "stdout")]
 
     sandbox = FakeSandbox(answer)
-    events, error = run_turn(server, make_request("What is the total?"), sandbox)
+    collected, error = run_turn(server, make_request("What is the total?"), sandbox)
 
     assert error is None
     assert sandbox.ran == ["print(totl)", "total = 3\nprint(total)"]
-    assert of_type(events, TextDone)[-1].text == "The total is 3."
+    assert of_type(collected, events.TextDone)[-1].text == "The total is 3."
     told = server.chat_requests[1].messages[-1]["content"]
     assert told.startswith("error: NameError: name 'totl' is not defined\nTraceback (most recent call last):")
     assert "\x1b" not in told
-    assert of_type(events, CallStatus)[1] == CallStatus(of_type(events, CodeDone)[0].call_id, "failed")
+    assert of_type(collected, events.CallStatus)[1] == events.CallStatus(
+        of_type(collected, events.CodeDone)[0].call_id, "failed"
+    )
 
 
 def test_a_sandbox_failure_goes_to_the_model_once_and_ends_the_turn_the_second_time(
@@ -252,12 +239,12 @@ def test_a_sandbox_failure_goes_to_the_model_once_and_ends_the_turn_the_second_t
     sandbox = FakeSandbox(lambda code, call_id: [timeout])
     conversation = Conversation()
 
-    events, error = run_turn(server, make_request("Wait forever", conversation), sandbox)
+    collected, error = run_turn(server, make_request("Wait forever", conversation), sandbox)
 
     assert isinstance(error, SandboxError)
     assert len(sandbox.ran) == 2
     assert "ran longer than 120 s" in server.chat_requests[1].messages[-1]["content"]
-    assert any(isinstance(e, Notice) and "sandbox failed" in e.text for e in events)
+    assert any(isinstance(e, events.Notice) and "sandbox failed" in e.text for e in collected)
     # Only the step that was answered is history: no tool call is left without its reply.
     assert roles(conversation.messages) == ["user", "assistant", "tool"]
 
@@ -270,12 +257,12 @@ def test_escapes_and_emoji_in_code_stream_exactly(chat_server: StartServer) -> N
     server = chat_server([Reply.calls(code), "Done."], ensure_ascii=True, seed=7)
     sandbox = FakeSandbox()
 
-    events, error = run_turn(server, make_request("Print a label"), sandbox)
+    collected, error = run_turn(server, make_request("Print a label"), sandbox)
 
     assert error is None
     assert sandbox.ran == [code]
-    assert "".join(e.delta for e in of_type(events, CodeDelta)) == code
-    assert len(of_type(events, CodeDelta)) > 10
+    assert "".join(e.delta for e in of_type(collected, events.CodeDelta)) == code
+    assert len(of_type(collected, events.CodeDelta)) > 10
 
 
 def test_two_tool_calls_in_one_message_run_in_order(chat_server: StartServer) -> None:
@@ -283,18 +270,18 @@ def test_two_tool_calls_in_one_message_run_in_order(chat_server: StartServer) ->
     sandbox = FakeSandbox()
     conversation = Conversation()
 
-    events, error = run_turn(server, make_request("Add one", conversation), sandbox)
+    collected, error = run_turn(server, make_request("Add one", conversation), sandbox)
 
     assert error is None
     assert sandbox.ran == ["a = 1", "print(a + 1)"]
-    first, second = of_type(events, CallStarted)
+    first, second = of_type(collected, events.CallStarted)
     assert first.call_id != second.call_id
     assistant = conversation.messages[1]
     assert assistant["content"] == "Two steps."
     assert [c["id"] for c in assistant["tool_calls"]] == [first.call_id, second.call_id]
     assert [m.get("tool_call_id") for m in conversation.messages[2:4]] == [first.call_id, second.call_id]
     # The intro text closes before the code starts, so text and code alternate on screen.
-    assert events.index(of_type(events, TextDone)[0]) < events.index(first)
+    assert collected.index(of_type(collected, events.TextDone)[0]) < collected.index(first)
 
 
 def test_plain_code_as_arguments_runs_and_is_stored_as_json(chat_server: StartServer) -> None:
@@ -318,31 +305,31 @@ def test_malformed_arguments_are_explained_to_the_model_not_run(chat_server: Sta
     server = chat_server([Reply(tool_calls=(broken,)), Reply.calls("print(1)"), "It printed 1."])
     sandbox = FakeSandbox()
 
-    events, error = run_turn(server, make_request("Print one"), sandbox)
+    collected, error = run_turn(server, make_request("Print one"), sandbox)
 
     assert error is None
     assert sandbox.ran == ["print(1)"]
     assert "not valid JSON" in server.chat_requests[1].messages[-1]["content"]
-    first_call = of_type(events, CallStarted)[0].call_id
-    assert CallStatus(first_call, "failed") in events
+    first_call = of_type(collected, events.CallStarted)[0].call_id
+    assert events.CallStatus(first_call, "failed") in collected
 
 
 def test_a_call_to_an_unknown_tool_is_refused(chat_server: StartServer) -> None:
     server = chat_server([Reply(tool_calls=(ToolCall("ls -la", name="bash"),)), "Sorry, no shell."])
     sandbox = FakeSandbox()
 
-    events, error = run_turn(server, make_request("List files"), sandbox)
+    collected, error = run_turn(server, make_request("List files"), sandbox)
 
     assert error is None and sandbox.ran == []
-    assert of_type(events, CallStarted) == []
+    assert of_type(collected, events.CallStarted) == []
     assert "no tool named 'bash'" in server.chat_requests[1].messages[-1]["content"]
-    assert any("unknown tool 'bash'" in n.text for n in of_type(events, Notice))
+    assert any("unknown tool 'bash'" in n.text for n in of_type(collected, events.Notice))
 
 
 def test_long_output_is_cut_to_the_budget_keeping_head_and_tail(chat_server: StartServer) -> None:
     server = chat_server([Reply.calls("for i in range(10**4): print(i)"), "Lots of numbers."])
     printed = "".join(f"{i}\n" for i in range(10**4))
-    sandbox = FakeSandbox(lambda code, call_id: [Logs(call_id, printed, "stdout")])
+    sandbox = FakeSandbox(lambda code, call_id: [events.Logs(call_id, printed, "stdout")])
 
     _, error = run_turn(server, make_request("Count"), sandbox, output_budget=1000)
 
@@ -362,12 +349,12 @@ def test_the_step_cap_stops_a_model_that_never_answers(chat_server: StartServer)
     sandbox = FakeSandbox()
     conversation = Conversation()
 
-    events, error = run_turn(server, make_request("Loop", conversation), sandbox, max_steps=3)
+    collected, error = run_turn(server, make_request("Loop", conversation), sandbox, max_steps=3)
 
     assert error is None
     assert len(server.chat_requests) == 3 and len(sandbox.ran) == 3
-    failed = events[-1]
-    assert isinstance(failed, Failed) and failed.kind == "limit"
+    failed = collected[-1]
+    assert isinstance(failed, events.Failed) and failed.kind == "limit"
     assert "3 model steps" in failed.message
     assert "%config CodeInterpreter.max_steps = 20" in failed.message
     assert roles(conversation.messages) == ["user", *["assistant", "tool"] * 3]
@@ -413,13 +400,13 @@ def test_an_interrupted_turn_keeps_only_whole_steps(chat_server: StartServer) ->
     conversation = Conversation()
     sandbox = FakeSandbox()
 
-    def second_call_running(event: Event) -> bool:
-        return isinstance(event, CallStatus) and event.status == "running" and len(sandbox.ran) == 2
+    def second_call_running(event: events.Event) -> bool:
+        return isinstance(event, events.CallStatus) and event.status == "running" and len(sandbox.ran) == 2
 
     request = make_request("Two cells", conversation)
-    events, error = run_turn(server, request, sandbox, stop_when=second_call_running)
+    collected, error = run_turn(server, request, sandbox, stop_when=second_call_running)
 
-    assert error is None and not isinstance(events[-1], Completed)
+    assert error is None and not isinstance(collected[-1], events.Completed)
     assert roles(conversation.messages) == ["user", "assistant", "tool"]
     # The server accepts that history: the next cell works.
     _, error = run_turn(server, make_request("Go on", conversation), sandbox)
@@ -433,13 +420,15 @@ def test_a_wrong_api_key_is_reported_in_the_servers_words(chat_server: StartServ
     server = chat_server(["never sent"], api_key="sk-right-key")
     conversation = Conversation()
 
-    events, error = run_turn(server, make_request("Hi", conversation), FakeSandbox(), api_key="sk-wrong-key")
+    collected, error = run_turn(
+        server, make_request("Hi", conversation), FakeSandbox(), api_key="sk-wrong-key"
+    )
 
     assert isinstance(error, BackendError) and error.status_code == 401
     assert "Incorrect API key provided: sk-***ey." in error.message
     assert "CodeInterpreter.model_api_key" in error.message
     assert server.base_url in error.message
-    assert events == [] and conversation.messages == []
+    assert collected == [] and conversation.messages == []
 
 
 def test_an_unknown_model_is_reported_with_what_to_check(chat_server: StartServer) -> None:
@@ -455,11 +444,11 @@ def test_an_unknown_model_is_reported_with_what_to_check(chat_server: StartServe
 def test_a_server_error_is_retried_by_the_sdk(chat_server: StartServer) -> None:
     server = chat_server([Fault(500), "Recovered."])
 
-    events, error = run_turn(server, make_request("Hi"), FakeSandbox(), max_retries=2)
+    collected, error = run_turn(server, make_request("Hi"), FakeSandbox(), max_retries=2)
 
     assert error is None
     assert len(server.chat_requests) == 2
-    assert of_type(events, TextDone)[-1].text == "Recovered."
+    assert of_type(collected, events.TextDone)[-1].text == "Recovered."
 
 
 def test_a_server_error_that_persists_names_the_status_and_message(chat_server: StartServer) -> None:
@@ -489,10 +478,10 @@ def test_a_stream_cut_midway_keeps_what_arrived(chat_server: StartServer, clean:
     server = chat_server([Cut(reply, after_chunks=4, clean=clean)])
     conversation = Conversation()
 
-    events, error = run_turn(server, make_request("Talk", conversation), FakeSandbox())
+    collected, error = run_turn(server, make_request("Talk", conversation), FakeSandbox())
 
     assert isinstance(error, StreamError)
-    assert "".join(e.delta for e in of_type(events, TextDelta)) == "The first words "
+    assert "".join(e.delta for e in of_type(collected, events.TextDelta)) == "The first words "
     assert conversation.messages == []
 
 
@@ -501,14 +490,14 @@ def test_code_cut_off_midway_is_marked_incomplete_and_never_runs(chat_server: St
     server = chat_server([Cut(Reply.calls(code), after_chunks=8)])
     sandbox = FakeSandbox()
 
-    events, error = run_turn(server, make_request("Make a frame"), sandbox)
+    collected, error = run_turn(server, make_request("Make a frame"), sandbox)
 
     assert isinstance(error, StreamError)
-    call = of_type(events, CallStarted)[0].call_id
-    shown = "".join(e.delta for e in of_type(events, CodeDelta))
+    call = of_type(collected, events.CallStarted)[0].call_id
+    shown = "".join(e.delta for e in of_type(collected, events.CodeDelta))
     assert shown and code.startswith(shown) and shown != code
-    assert events[-1] == CallStatus(call, "incomplete")
-    assert sandbox.ran == [] and of_type(events, CodeDone) == []
+    assert collected[-1] == events.CallStatus(call, "incomplete")
+    assert sandbox.ran == [] and of_type(collected, events.CodeDone) == []
 
 
 # -- choosing the model -----------------------------------------------------------------------------
@@ -517,11 +506,11 @@ def test_code_cut_off_midway_is_marked_incomplete_and_never_runs(chat_server: St
 def test_with_no_model_configured_the_servers_only_model_is_used(chat_server: StartServer) -> None:
     server = chat_server(["Hi from qwen."], models=["qwen2.5-coder"])
 
-    events, error = run_turn(server, make_request("Hi", model=""), FakeSandbox(), model="")
+    collected, error = run_turn(server, make_request("Hi", model=""), FakeSandbox(), model="")
 
     assert error is None
     assert server.chat_requests[0].body["model"] == "qwen2.5-coder"
-    assert isinstance(events[0], TurnStarted) and events[0].model == "qwen2.5-coder"
+    assert isinstance(collected[0], events.TurnStarted) and collected[0].model == "qwen2.5-coder"
 
 
 def test_with_no_model_configured_and_several_served_the_user_must_choose(
@@ -717,19 +706,24 @@ def test_the_server_is_listed_once_per_backend_not_every_cell(chat_server: Start
 def test_code_written_in_a_python_fence_runs_as_a_call(chat_server: StartServer) -> None:
     fenced = "Here is the code:\n```python\nprint(sum(i * i for i in range(1, 11)))\n```\nThis prints 999."
     server = chat_server([fenced, "The sum of squares is 385."])
-    sandbox = FakeSandbox(lambda code, call_id: [Logs(call_id, "385\n", "stdout")])
+    sandbox = FakeSandbox(lambda code, call_id: [events.Logs(call_id, "385\n", "stdout")])
     conversation = Conversation()
 
-    events, error = run_turn(server, make_request("Sum of squares", conversation), sandbox)
+    collected, error = run_turn(server, make_request("Sum of squares", conversation), sandbox)
 
     assert error is None
     assert sandbox.ran == ["print(sum(i * i for i in range(1, 11)))"]
-    call = of_type(events, CallStarted)[0].call_id
-    assert "".join(e.delta for e in of_type(events, CodeDelta) if e.call_id == call) == sandbox.ran[0]
-    assert any("wrote its code as text" in n.text and "```python" in n.text for n in of_type(events, Notice))
+    call = of_type(collected, events.CallStarted)[0].call_id
+    assert (
+        "".join(e.delta for e in of_type(collected, events.CodeDelta) if e.call_id == call) == sandbox.ran[0]
+    )
+    assert any(
+        "wrote its code as text" in n.text and "```python" in n.text
+        for n in of_type(collected, events.Notice)
+    )
     # The invented output after the block is neither shown as the answer nor kept.
-    assert "999" not in "".join(e.delta for e in of_type(events, TextDelta))
-    assert of_type(events, TextDone)[-1].text == "The sum of squares is 385."
+    assert "999" not in "".join(e.delta for e in of_type(collected, events.TextDelta))
+    assert of_type(collected, events.TextDone)[-1].text == "The sum of squares is 385."
     # The model reads the result the way it wrote the call: as text, after its own block.
     told = server.chat_requests[1].messages
     assert told[-2] == {"role": "assistant", "content": fenced.split("\nThis prints")[0]}
@@ -740,12 +734,12 @@ def test_code_written_in_a_python_fence_runs_as_a_call(chat_server: StartServer)
 def test_a_hermes_tool_call_in_the_text_runs_and_gets_a_tool_response(chat_server: StartServer) -> None:
     hermes = '<tool_call>\n{"name": "python", "arguments": {"code": "print(6 * 7)"}}\n</tool_call>'
     server = chat_server([hermes, "It is 42."])
-    sandbox = FakeSandbox(lambda code, call_id: [Logs(call_id, "42\n", "stdout")])
+    sandbox = FakeSandbox(lambda code, call_id: [events.Logs(call_id, "42\n", "stdout")])
 
-    events, error = run_turn(server, make_request("Six times seven"), sandbox)
+    collected, error = run_turn(server, make_request("Six times seven"), sandbox)
 
     assert error is None and sandbox.ran == ["print(6 * 7)"]
-    assert any("<tool_call>" in n.text for n in of_type(events, Notice))
+    assert any("<tool_call>" in n.text for n in of_type(collected, events.Notice))
     assert server.chat_requests[1].messages[-1] == {
         "role": "user",
         "content": "<tool_response>\nstdout:\n42\n</tool_response>",
@@ -756,9 +750,9 @@ def test_with_text_tool_calls_off_a_fence_is_just_the_answer(chat_server: StartS
     server = chat_server(["```python\nprint(1)\n```"])
     sandbox = FakeSandbox()
 
-    events, error = run_turn(server, make_request("Show code"), sandbox, text_tool_calls=False)
+    collected, error = run_turn(server, make_request("Show code"), sandbox, text_tool_calls=False)
 
-    assert error is None and sandbox.ran == [] and isinstance(events[-1], Completed)
+    assert error is None and sandbox.ran == [] and isinstance(collected[-1], events.Completed)
 
 
 def test_a_server_without_tools_is_asked_for_code_blocks_instead(chat_server: StartServer) -> None:
@@ -766,13 +760,13 @@ def test_a_server_without_tools_is_asked_for_code_blocks_instead(chat_server: St
     server = chat_server([no_tools, "```python\nprint(2 + 2)\n```", "Four."])
     sandbox = FakeSandbox()
 
-    events, error = run_turn(server, make_request("Add"), sandbox)
+    collected, error = run_turn(server, make_request("Add"), sandbox)
 
     assert error is None and sandbox.ran == ["print(2 + 2)"]
     retry = server.chat_requests[1].body
     assert "tools" not in retry and "tool_choice" not in retry
     assert "```python block" in retry["messages"][0]["content"]
-    assert any("does not take tools" in n.text for n in of_type(events, Notice))
+    assert any("does not take tools" in n.text for n in of_type(collected, events.Notice))
 
 
 def test_old_turns_are_left_out_to_fit_the_context(chat_server: StartServer) -> None:
@@ -798,7 +792,7 @@ def test_old_turns_are_left_out_to_fit_the_context(chat_server: StartServer) -> 
 
 def test_long_tool_outputs_are_cut_to_fit_a_small_context(chat_server: StartServer) -> None:
     server = chat_server([Reply.calls("print('x' * 50000)"), "Lots of x."], listing=LLAMA_SERVER_LISTING)
-    sandbox = FakeSandbox(lambda code, call_id: [Logs(call_id, "x" * 50000 + "\n", "stdout")])
+    sandbox = FakeSandbox(lambda code, call_id: [events.Logs(call_id, "x" * 50000 + "\n", "stdout")])
 
     run_turn(server, make_request("Print"), sandbox)
 
@@ -815,9 +809,9 @@ def test_a_context_overflow_is_trimmed_and_sent_once_more(chat_server: StartServ
         {"role": "assistant", "content": "word " * 3000},
     ]
 
-    events, error = run_turn(server, make_request("Now", conversation), FakeSandbox())
+    collected, error = run_turn(server, make_request("Now", conversation), FakeSandbox())
 
-    assert error is None and isinstance(events[-1], Completed)
+    assert error is None and isinstance(collected[-1], events.Completed)
     first, retry = server.chat_requests
     assert len(json.dumps(retry.messages)) < len(json.dumps(first.messages))
     assert retry.messages[-1]["content"] == "Now"
@@ -839,19 +833,19 @@ def test_a_prompt_too_long_for_the_context_names_its_size(chat_server: StartServ
 def test_an_empty_answer_says_so(chat_server: StartServer) -> None:
     server = chat_server([""])
 
-    events, error = run_turn(server, make_request("Say nothing"), FakeSandbox())
+    collected, error = run_turn(server, make_request("Say nothing"), FakeSandbox())
 
-    assert error is None and isinstance(events[-1], Completed)
-    assert any("empty answer" in n.text for n in of_type(events, Notice))
+    assert error is None and isinstance(collected[-1], events.Completed)
+    assert any("empty answer" in n.text for n in of_type(collected, events.Notice))
 
 
 def test_invalid_json_arguments_show_the_user_why_the_call_did_not_run(chat_server: StartServer) -> None:
     broken = ToolCall(arguments='{"code": "print(1)')
     server = chat_server([Reply(tool_calls=(broken,)), "Sorry."])
 
-    events, _ = run_turn(server, make_request("Print one"), FakeSandbox())
+    collected, _ = run_turn(server, make_request("Print one"), FakeSandbox())
 
-    shown = [n.text for n in of_type(events, Notice)]
+    shown = [n.text for n in of_type(collected, events.Notice)]
     assert any("not valid JSON" in text and "Unterminated string" in text for text in shown)
 
 
@@ -867,15 +861,14 @@ def test_an_empty_200_body_says_the_server_failed(chat_server: StartServer) -> N
 
 @pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
 def test_reasoning_streams_as_thinking(chat_server: StartServer, field: str) -> None:
-    from ci_magic.events import ThinkingDelta
 
     server = chat_server([Reply(text="It is 4.", reasoning="Two plus two is four.", reasoning_field=field)])
 
-    events, error = run_turn(server, make_request("2 + 2?"), FakeSandbox())
+    collected, error = run_turn(server, make_request("2 + 2?"), FakeSandbox())
 
     assert error is None
-    assert "".join(e.delta for e in of_type(events, ThinkingDelta)) == "Two plus two is four."
-    assert of_type(events, TextDone)[-1].text == "It is 4."
+    assert "".join(e.delta for e in of_type(collected, events.ThinkingDelta)) == "Two plus two is four."
+    assert of_type(collected, events.TextDone)[-1].text == "It is 4."
 
 
 @pytest.mark.parametrize("style", ["whole", "no_index", "repeat_id"])
@@ -887,11 +880,11 @@ def test_documented_call_shapes_run_each_call_once(chat_server: StartServer, sty
     sandbox = FakeSandbox()
     conversation = Conversation()
 
-    events, error = run_turn(server, make_request("Two", conversation), sandbox)
+    collected, error = run_turn(server, make_request("Two", conversation), sandbox)
 
     assert error is None
     assert sandbox.ran == ["a = 1", "print(a + 1)"]
-    assert len(of_type(events, CallStarted)) == 2
+    assert len(of_type(collected, events.CallStarted)) == 2
     assert [len(m.get("tool_calls") or ()) for m in conversation.messages if m["role"] == "assistant"] == [
         2,
         0,
@@ -902,12 +895,12 @@ def test_a_python_block_cut_off_by_max_tokens_never_runs(chat_server: StartServe
     server = chat_server([Reply(text="```python\nfor i in range(10):\n    print(i", finish_reason="length")])
     sandbox = FakeSandbox()
 
-    events, error = run_turn(server, make_request("Count"), sandbox, max_tokens=12)
+    collected, error = run_turn(server, make_request("Count"), sandbox, max_tokens=12)
 
     assert error is None and sandbox.ran == []
-    call = of_type(events, CallStarted)[0].call_id
-    assert CallStatus(call, "incomplete") in events
-    assert any("max_tokens (12 tokens)" in n.text for n in of_type(events, Notice))
+    call = of_type(collected, events.CallStarted)[0].call_id
+    assert events.CallStatus(call, "incomplete") in collected
+    assert any("max_tokens (12 tokens)" in n.text for n in of_type(collected, events.Notice))
     assert server.chat_requests[0].body["max_tokens"] == 12
 
 
@@ -917,11 +910,11 @@ def test_a_reasoning_model_s_thinking_is_shown_collapsed(chat_server: StartServe
 
     thought = "The user wants 2 + 2 <b>four</b>."
     server = chat_server([Reply(text="It is 4.", reasoning=thought, reasoning_field="reasoning")])
-    events, _ = run_turn(server, make_request("2 + 2?"), FakeSandbox())
+    collected, _ = run_turn(server, make_request("2 + 2?"), FakeSandbox())
     frontend = RecordingFrontend(FakeClock())
     view = TurnView(frontend, clock=frontend.clock)  # type: ignore[arg-type]
 
-    for event in events:
+    for event in collected:
         view.handle(event)
     view.finish()
 
@@ -965,11 +958,11 @@ def test_an_answer_quoting_code_that_already_ran_does_not_run_it_again(chat_serv
     sandbox = FakeSandbox()
     conversation = Conversation()
 
-    events, error = run_turn(server, make_request("Set x", conversation), sandbox)
+    collected, error = run_turn(server, make_request("Set x", conversation), sandbox)
 
-    assert error is None and isinstance(events[-1], Completed)
+    assert error is None and isinstance(collected[-1], events.Completed)
     assert sandbox.ran == ["x = 1"]
-    assert any("already ran" in n.text for n in of_type(events, Notice))
+    assert any("already ran" in n.text for n in of_type(collected, events.Notice))
     assert conversation.messages[-1] == {
         "role": "assistant",
         "content": "I set x with:\n```python\nx = 1\n```",
