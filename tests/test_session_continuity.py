@@ -11,18 +11,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from ci_magic import events
 from ci_magic.backends.base import TurnRequest
 from ci_magic.errors import BackendError
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDone,
-    Completed,
-    Event,
-    TextDelta,
-    TextDone,
-    TurnStarted,
-)
 from ci_magic.session import TurnOptions
 from ci_magic.transcript import Transcript
 from ci_magic.variables.registry import PushRequest
@@ -34,15 +25,15 @@ def answer(text: str, *, response_id: str = "resp_1", chained_to: list[str | Non
     """The model answers ``text``; like OpenAI, the conversation is chained to ``response_id``.
     ``chained_to`` records the ``previous_response_id`` the request was sent with."""
 
-    async def script(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+    async def script(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[events.Event]:
         backend._usable(request.container_id)  # a real backend fails on a container that is gone
         if chained_to is not None:
             chained_to.append(request.conversation.previous_response_id)
-        yield TurnStarted(response_id, "fake-model")
-        yield TextDelta(text)
-        yield TextDone(text)
+        yield events.TurnStarted(response_id, "fake-model")
+        yield events.TextDelta(text)
+        yield events.TextDone(text)
         request.conversation.previous_response_id = response_id
-        yield Completed(response_id, request.container_id)
+        yield events.Completed(response_id, request.container_id)
 
     return script
 
@@ -50,19 +41,19 @@ def answer(text: str, *, response_id: str = "resp_1", chained_to: list[str | Non
 def runs_code(ran: list[TurnRequest]):
     """The sandbox runs the request's code (a %%ci_exec cell, or a restore's block) and it succeeds."""
 
-    async def script(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+    async def script(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[events.Event]:
         backend._usable(request.container_id)
         ran.append(request)
-        yield CallStarted("call_1", request.container_id)
-        yield CodeDone("call_1", request.exec_code or "")
-        yield CallStatus("call_1", "completed")
-        yield Completed(container_id=request.container_id)
+        yield events.CallStarted("call_1", request.container_id)
+        yield events.CodeDone("call_1", request.exec_code or "")
+        yield events.CallStatus("call_1", "completed")
+        yield events.Completed(container_id=request.container_id)
 
     return script
 
 
 def refused(message: str):
-    async def script(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[Event]:
+    async def script(request: TurnRequest, backend: FakeBackend) -> AsyncIterator[events.Event]:
         raise BackendError(message, status_code=400)
         yield  # an async generator that fails before its first event, as the SDK's request does
 
