@@ -25,18 +25,7 @@ from typing import Any
 
 import pytest
 
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDone,
-    Completed,
-    Event,
-    Image,
-    Logs,
-    RichOutput,
-    TextDelta,
-    TextDone,
-)
+from ci_magic import events
 from ci_magic.render.files import file_bundle
 from ci_magic.render.live import TurnView
 from ci_magic.render.safe_html import outgoing_bundle
@@ -192,12 +181,12 @@ def assert_no_untrusted_markdown(bundle: dict[str, Any], where: str) -> None:
 
 
 def render(
-    events: list[Event], tmp_path: Path, files: tuple[SavedFile, ...] | list[SavedFile] = ()
+    collected: list[events.Event], tmp_path: Path, files: tuple[SavedFile, ...] | list[SavedFile] = ()
 ) -> RecordingFrontend:
     clock = FakeClock()
     frontend = RecordingFrontend(clock)
     view = TurnView(frontend, clock=clock)
-    result = play([*events, Completed()], view, clock)
+    result = play([*collected, events.Completed()], view, clock)
     result.files = list(files)
     view.finish(result, link_base=tmp_path)
     return frontend
@@ -216,8 +205,13 @@ def check_page(frontend: RecordingFrontend, where: str) -> None:
                 assert_final_html_is_clean(outgoing_bundle(bundle)["text/html"], where)
 
 
-def sandbox_call(*outputs: Event) -> list[Event]:
-    return [CallStarted("c1"), CodeDone("c1", "display(payload)"), CallStatus("c1", "running"), *outputs]
+def sandbox_call(*outputs: events.Event) -> list[events.Event]:
+    return [
+        events.CallStarted("c1"),
+        events.CodeDone("c1", "display(payload)"),
+        events.CallStatus("c1", "running"),
+        *outputs,
+    ]
 
 
 @pytest.mark.parametrize("name", PAYLOAD_IDS)
@@ -225,16 +219,16 @@ def test_a_sandbox_markdown_display_reaches_the_page_only_as_html_we_rendered(
     name: str, tmp_path: Path
 ) -> None:
     payload = MARKDOWN_PAYLOADS[name]
-    events = sandbox_call(
-        RichOutput("c1", {"text/markdown": payload, "text/plain": "md"}),
+    collected = sandbox_call(
+        events.RichOutput("c1", {"text/markdown": payload, "text/plain": "md"}),
         # HTML that sanitizes to nothing: the Markdown copy must not take its place as Markdown.
-        RichOutput("c1", {"text/html": "<script>window.__pwned=1</script>", "text/markdown": payload}),
-        RichOutput("c1", {"text/html": payload, "text/markdown": payload, "text/plain": "both"}),
-        RichOutput("c1", {"text/markdown": "## progress 1", "text/plain": "p"}, display_id="d"),
-        RichOutput("c1", {"text/markdown": payload, "text/plain": "p"}, display_id="d", update=True),
-        Logs("c1", payload, "stdout"),
+        events.RichOutput("c1", {"text/html": "<script>window.__pwned=1</script>", "text/markdown": payload}),
+        events.RichOutput("c1", {"text/html": payload, "text/markdown": payload, "text/plain": "both"}),
+        events.RichOutput("c1", {"text/markdown": "## progress 1", "text/plain": "p"}, display_id="d"),
+        events.RichOutput("c1", {"text/markdown": payload, "text/plain": "p"}, display_id="d", update=True),
+        events.Logs("c1", payload, "stdout"),
     )
-    frontend = render(events, tmp_path)
+    frontend = render(collected, tmp_path)
     check_page(frontend, name)
     shown = [b for b in frontend.bundles() if b.get("text/plain") == "md"]
     assert shown and "text/html" in shown[0], "a Markdown display is still shown, as HTML we rendered"
@@ -244,8 +238,10 @@ def test_a_sandbox_markdown_display_reaches_the_page_only_as_html_we_rendered(
 def test_the_models_answer_cannot_carry_markup_into_the_notebook(name: str, tmp_path: Path) -> None:
     link = "Saved [report.csv](sandbox:/mnt/data/report.csv)."
     answer = f"Here is the summary.\n\n{MARKDOWN_PAYLOADS[name]}\n\n{link}"
-    events: list[Event] = [TextDelta(piece) for piece in chunked(answer, 5)] + [TextDone(answer)]
-    frontend = render(events, tmp_path)
+    collected: list[events.Event] = [events.TextDelta(piece) for piece in chunked(answer, 5)] + [
+        events.TextDone(answer)
+    ]
+    frontend = render(collected, tmp_path)
     texts = [slot for slot in frontend.slots if slot.role == "text"]
     assert texts
     for slot in texts:
@@ -259,12 +255,12 @@ def test_the_models_answer_cannot_carry_markup_into_the_notebook(name: str, tmp_
 
 def test_svg_and_image_displays_are_images_that_cannot_script(tmp_path: Path) -> None:
     broken_out = 'iVBORw0KGgo=" onerror="window.__pwned=140'
-    events = sandbox_call(
-        RichOutput("c1", {"image/svg+xml": SVG_PAYLOAD, "text/plain": "<Figure>"}),
-        RichOutput("c1", {"image/png": broken_out, "text/plain": "png"}),
-        Image("c1", SVG_PAYLOAD.encode(), "image/svg+xml"),
+    collected = sandbox_call(
+        events.RichOutput("c1", {"image/svg+xml": SVG_PAYLOAD, "text/plain": "<Figure>"}),
+        events.RichOutput("c1", {"image/png": broken_out, "text/plain": "png"}),
+        events.Image("c1", SVG_PAYLOAD.encode(), "image/svg+xml"),
     )
-    frontend = render(events, tmp_path)
+    frontend = render(collected, tmp_path)
     check_page(frontend, "svg and png displays")
     everything = json.dumps(frontend.bundles())
     assert "onerror" not in everything and "image/svg+xml" not in {m for b in frontend.bundles() for m in b}
@@ -301,7 +297,7 @@ def test_file_names_cells_and_documents_from_the_sandbox_stay_inert(tmp_path: Pa
         _save(out, "cells.json", json.dumps({"<script>x</script>": cells}).encode()),
         _save(out, "<svg onload=window.__pwned=155>.bin", b"\0"),
     ]
-    frontend = render(sandbox_call(Logs("c1", "wrote files\n", "stdout")), tmp_path, files)
+    frontend = render(sandbox_call(events.Logs("c1", "wrote files\n", "stdout")), tmp_path, files)
     check_page(frontend, "file previews")
     for saved in files:
         bundle = file_bundle(saved, link_base=tmp_path)
