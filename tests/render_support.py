@@ -9,23 +9,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ci_magic import events
 from ci_magic.backends.openai_backend import ResponsesTranslator
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDelta,
-    CodeDone,
-    Completed,
-    Event,
-    FileCited,
-    Image,
-    Logs,
-    RichOutput,
-    TextDelta,
-    TextDone,
-    TurnStarted,
-    Usage,
-)
 from ci_magic.render.frontend import MimeBundle, SlotRole
 from ci_magic.result import Result, ResultBuilder
 
@@ -96,12 +81,12 @@ class RecordingFrontend:
         return "\n".join(str(b.get(mime, "")) for b in self.bundles())
 
 
-def openai_recording_events(path: Path = RECORDING) -> list[Event]:
+def openai_recording_events(path: Path = RECORDING) -> list[events.Event]:
     """The recording's SSE payloads as the openai backend's translator turns them into events."""
     return recording_events(path.read_text(encoding="utf-8").splitlines())
 
 
-def recording_events(lines: list[str]) -> list[Event]:
+def recording_events(lines: list[str]) -> list[events.Event]:
     translator = ResponsesTranslator()
     return [event for payload in parsed_payloads(lines) for event in translator.translate(payload)]
 
@@ -158,40 +143,44 @@ CHART_ANSWER = (
 )
 
 
-def chart_turn(png: bytes, *, answer: str = CHART_ANSWER, call_id: str = "ci_chart_0001") -> list[Event]:
+def chart_turn(
+    png: bytes, *, answer: str = CHART_ANSWER, call_id: str = "ci_chart_0001"
+) -> list[events.Event]:
     """A typical turn: code streams in small deltas, runs, prints, shows a chart and a table, answers."""
-    events: list[Event] = [
-        TurnStarted("resp_chart", "gpt-5"),
-        CallStarted(call_id, "cntr_1"),
-        CallStatus(call_id, "writing"),
+    turn: list[events.Event] = [
+        events.TurnStarted("resp_chart", "gpt-5"),
+        events.CallStarted(call_id, "cntr_1"),
+        events.CallStatus(call_id, "writing"),
     ]
-    events += [CodeDelta(call_id, piece) for piece in chunked(CHART_CODE, 3)]
-    events += [
-        CodeDone(call_id, CHART_CODE),
-        CallStatus(call_id, "running"),
-        Logs(call_id, "months: 2\n", "stdout"),
-        Image(call_id, png),
-        RichOutput(call_id, {"text/html": DATAFRAME_HTML, "text/plain": "revenue\nmonth\n2024-01  1200.5"}),
-        CallStatus(call_id, "completed"),
+    turn += [events.CodeDelta(call_id, piece) for piece in chunked(CHART_CODE, 3)]
+    turn += [
+        events.CodeDone(call_id, CHART_CODE),
+        events.CallStatus(call_id, "running"),
+        events.Logs(call_id, "months: 2\n", "stdout"),
+        events.Image(call_id, png),
+        events.RichOutput(
+            call_id, {"text/html": DATAFRAME_HTML, "text/plain": "revenue\nmonth\n2024-01  1200.5"}
+        ),
+        events.CallStatus(call_id, "completed"),
     ]
-    events += [TextDelta(piece) for piece in chunked(answer, 4)]
-    events += [
-        TextDone(answer),
-        FileCited("cntr_1", "cfile_show", "cfile_show.png", 0, 0, displayed=True),
-        FileCited("cntr_1", "cfile_chart", "chart.png", answer.find("sandbox:"), len(answer) - 1),
-        Completed("resp_chart", "cntr_1", Usage(1200, 300, 1500)),
+    turn += [events.TextDelta(piece) for piece in chunked(answer, 4)]
+    turn += [
+        events.TextDone(answer),
+        events.FileCited("cntr_1", "cfile_show", "cfile_show.png", 0, 0, displayed=True),
+        events.FileCited("cntr_1", "cfile_chart", "chart.png", answer.find("sandbox:"), len(answer) - 1),
+        events.Completed("resp_chart", "cntr_1", events.Usage(1200, 300, 1500)),
     ]
-    return events
+    return turn
 
 
 def play(
-    events: Iterable[Event],
+    stream: Iterable[events.Event],
     view: object,
     clock: FakeClock,
     *,
     step: float = 0.003,
     prompt: str = "plot revenue by month",
-    on_event: Callable[[Event], None] | None = None,
+    on_event: Callable[[events.Event], None] | None = None,
 ) -> Result:
     """Feed events like the session does: one every ``step`` seconds, a tick every 100 ms.
 
@@ -202,7 +191,7 @@ def play(
     builder.result.prompt = prompt
     start = clock()
     next_tick = start + 0.1
-    for event in events:
+    for event in stream:
         clock.advance(step)
         if own is None:
             builder.feed(event)
