@@ -29,23 +29,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDelta,
-    CodeDone,
-    Completed,
-    Event,
-    ExecutionError,
-    Failed,
-    FileCited,
-    Image,
-    Logs,
-    RichOutput,
-    TextDelta,
-    TextDone,
-    ThinkingDelta,
-)
+from ci_magic import events
 
 if TYPE_CHECKING:
     from tests.servers.containers import Container, ContainerStore
@@ -270,7 +254,7 @@ class ResponseEvents:
 
     def encode(
         self,
-        events: Iterable[Event],
+        turn: Iterable[events.Event],
         *,
         container_id: str | None = None,
         item_ids: Iterator[str] | None = None,
@@ -286,16 +270,16 @@ class ResponseEvents:
         """
         self._container_id = container_id
         self._item_ids = item_ids
-        iterator = iter(events)
+        iterator = iter(turn)
         first = next(iterator, None)
         yield from self.start()
         pending = [] if first is None else [first]
         for event in itertools.chain(pending, iterator):
-            if isinstance(event, Completed):
+            if isinstance(event, events.Completed):
                 yield from self._close()
                 yield from self.complete(usage)
                 return
-            if isinstance(event, Failed):
+            if isinstance(event, events.Failed):
                 yield from self._close()
                 yield self.event("error", code="server_error", message=event.message, param=None)
                 return
@@ -303,15 +287,15 @@ class ResponseEvents:
         yield from self._close()
         yield from self.complete(usage)
 
-    def _encode(self, event: Event) -> Iterator[SSEEvent]:
-        if isinstance(event, ThinkingDelta):
+    def _encode(self, event: events.Event) -> Iterator[SSEEvent]:
+        if isinstance(event, events.ThinkingDelta):
             if self._open is None or self._open.item["type"] != "reasoning":
                 yield from self._close()
                 yield from self._open_reasoning()
-        elif isinstance(event, CallStarted):
+        elif isinstance(event, events.CallStarted):
             yield from self._close()
             yield from self._open_call(event.call_id)
-        elif isinstance(event, CodeDelta):
+        elif isinstance(event, events.CodeDelta):
             where = self._call_where()
             self._open_item().code += event.delta
             yield self.event(
@@ -320,19 +304,19 @@ class ResponseEvents:
                 delta=event.delta,
                 obfuscation=self._obfuscation(event.delta),
             )
-        elif isinstance(event, CodeDone):
+        elif isinstance(event, events.CodeDone):
             where = self._call_where()
             self._open_item().code = event.code
             self._generated_chars += len(event.code)
             yield self.event("response.code_interpreter_call_code.done", **where, code=event.code)
-        elif isinstance(event, CallStatus):
+        elif isinstance(event, events.CallStatus):
             if event.status in ("running", "interpreting"):
                 yield self.event("response.code_interpreter_call.interpreting", **self._call_where())
             elif event.status in ("completed", "failed", "incomplete"):
                 yield from self._close(status="incomplete" if event.status == "incomplete" else "completed")
-        elif isinstance(event, (Logs, Image, RichOutput, ExecutionError)):
+        elif isinstance(event, (events.Logs, events.Image, events.RichOutput, events.ExecutionError)):
             self._open_item().outputs.add(event)
-        elif isinstance(event, TextDelta):
+        elif isinstance(event, events.TextDelta):
             if self._open is None or self._open.item["type"] != "message":
                 yield from self._close()
                 yield from self._open_message()
@@ -344,7 +328,7 @@ class ResponseEvents:
                 logprobs=[],
                 obfuscation=self._obfuscation(event.delta),
             )
-        elif isinstance(event, FileCited):
+        elif isinstance(event, events.FileCited):
             if self._open is None or self._open.item["type"] != "message":
                 yield from self._close()
                 yield from self._open_message()
@@ -359,7 +343,11 @@ class ResponseEvents:
                 annotation=annotation,
             )
             item.annotations.append(annotation)
-        elif isinstance(event, TextDone) and self._open is not None and self._open.item["type"] == "message":
+        elif (
+            isinstance(event, events.TextDone)
+            and self._open is not None
+            and self._open.item["type"] == "message"
+        ):
             self._open.text = event.text
             yield from self._close()
         # TurnStarted is response.created; a Notice has no Responses equivalent.
@@ -456,12 +444,12 @@ class _Outputs:
     images: list[str] = field(default_factory=list)
     logs: list[str] = field(default_factory=list)
 
-    def add(self, event: Logs | Image | RichOutput | ExecutionError) -> None:
-        if isinstance(event, Logs):
+    def add(self, event: events.Logs | events.Image | events.RichOutput | events.ExecutionError) -> None:
+        if isinstance(event, events.Logs):
             self.logs.append(event.text)
-        elif isinstance(event, Image):
+        elif isinstance(event, events.Image):
             self.images.append(f"data:{event.mime};base64," + base64.b64encode(event.data).decode())
-        elif isinstance(event, ExecutionError):
+        elif isinstance(event, events.ExecutionError):
             text = event.traceback or f"{event.name}: {event.value}"
             self.logs.append(text if text.endswith("\n") else text + "\n")
         elif isinstance(event.bundle.get("image/png"), str):
