@@ -19,19 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDelta,
-    CodeDone,
-    Event,
-    FileCited,
-    Image,
-    Logs,
-    TextDelta,
-    TextDone,
-    ThinkingDelta,
-)
+from ci_magic import events
 from tests.servers.http_base import ApiError
 from tests.servers.recordings import load_response, load_stream, resolve_recording
 from tests.servers.responses_stream import (
@@ -126,38 +114,38 @@ class Replay:
                 stack.extend(node)
 
 
-def _as_events(output: list[dict[str, Any]]) -> Iterator[Event]:
+def _as_events(output: list[dict[str, Any]]) -> Iterator[events.Event]:
     """A recorded response's output items as our typed events (``ResponseEvents.encode`` makes
     the stream OpenAI would have sent for it)."""
     for item in output:
         if item["type"] == "reasoning":
-            yield ThinkingDelta("")
+            yield events.ThinkingDelta("")
         elif item["type"] == "code_interpreter_call":
             call_id = item["id"]
-            yield CallStarted(call_id, item["container_id"])
+            yield events.CallStarted(call_id, item["container_id"])
             for piece in code_chunks(item["code"]):
-                yield CodeDelta(call_id, piece)
-            yield CodeDone(call_id, item["code"])
-            yield CallStatus(call_id, "running")
+                yield events.CodeDelta(call_id, piece)
+            yield events.CodeDone(call_id, item["code"])
+            yield events.CallStatus(call_id, "running")
             for recorded in item.get("outputs") or []:
                 if recorded["type"] == "logs":
-                    yield Logs(call_id, recorded["logs"])
+                    yield events.Logs(call_id, recorded["logs"])
                 elif recorded["type"] == "image" and recorded["url"].startswith(_PNG_URL):
-                    yield Image(call_id, base64.b64decode(recorded["url"][len(_PNG_URL) :]))
-            yield CallStatus(call_id, "completed")
+                    yield events.Image(call_id, base64.b64decode(recorded["url"][len(_PNG_URL) :]))
+            yield events.CallStatus(call_id, "completed")
         elif item["type"] == "message":
             part = item["content"][0]
             for piece in text_chunks(part["text"], random.Random(item["id"])):
-                yield TextDelta(piece)
+                yield events.TextDelta(piece)
             for note in part["annotations"]:
-                yield FileCited(
+                yield events.FileCited(
                     note["container_id"],
                     note["file_id"],
                     note["filename"],
                     note["start_index"],
                     note["end_index"],
                 )
-            yield TextDone(part["text"])
+            yield events.TextDone(part["text"])
 
 
 def _bytes_for(filename: str, image: bytes | None) -> bytes:
