@@ -19,24 +19,7 @@ from dataclasses import dataclass
 from threading import Lock
 from typing import Any, Literal
 
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CallStatusName,
-    CodeDelta,
-    CodeDone,
-    Completed,
-    Event,
-    ExecutionError,
-    FileCited,
-    Image,
-    Logs,
-    RichOutput,
-    TextDelta,
-    TextDone,
-    ThinkingDelta,
-    TurnStarted,
-)
+from ci_magic import events
 from tests.servers.containers import StoredFile, new_id
 from tests.servers.http_base import ApiError
 from tests.servers.responses_stream import (
@@ -115,6 +98,22 @@ class Scripted:
             self._used += 1
             return turn
 
+    # Above events(): below that method, this class body's name `events` is the method, not the module.
+    def _turn(self, ctx: TurnContext, turn: Turn) -> Iterator[events.Event]:
+        """The turn as our typed events; each call's code really runs through the store's backend."""
+        rng = random.Random(ctx.response_id)
+        figures: list[StoredFile] = []
+        yield events.TurnStarted(ctx.response_id, ctx.request.get("model"))
+        for number, step in enumerate(turn):
+            if self.reasoning == "each" or (self.reasoning == "first" and number == 0):
+                yield events.ThinkingDelta("")
+            if isinstance(step, Call):
+                yield from _call(ctx, step.code, figures)
+            else:
+                yield from _text(ctx, step.text, figures, rng)
+                figures.clear()
+        yield events.Completed(ctx.response_id, container_id=ctx.container.id if ctx.container else None)
+
     def events(self, ctx: TurnContext) -> Iterator[SSEEvent]:
         turn = self.next_turn(ctx.request)
         if ctx.container is None and any(isinstance(step, Call) for step in turn):
@@ -127,63 +126,50 @@ class Scripted:
         container_id = ctx.container.id if ctx.container else None
         yield from ResponseEvents(ctx).encode(self._turn(ctx, turn), container_id=container_id)
 
-    def _turn(self, ctx: TurnContext, turn: Turn) -> Iterator[Event]:
-        """The turn as our typed events; each call's code really runs through the store's backend."""
-        rng = random.Random(ctx.response_id)
-        figures: list[StoredFile] = []
-        yield TurnStarted(ctx.response_id, ctx.request.get("model"))
-        for number, step in enumerate(turn):
-            if self.reasoning == "each" or (self.reasoning == "first" and number == 0):
-                yield ThinkingDelta("")
-            if isinstance(step, Call):
-                yield from _call(ctx, step.code, figures)
-            else:
-                yield from _text(ctx, step.text, figures, rng)
-                figures.clear()
-        yield Completed(ctx.response_id, container_id=ctx.container.id if ctx.container else None)
 
-
-def _call(ctx: TurnContext, code: str, figures: list[StoredFile]) -> Iterator[Event]:
+def _call(ctx: TurnContext, code: str, figures: list[StoredFile]) -> Iterator[events.Event]:
     """One call: its code streamed, then what the backend's run of it produced. Shown figures are
     kept as ``cfile_<id>.png`` files, as OpenAI does for ``plt.show()``."""
     container = ctx.container
     assert container is not None
     call_id = new_id("ci", 50)
-    yield CallStarted(call_id, container.id)
+    yield events.CallStarted(call_id, container.id)
     for piece in code_chunks(code):
-        yield CodeDelta(call_id, piece)
-    yield CodeDone(call_id, code)
-    yield CallStatus(call_id, "running")
-    status: CallStatusName = "completed"
+        yield events.CodeDelta(call_id, piece)
+    yield events.CodeDone(call_id, code)
+    yield events.CallStatus(call_id, "running")
+    status: events.CallStatusName = "completed"
     for event in ctx.store.run(container, code, model=str(ctx.request.get("model") or "")):
-        if isinstance(event, Image):
+        if isinstance(event, events.Image):
             file_id = new_id("cfile", 32)
             stored = ctx.store.add_file(
                 container, f"{file_id}.png", event.data, source="assistant", file_id=file_id
             )
             figures.append(stored)
-        if isinstance(event, (Logs, Image, RichOutput, ExecutionError)):
+        if isinstance(event, (events.Logs, events.Image, events.RichOutput, events.ExecutionError)):
             yield dataclasses.replace(event, call_id=call_id)
-        elif isinstance(event, CallStatus) and event.status in ("failed", "incomplete"):
+        elif isinstance(event, events.CallStatus) and event.status in ("failed", "incomplete"):
             status = event.status
-    yield CallStatus(call_id, status)
+    yield events.CallStatus(call_id, status)
 
 
-def _text(ctx: TurnContext, text: str, figures: list[StoredFile], rng: random.Random) -> Iterator[Event]:
+def _text(
+    ctx: TurnContext, text: str, figures: list[StoredFile], rng: random.Random
+) -> Iterator[events.Event]:
     """The answer in deltas; shown figures cited at zero length, each sandbox link at its target."""
     for piece in text_chunks(text, rng):
-        yield TextDelta(piece)
+        yield events.TextDelta(piece)
     container = ctx.container
     for figure in figures:
-        yield FileCited(figure.container_id, figure.id, figure.relative, 0, 0, displayed=True)
+        yield events.FileCited(figure.container_id, figure.id, figure.relative, 0, 0, displayed=True)
     if container is not None:
         ctx.store.sync_files(container)
         for match in _LINK.finditer(text):
             stored = container.file_by_path(match.group(1))
             if stored is not None:
                 name = stored.relative.rsplit("/", 1)[-1]
-                yield FileCited(container.id, stored.id, name, match.start(), match.end())
-    yield TextDone(text)
+                yield events.FileCited(container.id, stored.id, name, match.start(), match.end())
+    yield events.TextDone(text)
 
 
 # -- tool_choice forcing (the %%ci_exec path) ---------------------------------------------------
