@@ -9,7 +9,12 @@ first, are not isolated by the network namespace or are rarely-used kernel code.
 container's budget could not see is refused at its source: ``memfd_create`` (a memfd sent over a
 socket and closed belongs to no process; libraries fall back to the counted /dev/shm and /tmp)
 and growing a pipe past its default 64 KiB (``F_SETPIPE_SZ``), so the watchdog can charge every
-open pipe at that size. Everything else is allowed.
+open pipe at that size. Extended attributes cannot be set (``EOPNOTSUPP``, as on a file system
+without them): on tmpfs their values are kernel memory that no file size shows (3 GiB of them
+filled 6 GiB of the host's slab from a 1g container). Everything else is allowed, except system
+calls newer than libseccomp knows: they answer ``ENOSYS``, as on an older kernel (libc falls
+back), so a new twin of a denied call (``setxattrat``, ``open_tree_attr``) cannot slip past a
+filter built with an older libseccomp.
 
 System calls of another architecture (32-bit ``int 0x80`` on x86-64) kill the caller,
 libseccomp's default for a foreign architecture, so the filter cannot be sidestepped that way.
@@ -24,6 +29,8 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import struct
+import sys
 import tempfile
 from typing import Any
 
@@ -50,6 +57,9 @@ DENIED_SYSCALLS = (
 
 # Answered with ENOSYS, as on a kernel without them, so libraries take their fallback path.
 UNAVAILABLE_SYSCALLS = ("memfd_create", "memfd_secret")
+# Answered with EOPNOTSUPP, as by a file system without extended attributes (shutil.copystat and
+# friends ignore it). Values set on tmpfs are kernel memory the budget cannot see.
+NO_XATTR_SYSCALLS = ("setxattr", "lsetxattr", "fsetxattr")
 
 # socket()/socketpair() families the sandbox may use; any other is refused with EAFNOSUPPORT.
 ALLOWED_SOCKET_FAMILIES = (
@@ -114,10 +124,57 @@ def filter_bpf() -> bytes:
                 _add(rules, no_family, name, seccomp.Arg(0, seccomp.EQ, family))
         _add(rules, no_family, name, seccomp.Arg(0, seccomp.GE, HIGHEST_FAMILY))
     _add(rules, seccomp.ERRNO(errno.ENOSYS), "clone3")
+    no_xattr = seccomp.ERRNO(errno.EOPNOTSUPP)
+    for name in NO_XATTR_SYSCALLS:
+        _add(rules, no_xattr, name)
     with tempfile.TemporaryFile() as out:
         rules.export_bpf(out)
         out.seek(0)
-        return out.read()
+        return _newer_syscalls_unavailable(seccomp) + out.read()
+
+
+# Classic BPF (linux/filter.h, linux/seccomp.h, linux/audit.h) for the prefix below.
+BPF_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
+BPF_JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+BPF_JGE_K = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+BPF_RET_K = 0x06  # BPF_RET | BPF_K
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_DATA_NR, SECCOMP_DATA_ARCH = 0, 4  # offsets in struct seccomp_data
+AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_AARCH64 = 0xC00000B7
+HIGHEST_SYSCALL_SEEN = 1024  # above any system call number of the 64-bit ABIs, x32's bit aside
+
+
+def _newer_syscalls_unavailable(seccomp: Any) -> bytes:
+    """BPF run before libseccomp's program: system calls it does not know answer ``ENOSYS``.
+
+    libseccomp resolves only the calls of its own release; a rule for a newer one is silently
+    skipped, and a default-allow filter lets it through. The prefix compares the number against
+    the first one libseccomp cannot name and otherwise falls through into its program (classic
+    BPF jumps only forward, so the program's own jumps are unchanged).
+    """
+    arch = {"x86_64": AUDIT_ARCH_X86_64, "aarch64": AUDIT_ARCH_AARCH64}.get(os.uname().machine)
+    if arch is None:
+        return b""  # numbering not checked on this architecture: libseccomp's program alone
+    first_unknown = 0
+    for number in range(HIGHEST_SYSCALL_SEEN):
+        try:
+            seccomp.resolve_syscall(seccomp.Arch.NATIVE, number)
+        except ValueError:
+            continue
+        first_unknown = number + 1
+    instruction = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+    program = [
+        (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARCH),
+        (BPF_JEQ_K, 0, 3, arch),  # another ABI: libseccomp's program decides (it kills)
+        (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_NR),
+        # x86-64's x32 calls (bit 30) are numbers past this too: refused either way.
+        (BPF_JGE_K, 0, 1, first_unknown),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+    ]
+    if sys.byteorder != "little":
+        return b""  # the architectures above are little-endian
+    return b"".join(instruction.pack(*step) for step in program)
 
 
 def _add(rules: Any, action: int, name: str, *conditions: Any) -> None:
