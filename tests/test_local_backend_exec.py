@@ -14,21 +14,11 @@ from typing import Any
 
 import pytest
 
+from ci_magic import events
 from ci_magic.backends.base import DEFAULT_DOWNLOAD_SIZE_CAP, Backend, Conversation, TurnRequest
 from ci_magic.backends.local.backend import LocalBackend
 from ci_magic.backends.local.sandbox import SandboxManager
 from ci_magic.errors import ConfigurationError, ContainerFileError, SandboxError
-from ci_magic.events import (
-    CallStarted,
-    CallStatus,
-    CodeDone,
-    Completed,
-    Event,
-    ExecutionError,
-    Logs,
-    Notice,
-    TurnStarted,
-)
 from ci_magic.filenames import download_into
 from ci_magic.result import ResultBuilder
 
@@ -68,7 +58,7 @@ def container(runner: asyncio.Runner, backend: LocalBackend) -> str:
 
 def turn(
     runner: asyncio.Runner, backend: LocalBackend, container: str, code: str | None, prompt: str = ""
-) -> list[Event]:
+) -> list[events.Event]:
     request = TurnRequest(
         prompt=prompt,
         container_id=container,
@@ -78,14 +68,14 @@ def turn(
         exec_code=code,
     )
 
-    async def collect() -> list[Event]:
+    async def collect() -> list[events.Event]:
         return [event async for event in backend.stream(request)]
 
     return runner.run(collect())
 
 
 def run_code(runner: asyncio.Runner, backend: LocalBackend, container: str, code: str) -> str:
-    return "".join(e.text for e in turn(runner, backend, container, code) if isinstance(e, Logs))
+    return "".join(e.text for e in turn(runner, backend, container, code) if isinstance(e, events.Logs))
 
 
 def test_the_local_backend_is_a_backend(backend: LocalBackend) -> None:
@@ -96,27 +86,35 @@ def test_ci_exec_runs_the_code_verbatim_as_one_complete_turn(
     runner: asyncio.Runner, backend: LocalBackend, container: str
 ) -> None:
     code = "answer = 6 * 7\nprint(answer)"
-    events = turn(runner, backend, container, code)
-    kinds = [type(e) for e in events]
-    assert kinds == [TurnStarted, CallStarted, CodeDone, CallStatus, Logs, CallStatus, Completed]
+    collected = turn(runner, backend, container, code)
+    kinds = [type(e) for e in collected]
+    assert kinds == [
+        events.TurnStarted,
+        events.CallStarted,
+        events.CodeDone,
+        events.CallStatus,
+        events.Logs,
+        events.CallStatus,
+        events.Completed,
+    ]
     started, done, running, _, finished, completed = (
-        events[1],
-        events[2],
-        events[3],
-        events[4],
-        events[5],
-        events[6],
+        collected[1],
+        collected[2],
+        collected[3],
+        collected[4],
+        collected[5],
+        collected[6],
     )
-    assert isinstance(started, CallStarted) and started.container_id == container
-    assert isinstance(done, CodeDone) and done.code == code and done.call_id == started.call_id
+    assert isinstance(started, events.CallStarted) and started.container_id == container
+    assert isinstance(done, events.CodeDone) and done.code == code and done.call_id == started.call_id
     assert (running, finished) == (
-        CallStatus(started.call_id, "running"),
-        CallStatus(started.call_id, "completed"),
+        events.CallStatus(started.call_id, "running"),
+        events.CallStatus(started.call_id, "completed"),
     )
-    assert isinstance(completed, Completed) and completed.container_id == container
+    assert isinstance(completed, events.Completed) and completed.container_id == container
 
     builder = ResultBuilder(prompt="")
-    for event in events:
+    for event in collected:
         builder.feed(event)
     assert builder.result.ok and builder.result.code == code and builder.result.calls[0].logs == "42\n"
 
@@ -124,11 +122,11 @@ def test_ci_exec_runs_the_code_verbatim_as_one_complete_turn(
 def test_failing_code_is_data_in_a_completed_turn(
     runner: asyncio.Runner, backend: LocalBackend, container: str
 ) -> None:
-    events = turn(runner, backend, container, "import json\njson.loads('{not json')")
-    (error,) = [e for e in events if isinstance(e, ExecutionError)]
+    collected = turn(runner, backend, container, "import json\njson.loads('{not json')")
+    (error,) = [e for e in collected if isinstance(e, events.ExecutionError)]
     assert error.name == "JSONDecodeError" and "json.loads" in error.traceback
-    assert [e.status for e in events if isinstance(e, CallStatus)] == ["running", "failed"]
-    assert isinstance(events[-1], Completed)
+    assert [e.status for e in collected if isinstance(e, events.CallStatus)] == ["running", "failed"]
+    assert isinstance(collected[-1], events.Completed)
 
 
 def test_a_prompt_without_a_model_server_says_how_to_configure_one(
@@ -301,15 +299,17 @@ def test_reduced_isolation_is_announced_in_the_first_turn_only(
     finally:
         runner.run(backend.aclose())
 
-    def messages(events: list[Event]) -> list[Notice]:
-        return [e for e in events if isinstance(e, Notice) and e.kind == "message"]
+    def messages(collected: list[events.Event]) -> list[events.Notice]:
+        return [e for e in collected if isinstance(e, events.Notice) and e.kind == "message"]
 
     (notice,) = messages(first)
     assert notice.level == "warning" and "isolation is reduced" in notice.text
-    assert isinstance(first[0], TurnStarted) and isinstance(first[1], Notice)
+    assert isinstance(first[0], events.TurnStarted) and isinstance(first[1], events.Notice)
     assert not messages(second)
-    for events in first, second:  # what every status line carries, every turn
-        assert [e.text for e in events if isinstance(e, Notice) and e.kind == "status"] == ["not isolated"]
+    for collected in first, second:  # what every status line carries, every turn
+        assert [e.text for e in collected if isinstance(e, events.Notice) and e.kind == "status"] == [
+            "not isolated"
+        ]
 
 
 def test_a_prompt_runs_the_models_code_in_the_sandbox(
