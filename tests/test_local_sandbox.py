@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from ci_magic import events
 from ci_magic.backends.local import sandbox as sandbox_module
 from ci_magic.backends.local.isolation import detect_isolation, probe_python
 from ci_magic.backends.local.sandbox import SandboxManager
 from ci_magic.errors import ConfigurationError, SandboxError
-from ci_magic.events import CallStatus, Event, ExecutionError, Image, Logs, Notice, RichOutput
 from tests.security.sandbox_support import recording_connections
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -43,8 +43,8 @@ class Sandbox:
     def create(self, **options: object) -> str:
         return self.run(self.manager.create(name="test", **options)).id  # type: ignore[arg-type]
 
-    def execute(self, cid: str, code: str, *, timeout: float | None = None) -> list[Event]:
-        async def collect() -> list[Event]:
+    def execute(self, cid: str, code: str, *, timeout: float | None = None) -> list[events.Event]:
+        async def collect() -> list[events.Event]:
             code_ = textwrap.dedent(code)
             return [e async for e in self.manager.execute(cid, code_, call_id="ci_test", timeout=timeout)]
 
@@ -54,17 +54,17 @@ class Sandbox:
         return self.manager.root / cid / "data"
 
 
-def stdout(events: list[Event]) -> str:
-    return "".join(e.text for e in events if isinstance(e, Logs) and e.stream == "stdout")
+def stdout(collected: list[events.Event]) -> str:
+    return "".join(e.text for e in collected if isinstance(e, events.Logs) and e.stream == "stdout")
 
 
-def errors(events: list[Event]) -> list[ExecutionError]:
-    return [e for e in events if isinstance(e, ExecutionError)]
+def errors(collected: list[events.Event]) -> list[events.ExecutionError]:
+    return [e for e in collected if isinstance(e, events.ExecutionError)]
 
 
-def final_status(events: list[Event]) -> str:
-    last = events[-1]
-    assert isinstance(last, CallStatus), events
+def final_status(collected: list[events.Event]) -> str:
+    last = collected[-1]
+    assert isinstance(last, events.CallStatus), collected
     return last.status
 
 
@@ -102,7 +102,7 @@ def namespaced(sandbox: Sandbox) -> bool:
 
 
 def test_prints_tables_figures_and_tracebacks_come_back_as_events(sandbox: Sandbox, container: str) -> None:
-    events = sandbox.execute(
+    collected = sandbox.execute(
         container,
         """
         import sys
@@ -116,13 +116,13 @@ def test_prints_tables_figures_and_tracebacks_come_back_as_events(sandbox: Sandb
         """,
         timeout=60,  # the first import of pandas and matplotlib, on a busy machine
     )
-    assert stdout(events) == "hello from the sandbox\n"
-    assert [e.text for e in events if isinstance(e, Logs) and e.stream == "stderr"] == ["careful\n"]
-    images = [e for e in events if isinstance(e, Image)]
+    assert stdout(collected) == "hello from the sandbox\n"
+    assert [e.text for e in collected if isinstance(e, events.Logs) and e.stream == "stderr"] == ["careful\n"]
+    images = [e for e in collected if isinstance(e, events.Image)]
     assert len(images) == 1 and images[0].data.startswith(PNG_MAGIC) and images[0].mime == "image/png"
-    table = next(e for e in events if isinstance(e, RichOutput))
+    table = next(e for e in collected if isinstance(e, events.RichOutput))
     assert "<table" in str(table.bundle["text/html"]) and "Lima" in str(table.bundle["text/plain"])
-    assert final_status(events) == "completed"
+    assert final_status(collected) == "completed"
 
     failing = sandbox.execute(container, "def f():\n    return 1 / 0\nf()")
     (error,) = errors(failing)
@@ -132,7 +132,7 @@ def test_prints_tables_figures_and_tracebacks_come_back_as_events(sandbox: Sandb
 
 
 def test_live_display_updates_keep_their_display_id(sandbox: Sandbox, container: str) -> None:
-    events = sandbox.execute(
+    collected = sandbox.execute(
         container,
         """
         from IPython.display import display
@@ -140,7 +140,7 @@ def test_live_display_updates_keep_their_display_id(sandbox: Sandbox, container:
         handle.update("step 2")
         """,
     )
-    first, second = (e for e in events if isinstance(e, RichOutput))
+    first, second = (e for e in collected if isinstance(e, events.RichOutput))
     assert first.display_id and first.display_id == second.display_id
     assert (first.update, second.update) == (False, True)
     assert second.bundle["text/plain"] == "'step 2'"
@@ -153,9 +153,9 @@ def test_variables_and_imports_persist_between_runs(sandbox: Sandbox, container:
 
 def test_code_runs_in_mnt_data_and_its_files_land_in_the_container(sandbox: Sandbox) -> None:
     cid = sandbox.create()
-    events = sandbox.execute(cid, "import os\nprint(os.getcwd())\nopen('report.txt', 'w').write('done')")
+    collected = sandbox.execute(cid, "import os\nprint(os.getcwd())\nopen('report.txt', 'w').write('done')")
     if namespaced(sandbox):
-        assert stdout(events) == "/mnt/data\n"
+        assert stdout(collected) == "/mnt/data\n"
     assert (sandbox.data_dir(cid) / "report.txt").read_text() == "done"
 
 
@@ -182,7 +182,7 @@ def test_the_network_is_unreachable_even_the_hosts_loopback(
     assert len(accepted) == 1
     cid = isolated.create()
     targets = ["127.0.0.1", *_host_addresses(), "1.1.1.1"]
-    events = isolated.execute(
+    collected = isolated.execute(
         cid,
         f"""
         import socket
@@ -199,7 +199,7 @@ def test_the_network_is_unreachable_even_the_hosts_loopback(
             print("dns blocked")
         """,
     )
-    out = stdout(events)
+    out = stdout(collected)
     assert "connected" not in out and "dns works" not in out, out
     assert out.count("blocked") == len(targets) + 1
     assert len(accepted) == 1  # only the host's own probe ever reached the server
@@ -223,7 +223,7 @@ def test_api_keys_in_the_hosts_environment_never_reach_the_sandbox(
     monkeypatch.setenv("OPENAI_API_KEY", canary)
     monkeypatch.setenv("CI_MAGIC_MODEL_API_KEY", canary)
     cid = isolated.create()  # started while the canary is in our environment
-    events = isolated.execute(
+    collected = isolated.execute(
         cid,
         f"""
         import os, glob
@@ -238,7 +238,7 @@ def test_api_keys_in_the_hosts_environment_never_reach_the_sandbox(
         print("proc", seen)
         """,
     )
-    assert stdout(events) == "env False\nproc []\n"
+    assert stdout(collected) == "env False\nproc []\n"
 
 
 def test_the_users_home_the_notebook_folder_and_other_containers_are_invisible(
@@ -254,7 +254,7 @@ def test_the_users_home_the_notebook_folder_and_other_containers_are_invisible(
         neighbour = isolated.create()
         isolated.run(isolated.manager.upload(neighbour, "neighbour.txt", b"not yours"))
         cid = isolated.create()
-        events = isolated.execute(
+        collected = isolated.execute(
             cid,
             f"""
             import os
@@ -266,7 +266,7 @@ def test_the_users_home_the_notebook_folder_and_other_containers_are_invisible(
         )
     finally:
         home_canary.unlink()
-    *exists, home_listing = stdout(events).splitlines()
+    *exists, home_listing = stdout(collected).splitlines()
     assert exists == ["False"] * 4
     assert home_canary.name not in home_listing  # the sandbox's home is its own, empty but for IPython's
 
@@ -275,7 +275,7 @@ def test_writes_outside_mnt_data_never_reach_the_host(isolated: Sandbox) -> None
     token = f"ci-magic-escape-{secrets.token_hex(4)}"
     cid = isolated.create()
     interpreter_dir = os.path.dirname(probe_python(sys.executable).executable)
-    events = isolated.execute(
+    collected = isolated.execute(
         cid,
         f"""
         import os
@@ -289,7 +289,7 @@ def test_writes_outside_mnt_data_never_reach_the_host(isolated: Sandbox) -> None
                 print(folder, "refused", err.strerror)
         """,
     )
-    out = stdout(events)
+    out = stdout(collected)
     # The interpreter's folder is read-only, unless it lies in /tmp, which inside is the
     # sandbox's own tmpfs (only the files it needs are bound there).
     private = interpreter_dir.startswith(("/tmp/", str(Path.home()) + "/"))
@@ -303,7 +303,7 @@ def test_writes_outside_mnt_data_never_reach_the_host(isolated: Sandbox) -> None
 
 def test_everyday_tools_still_work_inside_the_sandbox(isolated: Sandbox) -> None:
     cid = isolated.create()
-    events = isolated.execute(
+    collected = isolated.execute(
         cid,
         """
         import multiprocessing, socket, subprocess
@@ -315,7 +315,7 @@ def test_everyday_tools_still_work_inside_the_sandbox(isolated: Sandbox) -> None
         """,
         timeout=30,
     )
-    assert stdout(events) == "[1, 2]\nsubprocess\n"
+    assert stdout(collected) == "[1, 2]\nsubprocess\n"
 
 
 def test_isolation_none_runs_unisolated_and_says_so(
@@ -331,7 +331,7 @@ def test_isolation_none_runs_unisolated_and_says_so(
         assert warning.level == "warning" and "not isolated" in warning.text
         assert manager.isolation is not None and manager.isolation.label == "not isolated"
         assert manager.take_notices() == []
-        events = plain.execute(
+        collected = plain.execute(
             cid,
             f"""
             import os, resource
@@ -340,7 +340,7 @@ def test_isolation_none_runs_unisolated_and_says_so(
             print(resource.getrlimit(resource.RLIMIT_DATA)[0] < 4 * 2**30)
             """,
         )
-        assert stdout(events) == f"False\n{plain.data_dir(cid)}\nTrue\n"
+        assert stdout(collected) == f"False\n{plain.data_dir(cid)}\nTrue\n"
     finally:
         runner.run(manager.aclose())
 
@@ -439,7 +439,7 @@ def test_a_parquet_round_trip_after_a_chart_does_not_hang_under_the_memory_limit
     # The everyday notebook order: draw a chart, then read a table. Arrow's default allocator
     # (mimalloc) spun forever here once the address-space limit refused it a new arena.
     cid = sandbox.create()
-    events = sandbox.execute(
+    collected = sandbox.execute(
         cid,
         """
         import matplotlib.pyplot as plt
@@ -450,8 +450,8 @@ def test_a_parquet_round_trip_after_a_chart_does_not_hang_under_the_memory_limit
         """,
         timeout=60,
     )
-    assert stdout(events) == "(1000, 1)\n", events
-    assert final_status(events) == "completed"
+    assert stdout(collected) == "(1000, 1)\n", collected
+    assert final_status(collected) == "completed"
 
 
 @pytest.mark.parametrize("allocator", ["default", "mimalloc"])
@@ -461,7 +461,7 @@ def test_after_reading_parquet_the_code_still_has_its_memory_tier(sandbox: Sandb
     # chart it returned, but a 1g container had 50 MiB left for anything else.
     cid = sandbox.create(memory_limit="1g")
     pick = "pa.set_memory_pool(pa.mimalloc_memory_pool())" if allocator == "mimalloc" else ""
-    events = sandbox.execute(
+    collected = sandbox.execute(
         cid,
         f"""
         import matplotlib.pyplot as plt
@@ -477,8 +477,8 @@ def test_after_reading_parquet_the_code_still_has_its_memory_tier(sandbox: Sandb
         """,
         timeout=60,
     )
-    assert stdout(events) == "(100000, 1)\n600 MiB\n", events
-    assert final_status(events) == "completed"
+    assert stdout(collected) == "(100000, 1)\n600 MiB\n", collected
+    assert final_status(collected) == "completed"
 
 
 def test_the_memory_tier_sets_how_much_the_code_may_allocate(sandbox: Sandbox) -> None:
@@ -492,7 +492,7 @@ def test_the_memory_tier_sets_how_much_the_code_may_allocate(sandbox: Sandbox) -
 
 
 def test_a_runaway_file_write_stops_at_the_file_size_limit(sandbox: Sandbox, container: str) -> None:
-    events = sandbox.execute(
+    collected = sandbox.execute(
         container,
         """
         with open("huge.bin", "wb") as f:
@@ -504,7 +504,7 @@ def test_a_runaway_file_write_stops_at_the_file_size_limit(sandbox: Sandbox, con
                 print(err.strerror)
         """,
     )
-    assert stdout(events) == "File too large\n"
+    assert stdout(collected) == "File too large\n"
 
 
 def test_a_sandbox_python_without_ipykernel_is_refused_with_advice(
@@ -531,7 +531,7 @@ def test_a_fork_bomb_stays_inside_its_process_limit(sandbox: Sandbox) -> None:
     cid = sandbox.create()  # first: the isolation in use is known once a container exists
     if not namespaced(sandbox):
         pytest.skip("without namespaces the process limit counts all of the user's processes")
-    events = sandbox.execute(
+    collected = sandbox.execute(
         cid,
         """
         import os, signal, subprocess, sys, time
@@ -545,7 +545,7 @@ def test_a_fork_bomb_stays_inside_its_process_limit(sandbox: Sandbox) -> None:
         """,
         timeout=30,
     )
-    running = int(stdout(events))
+    running = int(stdout(collected))
     assert 100 < running <= 256  # it hit the limit, and the limit held
     assert stdout(sandbox.execute(cid, "print('still answering')")) == "still answering\n"
 
@@ -553,11 +553,11 @@ def test_a_fork_bomb_stays_inside_its_process_limit(sandbox: Sandbox) -> None:
 def test_an_endless_loop_times_out_and_the_next_run_still_has_its_variables(sandbox: Sandbox) -> None:
     cid = sandbox.create()
     started = time.monotonic()
-    events = sandbox.execute(cid, "counter = 0\nwhile True:\n    counter += 1")  # default timeout: 3 s
+    collected = sandbox.execute(cid, "counter = 0\nwhile True:\n    counter += 1")  # default timeout: 3 s
     elapsed = time.monotonic() - started
-    (error,) = errors(events)
+    (error,) = errors(collected)
     assert error.name == "TimeoutError" and "3 s limit" in error.value
-    assert final_status(events) == "failed" and 2.9 < elapsed < 8
+    assert final_status(collected) == "failed" and 2.9 < elapsed < 8
     assert stdout(sandbox.execute(cid, "print(counter > 0)")) == "True\n"
 
 
@@ -573,8 +573,8 @@ def test_code_that_ignores_the_interrupt_gets_the_kernel_restarted(sandbox: Sand
         except KeyboardInterrupt:
             pass
     """
-    events = sandbox.execute(cid, stubborn, timeout=0.5)
-    (error,) = errors(events)
+    collected = sandbox.execute(cid, stubborn, timeout=0.5)
+    (error,) = errors(collected)
     assert error.name == "TimeoutError" and "restarted" in error.value
     after = sandbox.execute(cid, "print('state' in dir(), open('keep.txt').read())")
     assert stdout(after) == "False kept\n"
@@ -587,7 +587,7 @@ def test_stopping_to_listen_interrupts_the_running_code(sandbox: Sandbox, contai
         code = "print('working', flush=True)\nimport time\ntime.sleep(60)"
         stream = sandbox.manager.execute(container, code, call_id="ci_test")
         async for event in stream:
-            if isinstance(event, Logs):
+            if isinstance(event, events.Logs):
                 break
         await stream.aclose()
 
@@ -612,10 +612,10 @@ def test_a_kernel_crash_is_reported_restarted_and_the_files_survive(
     cid = sandbox.create()
     sandbox.run(sandbox.manager.upload(cid, "inputs/data.csv", b"a,b\n1,2\n"))
     sandbox.execute(cid, "doomed = True")
-    events = sandbox.execute(cid, crash)
-    (error,) = errors(events)
+    collected = sandbox.execute(cid, crash)
+    (error,) = errors(collected)
     assert reason in error.value and "restarted" in error.value and "intact" in error.value
-    assert final_status(events) == "failed"
+    assert final_status(collected) == "failed"
     after = sandbox.execute(cid, "print('doomed' in dir(), open('inputs/data.csv').read().split()[1])")
     assert stdout(after) == "False 1,2\n"
 
@@ -624,10 +624,10 @@ def test_a_kernel_that_dies_between_runs_is_restarted_with_a_notice(sandbox: San
     cid = sandbox.create()
     sandbox.execute(cid, "import os, threading\nthreading.Timer(0.2, os._exit, (5,)).start()")
     time.sleep(0.8)
-    events = sandbox.execute(cid, "print('back')")
-    notices = [e for e in events if isinstance(e, Notice)]
+    collected = sandbox.execute(cid, "print('back')")
+    notices = [e for e in collected if isinstance(e, events.Notice)]
     assert len(notices) == 1 and "exited with status 5" in notices[0].text
-    assert stdout(events) == "back\n"
+    assert stdout(collected) == "back\n"
 
 
 # --------------------------------------------------------------------- warm pool
