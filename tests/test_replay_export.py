@@ -22,6 +22,8 @@ from tests.test_provenance import SCALE, SHOW, records_of
 SQUARES_PROMPT = (
     "%%ci -o first\nLoad the numbers 1..100, plot their squares and save the table as squares.csv"
 )
+# The user's own DataFrame, sent to the container before the turn.
+PUSH_DF = "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\n%ci_push df"
 needs_linux = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the local sandbox needs Linux namespaces"
 )
@@ -88,7 +90,7 @@ def test_export_runs_with_plain_python_and_reproduces_the_output(openai_server, 
     ]
     cells = [
         "%load_ext ci_magic",
-        "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\n%ci_push df",
+        PUSH_DF,
         "%%ci\nScale column a of df by 10 and save it as scaled.csv",
         "%ci_export export/analysis.py",
         "%ci_export export/analysis.ipynb",
@@ -143,7 +145,7 @@ def test_replay_on_openai_is_one_forced_run_of_the_recorded_code(openai_server, 
     ]
     cells = [
         "%load_ext ci_magic",
-        "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\n%ci_push df",
+        PUSH_DF,
         "%%ci -o scaled\nScale column a of df by 10 and save it as scaled.csv",
         "%ci_replay",
         "%ci_replay scaled",
@@ -182,14 +184,16 @@ def test_a_saved_cell_replays_in_a_new_container_where_the_upload_has_a_new_name
     openai_server, tmp_path: Path
 ) -> None:
     openai_server.responder = upload_reader
-    push = "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\n%ci_push df"
     with kernel_env(**openai_env(openai_server.url)):
         first = run_cells(
-            ["%load_ext ci_magic", push, "%%ci\nWhat is the total of df.a?"], tmp_path, save_as="first.ipynb"
+            ["%load_ext ci_magic", PUSH_DF, "%%ci\nWhat is the total of df.a?"],
+            tmp_path,
+            save_as="first.ipynb",
         )
         (tmp_path / "later").mkdir()
         later = run_cells(
-            ["%load_ext ci_magic", push, "%ci_replay --cell 3 --notebook ../first.ipynb"], tmp_path / "later"
+            ["%load_ext ci_magic", PUSH_DF, "%ci_replay --cell 3 --notebook ../first.ipynb"],
+            tmp_path / "later",
         )
     [recorded] = records_of(first.cells[2])
     [replayed] = records_of(later.cells[2])
