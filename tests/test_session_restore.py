@@ -38,6 +38,15 @@ def _summary(text: str) -> str:
     return next((line for line in text.splitlines() if "re-ran" in line and "<" not in line), "")
 
 
+def _restored_output(notebook: Any, index: int, backend: str) -> str:
+    """The output of cell ``index``, run in the new container: no error, and its restore line printed."""
+    cell = notebook.cells[index]
+    text = output_text(cell)
+    assert not errors_of(cell), text
+    print(f"{backend}:", _summary(text))
+    return text
+
+
 def local_env(tmp_path: Path) -> dict[str, str | None]:
     return notebook_local_env(
         XDG_CACHE_HOME=str(tmp_path / "cache"), JUPYTER_DATA_DIR=str(tmp_path / "jupyter-data")
@@ -102,11 +111,8 @@ def test_openai_state_comes_back_in_one_batched_forced_request(openai_server, tm
     env = openai_env(openai_server.url, JUPYTER_DATA_DIR=str(tmp_path / "jupyter-data"))
     with kernel_env(**env):
         notebook = run_cells(cells, tmp_path, before={5: expire})
-    after = notebook.cells[5]
-    text = output_text(after)
-    assert not errors_of(after), text
+    text = _restored_output(notebook, 5, "openai")
     assert "after expiry: 338350 5050" in text
-    print("openai:", _summary(text))
     assert "re-ran 3 code blocks" in text and "df, fig, ax, total and 1 file are back" in text, text
 
     sent = [r for r in openai_server.requests if r.method == "POST" and r.path == "/v1/responses"]
@@ -141,11 +147,8 @@ def test_gateway_state_comes_back_after_the_kernel_was_culled(tmp_path: Path) ->
 
         with kernel_env(**env):
             notebook = run_cells(cells, tmp_path, timeout=180, before={3: cull})
-    after = notebook.cells[3]
-    text = output_text(after)
-    assert not errors_of(after), text
+    text = _restored_output(notebook, 3, "gateway")
     assert "after the cull: 6" in text
-    print("gateway:", _summary(text))
     assert "re-ran 1 code block" in text and "frame and 1 file are back" in text, text
 
 
