@@ -105,3 +105,32 @@ def test_extended_attributes_on_tmpfs_cannot_hold_memory(attacker: Attacker) -> 
         return  # stopped before it could report: contained
     stored = int(shown[-1])
     assert stored <= 64 * MIB, f"{stored / MIB:.0f} MiB of extended attributes held in the sandbox's /tmp"
+
+
+def test_empty_files_in_tmpfs_count_against_the_memory_budget(attacker: Attacker) -> None:
+    attacker.start(execution_timeout=60)
+    attacker.create("1g")
+    before = attacker.call("peak")["peak"]
+    # Empty files use no block of the tmpfs, so its size never stops them, yet each one is kernel
+    # memory (inode, dentry, name): 1.55 million of them took 1.9 GiB of host slab, far past a
+    # 1g container's budget. Here a few seconds' worth, to see whether the budget counts them.
+    flood = textwrap.dedent(
+        """
+        import os, time
+        made, deadline = 0, time.monotonic() + 4
+        while made < 150_000 and time.monotonic() < deadline:
+            os.mkdir(f"/tmp/{made}")
+            for n in range(1000):
+                os.close(os.open(f"/tmp/{made}/{n:0200}", os.O_CREAT | os.O_WRONLY))
+            made += 1000
+        time.sleep(1)  # many looks by the watchdog
+        print(made)
+        """
+    )
+    made = int(stdout(attacker.execute(flood, timeout=60)))
+    assert made >= 20_000, f"only {made} files made: the test proves nothing"
+    counted = attacker.call("peak")["peak"] - before
+    assert counted >= made * 1024, (
+        f"{made} empty files in /tmp (about {made * 1300 / MIB:.0f} MiB of host memory) "
+        f"raised the container's measured memory by {counted / MIB:.0f} MiB only"
+    )
