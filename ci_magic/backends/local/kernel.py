@@ -85,6 +85,7 @@ STATUS_MAX = 64  # bytes read from the launcher's status pipe
 STATUS_LINE = re.compile(r"(exit|signal) (\d{1,3})\n")
 INTERRUPT_GRACE = 3.0  # seconds an interrupted execution gets to stop before the kernel is killed
 POLL = 0.25  # how often a silent execution checks that the kernel is still alive
+DEATH_GRACE = 3.0  # seconds a kernel whose connection dropped gets to show it is dying instead
 # After a stopped execution the kernel's CPU time is measured this long; more than BUSY_SHARE of
 # it means threads of the stopped code still run, and the kernel is restarted. An idle kernel
 # uses next to none; a spinning thread gets a quarter of a core even on a loaded 2-core machine.
@@ -705,11 +706,12 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
     running afterwards. If the kernel dies while running, that is reported as an
     ``ExecutionError`` and it is restarted.
     """
+    dropped = kernel.is_alive() and kernel.connection_dropped() and not await _died_after_drop(kernel)
     if not kernel.is_alive():
         reason = kernel.death_reason()
         await kernel.restart()
         yield Notice(f"Since the last run, the sandbox's Python process {reason}. {RESTARTED}", "warning")
-    elif kernel.connection_dropped():  # sent by something still running after the last run
+    elif dropped:  # sent by something still running after the last run
         await kernel.restart()
         yield Notice(f"Since the last run: {OVERSIZED}", "warning")
     stop: _Stop | None = None
@@ -758,6 +760,7 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
             try:
                 msg = await client.get_iopub_msg(timeout=wait)
             except Empty:
+                dropped = kernel.connection_dropped() and not await _died_after_drop(kernel)
                 if not kernel.is_alive():
                     reason = kernel.death_reason()
                     await kernel.restart()
@@ -766,7 +769,7 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
                     yield ExecutionError(call_id, "SandboxRestarted", message)
                     yield CallStatus(call_id, "failed")
                     return
-                if kernel.connection_dropped():
+                if dropped:
                     await kernel.restart()
                     finished = True
                     yield ExecutionError(call_id, "MessageTooLarge", OVERSIZED)
@@ -790,7 +793,9 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
                         event = ExecutionError(call_id, stop.name, stop.message)
                         stop.reported = True
                 yield event
-        if kernel.connection_dropped():  # the oversized message came before the idle status
+        # The oversized message came before the idle status (a kernel dying just after it is found
+        # by the next run).
+        if kernel.connection_dropped() and not await _died_after_drop(kernel):
             await kernel.restart()
             finished = True
             yield ExecutionError(call_id, "MessageTooLarge", OVERSIZED)
@@ -817,6 +822,19 @@ async def execute(kernel: Kernel, code: str, *, call_id: str, timeout: float) ->
             await kernel.interrupt()
             if not await _wait_idle(kernel, msg_id, INTERRUPT_GRACE):
                 await kernel.restart()
+
+
+async def _died_after_drop(kernel: Kernel) -> bool:
+    """Whether the kernel's dropped connection was its death rather than an oversized message.
+
+    A killed kernel's sockets close before its sandbox's outer process has exited (the watchdog's
+    kill was reported as a message over 64 MiB): give that process ``DEATH_GRACE`` to go."""
+    deadline = time.monotonic() + DEATH_GRACE
+    while kernel.is_alive():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def _budget_news(kernel: Kernel, stop: _Stop | None, now: float) -> tuple[_Stop | None, list[Notice], bool]:
