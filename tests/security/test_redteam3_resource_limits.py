@@ -15,6 +15,7 @@ import pytest
 from tests.security.sandbox_support import Attacker, errors, stdout
 
 MIB = 1 << 20
+GIB = 1 << 30
 
 
 @pytest.mark.xfail(
@@ -134,3 +135,56 @@ def test_empty_files_in_tmpfs_count_against_the_memory_budget(attacker: Attacker
         f"{made} empty files in /tmp (about {made * 1300 / MIB:.0f} MiB of host memory) "
         f"raised the container's measured memory by {counted / MIB:.0f} MiB only"
     )
+
+
+def test_page_tables_of_many_sparse_mappings_count_against_the_memory_budget(attacker: Attacker) -> None:
+    attacker.start(execution_timeout=60)
+    attacker.create("1g")
+    # One page mapped every 2 MiB and read (the shared zero page): no RSS, no address space to
+    # speak of, but a page-table page per mapping: 65,000 mappings hold 254 MiB of host memory.
+    hoard = textwrap.dedent(
+        """
+        import ctypes, os, select, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        int_ = ctypes.c_int
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, int_, int_, int_, ctypes.c_long]
+        ready_r, ready_w = os.pipe()
+        children = []
+        for c in range(7):
+            pid = os.fork()
+            if pid == 0:
+                base = (1 << 44) + c * (1 << 40)
+                for k in range(65_000):
+                    page = libc.mmap(base + k * 2**21, 4096, 1, 0x22, -1, 0)  # PROT_READ, private, anonymous
+                    if page in (None, 2**64 - 1):
+                        break
+                    ctypes.c_char.from_address(page).value
+                status = open("/proc/self/status").read()
+                pte = int(status.split("VmPTE:")[1].split()[0]) * 1024
+                os.write(ready_w, pte.to_bytes(8, "little"))
+                time.sleep(600)
+                os._exit(0)
+            children.append(pid)
+        held, ready, dead = 0, 0, set()
+        def reap():
+            dead.update(p for p in children if p not in dead and os.waitpid(p, os.WNOHANG) != (0, 0))
+        deadline = time.monotonic() + 40
+        while ready + len(dead) < len(children) and time.monotonic() < deadline:
+            if select.select([ready_r], [], [], 0.2)[0]:
+                held += int.from_bytes(os.read(ready_r, 8), "little")  # a killed child reports nothing
+                ready += 1
+            reap()
+        time.sleep(2)  # the watchdog has had many looks by now
+        reap()
+        print(held, ready, len(children) - len(dead))
+        """
+    )
+    found = re.fullmatch(r"(\d+) (\d+) (\d+)\n", stdout(attacker.execute(hoard, timeout=60)))
+    if found is None:
+        return  # stopped before it could report: contained
+    held, ready, alive = int(found[1]), int(found[2]), int(found[3])
+    if ready < 7:
+        return  # some were stopped while they built their page tables: contained
+    assert held > 1.5 * GIB, f"the payload built only {held / MIB:.0f} MiB of page tables: it proves nothing"
+    assert alive < 7, f"{held / GIB:.2f} GiB of page tables held by {alive} live processes of a 1g container"
