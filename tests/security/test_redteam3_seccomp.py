@@ -52,3 +52,32 @@ def test_ordinary_file_work_still_runs_under_the_filter(attacker: Attacker) -> N
         "print(open('/tmp/b.txt').read(), oct(os.stat('/tmp/b.txt').st_mode & 0o777))\n"
     )
     assert stdout(attacker.execute(work)) == "hello 0o600\n"
+
+
+def test_the_sandbox_cannot_take_the_machines_aio_contexts(attacker: Attacker) -> None:
+    attacker.start()
+    attacker.create("1g")
+    # fs.aio-max-nr (65,536) is one pool for the whole machine: taken from the sandbox, every
+    # host program's io_setup (databases, QEMU) fails with EAGAIN while the sandbox lives.
+    hoard = (
+        "import ctypes, errno\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.syscall.restype = ctypes.c_long\n"
+        "taken, contexts = 0, []\n"
+        "for _ in range(16):\n"
+        "    context = ctypes.c_ulong(0)\n"
+        f"    if libc.syscall({_native('io_setup')}, ctypes.c_long(4096), ctypes.byref(context)):\n"
+        "        print('refused', errno.errorcode.get(ctypes.get_errno()))\n"
+        "        break\n"
+        "    contexts.append(context)\n"
+        "    taken += 4096\n"
+        "print(taken)\n"
+    )
+    shown = stdout(attacker.execute(hoard)).split()
+    assert shown[-1] == "0", f"the sandbox took {shown[-1]} of the machine's AIO events ({shown})"
+
+
+def _native(name: str) -> int:
+    import pyseccomp
+
+    return int(pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name))

@@ -9,12 +9,13 @@ first, are not isolated by the network namespace or are rarely-used kernel code.
 container's budget could not see is refused at its source: ``memfd_create`` (a memfd sent over a
 socket and closed belongs to no process; libraries fall back to the counted /dev/shm and /tmp)
 and growing a pipe past its default 64 KiB (``F_SETPIPE_SZ``), so the watchdog can charge every
-open pipe at that size. Extended attributes cannot be set (``EOPNOTSUPP``, as on a file system
-without them): on tmpfs their values are kernel memory that no file size shows (3 GiB of them
-filled 6 GiB of the host's slab from a 1g container). Everything else is allowed, except system
-calls newer than libseccomp knows: they answer ``ENOSYS``, as on an older kernel (libc falls
-back), so a new twin of a denied call (``setxattrat``, ``open_tree_attr``) cannot slip past a
-filter built with an older libseccomp.
+open pipe at that size; so is what the whole machine shares (Linux AIO contexts, ``io_setup``).
+Extended attributes cannot be set (``EOPNOTSUPP``, as on a file system without them): on tmpfs
+their values are kernel memory that no file size shows (3 GiB of them filled 6 GiB of the host's
+slab from a 1g container). Everything else is allowed, except system calls newer than
+libseccomp knows: they answer ``ENOSYS``, as on an older kernel (libc falls back), so a new twin
+of a denied call (``setxattrat``, ``open_tree_attr``) cannot slip past a filter built with an
+older libseccomp.
 
 System calls of another architecture (32-bit ``int 0x80`` on x86-64) kill the caller,
 libseccomp's default for a foreign architecture, so the filter cannot be sidestepped that way.
@@ -56,7 +57,9 @@ DENIED_SYSCALLS = (
 )  # fmt: skip
 
 # Answered with ENOSYS, as on a kernel without them, so libraries take their fallback path.
-UNAVAILABLE_SYSCALLS = ("memfd_create", "memfd_secret")
+# io_setup: Linux AIO contexts come from one machine-wide pool (fs.aio-max-nr): a sandbox took
+# all 65,536 and the host's own io_setup failed with EAGAIN while it held them.
+UNAVAILABLE_SYSCALLS = ("memfd_create", "memfd_secret", "io_setup")
 # Answered with EOPNOTSUPP, as by a file system without extended attributes (shutil.copystat and
 # friends ignore it). Values set on tmpfs are kernel memory the budget cannot see.
 NO_XATTR_SYSCALLS = ("setxattr", "lsetxattr", "fsetxattr")
