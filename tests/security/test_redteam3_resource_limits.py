@@ -188,3 +188,59 @@ def test_page_tables_of_many_sparse_mappings_count_against_the_memory_budget(att
         return  # some were stopped while they built their page tables: contained
     assert held > 1.5 * GIB, f"the payload built only {held / MIB:.0f} MiB of page tables: it proves nothing"
     assert alive < 7, f"{held / GIB:.2f} GiB of page tables held by {alive} live processes of a 1g container"
+
+
+def test_epoll_watches_count_against_the_memory_budget(attacker: Attacker) -> None:
+    attacker.start(execution_timeout=60)
+    attacker.create("1g")
+    # Each epoll watch is ~200 bytes of kernel memory in no process's RSS; a user may hold millions
+    # (fs.epoll.max_user_watches): 500 instances x 460 eventfds in each of 20 processes, on top
+    # of 800 MiB of ordinary memory.
+    hoard = textwrap.dedent(
+        """
+        import os, select, time
+        ballast = bytearray(800 * 2**20)  # within the tier: the watches come on top
+        ready_r, ready_w = os.pipe()
+        children = []
+        for c in range(20):
+            pid = os.fork()
+            if pid == 0:
+                targets = [os.eventfd(0) for _ in range(460)]
+                polls, watches = [], 0
+                try:
+                    for _ in range(500):
+                        polls.append(select.epoll())
+                        for target in targets:
+                            polls[-1].register(target, select.EPOLLIN)
+                            watches += 1
+                except OSError:
+                    pass  # the user's max_user_watches
+                os.write(ready_w, watches.to_bytes(8, "little"))
+                time.sleep(600)
+                os._exit(0)
+            children.append(pid)
+        held, ready, dead = 0, 0, set()
+        def reap():
+            dead.update(p for p in children if p not in dead and os.waitpid(p, os.WNOHANG) != (0, 0))
+        deadline = time.monotonic() + 15
+        while ready + len(dead) < len(children) and time.monotonic() < deadline:
+            if select.select([ready_r], [], [], 0.2)[0]:
+                held += int.from_bytes(os.read(ready_r, 8), "little")  # a killed child reports nothing
+                ready += 1
+            reap()
+        time.sleep(2)  # the watchdog has had many looks by now
+        reap()
+        print(held, ready, len(children) - len(dead))
+        """
+    )
+    found = re.fullmatch(r"(\d+) (\d+) (\d+)\n", stdout(attacker.execute(hoard, timeout=25)))
+    if found is None:
+        return  # stopped before it could report: contained
+    held, ready, alive = int(found[1]), int(found[2]), int(found[3])
+    if ready < 20:
+        return  # some were stopped while they added watches: contained
+    assert held > 4_000_000, f"only {held} epoll watches made: the test proves nothing"
+    assert alive < 20, (
+        f"{held:,} epoll watches (~{held * 200 / GIB:.2f} GiB) and 800 MiB held by {alive} live processes "
+        "of a 1g container"
+    )
