@@ -168,6 +168,18 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 else None
 
 
+def releasing(pid: int, started: int | None) -> bool:
+    """Whether the killed process ``pid`` has yet to give its memory back.
+
+    A zombie has (its memory and descriptors go before it becomes one): its parent, stopped by
+    :func:`freeze`, cannot reap it, and waiting for its pid to go would wait for ever.
+    """
+    text = _read(f"/proc/{pid}/stat")
+    if text is None or start_time(pid) != started:
+        return False
+    return text[text.rfind(")") + 2 :][:1] not in ("Z", "X")
+
+
 def is_running(pid: int, started: int) -> bool:
     """``pid`` is still the process that started at ``started`` and has not finished dying."""
     text = _read(f"/proc/{pid}/stat")
@@ -859,7 +871,7 @@ class Watchdog:
         # at the first check that finds the tree within its budget again. Without this, four
         # processes allocating on two cores took a 1g container to 1.5-1.8 GiB meanwhile.
         freeze(item._frozen, use.members, keep=(tree.init_pid, tree.reaper_pid))
-        if item._killed is not None and start_time(item._killed[0]) == item._killed[1]:
+        if item._killed is not None and releasing(*item._killed):
             return  # the process killed last is still releasing its memory
         memfd = f", {format_size(use.memfd)} in memfd files" if use.memfd else ""
         memfd += f", {format_size(use.pipes)} in pipes and epoll watches" if use.pipes > MIB else ""
