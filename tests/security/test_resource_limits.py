@@ -220,6 +220,7 @@ def test_writing_past_the_disk_limit_stops_the_code_with_a_clear_error(attacker:
     )
     events = attacker.execute(flood, timeout=120)
     assert "wrote 2048 MiB" not in stdout(events)
+    assert len(errors(events)) == 1, f"one error for one stopped cell: {errors(events)}"
     (error,) = errors(events)
     assert error["name"] == "DiskLimitExceeded"
     assert "disk_limit" in error["value"] and "CodeInterpreter.disk_limit" in error["value"]
@@ -282,6 +283,7 @@ def test_a_flood_through_shared_mappings_of_sparse_files_is_stopped_too(
     )
     events = attacker.execute(flood, timeout=120)
     assert "mapped 2048 MiB" not in stdout(events)
+    assert len(errors(events)) == 1, f"one error for one stopped cell: {errors(events)}"
     (error,) = errors(events)
     assert error["name"] == "DiskLimitExceeded", error
     assert attacker.data is not None

@@ -624,6 +624,10 @@ class Watched:
     other_dirs: tuple[Path, ...] = ()
     check_memory: bool = True  # False when a cgroup holds the memory budget
     executing: bool = False  # code is running now: a disk breach interrupts it at once
+    # This execution was interrupted for the disk already: one SIGINT only (measured at each
+    # write, a flood breaches again and again before the first interrupt lands; a second SIGINT
+    # would hit the kernel while it reports the first, and the cell would show two errors).
+    disk_interrupted: bool = False
     breaches: list[Breach] = field(default_factory=list)
     disk_allowed: int = 0  # over the limit already when the execution started: only growth counts
     disk_used: int = 0
@@ -833,7 +837,8 @@ class Watchdog:
                 )
                 item.disk_allowed = max(item.disk_allowed, use.bytes)
                 # At once (every 50 ms of delay is more written), as the launcher would: SIGINT.
-                interrupted = item.executing and tree.signal_kernel(signal.SIGINT)
+                interrupted = item.executing and (item.disk_interrupted or tree.signal_kernel(signal.SIGINT))
+                item.disk_interrupted = interrupted
                 item._add(Breach("disk", what, interrupted=interrupted))
                 if self.on_breach:
                     self.on_breach(item)

@@ -488,6 +488,7 @@ class LocalKernel:
         if watched.disk_limit is not None:
             watched.disk_allowed = watched.disk_used if watched.disk_used > watched.disk_limit else 0
         watched.executing = True
+        watched.disk_interrupted = False
         watched.wake()  # the idle pace of the slower checks ends with the code's first tick
 
     def end_execution(self) -> None:
