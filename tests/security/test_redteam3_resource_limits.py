@@ -19,6 +19,28 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 
+def children_reports(*, patience: float) -> str:
+    """The end of a payload whose forked ``children`` each write 8 bytes (what they hold) to
+    ``ready_w``: it adds them up for ``patience`` seconds, waits 2 s more for the watchdog, and
+    prints what they held, how many reported and how many still live."""
+    return textwrap.dedent(
+        f"""
+        held, ready, dead = 0, 0, set()
+        def reap():
+            dead.update(p for p in children if p not in dead and os.waitpid(p, os.WNOHANG) != (0, 0))
+        deadline = time.monotonic() + {patience}
+        while ready + len(dead) < len(children) and time.monotonic() < deadline:
+            if select.select([ready_r], [], [], 0.2)[0]:
+                held += int.from_bytes(os.read(ready_r, 8), "little")  # a killed child reports nothing
+                ready += 1
+            reap()
+        time.sleep(2)  # the watchdog has had many looks by now
+        reap()
+        print(held, ready, len(children) - len(dead))
+        """
+    )
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="no /proc file shows a descriptor queued in a socket: a deleted file held only there is "
@@ -167,20 +189,8 @@ def test_page_tables_of_many_sparse_mappings_count_against_the_memory_budget(att
                 time.sleep(600)
                 os._exit(0)
             children.append(pid)
-        held, ready, dead = 0, 0, set()
-        def reap():
-            dead.update(p for p in children if p not in dead and os.waitpid(p, os.WNOHANG) != (0, 0))
-        deadline = time.monotonic() + 40
-        while ready + len(dead) < len(children) and time.monotonic() < deadline:
-            if select.select([ready_r], [], [], 0.2)[0]:
-                held += int.from_bytes(os.read(ready_r, 8), "little")  # a killed child reports nothing
-                ready += 1
-            reap()
-        time.sleep(2)  # the watchdog has had many looks by now
-        reap()
-        print(held, ready, len(children) - len(dead))
         """
-    )
+    ) + children_reports(patience=40)
     found = re.fullmatch(r"(\d+) (\d+) (\d+)\n", stdout(attacker.execute(hoard, timeout=60)))
     if found is None:
         return  # stopped before it could report: contained
@@ -220,20 +230,8 @@ def test_epoll_watches_count_against_the_memory_budget(attacker: Attacker) -> No
                 time.sleep(600)
                 os._exit(0)
             children.append(pid)
-        held, ready, dead = 0, 0, set()
-        def reap():
-            dead.update(p for p in children if p not in dead and os.waitpid(p, os.WNOHANG) != (0, 0))
-        deadline = time.monotonic() + 15
-        while ready + len(dead) < len(children) and time.monotonic() < deadline:
-            if select.select([ready_r], [], [], 0.2)[0]:
-                held += int.from_bytes(os.read(ready_r, 8), "little")  # a killed child reports nothing
-                ready += 1
-            reap()
-        time.sleep(2)  # the watchdog has had many looks by now
-        reap()
-        print(held, ready, len(children) - len(dead))
         """
-    )
+    ) + children_reports(patience=15)
     started = time.monotonic()
     events = attacker.execute(hoard, timeout=60)
     # Stopped (SIGSTOP) while a victim is killed, the kernel cannot reap it: the zombie must not
